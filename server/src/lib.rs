@@ -1,1 +1,22 @@
-//! placeholder
+//! keel-server: a Keel member — the etcd v3 gRPC API over a Raft-replicated MVCC store.
+//!
+//! Module map:
+//! - [`config`]: flags and `KEEL_*` environment variables, named after etcd's.
+//! - [`node`]: a member's identity, storage and Raft node; the proposal path (with forwarding to
+//!   the leader) and the linearizable read barrier.
+//! - [`network`]: the openraft network client (tonic, one channel per peer, streamed appends).
+//! - [`peer_service`]: the member-to-member gRPC service.
+//! - [`kv`]: `etcdserverpb.KV`; [`validate`]: etcd's request checks.
+//! - [`maintenance`]: `etcdserverpb.Maintenance` and `etcdserverpb.Cluster`.
+//! - [`error`]: the one table mapping errors to gRPC status codes and etcd's messages.
+//! - [`server`]: listeners and graceful shutdown.
+
+pub mod config;
+pub mod error;
+pub mod kv;
+pub mod maintenance;
+pub mod network;
+pub mod node;
+pub mod peer_service;
+pub mod server;
+pub mod validate;

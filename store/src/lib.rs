@@ -1,1 +1,16 @@
-//! placeholder
+//! keel-store: everything Keel keeps on disk, with no knowledge of gRPC or sockets.
+//!
+//! Module map:
+//! - [`engine`]: the narrow storage-engine trait, with a RocksDB and an in-memory implementation.
+//! - [`mvcc`]: etcd v3 MVCC semantics (revisions, key index, range, put, delete, txn, compaction,
+//!   events, leases) on top of an engine.
+//! - [`error`]: errors of this layer; request-level failures are data ([`ApplyError`]).
+//! - [`raft`]: openraft storage: the Raft log store and the replicated state machine.
+
+pub mod engine;
+pub mod error;
+pub mod mvcc;
+pub mod raft;
+
+pub use error::{ApplyError, ApplyErrorKind, StoreError};
+pub use keel_proto as proto;

@@ -1,0 +1,206 @@
+//! Command-line flags and `KEEL_*` environment variables, named after etcd's flags.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ClusterState {
+    New,
+    Existing,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Keel: a Raft-replicated key-value store that speaks the etcd v3 API.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "keel", version, about)]
+pub struct Config {
+    /// Human-readable name for this member.
+    #[arg(long, env = "KEEL_NAME", default_value = "default")]
+    pub name: String,
+
+    /// Path to the data directory [default: ./<name>.keel].
+    #[arg(long, env = "KEEL_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Comma-separated URLs to listen on for client traffic.
+    #[arg(long, env = "KEEL_LISTEN_CLIENT_URLS", default_value = "http://127.0.0.1:2379", value_delimiter = ',')]
+    pub listen_client_urls: Vec<String>,
+
+    /// Comma-separated client URLs advertised to the rest of the cluster [default: the listen URLs].
+    #[arg(long, env = "KEEL_ADVERTISE_CLIENT_URLS", value_delimiter = ',')]
+    pub advertise_client_urls: Vec<String>,
+
+    /// Comma-separated URLs to listen on for peer (Raft) traffic.
+    #[arg(long, env = "KEEL_LISTEN_PEER_URLS", default_value = "http://127.0.0.1:2380", value_delimiter = ',')]
+    pub listen_peer_urls: Vec<String>,
+
+    /// Comma-separated peer URLs advertised to the rest of the cluster [default: the listen URLs].
+    #[arg(long, env = "KEEL_INITIAL_ADVERTISE_PEER_URLS", value_delimiter = ',')]
+    pub initial_advertise_peer_urls: Vec<String>,
+
+    /// Initial cluster configuration for bootstrapping: name1=url1,name2=url2,...
+    /// [default: <name>=<first advertised peer URL>].
+    #[arg(long, env = "KEEL_INITIAL_CLUSTER")]
+    pub initial_cluster: Option<String>,
+
+    /// new: bootstrap a new cluster; existing: join a running cluster (after MemberAdd).
+    #[arg(long, env = "KEEL_INITIAL_CLUSTER_STATE", value_enum, default_value = "new")]
+    pub initial_cluster_state: ClusterState,
+
+    /// Initial cluster token; distinguishes clusters bootstrapped from the same configuration.
+    #[arg(long, env = "KEEL_INITIAL_CLUSTER_TOKEN", default_value = "keel-cluster")]
+    pub initial_cluster_token: String,
+
+    /// Maximum client request size in bytes the server will accept.
+    #[arg(long, env = "KEEL_MAX_REQUEST_BYTES", default_value_t = 1536 * 1024)]
+    pub max_request_bytes: usize,
+
+    /// Maximum number of operations permitted in a transaction.
+    #[arg(long, env = "KEEL_MAX_TXN_OPS", default_value_t = 128)]
+    pub max_txn_ops: usize,
+
+    /// Time (in milliseconds) of a heartbeat interval.
+    #[arg(long, env = "KEEL_HEARTBEAT_INTERVAL", default_value_t = 100)]
+    pub heartbeat_interval: u64,
+
+    /// Time (in milliseconds) for an election to timeout.
+    #[arg(long, env = "KEEL_ELECTION_TIMEOUT", default_value_t = 1000)]
+    pub election_timeout: u64,
+
+    /// Number of committed entries between Raft snapshots.
+    #[arg(long, env = "KEEL_SNAPSHOT_COUNT", default_value_t = 100_000)]
+    pub snapshot_count: u64,
+
+    /// Log level: error, warn, info, debug, trace (or a tracing filter directive).
+    #[arg(long, env = "KEEL_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+
+    /// Log output format.
+    #[arg(long, env = "KEEL_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// TESTING ONLY: serve linearizable reads from local state without confirming leadership.
+    /// This breaks linearizability under partitions; it exists so the fault-testing harness can
+    /// prove that it detects such a violation.
+    #[arg(long = "debug-unsafe-local-reads", env = "KEEL_DEBUG_UNSAFE_LOCAL_READS", hide = true)]
+    pub unsafe_local_reads: bool,
+}
+
+impl Config {
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir.clone().unwrap_or_else(|| PathBuf::from(format!("{}.keel", self.name)))
+    }
+
+    pub fn advertise_client_urls(&self) -> Vec<String> {
+        if self.advertise_client_urls.is_empty() { self.listen_client_urls.clone() } else { self.advertise_client_urls.clone() }
+    }
+
+    pub fn advertise_peer_urls(&self) -> Vec<String> {
+        if self.initial_advertise_peer_urls.is_empty() { self.listen_peer_urls.clone() } else { self.initial_advertise_peer_urls.clone() }
+    }
+
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_interval)
+    }
+
+    pub fn election(&self) -> Duration {
+        Duration::from_millis(self.election_timeout)
+    }
+
+    /// The members named by `--initial-cluster`, in the order given.
+    pub fn initial_members(&self) -> Result<Vec<(String, Vec<String>)>, String> {
+        let spec = match &self.initial_cluster {
+            Some(s) => s.clone(),
+            None => format!("{}={}", self.name, self.advertise_peer_urls().join(&format!(",{}=", self.name))),
+        };
+        let mut members: Vec<(String, Vec<String>)> = Vec::new();
+        for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (name, url) = part.split_once('=').ok_or_else(|| format!("--initial-cluster: '{part}' is not name=url"))?;
+            parse_url(url).map_err(|e| format!("--initial-cluster: {e}"))?;
+            match members.iter_mut().find(|(n, _)| n == name) {
+                Some((_, urls)) => urls.push(url.to_string()),
+                None => members.push((name.to_string(), vec![url.to_string()])),
+            }
+        }
+        if !members.iter().any(|(n, _)| n == &self.name) {
+            return Err(format!("--initial-cluster does not contain this member's name '{}'", self.name));
+        }
+        Ok(members)
+    }
+}
+
+/// A parsed `http://host:port` (or `https://`, `unix://` not supported) URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenUrl {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+}
+
+impl ListenUrl {
+    pub fn socket_addr(&self) -> Result<std::net::SocketAddr, String> {
+        use std::net::ToSocketAddrs;
+        let host = if self.host.is_empty() { "0.0.0.0" } else { &self.host };
+        (host.trim_start_matches('[').trim_end_matches(']'), self.port)
+            .to_socket_addrs()
+            .map_err(|e| format!("cannot resolve {host}:{}: {e}", self.port))?
+            .next()
+            .ok_or_else(|| format!("cannot resolve {host}"))
+    }
+}
+
+pub fn parse_url(url: &str) -> Result<ListenUrl, String> {
+    let (tls, rest) = if let Some(r) = url.strip_prefix("http://") {
+        (false, r)
+    } else if let Some(r) = url.strip_prefix("https://") {
+        (true, r)
+    } else {
+        return Err(format!("URL '{url}' must start with http:// or https://"));
+    };
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = rest.rsplit_once(':').ok_or_else(|| format!("URL '{url}' has no port"))?;
+    let port = port.parse::<u16>().map_err(|_| format!("URL '{url}' has an invalid port"))?;
+    Ok(ListenUrl { tls, host: host.to_string(), port })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_etcd() {
+        let c = Config::parse_from(["keel"]);
+        assert_eq!(c.listen_client_urls, vec!["http://127.0.0.1:2379"]);
+        assert_eq!(c.max_request_bytes, 1_572_864);
+        assert_eq!(c.max_txn_ops, 128);
+        assert_eq!(c.data_dir(), PathBuf::from("default.keel"));
+        assert_eq!(c.initial_members().unwrap(), vec![("default".to_string(), vec!["http://127.0.0.1:2380".to_string()])]);
+    }
+
+    #[test]
+    fn initial_cluster_parsing() {
+        let c = Config::parse_from(["keel", "--name", "b", "--initial-cluster", "a=http://127.0.0.1:1,b=http://127.0.0.1:2,c=http://127.0.0.1:3"]);
+        let m = c.initial_members().unwrap();
+        assert_eq!(m.len(), 3);
+        assert_eq!(m[1], ("b".to_string(), vec!["http://127.0.0.1:2".to_string()]));
+        let bad = Config::parse_from(["keel", "--name", "z", "--initial-cluster", "a=http://127.0.0.1:1"]);
+        assert!(bad.initial_members().unwrap_err().contains("'z'"));
+        let bad = Config::parse_from(["keel", "--initial-cluster", "default=127.0.0.1:1"]);
+        assert!(bad.initial_members().is_err());
+    }
+
+    #[test]
+    fn url_parsing() {
+        assert_eq!(parse_url("http://127.0.0.1:2379").unwrap(), ListenUrl { tls: false, host: "127.0.0.1".into(), port: 2379 });
+        assert!(parse_url("https://[::1]:2379/").unwrap().tls);
+        assert!(parse_url("tcp://x:1").is_err());
+        assert!(parse_url("http://x").is_err());
+    }
+}

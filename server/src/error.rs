@@ -1,0 +1,122 @@
+//! Every error a client can see, and the one table that maps it to a gRPC status with etcd's
+//! code and message (clients such as etcdctl, Go clientv3 and Patroni match on the text).
+
+use keel_store::{ApplyError, ApplyErrorKind};
+use tonic::{Code, Status};
+
+/// Errors of the server layer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ServerError {
+    #[error("etcdserver: key is not provided")]
+    EmptyKey,
+    #[error("etcdserver: key not found")]
+    KeyNotFound,
+    #[error("etcdserver: value is provided")]
+    ValueProvided,
+    #[error("etcdserver: lease is provided")]
+    LeaseProvided,
+    #[error("etcdserver: too many operations in txn request")]
+    TooManyOps,
+    #[error("etcdserver: duplicate key given in txn request")]
+    DuplicateKey,
+    #[error("etcdserver: invalid sort option")]
+    InvalidSortOption,
+    #[error("etcdserver: request is too large")]
+    RequestTooLarge,
+    #[error("etcdserver: mvcc: required revision has been compacted")]
+    Compacted,
+    #[error("etcdserver: mvcc: required revision is a future revision")]
+    FutureRevision,
+    #[error("etcdserver: mvcc: database space exceeded")]
+    NoSpace,
+    #[error("etcdserver: requested lease not found")]
+    LeaseNotFound,
+    #[error("etcdserver: lease already exists")]
+    LeaseExists,
+    #[error("etcdserver: too large lease TTL")]
+    LeaseTtlTooLarge,
+    #[error("etcdserver: no leader")]
+    NoLeader,
+    #[error("etcdserver: leader changed")]
+    LeaderChanged,
+    #[error("etcdserver: request timed out")]
+    Timeout,
+    #[error("etcdserver: server stopped")]
+    Stopped,
+    #[error("etcdserver: not leader")]
+    NotLeader,
+    #[error("etcdserver: {0}")]
+    Internal(String),
+    #[error("{0}")]
+    Unimplemented(String),
+}
+
+impl ServerError {
+    pub fn code(&self) -> Code {
+        use ServerError::*;
+        match self {
+            EmptyKey | KeyNotFound | ValueProvided | LeaseProvided | TooManyOps | DuplicateKey | InvalidSortOption
+            | RequestTooLarge => Code::InvalidArgument,
+            Compacted | FutureRevision | LeaseTtlTooLarge => Code::OutOfRange,
+            NoSpace => Code::ResourceExhausted,
+            LeaseNotFound => Code::NotFound,
+            LeaseExists | NotLeader => Code::FailedPrecondition,
+            NoLeader | LeaderChanged | Timeout | Stopped => Code::Unavailable,
+            Internal(_) => Code::Internal,
+            Unimplemented(_) => Code::Unimplemented,
+        }
+    }
+}
+
+impl From<ServerError> for Status {
+    fn from(e: ServerError) -> Status {
+        Status::new(e.code(), e.to_string())
+    }
+}
+
+impl From<ApplyError> for ServerError {
+    fn from(e: ApplyError) -> ServerError {
+        match e.kind {
+            ApplyErrorKind::Compacted => ServerError::Compacted,
+            ApplyErrorKind::FutureRevision => ServerError::FutureRevision,
+            ApplyErrorKind::LeaseNotFound => ServerError::LeaseNotFound,
+            ApplyErrorKind::LeaseExists => ServerError::LeaseExists,
+            ApplyErrorKind::LeaseTtlTooLarge => ServerError::LeaseTtlTooLarge,
+            ApplyErrorKind::NoSpace => ServerError::NoSpace,
+            ApplyErrorKind::KeyNotFound => ServerError::KeyNotFound,
+            ApplyErrorKind::Other => ServerError::Internal(e.message),
+        }
+    }
+}
+
+impl From<ApplyError> for Status {
+    fn from(e: ApplyError) -> Status {
+        ServerError::from(e).into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn etcd_codes_and_messages() {
+        let cases: &[(ServerError, Code, &str)] = &[
+            (ServerError::EmptyKey, Code::InvalidArgument, "etcdserver: key is not provided"),
+            (ServerError::TooManyOps, Code::InvalidArgument, "etcdserver: too many operations in txn request"),
+            (ServerError::DuplicateKey, Code::InvalidArgument, "etcdserver: duplicate key given in txn request"),
+            (ServerError::Compacted, Code::OutOfRange, "etcdserver: mvcc: required revision has been compacted"),
+            (ServerError::FutureRevision, Code::OutOfRange, "etcdserver: mvcc: required revision is a future revision"),
+            (ServerError::LeaseNotFound, Code::NotFound, "etcdserver: requested lease not found"),
+            (ServerError::NoLeader, Code::Unavailable, "etcdserver: no leader"),
+            (ServerError::RequestTooLarge, Code::InvalidArgument, "etcdserver: request is too large"),
+        ];
+        for (err, code, msg) in cases {
+            let status: Status = err.clone().into();
+            assert_eq!(status.code(), *code, "{err:?}");
+            assert_eq!(status.message(), *msg);
+        }
+        let from_store: Status = ApplyError::new(ApplyErrorKind::Compacted).into();
+        assert_eq!(from_store.message(), "etcdserver: mvcc: required revision has been compacted");
+    }
+}

@@ -1,0 +1,133 @@
+//! `etcdserverpb.Maintenance` and `etcdserverpb.Cluster`: what exists today (Status, MemberList);
+//! the rest answers Unimplemented until the cluster-operations work lands.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use keel_proto::etcdserverpb::cluster_server::Cluster;
+use keel_proto::etcdserverpb::maintenance_server::Maintenance;
+use keel_proto::etcdserverpb::*;
+use tonic::{Request, Response, Status};
+
+use crate::node::KeelNode;
+
+/// The etcd version Keel reports to clients (they gate features on it).
+pub const ETCD_COMPAT_VERSION: &str = "3.5.0";
+
+fn unimplemented(what: &str) -> Status {
+    Status::unimplemented(format!("keel: {what} is not implemented yet"))
+}
+
+pub struct MaintenanceService {
+    node: Arc<KeelNode>,
+}
+
+impl MaintenanceService {
+    pub fn new(node: Arc<KeelNode>) -> Self {
+        Self { node }
+    }
+}
+
+#[tonic::async_trait]
+impl Maintenance for MaintenanceService {
+    async fn alarm(&self, _req: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
+        Err(unimplemented("Alarm"))
+    }
+
+    async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        let m = self.node.raft.metrics().borrow().clone();
+        let db_size = self.node.mvcc.engine().size_bytes() as i64;
+        let applied = self.node.applied.borrow().index;
+        let is_learner = !m.membership_config.membership().voter_ids().any(|id| id == self.node.member_id());
+        let mut errors = Vec::new();
+        if m.current_leader.is_none() {
+            errors.push("etcdserver: no leader".to_string());
+        }
+        Ok(Response::new(StatusResponse {
+            header: Some(self.node.header()),
+            version: ETCD_COMPAT_VERSION.to_string(),
+            db_size,
+            leader: m.current_leader.unwrap_or(0),
+            raft_index: m.cluster_committed.map(|l| l.index).or(m.last_log_index).unwrap_or(0),
+            raft_term: m.current_term,
+            raft_applied_index: applied,
+            errors,
+            db_size_in_use: db_size,
+            is_learner,
+            ..Default::default()
+        }))
+    }
+
+    async fn defragment(&self, _req: Request<DefragmentRequest>) -> Result<Response<DefragmentResponse>, Status> {
+        Err(unimplemented("Defragment"))
+    }
+
+    async fn hash(&self, _req: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+        Err(unimplemented("Hash"))
+    }
+
+    async fn hash_kv(&self, _req: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
+        Err(unimplemented("HashKV"))
+    }
+
+    type SnapshotStream = Pin<Box<dyn Stream<Item = Result<SnapshotResponse, Status>> + Send>>;
+
+    async fn snapshot(&self, _req: Request<SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
+        Err(unimplemented("Snapshot"))
+    }
+
+    async fn move_leader(&self, _req: Request<MoveLeaderRequest>) -> Result<Response<MoveLeaderResponse>, Status> {
+        Err(unimplemented("MoveLeader"))
+    }
+
+    async fn downgrade(&self, _req: Request<DowngradeRequest>) -> Result<Response<DowngradeResponse>, Status> {
+        Err(unimplemented("Downgrade"))
+    }
+}
+
+pub struct ClusterService {
+    node: Arc<KeelNode>,
+}
+
+impl ClusterService {
+    pub fn new(node: Arc<KeelNode>) -> Self {
+        Self { node }
+    }
+}
+
+#[tonic::async_trait]
+impl Cluster for ClusterService {
+    async fn member_add(&self, _req: Request<MemberAddRequest>) -> Result<Response<MemberAddResponse>, Status> {
+        Err(unimplemented("MemberAdd"))
+    }
+
+    async fn member_remove(&self, _req: Request<MemberRemoveRequest>) -> Result<Response<MemberRemoveResponse>, Status> {
+        Err(unimplemented("MemberRemove"))
+    }
+
+    async fn member_update(&self, _req: Request<MemberUpdateRequest>) -> Result<Response<MemberUpdateResponse>, Status> {
+        Err(unimplemented("MemberUpdate"))
+    }
+
+    async fn member_list(&self, _req: Request<MemberListRequest>) -> Result<Response<MemberListResponse>, Status> {
+        let m = self.node.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+        let members = membership
+            .nodes()
+            .map(|(id, node)| Member {
+                id: *id,
+                name: node.name.clone(),
+                peer_ur_ls: node.peer_urls.clone(),
+                client_ur_ls: node.client_urls.clone(),
+                is_learner: !voters.contains(id),
+            })
+            .collect();
+        Ok(Response::new(MemberListResponse { header: Some(self.node.header()), members }))
+    }
+
+    async fn member_promote(&self, _req: Request<MemberPromoteRequest>) -> Result<Response<MemberPromoteResponse>, Status> {
+        Err(unimplemented("MemberPromote"))
+    }
+}

@@ -1,0 +1,233 @@
+//! Raft transport between members: the openraft network client over tonic.
+//!
+//! One long-lived HTTP/2 channel per peer carries every RPC to it (tonic multiplexes); log
+//! replication uses a bidirectional `StreamAppend` stream so appends are pipelined, and
+//! snapshots are streamed from their file in 1 MiB chunks. Every request carries the target's
+//! member ID and the cluster ID, and the receiver refuses requests meant for someone else, so a
+//! reused address never delivers a vote or log to the wrong member.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use keel_proto::keelpb::raft_peer_client::RaftPeerClient;
+use keel_proto::keelpb::{RaftBytes, SnapshotChunk, snapshot_chunk};
+use keel_store::raft::snapshot::SnapshotFile;
+use keel_store::raft::types::{Snapshot, Vote, decode, encode};
+use keel_store::raft::{MemberNode, NodeId, TypeConfig};
+use openraft::base::{BoxFuture, BoxStream};
+use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::{Backoff, RPCOption};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
+};
+use openraft::{OptionalSend, RaftNetworkFactory, RaftNetworkV2};
+use tokio::io::AsyncReadExt;
+use tonic::transport::{Channel, Endpoint};
+
+/// Metadata keys naming the intended receiver.
+pub const META_TARGET: &str = "keel-target-member";
+pub const META_CLUSTER: &str = "keel-cluster";
+
+const SNAPSHOT_CHUNK: usize = 1 << 20;
+
+/// Cached channels to every peer, shared by Raft replication and request forwarding.
+pub struct Peers {
+    cluster_id: u64,
+    channels: Mutex<BTreeMap<NodeId, (String, Channel)>>,
+}
+
+impl Peers {
+    pub fn new(cluster_id: u64) -> Arc<Self> {
+        Arc::new(Self { cluster_id, channels: Mutex::new(BTreeMap::new()) })
+    }
+
+    /// A client for `target` at `node`'s first peer URL (connects lazily).
+    pub fn client(&self, target: NodeId, node: &MemberNode) -> Result<RaftPeerClient<Channel>, String> {
+        let url = node.peer_urls.first().ok_or_else(|| format!("member {target:x} has no peer URL"))?.clone();
+        let mut channels = self.channels.lock().map_err(|_| "peer channel map poisoned".to_string())?;
+        let channel = match channels.get(&target) {
+            Some((known, ch)) if *known == url => ch.clone(),
+            _ => {
+                let ch = Endpoint::from_shared(url.clone())
+                    .map_err(|e| format!("bad peer URL {url}: {e}"))?
+                    .connect_timeout(Duration::from_secs(1))
+                    .tcp_nodelay(true)
+                    .http2_keep_alive_interval(Duration::from_secs(10))
+                    .keep_alive_timeout(Duration::from_secs(5))
+                    .connect_lazy();
+                channels.insert(target, (url, ch.clone()));
+                ch
+            }
+        };
+        Ok(RaftPeerClient::new(channel).max_decoding_message_size(256 << 20).max_encoding_message_size(256 << 20))
+    }
+
+    /// Wraps `msg` in a request addressed to `target`.
+    pub fn request<T>(&self, target: NodeId, msg: T) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        if let Ok(v) = target.to_string().parse() {
+            req.metadata_mut().insert(META_TARGET, v);
+        }
+        if let Ok(v) = self.cluster_id.to_string().parse() {
+            req.metadata_mut().insert(META_CLUSTER, v);
+        }
+        req
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct TransportError(String);
+
+fn unreachable(e: impl std::fmt::Display) -> RPCError<TypeConfig> {
+    RPCError::Unreachable(Unreachable::new(&TransportError(e.to_string())))
+}
+
+fn network(e: impl std::fmt::Display) -> NetworkError<TypeConfig> {
+    NetworkError::new(&TransportError(e.to_string()))
+}
+
+/// Maps a gRPC failure: connection problems back off, anything else retries.
+fn status_err(s: tonic::Status) -> RPCError<TypeConfig> {
+    match s.code() {
+        tonic::Code::Unavailable | tonic::Code::FailedPrecondition | tonic::Code::Unknown => unreachable(s.message()),
+        _ => RPCError::Network(network(s.message())),
+    }
+}
+
+/// Creates a connection object per target; openraft keeps one per replication stream.
+pub struct NetworkFactory {
+    pub peers: Arc<Peers>,
+}
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = PeerConnection;
+
+    async fn new_client(&mut self, target: NodeId, node: &MemberNode) -> PeerConnection {
+        PeerConnection { target, node: node.clone(), peers: self.peers.clone() }
+    }
+}
+
+/// The openraft network client for one peer.
+pub struct PeerConnection {
+    target: NodeId,
+    node: MemberNode,
+    peers: Arc<Peers>,
+}
+
+impl PeerConnection {
+    fn client(&self) -> Result<RaftPeerClient<Channel>, RPCError<TypeConfig>> {
+        self.peers.client(self.target, &self.node).map_err(unreachable)
+    }
+
+    fn bytes_request<T: serde::Serialize>(&self, msg: &T, timeout: Duration) -> Result<tonic::Request<RaftBytes>, RPCError<TypeConfig>> {
+        let data = encode(msg).map_err(|e| RPCError::Network(network(e)))?;
+        let mut req = self.peers.request(self.target, RaftBytes { data });
+        req.set_timeout(timeout);
+        Ok(req)
+    }
+}
+
+fn decode_reply<T: serde::de::DeserializeOwned>(reply: tonic::Response<RaftBytes>) -> Result<T, RPCError<TypeConfig>> {
+    decode(&reply.into_inner().data).map_err(|e| RPCError::Network(network(e)))
+}
+
+impl RaftNetworkV2<TypeConfig> for PeerConnection {
+    type SnapshotData = SnapshotFile;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let req = self.bytes_request(&rpc, option.soft_ttl())?;
+        decode_reply(self.client()?.append_entries(req).await.map_err(status_err)?)
+    }
+
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        _option: RPCOption,
+    ) -> BoxFuture<'s, Result<BoxStream<'s, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>, RPCError<TypeConfig>>>
+    where
+        S: Stream<Item = AppendEntriesRequest<TypeConfig>> + OptionalSend + Unpin + 'static,
+    {
+        Box::pin(async move {
+            let mut client = self.client()?;
+            // An entry that cannot be encoded ends the stream; openraft then retries.
+            let requests = input.map_while(|r| encode(&r).ok().map(|data| RaftBytes { data }));
+            let req = self.peers.request(self.target, requests);
+            let replies = client.stream_append(req).await.map_err(status_err)?.into_inner();
+            let results = replies.map(|item| {
+                let bytes = item.map_err(status_err)?;
+                decode::<StreamAppendResult<TypeConfig>>(&bytes.data).map_err(|e| RPCError::Network(network(e)))
+            });
+            Ok(Box::pin(results) as BoxStream<'s, _>)
+        })
+    }
+
+    async fn vote(&mut self, rpc: VoteRequest<TypeConfig>, option: RPCOption) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let req = self.bytes_request(&rpc, option.soft_ttl())?;
+        decode_reply(self.client()?.vote(req).await.map_err(status_err)?)
+    }
+
+    async fn pre_vote(&mut self, rpc: VoteRequest<TypeConfig>, option: RPCOption) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let req = self.bytes_request(&rpc, option.soft_ttl())?;
+        decode_reply(self.client()?.pre_vote(req).await.map_err(status_err)?)
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot,
+        cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        _option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let mut client = self.client().map_err(|e| StreamingError::Unreachable(Unreachable::new(&TransportError(e.to_string()))))?;
+        let meta = encode(&(vote, snapshot.meta.clone())).map_err(|e| StreamingError::Network(network(e)))?;
+        let mut file = tokio::fs::File::open(&snapshot.snapshot.path).await.map_err(|e| StreamingError::Network(network(e)))?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<SnapshotChunk>(4);
+        let sender = async move {
+            if tx.send(SnapshotChunk { chunk: Some(snapshot_chunk::Chunk::Meta(meta)) }).await.is_err() {
+                return;
+            }
+            loop {
+                let mut buf = vec![0u8; SNAPSHOT_CHUNK];
+                let n = match file.read(&mut buf).await {
+                    Ok(0) | Err(_) => return, // an unreadable file ends the stream; the receiver rejects it
+                    Ok(n) => n,
+                };
+                buf.truncate(n);
+                if tx.send(SnapshotChunk { chunk: Some(snapshot_chunk::Chunk::Data(buf)) }).await.is_err() {
+                    return;
+                }
+            }
+        };
+        tokio::spawn(sender);
+        let req = self.peers.request(self.target, tokio_stream::wrappers::ReceiverStream::new(rx));
+        tokio::select! {
+            closed = cancel => Err(StreamingError::Closed(closed)),
+            reply = client.install_snapshot(req) => {
+                let reply = reply.map_err(|s| StreamingError::Unreachable(Unreachable::new(&TransportError(s.message().to_string()))))?;
+                decode(&reply.into_inner().data).map_err(|e| StreamingError::Network(network(e)))
+            }
+        }
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let req = self.bytes_request(&req, option.soft_ttl())?;
+        decode_reply(self.client()?.transfer_leader(req).await.map_err(status_err)?)
+    }
+
+    fn backoff(&self) -> Option<Backoff> {
+        Some(Backoff::new(std::iter::repeat(Duration::from_millis(100))))
+    }
+}

@@ -1,0 +1,314 @@
+//! A Keel member: identity, storage, the Raft node, and the two paths every request takes —
+//! proposals (writes, forwarded to the leader when this member is a follower) and linearizable
+//! read barriers (ReadIndex on the leader, or a read index fetched from the leader, then a wait
+//! until this member has applied that index).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use keel_proto::etcdserverpb::ResponseHeader;
+use keel_proto::keelpb::{ForwardRequest, RaftRequest, RaftResponse, ReadIndexRequest};
+use keel_store::engine::rocks::RocksEngine;
+use keel_store::engine::Engine;
+use keel_store::mvcc::MvccStore;
+use keel_store::raft::state_machine::ApplyListener;
+use keel_store::raft::{AppliedState, Command, LogStore, MemberNode, NodeId, Raft, StateMachine};
+use keel_store::ApplyError;
+use openraft::error::{ClientWriteError, LinearizableReadError, RaftError};
+use openraft::{ReadPolicy, SnapshotPolicy};
+use prost::Message;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::config::{ClusterState, Config};
+use crate::error::ServerError;
+use crate::network::{NetworkFactory, Peers};
+
+/// How long a proposal or read barrier may take before the client gets "request timed out".
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(7);
+
+/// What a data directory remembers about its member, so a restart needs no bootstrap flags.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Identity {
+    pub name: String,
+    pub member_id: NodeId,
+    pub cluster_id: u64,
+}
+
+/// 64-bit FNV-1a: a stable hash for deriving member and cluster IDs.
+fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for b in part.iter().chain(std::iter::once(&0u8)) {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// A member ID derived from its peer URLs and the cluster token (like etcd), never zero.
+pub fn member_id(peer_urls: &[String], token: &str) -> NodeId {
+    let mut urls = peer_urls.to_vec();
+    urls.sort();
+    let joined = urls.join(",");
+    fnv1a(&[joined.as_bytes(), token.as_bytes()]).max(1)
+}
+
+/// A cluster ID derived from the sorted member IDs and the token.
+pub fn cluster_id(members: &BTreeSet<NodeId>, token: &str) -> u64 {
+    let ids: Vec<u8> = members.iter().flat_map(|id| id.to_be_bytes()).collect();
+    fnv1a(&[&ids, token.as_bytes()]).max(1)
+}
+
+fn identity_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("member.json")
+}
+
+/// Everything the gRPC services share.
+pub struct KeelNode {
+    pub identity: Identity,
+    pub config: Config,
+    pub raft: Raft,
+    pub mvcc: Arc<MvccStore>,
+    pub applied: watch::Receiver<AppliedState>,
+    pub peers: Arc<Peers>,
+    pub data_dir: PathBuf,
+    pub snapshot_dir: PathBuf,
+}
+
+impl KeelNode {
+    /// Opens (or creates) the data directory and starts the Raft node.
+    pub async fn start(config: Config, listener: Option<ApplyListener>) -> anyhow::Result<Arc<KeelNode>> {
+        let data_dir = config.data_dir();
+        std::fs::create_dir_all(&data_dir)?;
+        let id_path = identity_path(&data_dir);
+        let existing: Option<Identity> = match std::fs::read(&id_path) {
+            Ok(bytes) => Some(serde_json::from_slice(&bytes)?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e.into()),
+        };
+
+        let members = config.initial_members().map_err(anyhow::Error::msg)?;
+        let mut bootstrap: BTreeMap<NodeId, MemberNode> = BTreeMap::new();
+        for (name, urls) in &members {
+            let id = member_id(urls, &config.initial_cluster_token);
+            let client_urls = if *name == config.name { config.advertise_client_urls() } else { Vec::new() };
+            bootstrap.insert(id, MemberNode { name: name.clone(), peer_urls: urls.clone(), client_urls });
+        }
+        let identity = match &existing {
+            Some(id) => id.clone(),
+            None => {
+                let my_urls = &members.iter().find(|(n, _)| *n == config.name).map(|(_, u)| u.clone()).unwrap_or_default();
+                let ids: BTreeSet<NodeId> = bootstrap.keys().copied().collect();
+                Identity {
+                    name: config.name.clone(),
+                    member_id: member_id(my_urls, &config.initial_cluster_token),
+                    cluster_id: cluster_id(&ids, &config.initial_cluster_token),
+                }
+            }
+        };
+
+        let engine: Arc<dyn Engine> = Arc::new(RocksEngine::open(&data_dir.join("db"))?);
+        let mvcc = Arc::new(MvccStore::open(engine.clone())?);
+        let snapshot_dir = data_dir.join("snapshots");
+        let log_store = LogStore::new(engine.clone())?;
+        let state_machine = StateMachine::open(mvcc.clone(), &snapshot_dir, listener)?;
+        let applied = state_machine.applied_watch();
+
+        let election = config.election_timeout.max(config.heartbeat_interval * 3);
+        let raft_config = openraft::Config {
+            cluster_name: config.initial_cluster_token.clone(),
+            heartbeat_interval: config.heartbeat_interval,
+            election_timeout_min: election,
+            election_timeout_max: election * 2,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_count),
+            max_in_snapshot_log_to_keep: 5_000,
+            purge_batch_size: 1_000,
+            max_payload_entries: 1_000,
+            install_snapshot_timeout: 10_000,
+            send_snapshot_timeout: 60_000,
+            enable_pre_vote: Some(true),
+            ..Default::default()
+        }
+        .validate()?;
+        let peers = Peers::new(identity.cluster_id);
+        let network = NetworkFactory { peers: peers.clone() };
+        let raft = Raft::new(identity.member_id, Arc::new(raft_config), network, log_store, state_machine).await?;
+
+        if existing.is_none() {
+            if config.initial_cluster_state == ClusterState::New {
+                // Every founding member initializes with the same membership; openraft accepts
+                // that, and the first to win an election commits it.
+                match raft.initialize(bootstrap.clone()).await {
+                    Ok(()) => {}
+                    Err(RaftError::APIError(e)) => tracing::info!("cluster already initialized: {e}"),
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            let tmp = id_path.with_extension("json.tmp");
+            std::fs::write(&tmp, serde_json::to_vec_pretty(&identity)?)?;
+            std::fs::rename(&tmp, &id_path)?;
+        } else if existing.as_ref().is_some_and(|e| e.name != config.name) && config.name != "default" {
+            tracing::warn!(stored = %identity.name, flag = %config.name, "--name differs from the data directory's member; keeping the stored identity");
+        }
+
+        tracing::info!(member_id = %format!("{:x}", identity.member_id), cluster_id = %format!("{:x}", identity.cluster_id), data_dir = %data_dir.display(), "keel member started");
+        Ok(Arc::new(KeelNode { identity, config, raft, mvcc, applied, peers, data_dir, snapshot_dir }))
+    }
+
+    pub fn member_id(&self) -> NodeId {
+        self.identity.member_id
+    }
+
+    pub fn term(&self) -> u64 {
+        self.raft.metrics().borrow().current_term
+    }
+
+    /// A response header at the store's current revision.
+    pub fn header(&self) -> ResponseHeader {
+        self.header_at(self.mvcc.current_revision())
+    }
+
+    pub fn header_at(&self, revision: i64) -> ResponseHeader {
+        ResponseHeader {
+            cluster_id: self.identity.cluster_id,
+            member_id: self.identity.member_id,
+            revision,
+            raft_term: self.term(),
+        }
+    }
+
+    pub fn leader(&self) -> Option<(NodeId, Option<MemberNode>)> {
+        let m = self.raft.metrics().borrow().clone();
+        let leader = m.current_leader?;
+        let node = m.membership_config.membership().get_node(&leader).cloned();
+        Some((leader, node))
+    }
+
+    /// Proposes `req` through Raft and returns the applied result. On a follower the request is
+    /// forwarded to the leader. Request-level failures come back as errors.
+    pub async fn propose(&self, req: RaftRequest) -> Result<RaftResponse, ServerError> {
+        if req.encoded_len() > self.config.max_request_bytes {
+            return Err(ServerError::RequestTooLarge);
+        }
+        let resp = match tokio::time::timeout(REQUEST_TIMEOUT, self.propose_routed(req)).await {
+            Ok(r) => r?,
+            Err(_) => return Err(ServerError::Timeout),
+        };
+        match &resp.error {
+            Some(e) => Err(ApplyError::from_proto(e).into()),
+            None => Ok(resp),
+        }
+    }
+
+    async fn propose_routed(&self, req: RaftRequest) -> Result<RaftResponse, ServerError> {
+        match self.leader() {
+            Some((leader, Some(node))) if leader != self.member_id() => self.forward(leader, &node, req).await,
+            _ => self.propose_local(req).await,
+        }
+    }
+
+    /// Proposes on this member, forwarding once if it turns out not to be the leader.
+    pub async fn propose_local(&self, req: RaftRequest) -> Result<RaftResponse, ServerError> {
+        match self.raft.client_write(Command(req.clone())).await {
+            Ok(resp) => Ok(resp.data.0),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => match (f.leader_id, f.leader_node) {
+                (Some(id), Some(node)) if id != self.member_id() => self.forward(id, &node, req).await,
+                _ => Err(ServerError::NoLeader),
+            },
+            Err(RaftError::APIError(ClientWriteError::LogEntryDiscarded(_))) => Err(ServerError::LeaderChanged),
+            Err(RaftError::APIError(e)) => Err(ServerError::Internal(e.to_string())),
+            Err(RaftError::Fatal(_)) => Err(ServerError::Stopped),
+        }
+    }
+
+    async fn forward(&self, leader: NodeId, node: &MemberNode, req: RaftRequest) -> Result<RaftResponse, ServerError> {
+        let mut client = self.peers.client(leader, node).map_err(|_| ServerError::NoLeader)?;
+        let reply = client.forward(self.peers.request(leader, ForwardRequest { request: Some(req) })).await;
+        match reply {
+            Ok(r) => r.into_inner().response.ok_or_else(|| ServerError::Internal("empty forwarded response".into())),
+            Err(status) => Err(status_to_error(&status)),
+        }
+    }
+
+    /// Waits until this member may serve a linearizable read: the read index is confirmed by a
+    /// quorum (on the leader, or fetched from it) and applied locally.
+    pub async fn read_barrier(&self) -> Result<(), ServerError> {
+        if self.config.unsafe_local_reads {
+            return Ok(());
+        }
+        match tokio::time::timeout(REQUEST_TIMEOUT, self.read_barrier_inner()).await {
+            Ok(r) => r,
+            Err(_) => Err(ServerError::Timeout),
+        }
+    }
+
+    async fn read_barrier_inner(&self) -> Result<(), ServerError> {
+        let index = match self.leader() {
+            Some((leader, Some(node))) if leader != self.member_id() => {
+                let mut client = self.peers.client(leader, &node).map_err(|_| ServerError::NoLeader)?;
+                let reply = client.read_index(self.peers.request(leader, ReadIndexRequest {})).await.map_err(|s| status_to_error(&s))?;
+                let data = reply.into_inner().data;
+                let bytes: [u8; 8] = data.as_slice().try_into().map_err(|_| ServerError::Internal("bad read index".into()))?;
+                u64::from_be_bytes(bytes)
+            }
+            Some(_) => self.read_index_local().await?,
+            None => return Err(ServerError::NoLeader),
+        };
+        self.wait_applied(index).await
+    }
+
+    /// On the leader: confirms leadership with a quorum (concurrent calls share one round) and
+    /// returns the index a read must wait for.
+    pub async fn read_index_local(&self) -> Result<u64, ServerError> {
+        match self.raft.get_read_log_id(ReadPolicy::ReadIndex).await {
+            Ok((read_log_id, _)) => Ok(read_log_id.index()),
+            Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(_))) => Err(ServerError::NotLeader),
+            Err(RaftError::APIError(LinearizableReadError::QuorumNotEnough(_))) => Err(ServerError::Timeout),
+            Err(RaftError::Fatal(_)) => Err(ServerError::Stopped),
+        }
+    }
+
+    /// Waits until this member has applied `index`.
+    pub async fn wait_applied(&self, index: u64) -> Result<(), ServerError> {
+        let mut rx = self.applied.clone();
+        rx.wait_for(|a| a.index >= index).await.map_err(|_| ServerError::Stopped)?;
+        Ok(())
+    }
+}
+
+/// Turns a forwarded request's gRPC failure back into our error.
+fn status_to_error(status: &tonic::Status) -> ServerError {
+    use ServerError::*;
+    let all = [
+        EmptyKey, KeyNotFound, ValueProvided, LeaseProvided, TooManyOps, DuplicateKey, InvalidSortOption, RequestTooLarge,
+        Compacted, FutureRevision, NoSpace, LeaseNotFound, LeaseExists, LeaseTtlTooLarge, NoLeader, LeaderChanged, Timeout,
+        Stopped, NotLeader,
+    ];
+    if let Some(e) = all.into_iter().find(|e| e.to_string() == status.message()) {
+        return e;
+    }
+    match status.code() {
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => NoLeader,
+        _ => Internal(status.message().to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_stable_and_distinct() {
+        let a = member_id(&["http://127.0.0.1:2380".into()], "t");
+        assert_eq!(a, member_id(&["http://127.0.0.1:2380".into()], "t"));
+        assert_ne!(a, member_id(&["http://127.0.0.1:2381".into()], "t"));
+        assert_ne!(a, member_id(&["http://127.0.0.1:2380".into()], "u"));
+        let set: BTreeSet<u64> = [1, 2, 3].into();
+        assert_eq!(cluster_id(&set, "t"), cluster_id(&[3, 2, 1].into(), "t"));
+        assert_ne!(cluster_id(&set, "t"), cluster_id(&[1, 2].into(), "t"));
+    }
+}

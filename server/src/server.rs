@@ -1,0 +1,85 @@
+//! Listeners: the client gRPC services on `--listen-client-urls` and the peer service on
+//! `--listen-peer-urls`, with graceful shutdown.
+
+use std::sync::Arc;
+
+use keel_proto::etcdserverpb::cluster_server::ClusterServer;
+use keel_proto::etcdserverpb::kv_server::KvServer;
+use keel_proto::etcdserverpb::maintenance_server::MaintenanceServer;
+use keel_proto::keelpb::raft_peer_server::RaftPeerServer;
+use tokio::sync::watch;
+
+use crate::config::{Config, parse_url};
+use crate::kv::KvService;
+use crate::maintenance::{ClusterService, MaintenanceService};
+use crate::node::KeelNode;
+use crate::peer_service::PeerService;
+
+/// gRPC framing overhead allowed on top of `--max-request-bytes` (as etcd).
+const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
+
+/// A running member and its listeners.
+pub struct RunningServer {
+    pub node: Arc<KeelNode>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>,
+}
+
+impl RunningServer {
+    /// Stops the listeners and Raft.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        let _ = self.node.raft.shutdown().await;
+    }
+}
+
+/// Starts a member with `config` and serves until `shutdown` is called.
+pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
+    let node = KeelNode::start(config.clone(), None).await?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    let max_recv = config.max_request_bytes + GRPC_OVERHEAD_BYTES;
+
+    for url in &config.listen_peer_urls {
+        let addr = parse_url(url).map_err(anyhow::Error::msg)?.socket_addr().map_err(anyhow::Error::msg)?;
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("listen on peer URL {url}: {e}"))?;
+        let svc = RaftPeerServer::new(PeerService::new(node.clone())).max_decoding_message_size(256 << 20).max_encoding_message_size(256 << 20);
+        let mut rx = shutdown_rx.clone();
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        tasks.push(tokio::spawn(
+            tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .add_service(svc)
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                }),
+        ));
+        tracing::info!(%url, "serving peer traffic");
+    }
+
+    for url in &config.listen_client_urls {
+        let parsed = parse_url(url).map_err(anyhow::Error::msg)?;
+        if parsed.tls {
+            anyhow::bail!("TLS client URLs are not supported yet: {url}");
+        }
+        let addr = parsed.socket_addr().map_err(anyhow::Error::msg)?;
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("listen on client URL {url}: {e}"))?;
+        let mut rx = shutdown_rx.clone();
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let router = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+            .add_service(KvServer::new(KvService::new(node.clone())).max_decoding_message_size(max_recv))
+            .add_service(MaintenanceServer::new(MaintenanceService::new(node.clone())).max_decoding_message_size(max_recv))
+            .add_service(ClusterServer::new(ClusterService::new(node.clone())).max_decoding_message_size(max_recv));
+        tasks.push(tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
+            let _ = rx.wait_for(|s| *s).await;
+        })));
+        tracing::info!(%url, "serving client traffic");
+    }
+
+    Ok(RunningServer { node, shutdown: shutdown_tx, tasks })
+}

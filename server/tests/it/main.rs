@@ -1,0 +1,6 @@
+//! Integration tests: real `keel` processes on 127.0.0.1, driven with the `etcd-client` crate
+//! and with real `etcdctl`.
+
+mod cluster;
+mod kv;
+mod replication;

@@ -1,0 +1,215 @@
+//! The Raft log on the engine's `raft_log` and `raft_meta` tables, with group commit.
+//!
+//! Layout: `raft_log` maps the big-endian `u64` log index to the bincode encoding of the
+//! openraft entry, so a forward scan is log order. `raft_meta` holds `vote`, `committed` and
+//! `last_purged`.
+//!
+//! Group commit: [`LogStore::append`] writes the entries without syncing (they are readable at
+//! once) and queues its completion callback for the sync thread. The sync thread takes every
+//! callback queued so far, issues one write-ahead-log fsync for all of them, and only then tells
+//! openraft the entries are durable, in the order they were appended. Under load many client
+//! writes therefore share one fsync. The vote is written with a synchronous fsync before
+//! `save_vote` returns, as Raft requires.
+
+use std::fmt::Debug;
+use std::io;
+use std::ops::{Bound, RangeBounds};
+use std::sync::Arc;
+use std::sync::mpsc;
+
+use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
+use openraft::{OptionalSend, RaftLogReader};
+
+use super::types::{Entry, LogId, TypeConfig, Vote, decode, encode};
+use crate::engine::{Direction, Engine, ScanControl, Table, WriteBatch};
+
+const KEY_VOTE: &[u8] = b"vote";
+const KEY_COMMITTED: &[u8] = b"committed";
+const KEY_LAST_PURGED: &[u8] = b"last_purged";
+
+fn index_key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+fn io_err(e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+/// Reads the Raft log; cheap to clone.
+#[derive(Clone)]
+pub struct LogReader {
+    engine: Arc<dyn Engine>,
+}
+
+impl LogReader {
+    fn entries(&self, start: u64, end: Option<u64>) -> io::Result<Vec<Entry>> {
+        let mut out = Vec::new();
+        let mut failure = None;
+        let end_key = end.map(index_key);
+        self.engine
+            .scan(Table::RaftLog, &index_key(start), end_key.as_ref().map(|k| &k[..]), Direction::Forward, &mut |_, v| {
+                match decode::<Entry>(v) {
+                    Ok(e) => {
+                        out.push(e);
+                        ScanControl::Continue
+                    }
+                    Err(e) => {
+                        failure = Some(e);
+                        ScanControl::Stop
+                    }
+                }
+            })
+            .map_err(io_err)?;
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+
+    fn meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> io::Result<Option<T>> {
+        match self.engine.get(Table::RaftMeta, key).map_err(io_err)? {
+            Some(bytes) => decode(&bytes).map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogReader {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> io::Result<Vec<Entry>> {
+        let start = match range.start_bound() {
+            Bound::Included(&s) => s,
+            Bound::Excluded(&s) => s.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(&e) => e.checked_add(1),
+            Bound::Excluded(&e) => Some(e),
+            Bound::Unbounded => None,
+        };
+        self.entries(start, end)
+    }
+
+    async fn read_vote(&mut self) -> io::Result<Option<Vote>> {
+        self.meta(KEY_VOTE)
+    }
+}
+
+/// The Raft log store.
+pub struct LogStore {
+    reader: LogReader,
+    sync_queue: mpsc::Sender<IOFlushed<TypeConfig>>,
+}
+
+impl LogStore {
+    /// Opens the log on `engine` and starts its sync thread.
+    pub fn new(engine: Arc<dyn Engine>) -> io::Result<Self> {
+        let (tx, rx) = mpsc::channel::<IOFlushed<TypeConfig>>();
+        let sync_engine = engine.clone();
+        std::thread::Builder::new().name("raft-log-sync".into()).spawn(move || sync_loop(sync_engine, rx))?;
+        Ok(Self { reader: LogReader { engine }, sync_queue: tx })
+    }
+
+    fn engine(&self) -> &Arc<dyn Engine> {
+        &self.reader.engine
+    }
+
+    async fn write_blocking(&self, batch: WriteBatch, sync: bool) -> io::Result<()> {
+        let engine = self.engine().clone();
+        tokio::task::spawn_blocking(move || engine.write(batch, sync)).await.map_err(io_err)?.map_err(io_err)
+    }
+}
+
+/// Waits for queued append callbacks, fsyncs once for all that are queued, then completes them.
+fn sync_loop(engine: Arc<dyn Engine>, queue: mpsc::Receiver<IOFlushed<TypeConfig>>) {
+    while let Ok(first) = queue.recv() {
+        let mut pending = vec![first];
+        while let Ok(more) = queue.try_recv() {
+            pending.push(more);
+        }
+        let result = engine.sync_wal().map_err(|e| e.to_string());
+        for callback in pending {
+            callback.io_completed(result.clone().map_err(io::Error::other));
+        }
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogReader;
+
+    async fn get_log_state(&mut self) -> io::Result<LogState<TypeConfig>> {
+        let last_purged: Option<LogId> = self.reader.meta(KEY_LAST_PURGED)?;
+        let mut last = None;
+        let mut failure = None;
+        self.engine()
+            .scan(Table::RaftLog, &[], None, Direction::Reverse, &mut |_, v| {
+                match decode::<Entry>(v) {
+                    Ok(e) => last = Some(e.log_id),
+                    Err(e) => failure = Some(e),
+                }
+                ScanControl::Stop
+            })
+            .map_err(io_err)?;
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        let last_log_id = last.or_else(|| last_purged.clone());
+        Ok(LogState { last_purged_log_id: last_purged, last_log_id })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.reader.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> io::Result<()> {
+        let mut batch = WriteBatch::new();
+        batch.put(Table::RaftMeta, KEY_VOTE, encode(vote)?);
+        self.write_blocking(batch, true).await
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> io::Result<()> {
+        // Advisory: a lost committed index only means re-learning it from the leader.
+        let mut batch = WriteBatch::new();
+        match committed {
+            Some(c) => batch.put(Table::RaftMeta, KEY_COMMITTED, encode(&c)?),
+            None => batch.delete(Table::RaftMeta, KEY_COMMITTED),
+        }
+        self.engine().write(batch, false).map_err(io_err)
+    }
+
+    async fn read_committed(&mut self) -> io::Result<Option<LogId>> {
+        self.reader.meta(KEY_COMMITTED)
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> io::Result<()>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut batch = WriteBatch::new();
+        for entry in entries {
+            batch.put(Table::RaftLog, index_key(entry.log_id.index).to_vec(), encode(&entry)?);
+        }
+        // Visible now; durable once the sync thread's next fsync completes.
+        self.engine().write(batch, false).map_err(io_err)?;
+        self.sync_queue.send(callback).map_err(|_| io::Error::other("raft log sync thread stopped"))
+    }
+
+    async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> io::Result<()> {
+        let from = last_log_id.map(|l| l.index + 1).unwrap_or(0);
+        let mut batch = WriteBatch::new();
+        batch.delete_range(Table::RaftLog, index_key(from).to_vec(), vec![0xFF; 9]);
+        // Ordered before any later append in the write-ahead log, so the next append's fsync
+        // makes it durable before anything that depends on it.
+        self.engine().write(batch, false).map_err(io_err)
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> io::Result<()> {
+        let mut batch = WriteBatch::new();
+        batch.put(Table::RaftMeta, KEY_LAST_PURGED, encode(&log_id)?);
+        batch.delete_range(Table::RaftLog, index_key(0).to_vec(), index_key(log_id.index.saturating_add(1)).to_vec());
+        self.engine().write(batch, false).map_err(io_err)
+    }
+}

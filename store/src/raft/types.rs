@@ -1,0 +1,133 @@
+//! The openraft type configuration and the values that travel through the Raft log.
+
+use std::fmt;
+
+use keel_proto::keelpb::{RaftRequest, RaftResponse};
+use prost::Message;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Member IDs are etcd-style 64-bit IDs.
+pub type NodeId = u64;
+
+/// What the membership configuration records about each member.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberNode {
+    pub name: String,
+    /// URLs other members use to reach this one (Raft RPCs, forwarding).
+    pub peer_urls: Vec<String>,
+    /// URLs clients use; filled in by the member itself once it has started.
+    pub client_urls: Vec<String>,
+}
+
+impl fmt::Display for MemberNode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.name, self.peer_urls.join(","))
+    }
+}
+
+/// One command in the Raft log: a protobuf `keelpb.RaftRequest`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Command(pub RaftRequest);
+
+/// The result of applying one [`Command`]: a protobuf `keelpb.RaftResponse`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct CommandResult(pub RaftResponse);
+
+impl fmt::Display for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use keel_proto::keelpb::raft_request::Request;
+        let kind = match &self.0.request {
+            Some(Request::Put(_)) => "put",
+            Some(Request::DeleteRange(_)) => "delete_range",
+            Some(Request::Txn(_)) => "txn",
+            Some(Request::Compaction(_)) => "compaction",
+            Some(Request::LeaseGrant(_)) => "lease_grant",
+            Some(Request::LeaseRevoke(_)) => "lease_revoke",
+            Some(Request::LeaseCheckpoint(_)) => "lease_checkpoint",
+            Some(Request::Alarm(_)) => "alarm",
+            None => "empty",
+        };
+        write!(f, "Command({kind})")
+    }
+}
+
+// Both wrappers travel as their protobuf encoding inside openraft's serde-encoded messages.
+macro_rules! serde_as_protobuf {
+    ($wrapper:ident, $inner:ty) => {
+        impl Serialize for $wrapper {
+            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.serialize_bytes(&self.0.encode_to_vec())
+            }
+        }
+        impl<'de> Deserialize<'de> for $wrapper {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                let bytes: serde_bytes_buf::ByteBuf = Deserialize::deserialize(deserializer)?;
+                <$inner>::decode(bytes.0.as_slice()).map($wrapper).map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+serde_as_protobuf!(Command, RaftRequest);
+serde_as_protobuf!(CommandResult, RaftResponse);
+
+mod serde_bytes_buf {
+    use serde::de::{Deserialize, Deserializer, Error, SeqAccess, Visitor};
+    use std::fmt;
+
+    /// A byte buffer that deserializes from either bytes or a sequence of u8.
+    pub struct ByteBuf(pub Vec<u8>);
+
+    impl<'de> Deserialize<'de> for ByteBuf {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = ByteBuf;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("bytes")
+                }
+                fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<ByteBuf, E> {
+                    Ok(ByteBuf(v.to_vec()))
+                }
+                fn visit_byte_buf<E: Error>(self, v: Vec<u8>) -> Result<ByteBuf, E> {
+                    Ok(ByteBuf(v))
+                }
+                fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<ByteBuf, A::Error> {
+                    let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+                    while let Some(b) = seq.next_element::<u8>()? {
+                        out.push(b);
+                    }
+                    Ok(ByteBuf(out))
+                }
+            }
+            d.deserialize_byte_buf(V)
+        }
+    }
+}
+
+openraft::declare_raft_types!(
+    /// Keel's openraft configuration: standard Raft leader ids (one leader per term, as etcd).
+    pub TypeConfig:
+        D = Command,
+        R = CommandResult,
+        NodeId = NodeId,
+        Node = MemberNode,
+        LeaderId = openraft::impls::leader_id_std::LeaderId<u64, NodeId>,
+);
+
+/// Shorthands for openraft types under [`TypeConfig`].
+pub type LogId = openraft::alias::LogIdOf<TypeConfig>;
+pub type Entry = openraft::alias::EntryOf<TypeConfig>;
+pub type Vote = openraft::alias::VoteOf<TypeConfig>;
+pub type StoredMembership = openraft::alias::StoredMembershipOf<TypeConfig>;
+pub type SnapshotMeta = openraft::alias::SnapshotMetaOf<TypeConfig>;
+pub type Snapshot = openraft::alias::SnapshotOf<TypeConfig, crate::raft::snapshot::SnapshotFile>;
+
+/// Encodes an openraft value for storage or the wire.
+pub fn encode<T: Serialize>(value: &T) -> std::io::Result<Vec<u8>> {
+    bincode::serialize(value).map_err(std::io::Error::other)
+}
+
+/// Decodes what [`encode`] produced.
+pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> std::io::Result<T> {
+    bincode::deserialize(bytes).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
