@@ -78,6 +78,11 @@ pub struct Config {
     #[arg(long, env = "KEEL_SNAPSHOT_COUNT", default_value_t = 100_000)]
     pub snapshot_count: u64,
 
+    /// Interval of server-side progress notifications to watchers that asked for them
+    /// (e.g. 10m, 30s, 500ms).
+    #[arg(long, env = "KEEL_WATCH_PROGRESS_NOTIFY_INTERVAL", default_value = "10m", value_parser = parse_duration)]
+    pub watch_progress_notify_interval: Duration,
+
     /// Log level: error, warn, info, debug, trace (or a tracing filter directive).
     #[arg(long, env = "KEEL_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -156,6 +161,25 @@ impl ListenUrl {
     }
 }
 
+/// Parses durations as etcd's flags write them: `500ms`, `30s`, `10m`, `1h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("invalid duration '{s}'"))?;
+    let ms = match unit {
+        "ms" => n,
+        "s" | "" => n * 1000,
+        "m" => n * 60_000,
+        "h" => n * 3_600_000,
+        _ => return Err(format!("invalid duration unit in '{s}' (use ms, s, m or h)")),
+    };
+    if ms == 0 {
+        return Err("duration must be positive".into());
+    }
+    Ok(Duration::from_millis(ms))
+}
+
 pub fn parse_url(url: &str) -> Result<ListenUrl, String> {
     let (tls, rest) = if let Some(r) = url.strip_prefix("http://") {
         (false, r)
@@ -194,6 +218,14 @@ mod tests {
         assert!(bad.initial_members().unwrap_err().contains("'z'"));
         let bad = Config::parse_from(["keel", "--initial-cluster", "default=127.0.0.1:1"]);
         assert!(bad.initial_members().is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10m").unwrap(), Duration::from_secs(600));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert!(parse_duration("0s").is_err() && parse_duration("5d").is_err() && parse_duration("x").is_err());
     }
 
     #[test]

@@ -7,6 +7,8 @@
 //! - [`network`]: the openraft network client (tonic, one channel per peer, streamed appends).
 //! - [`peer_service`]: the member-to-member gRPC service.
 //! - [`kv`]: `etcdserverpb.KV`; [`validate`]: etcd's request checks.
+//! - [`watch`]: `etcdserverpb.Watch` — the watch hub (synced / unsynced watchers fed from the
+//!   applied state) and the stream handler.
 //! - [`maintenance`]: `etcdserverpb.Maintenance` and `etcdserverpb.Cluster`.
 //! - [`error`]: the one table mapping errors to gRPC status codes and etcd's messages.
 //! - [`server`]: listeners and graceful shutdown.
@@ -20,3 +22,4 @@ pub mod node;
 pub mod peer_service;
 pub mod server;
 pub mod validate;
+pub mod watch;

@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status};
 use crate::node::KeelNode;
 
 /// The etcd version Keel reports to clients (they gate features on it).
-pub const ETCD_COMPAT_VERSION: &str = "3.5.0";
+pub const ETCD_COMPAT_VERSION: &str = "3.5.16";
 
 fn unimplemented(what: &str) -> Status {
     Status::unimplemented(format!("keel: {what} is not implemented yet"))

@@ -14,6 +14,8 @@ use crate::kv::KvService;
 use crate::maintenance::{ClusterService, MaintenanceService};
 use crate::node::KeelNode;
 use crate::peer_service::PeerService;
+use crate::watch::{WatchHub, WatchService};
+use keel_proto::etcdserverpb::watch_server::WatchServer;
 
 /// gRPC framing overhead allowed on top of `--max-request-bytes` (as etcd).
 const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
@@ -21,6 +23,7 @@ const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 /// A running member and its listeners.
 pub struct RunningServer {
     pub node: Arc<KeelNode>,
+    pub watch_hub: Arc<WatchHub>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>,
 }
@@ -38,7 +41,11 @@ impl RunningServer {
 
 /// Starts a member with `config` and serves until `shutdown` is called.
 pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
-    let node = KeelNode::start(config.clone(), None).await?;
+    let hub = WatchHub::new(config.max_request_bytes + GRPC_OVERHEAD_BYTES, config.watch_progress_notify_interval);
+    let listener_hub = hub.clone();
+    let listener: keel_store::raft::state_machine::ApplyListener = Arc::new(move |chunk| listener_hub.on_applied(chunk));
+    let node = KeelNode::start(config.clone(), Some(listener)).await?;
+    hub.attach(node.mvcc.clone());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut tasks = Vec::new();
     let max_recv = config.max_request_bytes + GRPC_OVERHEAD_BYTES;
@@ -73,6 +80,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
             .add_service(KvServer::new(KvService::new(node.clone())).max_decoding_message_size(max_recv))
+            .add_service(WatchServer::new(WatchService::new(node.clone(), hub.clone())).max_decoding_message_size(max_recv))
             .add_service(MaintenanceServer::new(MaintenanceService::new(node.clone())).max_decoding_message_size(max_recv))
             .add_service(ClusterServer::new(ClusterService::new(node.clone())).max_decoding_message_size(max_recv));
         tasks.push(tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
@@ -81,5 +89,5 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         tracing::info!(%url, "serving client traffic");
     }
 
-    Ok(RunningServer { node, shutdown: shutdown_tx, tasks })
+    Ok(RunningServer { node, watch_hub: hub, shutdown: shutdown_tx, tasks })
 }

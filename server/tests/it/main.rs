@@ -4,3 +4,4 @@
 mod cluster;
 mod kv;
 mod replication;
+mod watch;

@@ -1,0 +1,724 @@
+//! `etcdserverpb.Watch`: many watchers multiplexed on each bidirectional stream, fed from this
+//! member's applied state.
+//!
+//! Design (after etcd's watchable store):
+//! - The [`WatchHub`] receives every applied chunk's events from the state machine (in revision
+//!   order, after they are durable) and hands them to **synced** watchers — those that have seen
+//!   everything up to the last dispatched revision — by pushing responses onto their stream's
+//!   queue. Single-key watchers are found through a key map; range watchers are scanned.
+//! - A watcher that starts in the past, or whose stream queue is full (a slow consumer), is
+//!   **unsynced**: the syncer task replays its missing revisions from the MVCC history and moves
+//!   it back to synced once it has caught up with the dispatched revision. Writers and other
+//!   watchers never wait for a slow watcher; a victim only falls back to history.
+//! - Each stream's queue is a FIFO, so per watcher responses are in revision order, all events
+//!   of a revision travel in one response (unless the watcher asked for fragmentation), and a
+//!   progress response is queued only when every watcher of the stream is synced — so its header
+//!   revision never claims a revision whose events are still undelivered.
+//! - Every revision bump produces at least one event, so a chunk that skips revisions (after a
+//!   Raft snapshot was installed) is detected and synced watchers fall back to history rather
+//!   than silently miss events.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use keel_proto::etcdserverpb::watch_request::RequestUnion;
+use keel_proto::etcdserverpb::watch_server::Watch;
+use keel_proto::etcdserverpb::{ResponseHeader, WatchCreateRequest, WatchRequest, WatchResponse, watch_create_request};
+use keel_proto::mvccpb::{Event, event::EventType};
+use keel_store::mvcc::{HistoryRequest, MvccStore};
+use keel_store::raft::state_machine::AppliedChunk;
+use keel_store::ApplyErrorKind;
+use prost::Message;
+use tokio::sync::{Notify, OnceCell};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::error::ServerError;
+use crate::node::KeelNode;
+
+/// Responses a stream may have queued before its watchers become victims.
+const STREAM_QUEUE_CAPACITY: usize = 1024;
+/// Events replayed from history per catch-up step (batches end on a revision boundary).
+const CATCH_UP_EVENTS: usize = 4096;
+const INVALID_WATCH_ID: i64 = -1;
+
+/// `[start, end)`; `end = None` is "every key from start"; `Single` is one key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum KeyRange {
+    Single(Vec<u8>),
+    Range(Vec<u8>, Option<Vec<u8>>),
+}
+
+impl KeyRange {
+    /// etcd's normalisation of a watch range; `None` when the range is empty.
+    fn from_request(key: &[u8], range_end: &[u8]) -> Option<KeyRange> {
+        let key = if key.is_empty() { vec![0] } else { key.to_vec() };
+        if range_end.is_empty() {
+            return Some(KeyRange::Single(key));
+        }
+        if range_end == [0] {
+            return Some(KeyRange::Range(key, None));
+        }
+        if key.as_slice() >= range_end {
+            return None;
+        }
+        Some(KeyRange::Range(key, Some(range_end.to_vec())))
+    }
+
+    fn contains(&self, k: &[u8]) -> bool {
+        match self {
+            KeyRange::Single(s) => s.as_slice() == k,
+            KeyRange::Range(s, None) => s.as_slice() <= k,
+            KeyRange::Range(s, Some(e)) => s.as_slice() <= k && k < e.as_slice(),
+        }
+    }
+
+    /// The (key, range_end) pair the MVCC layer expects.
+    fn to_request(&self) -> (Vec<u8>, Vec<u8>) {
+        match self {
+            KeyRange::Single(k) => (k.clone(), Vec::new()),
+            KeyRange::Range(k, None) => (k.clone(), vec![0]),
+            KeyRange::Range(k, Some(e)) => (k.clone(), e.clone()),
+        }
+    }
+}
+
+struct Watcher {
+    stream: u64,
+    watch_id: i64,
+    range: KeyRange,
+    /// The first revision this watcher has not been sent yet.
+    next_rev: i64,
+    prev_kv: bool,
+    no_put: bool,
+    no_delete: bool,
+    progress_notify: bool,
+    fragment: bool,
+    synced: bool,
+    sent_since_tick: bool,
+}
+
+impl Watcher {
+    fn wants(&self, ev: &Event) -> bool {
+        let is_delete = ev.r#type == EventType::Delete as i32;
+        if (is_delete && self.no_delete) || (!is_delete && self.no_put) {
+            return false;
+        }
+        ev.kv.as_ref().is_some_and(|kv| kv.mod_revision >= self.next_rev && self.range.contains(&kv.key))
+    }
+
+    fn shape(&self, ev: &Event) -> Event {
+        let mut ev = ev.clone();
+        if !self.prev_kv {
+            ev.prev_kv = None;
+        }
+        ev
+    }
+}
+
+/// A stream's outgoing responses. Control responses are always queued; event responses only
+/// while the queue is below capacity.
+pub struct StreamQueue {
+    queue: Mutex<VecDeque<WatchResponse>>,
+    notify: Notify,
+    closed: AtomicBool,
+}
+
+impl StreamQueue {
+    fn lock(&self) -> MutexGuard<'_, VecDeque<WatchResponse>> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn push(&self, resp: WatchResponse) {
+        self.lock().push_back(resp);
+        self.notify.notify_one();
+    }
+
+    fn try_push_events(&self, resps: Vec<WatchResponse>) -> bool {
+        let mut q = self.lock();
+        if q.len() + resps.len() > STREAM_QUEUE_CAPACITY {
+            return false;
+        }
+        q.extend(resps);
+        drop(q);
+        self.notify.notify_one();
+        true
+    }
+}
+
+struct StreamEntry {
+    queue: Arc<StreamQueue>,
+    watchers: BTreeSet<u64>,
+    next_watch_id: i64,
+    pending_progress: bool,
+}
+
+#[derive(Default)]
+struct HubState {
+    dispatched_rev: i64,
+    next_key: u64,
+    next_stream: u64,
+    watchers: BTreeMap<u64, Watcher>,
+    singles: BTreeMap<Vec<u8>, BTreeSet<u64>>,
+    ranges: BTreeSet<u64>,
+    unsynced: BTreeSet<u64>,
+    streams: BTreeMap<u64, StreamEntry>,
+}
+
+impl HubState {
+    fn mark_unsynced(&mut self, key: u64) {
+        if let Some(w) = self.watchers.get_mut(&key) {
+            w.synced = false;
+            self.unsynced.insert(key);
+        }
+    }
+
+    fn remove_watcher(&mut self, key: u64) -> Option<Watcher> {
+        let w = self.watchers.remove(&key)?;
+        if let KeyRange::Single(k) = &w.range {
+            if let Some(set) = self.singles.get_mut(k) {
+                set.remove(&key);
+                if set.is_empty() {
+                    self.singles.remove(k);
+                }
+            }
+        } else {
+            self.ranges.remove(&key);
+        }
+        self.unsynced.remove(&key);
+        if let Some(s) = self.streams.get_mut(&w.stream) {
+            s.watchers.remove(&key);
+        }
+        Some(w)
+    }
+
+    fn stream_all_synced(&self, stream: u64) -> bool {
+        self.streams.get(&stream).is_some_and(|s| s.watchers.iter().all(|k| !self.unsynced.contains(k)))
+    }
+
+    fn progress_response(&self, watch_id: i64) -> WatchResponse {
+        WatchResponse { header: Some(rev_header(self.dispatched_rev)), watch_id, ..Default::default() }
+    }
+}
+
+fn rev_header(revision: i64) -> ResponseHeader {
+    ResponseHeader { revision, ..Default::default() }
+}
+
+/// Splits `events` into responses no larger than `limit` bytes when fragmenting is allowed.
+fn event_responses(watch_id: i64, header_rev: i64, events: Vec<Event>, fragment: bool, limit: usize) -> Vec<WatchResponse> {
+    let whole = WatchResponse { header: Some(rev_header(header_rev)), watch_id, events, ..Default::default() };
+    if !fragment || whole.encoded_len() <= limit {
+        return vec![whole];
+    }
+    let mut out = Vec::new();
+    let mut current: Vec<Event> = Vec::new();
+    let mut size = 0;
+    for ev in whole.events {
+        let len = ev.encoded_len() + 8;
+        if !current.is_empty() && size + len > limit {
+            out.push(WatchResponse { header: Some(rev_header(header_rev)), watch_id, events: std::mem::take(&mut current), fragment: true, ..Default::default() });
+            size = 0;
+        }
+        size += len;
+        current.push(ev);
+    }
+    out.push(WatchResponse { header: Some(rev_header(header_rev)), watch_id, events: current, ..Default::default() });
+    out
+}
+
+/// All watchers of one member.
+pub struct WatchHub {
+    state: Mutex<HubState>,
+    mvcc: OnceCell<Arc<MvccStore>>,
+    sync_wanted: Notify,
+    max_response_bytes: usize,
+    progress_interval: Duration,
+    pub victims: AtomicU64,
+}
+
+impl WatchHub {
+    pub fn new(max_response_bytes: usize, progress_interval: Duration) -> Arc<WatchHub> {
+        Arc::new(WatchHub {
+            state: Mutex::new(HubState::default()),
+            mvcc: OnceCell::new(),
+            sync_wanted: Notify::new(),
+            max_response_bytes,
+            progress_interval,
+            victims: AtomicU64::new(0),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HubState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Connects the hub to the store once it is open, and starts the syncer and progress tasks.
+    pub fn attach(self: &Arc<Self>, mvcc: Arc<MvccStore>) {
+        {
+            let mut st = self.lock();
+            st.dispatched_rev = st.dispatched_rev.max(mvcc.current_revision());
+        }
+        let _ = self.mvcc.set(mvcc);
+        let weak = Arc::downgrade(self);
+        tokio::spawn(syncer(weak.clone()));
+        tokio::spawn(progress_ticker(weak, self.progress_interval));
+    }
+
+    /// Called by the state machine after each applied chunk.
+    pub fn on_applied(&self, chunk: &AppliedChunk) {
+        let mut st = self.lock();
+        let first_rev = chunk.events.first().and_then(|e| e.kv.as_ref()).map(|kv| kv.mod_revision);
+        let gap = match first_rev {
+            Some(r) => r > st.dispatched_rev + 1,
+            None => chunk.applied.revision > st.dispatched_rev,
+        };
+        if gap && st.dispatched_rev > 0 {
+            // Revisions arrived that were never dispatched (a snapshot was installed): every
+            // synced watcher must replay them from history.
+            let keys: Vec<u64> = st.watchers.iter().filter(|(_, w)| w.synced).map(|(k, _)| *k).collect();
+            for k in keys {
+                st.mark_unsynced(k);
+            }
+        }
+        if !chunk.events.is_empty() {
+            self.dispatch(&mut st, chunk);
+        }
+        st.dispatched_rev = st.dispatched_rev.max(chunk.applied.revision);
+        let wake = !st.unsynced.is_empty() || st.streams.values().any(|s| s.pending_progress);
+        drop(st);
+        if wake {
+            self.sync_wanted.notify_one();
+        }
+    }
+
+    fn dispatch(&self, st: &mut HubState, chunk: &AppliedChunk) {
+        // Collect, per synced watcher, its events in order.
+        let mut per_watcher: BTreeMap<u64, Vec<Event>> = BTreeMap::new();
+        for ev in &chunk.events {
+            let Some(kv) = ev.kv.as_ref() else { continue };
+            if let Some(keys) = st.singles.get(&kv.key) {
+                for k in keys {
+                    if let Some(w) = st.watchers.get(k) {
+                        if w.synced && w.wants(ev) {
+                            per_watcher.entry(*k).or_default().push(w.shape(ev));
+                        }
+                    }
+                }
+            }
+            for k in &st.ranges {
+                if let Some(w) = st.watchers.get(k) {
+                    if w.synced && w.wants(ev) {
+                        per_watcher.entry(*k).or_default().push(w.shape(ev));
+                    }
+                }
+            }
+        }
+        let header_rev = chunk.applied.revision;
+        for (key, events) in per_watcher {
+            let Some(w) = st.watchers.get_mut(&key) else { continue };
+            let first = events.first().and_then(|e| e.kv.as_ref()).map(|kv| kv.mod_revision).unwrap_or(header_rev);
+            let resps = event_responses(w.watch_id, header_rev, events, w.fragment, self.max_response_bytes);
+            let delivered = st.streams.get(&w.stream).is_some_and(|s| s.queue.try_push_events(resps));
+            if delivered {
+                w.next_rev = header_rev + 1;
+                w.sent_since_tick = true;
+            } else {
+                // A slow consumer: it will catch up from history, nobody waits for it.
+                w.next_rev = first;
+                self.victims.fetch_add(1, Ordering::Relaxed);
+                st.mark_unsynced(key);
+            }
+        }
+        // Synced watchers that had nothing to receive have still seen everything.
+        let dispatched = header_rev;
+        for w in st.watchers.values_mut() {
+            if w.synced && w.next_rev <= dispatched {
+                w.next_rev = dispatched + 1;
+            }
+        }
+    }
+
+    fn open_stream(&self) -> (u64, Arc<StreamQueue>) {
+        let mut st = self.lock();
+        st.next_stream += 1;
+        let id = st.next_stream;
+        let queue = Arc::new(StreamQueue { queue: Mutex::new(VecDeque::new()), notify: Notify::new(), closed: AtomicBool::new(false) });
+        st.streams.insert(id, StreamEntry { queue: queue.clone(), watchers: BTreeSet::new(), next_watch_id: 0, pending_progress: false });
+        (id, queue)
+    }
+
+    fn close_stream(&self, stream: u64) {
+        let mut st = self.lock();
+        if let Some(entry) = st.streams.remove(&stream) {
+            entry.queue.closed.store(true, Ordering::Relaxed);
+            for k in entry.watchers {
+                st.remove_watcher(k);
+            }
+        }
+    }
+
+    fn create(&self, stream: u64, req: WatchCreateRequest) {
+        let mut st = self.lock();
+        let current = st.dispatched_rev;
+        let Some(entry) = st.streams.get_mut(&stream) else { return };
+        let queue = entry.queue.clone();
+        let reject = |reason: &str| WatchResponse {
+            header: Some(rev_header(current)),
+            watch_id: INVALID_WATCH_ID,
+            created: true,
+            canceled: true,
+            cancel_reason: reason.to_string(),
+            ..Default::default()
+        };
+        let Some(range) = KeyRange::from_request(&req.key, &req.range_end) else {
+            queue.push(reject("mvcc: watcher range is empty"));
+            return;
+        };
+        let watch_id = if req.watch_id != 0 {
+            let taken = entry.watchers.iter().any(|k| st_watch_id(&st.watchers, *k) == Some(req.watch_id));
+            if taken || req.watch_id < 0 {
+                queue.push(reject("mvcc: duplicate watch ID provided on the WatchStream"));
+                return;
+            }
+            req.watch_id
+        } else {
+            let mut id = entry.next_watch_id;
+            while entry.watchers.iter().any(|k| st_watch_id(&st.watchers, *k) == Some(id)) {
+                id += 1;
+            }
+            entry.next_watch_id = id + 1;
+            id
+        };
+        let filters: Vec<i32> = req.filters.clone();
+        let start = if req.start_revision <= 0 { current + 1 } else { req.start_revision };
+        let synced = start == current + 1;
+        st.next_key += 1;
+        let key = st.next_key;
+        let watcher = Watcher {
+            stream,
+            watch_id,
+            range: range.clone(),
+            next_rev: start,
+            prev_kv: req.prev_kv,
+            no_put: filters.contains(&(watch_create_request::FilterType::Noput as i32)),
+            no_delete: filters.contains(&(watch_create_request::FilterType::Nodelete as i32)),
+            progress_notify: req.progress_notify,
+            fragment: req.fragment,
+            synced,
+            sent_since_tick: false,
+        };
+        // The created response is queued before the watcher can receive anything.
+        queue.push(WatchResponse { header: Some(rev_header(current)), watch_id, created: true, ..Default::default() });
+        st.watchers.insert(key, watcher);
+        match &range {
+            KeyRange::Single(k) => {
+                st.singles.entry(k.clone()).or_default().insert(key);
+            }
+            KeyRange::Range(..) => {
+                st.ranges.insert(key);
+            }
+        }
+        if let Some(entry) = st.streams.get_mut(&stream) {
+            entry.watchers.insert(key);
+        }
+        if !synced {
+            st.unsynced.insert(key);
+            drop(st);
+            self.sync_wanted.notify_one();
+        }
+    }
+
+    fn cancel(&self, stream: u64, watch_id: i64) {
+        let mut st = self.lock();
+        let Some(entry) = st.streams.get(&stream) else { return };
+        let queue = entry.queue.clone();
+        let Some(key) = entry.watchers.iter().copied().find(|k| st_watch_id(&st.watchers, *k) == Some(watch_id)) else { return };
+        st.remove_watcher(key);
+        let current = st.dispatched_rev;
+        queue.push(WatchResponse { header: Some(rev_header(current)), watch_id, canceled: true, ..Default::default() });
+    }
+
+    fn request_progress(&self, stream: u64) {
+        let mut st = self.lock();
+        if st.stream_all_synced(stream) {
+            let resp = st.progress_response(INVALID_WATCH_ID);
+            if let Some(s) = st.streams.get(&stream) {
+                s.queue.push(resp);
+            }
+        } else if let Some(s) = st.streams.get_mut(&stream) {
+            s.pending_progress = true;
+            drop(st);
+            self.sync_wanted.notify_one();
+        }
+    }
+
+    /// One pass of the syncer: replays history for every unsynced watcher.
+    fn sync_once(&self) {
+        let Some(mvcc) = self.mvcc.get() else { return };
+        let work: Vec<(u64, KeyRange, i64, bool, i64)> = {
+            let st = self.lock();
+            st.unsynced
+                .iter()
+                .filter_map(|k| st.watchers.get(k).map(|w| (*k, w.range.clone(), w.next_rev, w.prev_kv, st.dispatched_rev)))
+                .collect()
+        };
+        for (key, range, next_rev, prev_kv, upto) in work {
+            if next_rev > upto {
+                // Nothing to replay (or a future start revision not reached yet).
+                let mut st = self.lock();
+                let current = st.dispatched_rev;
+                if let Some(w) = st.watchers.get_mut(&key) {
+                    if w.next_rev == current + 1 {
+                        w.synced = true;
+                        st.unsynced.remove(&key);
+                    }
+                }
+                continue;
+            }
+            let (k, end) = range.to_request();
+            let hist = mvcc.history(&HistoryRequest {
+                start_revision: next_rev,
+                end_revision: upto,
+                key: k,
+                range_end: end,
+                prev_kv,
+                max_events: CATCH_UP_EVENTS,
+            });
+            let mut st = self.lock();
+            let Some(w) = st.watchers.get(&key) else { continue };
+            if w.next_rev != next_rev {
+                continue;
+            }
+            let stream = w.stream;
+            let Some(queue) = st.streams.get(&stream).map(|s| s.queue.clone()) else { continue };
+            match hist {
+                Err(e) if e.kind == ApplyErrorKind::Compacted => {
+                    let watch_id = w.watch_id;
+                    st.remove_watcher(key);
+                    // etcd quirk: compaction cancellations carry header revision 0.
+                    queue.push(WatchResponse {
+                        header: Some(rev_header(0)),
+                        watch_id,
+                        canceled: true,
+                        compact_revision: mvcc.compact_revision(),
+                        ..Default::default()
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "watch catch-up failed; will retry");
+                }
+                Ok(batch) => {
+                    let done = batch.next_revision > upto;
+                    let header_rev = if done { upto } else { batch.next_revision - 1 };
+                    let events: Vec<Event> = batch.events.iter().filter(|ev| w.wants(ev)).map(|ev| w.shape(ev)).collect();
+                    let resps = if events.is_empty() {
+                        Vec::new()
+                    } else {
+                        event_responses(w.watch_id, header_rev, events, w.fragment, self.max_response_bytes)
+                    };
+                    if resps.is_empty() || queue.try_push_events(resps) {
+                        let current = st.dispatched_rev;
+                        if let Some(w) = st.watchers.get_mut(&key) {
+                            w.next_rev = batch.next_revision.max(next_rev);
+                            if w.next_rev > upto {
+                                w.next_rev = w.next_rev.max(upto + 1);
+                            }
+                            if w.next_rev == current + 1 {
+                                w.synced = true;
+                                st.unsynced.remove(&key);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // Progress requests that were waiting for their stream to be synced.
+        let mut st = self.lock();
+        let ready: Vec<u64> = st.streams.iter().filter(|(_, s)| s.pending_progress).map(|(id, _)| *id).filter(|id| st.stream_all_synced(*id)).collect();
+        for id in ready {
+            let resp = st.progress_response(INVALID_WATCH_ID);
+            if let Some(s) = st.streams.get_mut(&id) {
+                s.pending_progress = false;
+                s.queue.push(resp);
+            }
+        }
+    }
+
+    /// Whether some watcher can make progress now (watchers waiting for a future start
+    /// revision cannot, so they do not keep the syncer spinning).
+    fn has_sync_work(&self) -> bool {
+        let st = self.lock();
+        let ready = st.dispatched_rev + 1;
+        st.unsynced.iter().any(|k| st.watchers.get(k).is_some_and(|w| w.next_rev <= ready))
+            || st.streams.values().any(|s| s.pending_progress)
+    }
+
+    fn progress_tick(&self) {
+        let mut st = self.lock();
+        let rev = st.dispatched_rev;
+        let mut sends = Vec::new();
+        for w in st.watchers.values_mut() {
+            if w.progress_notify && w.synced {
+                if !w.sent_since_tick {
+                    sends.push((w.stream, w.watch_id));
+                }
+                w.sent_since_tick = false;
+            }
+        }
+        for (stream, watch_id) in sends {
+            if let Some(s) = st.streams.get(&stream) {
+                s.queue.push(WatchResponse { header: Some(rev_header(rev)), watch_id, ..Default::default() });
+            }
+        }
+    }
+
+    /// Number of watchers and of those catching up, for metrics and tests.
+    pub fn counts(&self) -> (usize, usize) {
+        let st = self.lock();
+        (st.watchers.len(), st.unsynced.len())
+    }
+}
+
+fn st_watch_id(watchers: &BTreeMap<u64, Watcher>, key: u64) -> Option<i64> {
+    watchers.get(&key).map(|w| w.watch_id)
+}
+
+async fn syncer(hub: Weak<WatchHub>) {
+    loop {
+        let Some(h) = hub.upgrade() else { return };
+        if h.has_sync_work() {
+            let h2 = h.clone();
+            // History reads touch the engine: keep them off the async workers.
+            let _ = tokio::task::spawn_blocking(move || h2.sync_once()).await;
+            if h.has_sync_work() {
+                drop(h);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        }
+        let notified = h.sync_wanted.notified();
+        drop(h);
+        let _ = tokio::time::timeout(Duration::from_millis(100), notified).await;
+    }
+}
+
+async fn progress_ticker(hub: Weak<WatchHub>, interval: Duration) {
+    let mut tick = tokio::time::interval(interval);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(h) = hub.upgrade() else { return };
+        h.progress_tick();
+    }
+}
+
+pub struct WatchService {
+    node: Arc<KeelNode>,
+    hub: Arc<WatchHub>,
+}
+
+impl WatchService {
+    pub fn new(node: Arc<KeelNode>, hub: Arc<WatchHub>) -> Self {
+        Self { node, hub }
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Watch for WatchService {
+    type WatchStream = WatchStream;
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn watch(&self, req: Request<Streaming<WatchRequest>>) -> Result<Response<Self::WatchStream>, Status> {
+        let require_leader = req.metadata().get("hasleader").and_then(|v| v.to_str().ok()) == Some("true");
+        if require_leader && self.node.leader().is_none() {
+            return Err(ServerError::NoLeader.into());
+        }
+        let mut incoming = req.into_inner();
+        let (stream_id, queue) = self.hub.open_stream();
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<WatchResponse, Status>>(64);
+
+        // Client requests → hub.
+        let hub = self.hub.clone();
+        let recv_queue = queue.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = incoming.next().await {
+                let Ok(msg) = msg else { break };
+                match msg.request_union {
+                    Some(RequestUnion::CreateRequest(c)) => hub.create(stream_id, c),
+                    Some(RequestUnion::CancelRequest(c)) => hub.cancel(stream_id, c.watch_id),
+                    Some(RequestUnion::ProgressRequest(_)) => hub.request_progress(stream_id),
+                    None => {}
+                }
+            }
+            recv_queue.closed.store(true, Ordering::Relaxed);
+            recv_queue.notify.notify_one();
+            hub.close_stream(stream_id);
+        });
+
+        // Hub → client, filling in the header fields the hub leaves out.
+        let hub = self.hub.clone();
+        let node = self.node.clone();
+        tokio::spawn(async move {
+            loop {
+                let batch: Vec<WatchResponse> = queue.lock().drain(..).collect();
+                if batch.is_empty() {
+                    if queue.closed.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    queue.notify.notified().await;
+                    continue;
+                }
+                let term = node.term();
+                for mut resp in batch {
+                    if let Some(h) = resp.header.as_mut() {
+                        h.cluster_id = node.identity.cluster_id;
+                        h.member_id = node.member_id();
+                        h.raft_term = term;
+                    }
+                    if tx.send(Ok(resp)).await.is_err() {
+                        hub.close_stream(stream_id);
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_ranges_follow_etcd() {
+        assert_eq!(KeyRange::from_request(b"", b""), Some(KeyRange::Single(vec![0])));
+        assert_eq!(KeyRange::from_request(b"a", b"\0"), Some(KeyRange::Range(b"a".to_vec(), None)));
+        assert_eq!(KeyRange::from_request(b"b", b"a"), None);
+        assert_eq!(KeyRange::from_request(b"a", b"a"), None);
+        let r = KeyRange::from_request(b"a/", b"a0").unwrap();
+        assert!(r.contains(b"a/x") && !r.contains(b"a0") && !r.contains(b"a"));
+        assert!(KeyRange::from_request(b"m", b"\0").unwrap().contains(b"zzz"));
+    }
+
+    #[test]
+    fn fragmentation_splits_but_keeps_every_event() {
+        let events: Vec<Event> = (0..10)
+            .map(|i| Event { r#type: 0, kv: Some(keel_proto::mvccpb::KeyValue { key: vec![b'k', i], value: vec![0; 100], mod_revision: 5, ..Default::default() }), prev_kv: None })
+            .collect();
+        let whole = event_responses(1, 5, events.clone(), false, 300);
+        assert_eq!(whole.len(), 1);
+        let parts = event_responses(1, 5, events.clone(), true, 300);
+        assert!(parts.len() > 1);
+        assert!(parts[..parts.len() - 1].iter().all(|p| p.fragment));
+        assert!(!parts.last().unwrap().fragment);
+        let rejoined: Vec<Event> = parts.into_iter().flat_map(|p| p.events).collect();
+        assert_eq!(rejoined, events);
+    }
+}
