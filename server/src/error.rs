@@ -89,11 +89,6 @@ impl From<ApplyError> for ServerError {
     }
 }
 
-impl From<ApplyError> for Status {
-    fn from(e: ApplyError) -> Status {
-        ServerError::from(e).into()
-    }
-}
 
 #[cfg(test)]
 mod tests {
@@ -116,7 +111,7 @@ mod tests {
             assert_eq!(status.code(), *code, "{err:?}");
             assert_eq!(status.message(), *msg);
         }
-        let from_store: Status = ApplyError::new(ApplyErrorKind::Compacted).into();
+        let from_store: Status = ServerError::from(ApplyError::new(ApplyErrorKind::Compacted)).into();
         assert_eq!(from_store.message(), "etcdserver: mvcc: required revision has been compacted");
     }
 }

@@ -47,10 +47,16 @@ impl Kv for KvService {
         if !r.serializable {
             self.node.read_barrier().await?;
         }
-        let mut resp = self.node.mvcc.range(&r)?;
+        let mut resp = self.node.mvcc.range(&r).map_err(ServerError::from)?;
         let revision = resp.header.as_ref().map(|h| h.revision).filter(|r| *r > 0).unwrap_or_else(|| self.node.mvcc.current_revision());
         resp.header = Some(self.node.header_at(revision));
         Ok(Response::new(resp))
+    }
+
+    type RangeStreamStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<keel_proto::etcdserverpb::RangeStreamResponse, Status>> + Send>>;
+
+    async fn range_stream(&self, _req: Request<RangeRequest>) -> Result<Response<Self::RangeStreamStream>, Status> {
+        Err(ServerError::Unimplemented("keel: RangeStream is not implemented yet; use Range".into()).into())
     }
 
     #[tracing::instrument(level = "debug", skip_all)]

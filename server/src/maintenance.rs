@@ -8,6 +8,7 @@ use futures::Stream;
 use keel_proto::etcdserverpb::cluster_server::Cluster;
 use keel_proto::etcdserverpb::maintenance_server::Maintenance;
 use keel_proto::etcdserverpb::*;
+use openraft::async_runtime::WatchReceiver as _;
 use tonic::{Request, Response, Status};
 
 use crate::node::KeelNode;
@@ -36,7 +37,7 @@ impl Maintenance for MaintenanceService {
     }
 
     async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
-        let m = self.node.raft.metrics().borrow().clone();
+        let m = self.node.raft.metrics().borrow_watched().clone();
         let db_size = self.node.mvcc.engine().size_bytes() as i64;
         let applied = self.node.applied.borrow().index;
         let is_learner = !m.membership_config.membership().voter_ids().any(|id| id == self.node.member_id());
@@ -111,7 +112,7 @@ impl Cluster for ClusterService {
     }
 
     async fn member_list(&self, _req: Request<MemberListRequest>) -> Result<Response<MemberListResponse>, Status> {
-        let m = self.node.raft.metrics().borrow().clone();
+        let m = self.node.raft.metrics().borrow_watched().clone();
         let membership = m.membership_config.membership();
         let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
         let members = membership

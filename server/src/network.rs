@@ -159,7 +159,7 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         Box::pin(async move {
             let mut client = self.client()?;
             // An entry that cannot be encoded ends the stream; openraft then retries.
-            let requests = input.map_while(|r| encode(&r).ok().map(|data| RaftBytes { data }));
+            let requests = input.scan((), |_, r| futures::future::ready(encode(&r).ok().map(|data| RaftBytes { data })));
             let req = self.peers.request(self.target, requests);
             let replies = client.stream_append(req).await.map_err(status_err)?.into_inner();
             let results = replies.map(|item| {

@@ -18,6 +18,7 @@ use keel_store::raft::{AppliedState, Command, LogStore, MemberNode, NodeId, Raft
 use keel_store::ApplyError;
 use openraft::error::{ClientWriteError, LinearizableReadError, RaftError};
 use openraft::{ReadPolicy, SnapshotPolicy};
+use openraft::async_runtime::WatchReceiver as _;
 use prost::Message;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -129,7 +130,6 @@ impl KeelNode {
             purge_batch_size: 1_000,
             max_payload_entries: 1_000,
             install_snapshot_timeout: 10_000,
-            send_snapshot_timeout: 60_000,
             enable_pre_vote: Some(true),
             ..Default::default()
         }
@@ -164,7 +164,7 @@ impl KeelNode {
     }
 
     pub fn term(&self) -> u64 {
-        self.raft.metrics().borrow().current_term
+        self.raft.metrics().borrow_watched().current_term
     }
 
     /// A response header at the store's current revision.
@@ -182,7 +182,7 @@ impl KeelNode {
     }
 
     pub fn leader(&self) -> Option<(NodeId, Option<MemberNode>)> {
-        let m = self.raft.metrics().borrow().clone();
+        let m = self.raft.metrics().borrow_watched().clone();
         let leader = m.current_leader?;
         let node = m.membership_config.membership().get_node(&leader).cloned();
         Some((leader, node))

@@ -87,7 +87,7 @@ impl RaftPeer for PeerService {
 
     async fn stream_append(&self, req: Request<Streaming<RaftBytes>>) -> Result<Response<Self::StreamAppendStream>, Status> {
         self.check_target(&req)?;
-        let input = req.into_inner().map_while(|item| item.ok().and_then(|b| decode::<AppendEntriesRequest<TypeConfig>>(&b.data).ok()));
+        let input = req.into_inner().scan((), |_, item| futures::future::ready(item.ok().and_then(|b| decode::<AppendEntriesRequest<TypeConfig>>(&b.data).ok())));
         let output = self.node.raft.stream_append(input).map(|result| match result {
             Ok(r) => encode(&r).map(|data| RaftBytes { data }).map_err(|e| Status::internal(e.to_string())),
             Err(e) => Err(fatal(e)),

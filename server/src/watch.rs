@@ -364,7 +364,7 @@ impl WatchHub {
     fn create(&self, stream: u64, req: WatchCreateRequest) {
         let mut st = self.lock();
         let current = st.dispatched_rev;
-        let Some(entry) = st.streams.get_mut(&stream) else { return };
+        let Some(entry) = st.streams.get(&stream) else { return };
         let queue = entry.queue.clone();
         let reject = |reason: &str| WatchResponse {
             header: Some(rev_header(current)),
@@ -378,8 +378,10 @@ impl WatchHub {
             queue.push(reject("mvcc: watcher range is empty"));
             return;
         };
+        let used: BTreeSet<i64> = entry.watchers.iter().filter_map(|k| st_watch_id(&st.watchers, *k)).collect();
+        let Some(entry) = st.streams.get_mut(&stream) else { return };
         let watch_id = if req.watch_id != 0 {
-            let taken = entry.watchers.iter().any(|k| st_watch_id(&st.watchers, *k) == Some(req.watch_id));
+            let taken = used.contains(&req.watch_id);
             if taken || req.watch_id < 0 {
                 queue.push(reject("mvcc: duplicate watch ID provided on the WatchStream"));
                 return;
@@ -387,7 +389,7 @@ impl WatchHub {
             req.watch_id
         } else {
             let mut id = entry.next_watch_id;
-            while entry.watchers.iter().any(|k| st_watch_id(&st.watchers, *k) == Some(id)) {
+            while used.contains(&id) {
                 id += 1;
             }
             entry.next_watch_id = id + 1;
@@ -600,9 +602,8 @@ async fn syncer(hub: Weak<WatchHub>) {
                 continue;
             }
         }
-        let notified = h.sync_wanted.notified();
+        let _ = tokio::time::timeout(Duration::from_millis(100), h.sync_wanted.notified()).await;
         drop(h);
-        let _ = tokio::time::timeout(Duration::from_millis(100), notified).await;
     }
 }
 

@@ -308,7 +308,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mvcc = self.mvcc.clone();
         let meta_clone = meta.clone();
         let dir = self.snapshot_dir.clone();
+        let stem_for_install = stem.clone();
         tokio::task::spawn_blocking(move || -> io::Result<()> {
+            let stem = stem_for_install;
             // Verify the whole file before touching the store.
             let mut check = SnapshotReader::open(&snapshot.path)?;
             while check.next_record()?.is_some() {}

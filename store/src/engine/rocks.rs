@@ -1,0 +1,145 @@
+//! The RocksDB [`Engine`]: one database, one column family per [`Table`].
+
+use std::path::{Path, PathBuf};
+
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBCompressionType, Direction as RDirection, IteratorMode, Options,
+    ReadOptions, WriteOptions, DB,
+};
+
+use super::{Direction, Engine, EngineError, ScanControl, Table, WriteBatch, WriteOp};
+
+fn backend(e: rocksdb::Error) -> EngineError {
+    EngineError::Backend(e.into_string())
+}
+
+pub struct RocksEngine {
+    db: DB,
+    path: PathBuf,
+}
+
+impl RocksEngine {
+    pub fn open(path: &Path) -> Result<Self, EngineError> {
+        std::fs::create_dir_all(path)?;
+        let cache = Cache::new_lru_cache(256 << 20);
+        let mut db_opts = Options::default();
+        db_opts.create_if_missing(true);
+        db_opts.create_missing_column_families(true);
+        db_opts.set_max_background_jobs(2);
+        db_opts.set_compression_type(DBCompressionType::Lz4);
+        db_opts.set_keep_log_file_num(4);
+        let cfs = Table::ALL.iter().map(|t| {
+            let mut o = Options::default();
+            o.set_compression_type(DBCompressionType::Lz4);
+            let mut bb = BlockBasedOptions::default();
+            bb.set_block_cache(&cache);
+            if matches!(t, Table::Kv | Table::Lease | Table::Meta) {
+                bb.set_bloom_filter(10.0, false);
+            }
+            o.set_block_based_table_factory(&bb);
+            if *t == Table::RaftLog {
+                o.set_write_buffer_size(64 << 20);
+            }
+            ColumnFamilyDescriptor::new(t.name(), o)
+        });
+        let db = DB::open_cf_descriptors(&db_opts, path, cfs).map_err(backend)?;
+        Ok(Self { db, path: path.to_path_buf() })
+    }
+
+    fn cf(&self, table: Table) -> Result<&rocksdb::ColumnFamily, EngineError> {
+        self.db.cf_handle(table.name()).ok_or_else(|| EngineError::Backend(format!("missing column family {}", table.name())))
+    }
+}
+
+impl Engine for RocksEngine {
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
+        self.db.get_cf(self.cf(table)?, key).map_err(backend)
+    }
+
+    fn scan(
+        &self,
+        table: Table,
+        start: &[u8],
+        end: Option<&[u8]>,
+        direction: Direction,
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> ScanControl,
+    ) -> Result<(), EngineError> {
+        if end.is_some_and(|e| e <= start) {
+            return Ok(());
+        }
+        let cf = self.cf(table)?;
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_lower_bound(start.to_vec());
+        if let Some(e) = end {
+            ro.set_iterate_upper_bound(e.to_vec());
+        }
+        let mode = match direction {
+            Direction::Forward => IteratorMode::From(start, RDirection::Forward),
+            Direction::Reverse => IteratorMode::End,
+        };
+        for item in self.db.iterator_cf_opt(cf, ro, mode) {
+            let (k, v) = item.map_err(backend)?;
+            if visit(&k, &v) == ScanControl::Stop {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), EngineError> {
+        let mut wb = rocksdb::WriteBatch::default();
+        for op in &batch.ops {
+            match op {
+                WriteOp::Put { table, key, value } => wb.put_cf(self.cf(*table)?, key, value),
+                WriteOp::Delete { table, key } => wb.delete_cf(self.cf(*table)?, key),
+                WriteOp::DeleteRange { table, start, end } => wb.delete_range_cf(self.cf(*table)?, start, end),
+            }
+        }
+        let mut wo = WriteOptions::default();
+        wo.set_sync(sync);
+        self.db.write_opt(wb, &wo).map_err(backend)
+    }
+
+    fn sync_wal(&self) -> Result<(), EngineError> {
+        self.db.flush_wal(true).map_err(backend)
+    }
+
+    fn scan_consistent(
+        &self,
+        tables: &[Table],
+        visit: &mut dyn FnMut(Table, &[u8], &[u8]) -> Result<(), EngineError>,
+    ) -> Result<(), EngineError> {
+        let snapshot = self.db.snapshot();
+        for table in tables {
+            let cf = self.cf(*table)?;
+            let mut ro = ReadOptions::default();
+            ro.set_snapshot(&snapshot);
+            for item in self.db.iterator_cf_opt(cf, ro, IteratorMode::Start) {
+                let (k, v) = item.map_err(backend)?;
+                visit(*table, &k, &v)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn size_bytes(&self) -> u64 {
+        let mut total = 0;
+        for t in Table::ALL {
+            if let Ok(cf) = self.cf(t) {
+                for prop in ["rocksdb.total-sst-files-size", "rocksdb.cur-size-all-mem-tables"] {
+                    total += self.db.property_int_value_cf(cf, prop).ok().flatten().unwrap_or(0);
+                }
+            }
+        }
+        total
+    }
+
+    fn compact_table(&self, table: Table) -> Result<(), EngineError> {
+        self.db.compact_range_cf(self.cf(table)?, None::<&[u8]>, None::<&[u8]>);
+        Ok(())
+    }
+
+    fn path(&self) -> Option<&Path> {
+        Some(&self.path)
+    }
+}

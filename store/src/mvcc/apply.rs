@@ -1,0 +1,599 @@
+//! [`ApplyBatch`]: applying Raft commands with etcd's semantics.
+//!
+//! A batch stages every change — engine writes, new index entries, lease changes — in an overlay
+//! that later commands of the same batch read through, while readers keep seeing only the
+//! published state. [`ApplyBatch::commit`] makes one engine write, then publishes the overlay
+//! and the new revision. A batch dropped without commit changes nothing.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::MutexGuard;
+use std::sync::atomic::Ordering;
+
+use keel_proto::etcdserverpb::request_op::Request as OpReq;
+use keel_proto::etcdserverpb::response_op::Response as OpResp;
+use keel_proto::etcdserverpb::{
+    AlarmMember, AlarmRequest, AlarmResponse, Compare, CompactionRequest, CompactionResponse, DeleteRangeRequest,
+    DeleteRangeResponse, LeaseGrantRequest, LeaseGrantResponse, LeaseRevokeRequest, LeaseRevokeResponse, PutRequest,
+    PutResponse, RangeRequest, ResponseHeader, ResponseOp, TxnRequest, TxnResponse, alarm_request, compare,
+};
+use keel_proto::keelpb::raft_request::Request as Cmd;
+use keel_proto::keelpb::raft_response::Response as Res;
+use keel_proto::keelpb::{Empty, LeaseCheckpointBatch, RaftRequest, RaftResponse};
+use keel_proto::mvccpb::{Event, KeyValue, event::EventType};
+use prost::Message;
+
+use super::index::{IndexEntry, visible_at};
+use super::revision::Revision;
+use super::store::{KeySpan, LeaseState, META_ALARMS, META_COMPACT, META_REV, MvccStore, View, live_in_index, load_kv, range_view};
+use crate::engine::{Table, WriteBatch};
+use crate::error::{ApplyError, ApplyErrorKind, StoreError};
+
+/// etcd's largest lease TTL in seconds.
+pub const MAX_LEASE_TTL: i64 = 9_000_000_000;
+const ALARM_NOSPACE: i32 = 1;
+
+/// The result of applying one command.
+#[derive(Debug, Clone, Default)]
+pub struct ApplyOutcome {
+    pub response: RaftResponse,
+    /// Events in revision order (all of one revision together).
+    pub events: Vec<Event>,
+}
+
+/// Where the writes of one command go: revision `main`, sub-revisions in order.
+struct WriteCtx {
+    main: i64,
+    sub: i64,
+}
+
+impl WriteCtx {
+    fn next(&mut self) -> Revision {
+        let r = Revision::new(self.main, self.sub);
+        self.sub += 1;
+        r
+    }
+    fn changed(&self) -> bool {
+        self.sub > 0
+    }
+}
+
+fn header(revision: i64) -> Option<ResponseHeader> {
+    Some(ResponseHeader { revision, ..Default::default() })
+}
+
+fn lease_key(id: i64) -> Vec<u8> {
+    id.to_be_bytes().to_vec()
+}
+
+pub struct ApplyBatch<'a> {
+    store: &'a MvccStore,
+    _exclusive: MutexGuard<'a, ()>,
+    wb: WriteBatch,
+    rev: i64,
+    compacted: i64,
+    new_compaction: Option<i64>,
+    index: BTreeMap<Vec<u8>, Vec<IndexEntry>>,
+    kvs: BTreeMap<Revision, KeyValue>,
+    /// Granted (Some) or revoked (None) in this batch.
+    leases: BTreeMap<i64, Option<LeaseState>>,
+    /// Key attachments in order: (lease, key, attach?).
+    lease_keys: Vec<(i64, Vec<u8>, bool)>,
+    alarms: Option<Vec<AlarmMember>>,
+    events: Vec<Event>,
+    failure: Option<StoreError>,
+}
+
+impl View for ApplyBatch<'_> {
+    fn live(&self, span: &KeySpan<'_>, at: i64) -> Vec<(Vec<u8>, Revision)> {
+        let mut m = BTreeMap::new();
+        live_in_index(&self.store.inner.read_index(), span, at, &mut m);
+        if let Some(bounds) = span.bounds() {
+            for (k, entries) in self.index.range::<[u8], _>(bounds) {
+                // Pending entries are newer than every committed one.
+                if let Some(last) = entries.iter().rev().find(|e| e.rev.main <= at) {
+                    m.insert(k.clone(), (!last.tombstone).then_some(last.rev));
+                }
+            }
+        }
+        m.into_iter().filter_map(|(k, r)| r.map(|r| (k, r))).collect()
+    }
+
+    fn load(&self, rev: Revision) -> Result<Option<KeyValue>, StoreError> {
+        match self.kvs.get(&rev) {
+            Some(kv) => Ok(Some(kv.clone())),
+            None => load_kv(self.store.inner.engine.as_ref(), rev),
+        }
+    }
+}
+
+impl<'a> ApplyBatch<'a> {
+    pub(crate) fn new(store: &'a MvccStore) -> Self {
+        let guard = store.apply_lock.lock().unwrap_or_else(|p| p.into_inner());
+        ApplyBatch {
+            rev: store.current_revision(),
+            compacted: store.compact_revision(),
+            store,
+            _exclusive: guard,
+            wb: WriteBatch::new(),
+            new_compaction: None,
+            index: BTreeMap::new(),
+            kvs: BTreeMap::new(),
+            leases: BTreeMap::new(),
+            lease_keys: Vec::new(),
+            alarms: None,
+            events: Vec::new(),
+            failure: None,
+        }
+    }
+
+    /// The store revision including this batch's writes so far.
+    pub fn revision(&self) -> i64 {
+        self.rev
+    }
+
+    /// Stages a meta-table write in the same atomic batch.
+    pub fn put_meta(&mut self, key: &[u8], value: Vec<u8>) {
+        self.wb.put(Table::Meta, key.to_vec(), value);
+    }
+
+    /// Applies one command; request-level failures are in `response.error`.
+    pub fn apply(&mut self, req: &RaftRequest) -> ApplyOutcome {
+        self.events.clear();
+        let result = match &req.request {
+            Some(Cmd::Put(p)) => self.put_cmd(p).map(Res::Put),
+            Some(Cmd::DeleteRange(d)) => Ok(Res::DeleteRange(self.delete_cmd(d))),
+            Some(Cmd::Txn(t)) => self.txn_cmd(t).map(Res::Txn),
+            Some(Cmd::Compaction(c)) => self.compact_cmd(c).map(Res::Compaction),
+            Some(Cmd::LeaseGrant(g)) => self.lease_grant(g).map(Res::LeaseGrant),
+            Some(Cmd::LeaseRevoke(r)) => self.lease_revoke(r).map(Res::LeaseRevoke),
+            Some(Cmd::LeaseCheckpoint(c)) => {
+                self.lease_checkpoint(c);
+                Ok(Res::LeaseCheckpoint(Empty {}))
+            }
+            Some(Cmd::Alarm(a)) => Ok(Res::Alarm(self.alarm(a))),
+            None => Err(ApplyError { kind: ApplyErrorKind::Other, message: "etcdserver: empty request".into() }),
+        };
+        let events = std::mem::take(&mut self.events);
+        let response = match result {
+            Ok(r) => RaftResponse { response: Some(r), error: None, revision: self.rev },
+            Err(e) => RaftResponse { response: None, error: Some(e.to_proto()), revision: self.rev },
+        };
+        ApplyOutcome { response, events }
+    }
+
+    /// Writes everything with one engine write, then publishes it to readers.
+    pub fn commit(mut self, sync: bool) -> Result<(), StoreError> {
+        if let Some(e) = self.failure.take() {
+            return Err(e);
+        }
+        let inner = &self.store.inner;
+        self.wb.put(Table::Meta, META_REV.to_vec(), self.rev.to_be_bytes().to_vec());
+        inner.engine.write(std::mem::take(&mut self.wb), sync)?;
+        {
+            let mut index = inner.write_index();
+            for (k, entries) in std::mem::take(&mut self.index) {
+                index.entry(k).or_default().extend(entries);
+            }
+        }
+        {
+            let mut leases = inner.leases.write().unwrap_or_else(|p| p.into_inner());
+            for (id, l) in std::mem::take(&mut self.leases) {
+                match l {
+                    Some(l) => {
+                        leases.insert(id, l);
+                    }
+                    None => {
+                        leases.remove(&id);
+                    }
+                }
+            }
+            for (id, key, attach) in std::mem::take(&mut self.lease_keys) {
+                if let Some(l) = leases.get_mut(&id) {
+                    if attach {
+                        l.keys.insert(key);
+                    } else {
+                        l.keys.remove(&key);
+                    }
+                }
+            }
+        }
+        if let Some(alarms) = self.alarms.take() {
+            *inner.alarms.write().unwrap_or_else(|p| p.into_inner()) = alarms;
+        }
+        inner.compacted.store(self.compacted, Ordering::Release);
+        inner.current.store(self.rev, Ordering::Release);
+        if let Some(at) = self.new_compaction {
+            self.store.schedule_compaction(at);
+        }
+        Ok(())
+    }
+
+    fn fail_storage(&mut self, e: StoreError) -> ApplyError {
+        let err = ApplyError { kind: ApplyErrorKind::Other, message: e.to_string() };
+        self.failure.get_or_insert(e);
+        err
+    }
+
+    // ----- reads through the overlay -----
+
+    fn latest(&mut self, key: &[u8]) -> Option<KeyValue> {
+        let rev = match self.index.get(key).and_then(|e| e.last()) {
+            Some(e) => (!e.tombstone).then_some(e.rev),
+            None => self.store.inner.read_index().get(key).and_then(|e| visible_at(e, i64::MAX)),
+        }?;
+        match self.load(rev) {
+            Ok(kv) => kv,
+            Err(e) => {
+                self.fail_storage(e);
+                None
+            }
+        }
+    }
+
+    fn lease_exists(&self, id: i64) -> bool {
+        match self.leases.get(&id) {
+            Some(l) => l.is_some(),
+            None => self.store.inner.read_leases().contains_key(&id),
+        }
+    }
+
+    fn lease_state(&self, id: i64) -> Option<LeaseState> {
+        let mut l = match self.leases.get(&id) {
+            Some(l) => l.clone()?,
+            None => self.store.inner.read_leases().get(&id).cloned()?,
+        };
+        for (lid, key, attach) in &self.lease_keys {
+            if *lid == id {
+                if *attach {
+                    l.keys.insert(key.clone());
+                } else {
+                    l.keys.remove(key);
+                }
+            }
+        }
+        Some(l)
+    }
+
+    fn nospace(&self) -> bool {
+        let alarms = match &self.alarms {
+            Some(a) => a.clone(),
+            None => self.store.alarms(),
+        };
+        alarms.iter().any(|a| a.alarm == ALARM_NOSPACE)
+    }
+
+    // ----- writes -----
+
+    fn write_kv(&mut self, rev: Revision, kv: KeyValue, tombstone: bool) {
+        self.wb.put(Table::Kv, rev.encode(tombstone).to_vec(), kv.encode_to_vec());
+        self.index.entry(kv.key.clone()).or_default().push(IndexEntry { rev, tombstone });
+        self.kvs.insert(rev, kv);
+    }
+
+    fn check_put(&mut self, p: &PutRequest) -> Result<(), ApplyError> {
+        if p.lease != 0 && !p.ignore_lease && !self.lease_exists(p.lease) {
+            return Err(ApplyError::new(ApplyErrorKind::LeaseNotFound));
+        }
+        if (p.ignore_value || p.ignore_lease) && self.latest(&p.key).is_none() {
+            return Err(ApplyError::new(ApplyErrorKind::KeyNotFound));
+        }
+        Ok(())
+    }
+
+    fn put_cmd(&mut self, p: &PutRequest) -> Result<PutResponse, ApplyError> {
+        if self.nospace() {
+            return Err(ApplyError::new(ApplyErrorKind::NoSpace));
+        }
+        self.check_put(p)?;
+        let mut w = WriteCtx { main: self.rev + 1, sub: 0 };
+        let resp = self.put(&mut w, p);
+        self.rev = w.main;
+        Ok(resp)
+    }
+
+    fn put(&mut self, w: &mut WriteCtx, p: &PutRequest) -> PutResponse {
+        let prev = self.latest(&p.key);
+        let value = match (&prev, p.ignore_value) {
+            (Some(prev), true) => prev.value.clone(),
+            _ => p.value.clone(),
+        };
+        let lease = match (&prev, p.ignore_lease) {
+            (Some(prev), true) => prev.lease,
+            _ => p.lease,
+        };
+        let rev = w.next();
+        let kv = KeyValue {
+            key: p.key.clone(),
+            create_revision: prev.as_ref().map(|k| k.create_revision).unwrap_or(w.main),
+            mod_revision: w.main,
+            version: prev.as_ref().map(|k| k.version + 1).unwrap_or(1),
+            value,
+            lease,
+        };
+        let old_lease = prev.as_ref().map(|k| k.lease).unwrap_or(0);
+        if old_lease != 0 && old_lease != lease {
+            self.lease_keys.push((old_lease, p.key.clone(), false));
+        }
+        if lease != 0 {
+            self.lease_keys.push((lease, p.key.clone(), true));
+        }
+        self.write_kv(rev, kv.clone(), false);
+        self.events.push(Event { r#type: EventType::Put as i32, kv: Some(kv), prev_kv: prev.clone() });
+        PutResponse { header: header(w.main), prev_kv: if p.prev_kv { prev } else { None } }
+    }
+
+    fn delete_cmd(&mut self, d: &DeleteRangeRequest) -> DeleteRangeResponse {
+        let mut w = WriteCtx { main: self.rev + 1, sub: 0 };
+        let resp = self.delete(&mut w, &d.key, &d.range_end, d.prev_kv);
+        if w.changed() {
+            self.rev = w.main;
+        }
+        resp
+    }
+
+    fn delete(&mut self, w: &mut WriteCtx, key: &[u8], end: &[u8], want_prev: bool) -> DeleteRangeResponse {
+        let live = self.live(&KeySpan::new(key, end), i64::MAX);
+        let mut prev_kvs = Vec::new();
+        let deleted = live.len() as i64;
+        for (k, rev) in live {
+            let prev = match self.load(rev) {
+                Ok(p) => p,
+                Err(e) => {
+                    self.fail_storage(e);
+                    None
+                }
+            };
+            if let Some(l) = prev.as_ref().map(|p| p.lease).filter(|l| *l != 0) {
+                self.lease_keys.push((l, k.clone(), false));
+            }
+            let trev = w.next();
+            let tomb = KeyValue { key: k, mod_revision: w.main, ..Default::default() };
+            self.write_kv(trev, tomb.clone(), true);
+            self.events.push(Event { r#type: EventType::Delete as i32, kv: Some(tomb), prev_kv: prev.clone() });
+            if want_prev {
+                prev_kvs.extend(prev);
+            }
+        }
+        let rev = if w.changed() { w.main } else { self.rev };
+        DeleteRangeResponse { header: header(rev), deleted, prev_kvs }
+    }
+
+    fn read_rev(&self, req: &RangeRequest, base: i64) -> Result<i64, ApplyError> {
+        let at = if req.revision <= 0 { base } else { req.revision };
+        if at > base {
+            return Err(ApplyError::new(ApplyErrorKind::FutureRevision));
+        }
+        if at < self.compacted {
+            return Err(ApplyError::new(ApplyErrorKind::Compacted));
+        }
+        Ok(at)
+    }
+
+    // ----- txn -----
+
+    fn compare(&self, c: &Compare) -> bool {
+        let kvs: Vec<KeyValue> = self
+            .live(&KeySpan::new(&c.key, &c.range_end), i64::MAX)
+            .into_iter()
+            .filter_map(|(_, rev)| self.load(rev).ok().flatten())
+            .collect();
+        if kvs.is_empty() {
+            if c.target == compare::CompareTarget::Value as i32 {
+                return false;
+            }
+            return compare_kv(c, &KeyValue::default());
+        }
+        kvs.iter().all(|kv| compare_kv(c, kv))
+    }
+
+    /// The branch each (nested) txn takes, decided before anything is written, in etcd's order.
+    fn txn_path(&self, t: &TxnRequest, path: &mut Vec<bool>) {
+        let ok = t.compare.iter().all(|c| self.compare(c));
+        path.push(ok);
+        for op in if ok { &t.success } else { &t.failure } {
+            if let Some(OpReq::RequestTxn(nested)) = &op.request {
+                self.txn_path(nested, path);
+            }
+        }
+    }
+
+    fn check_txn(&mut self, t: &TxnRequest, path: &[bool], pos: &mut usize) -> Result<(), ApplyError> {
+        let ok = path.get(*pos).copied().unwrap_or(false);
+        *pos += 1;
+        for op in if ok { &t.success } else { &t.failure } {
+            match &op.request {
+                Some(OpReq::RequestRange(r)) => {
+                    self.read_rev(r, self.rev)?;
+                }
+                Some(OpReq::RequestPut(p)) => {
+                    if self.nospace() {
+                        return Err(ApplyError::new(ApplyErrorKind::NoSpace));
+                    }
+                    self.check_put(p)?;
+                }
+                Some(OpReq::RequestTxn(nested)) => self.check_txn(nested, path, pos)?,
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn txn_cmd(&mut self, t: &TxnRequest) -> Result<TxnResponse, ApplyError> {
+        let mut path = Vec::new();
+        self.txn_path(t, &mut path);
+        self.check_txn(t, &path, &mut 0)?;
+        let base = self.rev;
+        let mut w = WriteCtx { main: base + 1, sub: 0 };
+        let mut resp = self.exec_txn(&mut w, t, &path, &mut 0, base)?;
+        if w.changed() {
+            self.rev = w.main;
+        }
+        resp.header = header(self.rev);
+        Ok(resp)
+    }
+
+    fn exec_txn(&mut self, w: &mut WriteCtx, t: &TxnRequest, path: &[bool], pos: &mut usize, base: i64) -> Result<TxnResponse, ApplyError> {
+        let ok = path.get(*pos).copied().unwrap_or(false);
+        *pos += 1;
+        let mut responses = Vec::new();
+        for op in if ok { &t.success } else { &t.failure } {
+            let response = match &op.request {
+                Some(OpReq::RequestRange(r)) => {
+                    // Reads inside a write txn see its earlier writes.
+                    let now = if w.changed() { w.main } else { base };
+                    let at = self.read_rev(r, now)?;
+                    let mut rr = range_view(&*self, r, at, self.compacted)?;
+                    rr.header = header(now);
+                    Some(OpResp::ResponseRange(rr))
+                }
+                Some(OpReq::RequestPut(p)) => Some(OpResp::ResponsePut(self.put(w, p))),
+                Some(OpReq::RequestDeleteRange(d)) => {
+                    let mut dr = self.delete(w, &d.key, &d.range_end, d.prev_kv);
+                    if w.changed() {
+                        dr.header = header(w.main);
+                    }
+                    Some(OpResp::ResponseDeleteRange(dr))
+                }
+                Some(OpReq::RequestTxn(nested)) => {
+                    let mut tr = self.exec_txn(w, nested, path, pos, base)?;
+                    tr.header = header(if w.changed() { w.main } else { base });
+                    Some(OpResp::ResponseTxn(tr))
+                }
+                None => None,
+            };
+            responses.push(ResponseOp { response });
+        }
+        Ok(TxnResponse { header: None, succeeded: ok, responses })
+    }
+
+    // ----- compaction, leases, alarms -----
+
+    fn compact_cmd(&mut self, c: &CompactionRequest) -> Result<CompactionResponse, ApplyError> {
+        if c.revision <= self.compacted {
+            return Err(ApplyError::new(ApplyErrorKind::Compacted));
+        }
+        if c.revision > self.rev {
+            return Err(ApplyError::new(ApplyErrorKind::FutureRevision));
+        }
+        self.compacted = c.revision;
+        self.new_compaction = Some(c.revision);
+        self.wb.put(Table::Meta, META_COMPACT.to_vec(), c.revision.to_be_bytes().to_vec());
+        Ok(CompactionResponse { header: header(self.rev) })
+    }
+
+    fn lease_grant(&mut self, g: &LeaseGrantRequest) -> Result<LeaseGrantResponse, ApplyError> {
+        if self.nospace() {
+            return Err(ApplyError::new(ApplyErrorKind::NoSpace));
+        }
+        if g.id <= 0 {
+            return Err(ApplyError { kind: ApplyErrorKind::Other, message: "etcdserver: lease ID must be set by the proposer".into() });
+        }
+        if g.ttl > MAX_LEASE_TTL {
+            return Err(ApplyError::new(ApplyErrorKind::LeaseTtlTooLarge));
+        }
+        if self.lease_exists(g.id) {
+            return Err(ApplyError::new(ApplyErrorKind::LeaseExists));
+        }
+        let l = LeaseState { ttl: g.ttl, remaining: None, keys: BTreeSet::new() };
+        self.wb.put(Table::Lease, lease_key(g.id), l.encode());
+        self.leases.insert(g.id, Some(l));
+        Ok(LeaseGrantResponse { header: header(self.rev), id: g.id, ttl: g.ttl, error: String::new() })
+    }
+
+    fn lease_revoke(&mut self, r: &LeaseRevokeRequest) -> Result<LeaseRevokeResponse, ApplyError> {
+        let Some(state) = self.lease_state(r.id) else { return Err(ApplyError::new(ApplyErrorKind::LeaseNotFound)) };
+        // Every attached key goes in one revision.
+        let mut w = WriteCtx { main: self.rev + 1, sub: 0 };
+        for key in &state.keys {
+            self.delete(&mut w, key, &[], false);
+        }
+        if w.changed() {
+            self.rev = w.main;
+        }
+        self.wb.delete(Table::Lease, lease_key(r.id));
+        self.leases.insert(r.id, None);
+        self.lease_keys.retain(|(id, _, _)| *id != r.id);
+        Ok(LeaseRevokeResponse { header: header(self.rev) })
+    }
+
+    fn lease_checkpoint(&mut self, c: &LeaseCheckpointBatch) {
+        for cp in &c.checkpoints {
+            let Some(mut state) = self.lease_state(cp.id) else { continue };
+            state.remaining = Some(cp.remaining_ttl.max(0));
+            self.wb.put(Table::Lease, lease_key(cp.id), state.encode());
+            // Keys stay tracked through the committed state and pending attachments.
+            state.keys = self.store.inner.read_leases().get(&cp.id).map(|l| l.keys.clone()).unwrap_or_default();
+            self.leases.insert(cp.id, Some(state));
+        }
+    }
+
+    fn alarm(&mut self, a: &AlarmRequest) -> AlarmResponse {
+        let mut alarms = match &self.alarms {
+            Some(a) => a.clone(),
+            None => self.store.alarms(),
+        };
+        let member = AlarmMember { member_id: a.member_id, alarm: a.alarm };
+        let mut resp = AlarmResponse { header: header(self.rev), alarms: Vec::new() };
+        match alarm_request::AlarmAction::try_from(a.action) {
+            Ok(alarm_request::AlarmAction::Get) => {
+                resp.alarms = alarms.iter().filter(|m| a.alarm == 0 || m.alarm == a.alarm).cloned().collect();
+                return resp;
+            }
+            Ok(alarm_request::AlarmAction::Activate) => {
+                if a.alarm != 0 && !alarms.contains(&member) {
+                    alarms.push(member.clone());
+                    resp.alarms.push(member);
+                }
+            }
+            Ok(alarm_request::AlarmAction::Deactivate) => {
+                if let Some(pos) = alarms.iter().position(|m| *m == member) {
+                    alarms.remove(pos);
+                    resp.alarms.push(member);
+                }
+            }
+            Err(_) => return resp,
+        }
+        alarms.sort_by_key(|m| (m.member_id, m.alarm));
+        self.wb.put(Table::Meta, META_ALARMS.to_vec(), AlarmResponse { header: None, alarms: alarms.clone() }.encode_to_vec());
+        self.alarms = Some(alarms);
+        resp
+    }
+}
+
+fn compare_kv(c: &Compare, kv: &KeyValue) -> bool {
+    use compare::{CompareResult, CompareTarget, TargetUnion};
+    let ord = match CompareTarget::try_from(c.target) {
+        Ok(CompareTarget::Value) => {
+            let v: &[u8] = match &c.target_union {
+                Some(TargetUnion::Value(v)) => v,
+                _ => &[],
+            };
+            kv.value.as_slice().cmp(v)
+        }
+        Ok(t) => {
+            let want = match (&c.target_union, t) {
+                (Some(TargetUnion::Version(v)), CompareTarget::Version) => *v,
+                (Some(TargetUnion::CreateRevision(v)), CompareTarget::Create) => *v,
+                (Some(TargetUnion::ModRevision(v)), CompareTarget::Mod) => *v,
+                (Some(TargetUnion::Lease(v)), CompareTarget::Lease) => *v,
+                _ => 0,
+            };
+            let have = match t {
+                CompareTarget::Version => kv.version,
+                CompareTarget::Create => kv.create_revision,
+                CompareTarget::Mod => kv.mod_revision,
+                CompareTarget::Lease => kv.lease,
+                CompareTarget::Value => 0,
+            };
+            have.cmp(&want)
+        }
+        Err(_) => return false,
+    };
+    match CompareResult::try_from(c.result) {
+        Ok(CompareResult::Equal) => ord.is_eq(),
+        Ok(CompareResult::NotEqual) => ord.is_ne(),
+        Ok(CompareResult::Greater) => ord.is_gt(),
+        Ok(CompareResult::Less) => ord.is_lt(),
+        Err(_) => false,
+    }
+}

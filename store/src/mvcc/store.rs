@@ -1,0 +1,577 @@
+//! [`MvccStore`]: the committed state, reads (range, history, hash) and physical compaction.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, mpsc};
+
+use keel_proto::etcdserverpb::{AlarmMember, AlarmResponse, RangeRequest, RangeResponse, ResponseHeader, range_request};
+use keel_proto::mvccpb::{Event, KeyValue, event::EventType};
+use prost::Message;
+
+use super::apply::ApplyBatch;
+use super::index::{IndexEntry, compact_entries, visible_at};
+use super::revision::Revision;
+use crate::engine::{Direction, Engine, ScanControl, Table, WriteBatch};
+use crate::error::{ApplyError, ApplyErrorKind, StoreError};
+
+pub(crate) const META_REV: &[u8] = b"mvcc/rev";
+pub(crate) const META_COMPACT: &[u8] = b"mvcc/compact_rev";
+pub(crate) const META_COMPACT_DONE: &[u8] = b"mvcc/compact_done";
+pub(crate) const META_ALARMS: &[u8] = b"mvcc/alarms";
+
+/// Revisions whose deletions are written per engine write during physical compaction.
+const COMPACT_BATCH_KEYS: usize = 1000;
+
+/// A lease as the store keeps it.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct LeaseState {
+    pub ttl: i64,
+    pub remaining: Option<i64>,
+    pub keys: BTreeSet<Vec<u8>>,
+}
+
+impl LeaseState {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = self.ttl.to_be_bytes().to_vec();
+        v.extend_from_slice(&self.remaining.unwrap_or(-1).to_be_bytes());
+        v
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        let ttl = i64::from_be_bytes(bytes.get(..8)?.try_into().ok()?);
+        let rem = i64::from_be_bytes(bytes.get(8..16)?.try_into().ok()?);
+        Some(Self { ttl, remaining: (rem >= 0).then_some(rem), keys: BTreeSet::new() })
+    }
+}
+
+/// A lease as callers see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseInfo {
+    pub id: i64,
+    pub ttl: i64,
+    pub remaining_ttl: Option<i64>,
+    pub keys: Vec<Vec<u8>>,
+}
+
+/// A history read: events with revisions in `[start_revision, end_revision]`.
+#[derive(Debug, Clone, Default)]
+pub struct HistoryRequest {
+    pub start_revision: i64,
+    /// Inclusive; 0 = the current revision.
+    pub end_revision: i64,
+    pub key: Vec<u8>,
+    pub range_end: Vec<u8>,
+    pub prev_kv: bool,
+    /// Stop after at least this many events, at a revision boundary.
+    pub max_events: usize,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct HistoryBatch {
+    pub events: Vec<Event>,
+    /// The first revision not covered by this batch.
+    pub next_revision: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HashKvResult {
+    pub hash: u32,
+    pub compact_revision: i64,
+    pub hash_revision: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreStats {
+    pub keys: usize,
+    pub revisions: usize,
+    /// Rough bytes held by the key index.
+    pub index_bytes_estimate: usize,
+}
+
+/// etcd's key-range convention: empty end = one key; end "\0" = every key from `key`.
+#[derive(Debug, Clone)]
+pub(crate) enum KeySpan<'a> {
+    Single(&'a [u8]),
+    From(&'a [u8]),
+    Between(&'a [u8], &'a [u8]),
+    Empty,
+}
+
+impl<'a> KeySpan<'a> {
+    pub fn new(key: &'a [u8], end: &'a [u8]) -> Self {
+        if end.is_empty() {
+            KeySpan::Single(key)
+        } else if end == [0] {
+            KeySpan::From(key)
+        } else if end <= key {
+            KeySpan::Empty
+        } else {
+            KeySpan::Between(key, end)
+        }
+    }
+
+    pub fn contains(&self, k: &[u8]) -> bool {
+        match self {
+            KeySpan::Single(s) => *s == k,
+            KeySpan::From(s) => *s <= k,
+            KeySpan::Between(s, e) => *s <= k && k < *e,
+            KeySpan::Empty => false,
+        }
+    }
+
+    pub fn bounds(&self) -> Option<(Bound<&'a [u8]>, Bound<&'a [u8]>)> {
+        match *self {
+            KeySpan::Single(s) => Some((Bound::Included(s), Bound::Included(s))),
+            KeySpan::From(s) => Some((Bound::Included(s), Bound::Unbounded)),
+            KeySpan::Between(s, e) => Some((Bound::Included(s), Bound::Excluded(e))),
+            KeySpan::Empty => None,
+        }
+    }
+}
+
+pub(crate) type Index = BTreeMap<Vec<u8>, Vec<IndexEntry>>;
+
+/// A read view: what keys are live at a revision, and the value at a revision.
+pub(crate) trait View {
+    fn live(&self, span: &KeySpan<'_>, at: i64) -> Vec<(Vec<u8>, Revision)>;
+    fn load(&self, rev: Revision) -> Result<Option<KeyValue>, StoreError>;
+}
+
+pub(crate) fn live_in_index(index: &Index, span: &KeySpan<'_>, at: i64, out: &mut BTreeMap<Vec<u8>, Option<Revision>>) {
+    let Some(bounds) = span.bounds() else { return };
+    for (k, entries) in index.range::<[u8], _>(bounds) {
+        out.insert(k.clone(), visible_at(entries, at));
+    }
+}
+
+pub(crate) fn load_kv(engine: &dyn Engine, rev: Revision) -> Result<Option<KeyValue>, StoreError> {
+    let Some(bytes) = engine.get(Table::Kv, &rev.encode(false))? else { return Ok(None) };
+    KeyValue::decode(bytes.as_slice()).map(Some).map_err(|e| StoreError::Corrupt { table: "kv", detail: e.to_string() })
+}
+
+pub(crate) struct Inner {
+    pub engine: Arc<dyn Engine>,
+    pub index: RwLock<Index>,
+    pub leases: RwLock<BTreeMap<i64, LeaseState>>,
+    pub alarms: RwLock<Vec<AlarmMember>>,
+    pub current: AtomicI64,
+    pub compacted: AtomicI64,
+    pub compact_done: tokio::sync::watch::Sender<i64>,
+}
+
+impl Inner {
+    pub fn read_index(&self) -> std::sync::RwLockReadGuard<'_, Index> {
+        self.index.read().unwrap_or_else(|p| p.into_inner())
+    }
+    pub fn write_index(&self) -> std::sync::RwLockWriteGuard<'_, Index> {
+        self.index.write().unwrap_or_else(|p| p.into_inner())
+    }
+    pub fn read_leases(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<i64, LeaseState>> {
+        self.leases.read().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+struct CommittedView<'a>(&'a Inner);
+
+impl View for CommittedView<'_> {
+    fn live(&self, span: &KeySpan<'_>, at: i64) -> Vec<(Vec<u8>, Revision)> {
+        let mut m = BTreeMap::new();
+        live_in_index(&self.0.read_index(), span, at, &mut m);
+        m.into_iter().filter_map(|(k, r)| r.map(|r| (k, r))).collect()
+    }
+    fn load(&self, rev: Revision) -> Result<Option<KeyValue>, StoreError> {
+        load_kv(self.0.engine.as_ref(), rev)
+    }
+}
+
+fn other(e: StoreError) -> ApplyError {
+    ApplyError { kind: ApplyErrorKind::Other, message: e.to_string() }
+}
+
+/// etcd's Range over any view at `at` (already validated against compaction and the future).
+pub(crate) fn range_view(view: &dyn View, r: &RangeRequest, at: i64, compacted: i64) -> Result<RangeResponse, ApplyError> {
+    let span = KeySpan::new(&r.key, &r.range_end);
+    let live = view.live(&span, at);
+    let count = live.len() as i64;
+    let sort_order = range_request::SortOrder::try_from(r.sort_order).unwrap_or(range_request::SortOrder::None);
+    let sort_target = range_request::SortTarget::try_from(r.sort_target).unwrap_or(range_request::SortTarget::Key);
+    let filtered = r.min_mod_revision != 0 || r.max_mod_revision != 0 || r.min_create_revision != 0 || r.max_create_revision != 0;
+    let sorted = sort_order != range_request::SortOrder::None || sort_target != range_request::SortTarget::Key;
+    let mut resp = RangeResponse { header: Some(ResponseHeader { revision: at, ..Default::default() }), count, ..Default::default() };
+    if r.count_only {
+        return Ok(resp);
+    }
+    // Without sorting or filtering only limit+1 values are needed.
+    let fetch = if r.limit > 0 && !filtered && !sorted { (r.limit as usize).saturating_add(1).min(live.len()) } else { live.len() };
+    let mut kvs = Vec::with_capacity(fetch);
+    for (_, rev) in live.into_iter().take(fetch) {
+        match view.load(rev).map_err(other)? {
+            Some(kv) => kvs.push(kv),
+            None if at < compacted || rev.main < compacted => return Err(ApplyError::new(ApplyErrorKind::Compacted)),
+            None => return Err(ApplyError { kind: ApplyErrorKind::Other, message: format!("mvcc: missing revision {rev:?}") }),
+        }
+    }
+    if filtered {
+        kvs.retain(|kv| {
+            (r.min_mod_revision == 0 || kv.mod_revision >= r.min_mod_revision)
+                && (r.max_mod_revision == 0 || kv.mod_revision <= r.max_mod_revision)
+                && (r.min_create_revision == 0 || kv.create_revision >= r.min_create_revision)
+                && (r.max_create_revision == 0 || kv.create_revision <= r.max_create_revision)
+        });
+    }
+    let order = if sort_order == range_request::SortOrder::None && sort_target != range_request::SortTarget::Key {
+        range_request::SortOrder::Ascend
+    } else {
+        sort_order
+    };
+    if order != range_request::SortOrder::None {
+        use range_request::SortTarget as T;
+        let cmp = |a: &KeyValue, b: &KeyValue| match sort_target {
+            T::Key => a.key.cmp(&b.key),
+            T::Version => a.version.cmp(&b.version),
+            T::Create => a.create_revision.cmp(&b.create_revision),
+            T::Mod => a.mod_revision.cmp(&b.mod_revision),
+            T::Value => a.value.cmp(&b.value),
+        };
+        if order == range_request::SortOrder::Descend {
+            kvs.sort_by(|a, b| cmp(b, a));
+        } else {
+            kvs.sort_by(cmp);
+        }
+    }
+    if r.limit > 0 && kvs.len() > r.limit as usize {
+        kvs.truncate(r.limit as usize);
+        resp.more = true;
+    }
+    if r.keys_only {
+        for kv in &mut kvs {
+            kv.value.clear();
+        }
+    }
+    resp.kvs = kvs;
+    Ok(resp)
+}
+
+/// The MVCC store. Readers never wait for an apply batch or a compaction for long: the index is
+/// behind a lock taken briefly, and reads only see revisions already published.
+pub struct MvccStore {
+    pub(crate) inner: Arc<Inner>,
+    pub(crate) apply_lock: Mutex<()>,
+    compactor: Mutex<mpsc::Sender<i64>>,
+}
+
+impl MvccStore {
+    pub fn open(engine: Arc<dyn Engine>) -> Result<MvccStore, StoreError> {
+        let (done_tx, _) = tokio::sync::watch::channel(0);
+        let inner = Arc::new(Inner {
+            engine,
+            index: RwLock::new(BTreeMap::new()),
+            leases: RwLock::new(BTreeMap::new()),
+            alarms: RwLock::new(Vec::new()),
+            current: AtomicI64::new(1),
+            compacted: AtomicI64::new(0),
+            compact_done: done_tx,
+        });
+        let (tx, rx) = mpsc::channel::<i64>();
+        let worker = inner.clone();
+        std::thread::Builder::new()
+            .name("mvcc-compactor".into())
+            .spawn(move || {
+                while let Ok(at) = rx.recv() {
+                    if let Err(e) = physical_compact(&worker, at) {
+                        tracing::error!(error = %e, revision = at, "physical compaction failed");
+                    }
+                }
+            })
+            .map_err(crate::engine::EngineError::Io)?;
+        let store = MvccStore { inner, apply_lock: Mutex::new(()), compactor: Mutex::new(tx) };
+        store.reload()?;
+        Ok(store)
+    }
+
+    /// Rebuilds every in-memory structure from the engine (after open, or after a Raft
+    /// snapshot replaced the tables).
+    pub fn reload(&self) -> Result<(), StoreError> {
+        let _apply = self.apply_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let engine = self.inner.engine.clone();
+        let mut index: Index = BTreeMap::new();
+        let mut latest_lease: BTreeMap<Vec<u8>, i64> = BTreeMap::new();
+        let mut max_rev = 1;
+        let mut failure = None;
+        engine.scan(Table::Kv, &[], None, Direction::Forward, &mut |k, v| {
+            let Some((rev, tombstone)) = Revision::decode(k) else {
+                failure = Some(StoreError::Corrupt { table: "kv", detail: "bad revision key".into() });
+                return ScanControl::Stop;
+            };
+            match KeyValue::decode(v) {
+                Ok(kv) => {
+                    max_rev = max_rev.max(rev.main);
+                    latest_lease.insert(kv.key.clone(), if tombstone { 0 } else { kv.lease });
+                    index.entry(kv.key).or_default().push(IndexEntry { rev, tombstone });
+                    ScanControl::Continue
+                }
+                Err(e) => {
+                    failure = Some(StoreError::Corrupt { table: "kv", detail: e.to_string() });
+                    ScanControl::Stop
+                }
+            }
+        })?;
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        let mut leases: BTreeMap<i64, LeaseState> = BTreeMap::new();
+        engine.scan(Table::Lease, &[], None, Direction::Forward, &mut |k, v| {
+            if let (Ok(id), Some(l)) = (<[u8; 8]>::try_from(k), LeaseState::decode(v)) {
+                leases.insert(i64::from_be_bytes(id), l);
+            }
+            ScanControl::Continue
+        })?;
+        for (key, lease) in latest_lease {
+            if lease != 0 {
+                if let Some(l) = leases.get_mut(&lease) {
+                    l.keys.insert(key);
+                }
+            }
+        }
+        let meta_i64 = |key: &[u8]| -> Result<i64, StoreError> {
+            Ok(engine.get(Table::Meta, key)?.and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok()).map(i64::from_be_bytes).unwrap_or(0))
+        };
+        let current = meta_i64(META_REV)?.max(max_rev).max(1);
+        let compacted = meta_i64(META_COMPACT)?;
+        let done = meta_i64(META_COMPACT_DONE)?;
+        let alarms = match engine.get(Table::Meta, META_ALARMS)? {
+            Some(b) => AlarmResponse::decode(b.as_slice()).map_err(|e| StoreError::Corrupt { table: "meta", detail: e.to_string() })?.alarms,
+            None => Vec::new(),
+        };
+        *self.inner.write_index() = index;
+        *self.inner.leases.write().unwrap_or_else(|p| p.into_inner()) = leases;
+        *self.inner.alarms.write().unwrap_or_else(|p| p.into_inner()) = alarms;
+        self.inner.current.store(current, Ordering::Release);
+        self.inner.compacted.store(compacted, Ordering::Release);
+        self.inner.compact_done.send_replace(done);
+        if compacted > done {
+            self.schedule_compaction(compacted);
+        }
+        Ok(())
+    }
+
+    pub fn engine(&self) -> &Arc<dyn Engine> {
+        &self.inner.engine
+    }
+
+    pub fn current_revision(&self) -> i64 {
+        self.inner.current.load(Ordering::Acquire)
+    }
+
+    pub fn compact_revision(&self) -> i64 {
+        self.inner.compacted.load(Ordering::Acquire)
+    }
+
+    /// A receiver of the last revision whose physical compaction finished.
+    pub fn compaction_progress(&self) -> tokio::sync::watch::Receiver<i64> {
+        self.inner.compact_done.subscribe()
+    }
+
+    pub(crate) fn schedule_compaction(&self, at: i64) {
+        if let Ok(tx) = self.compactor.lock() {
+            let _ = tx.send(at);
+        }
+    }
+
+    fn check_rev(&self, requested: i64) -> Result<i64, ApplyError> {
+        let current = self.current_revision();
+        let at = if requested <= 0 { current } else { requested };
+        if at > current {
+            return Err(ApplyError::new(ApplyErrorKind::FutureRevision));
+        }
+        if at < self.compact_revision() {
+            return Err(ApplyError::new(ApplyErrorKind::Compacted));
+        }
+        Ok(at)
+    }
+
+    /// etcd's Range at `req.revision` (0 = current). The header carries the current revision.
+    pub fn range(&self, req: &RangeRequest) -> Result<RangeResponse, ApplyError> {
+        let current = self.current_revision();
+        let at = self.check_rev(req.revision)?;
+        let mut resp = range_view(&CommittedView(&self.inner), req, at, self.compact_revision())?;
+        resp.header = Some(ResponseHeader { revision: current, ..Default::default() });
+        Ok(resp)
+    }
+
+    /// Events in revision order from the `kv` table, scanning only the requested revisions.
+    pub fn history(&self, req: &HistoryRequest) -> Result<HistoryBatch, ApplyError> {
+        let current = self.current_revision();
+        let end = if req.end_revision <= 0 { current } else { req.end_revision.min(current) };
+        let start = req.start_revision.max(1);
+        if start < self.compact_revision() {
+            return Err(ApplyError::new(ApplyErrorKind::Compacted));
+        }
+        let mut batch = HistoryBatch { events: Vec::new(), next_revision: end + 1 };
+        if start > end {
+            batch.next_revision = start;
+            return Ok(batch);
+        }
+        let span = KeySpan::new(&req.key, &req.range_end);
+        let mut raw: Vec<(Revision, bool, KeyValue)> = Vec::new();
+        let mut failure = None;
+        let mut stop_at = None;
+        let max = req.max_events.max(1);
+        self.inner
+            .engine
+            .scan(Table::Kv, &Revision::lower_bound(start), Some(&Revision::lower_bound(end + 1)), Direction::Forward, &mut |k, v| {
+                let Some((rev, tomb)) = Revision::decode(k) else { return ScanControl::Continue };
+                if raw.len() >= max && raw.last().is_some_and(|(r, _, _)| r.main != rev.main) {
+                    stop_at = Some(rev.main);
+                    return ScanControl::Stop;
+                }
+                match KeyValue::decode(v) {
+                    Ok(kv) => {
+                        if span.contains(&kv.key) {
+                            raw.push((rev, tomb, kv));
+                        }
+                        ScanControl::Continue
+                    }
+                    Err(e) => {
+                        failure = Some(e);
+                        ScanControl::Stop
+                    }
+                }
+            })
+            .map_err(|e| other(e.into()))?;
+        if let Some(e) = failure {
+            return Err(ApplyError { kind: ApplyErrorKind::Other, message: e.to_string() });
+        }
+        if let Some(next) = stop_at {
+            batch.next_revision = next;
+        }
+        for (rev, tomb, kv) in raw {
+            let prev_kv = if req.prev_kv { self.prev_version(&kv.key, rev).map_err(other)? } else { None };
+            let ty = if tomb { EventType::Delete } else { EventType::Put };
+            batch.events.push(Event { r#type: ty as i32, kv: Some(kv), prev_kv });
+        }
+        Ok(batch)
+    }
+
+    fn prev_version(&self, key: &[u8], rev: Revision) -> Result<Option<KeyValue>, StoreError> {
+        let prev = {
+            let index = self.inner.read_index();
+            index.get(key).and_then(|entries| super::index::before(entries, rev))
+        };
+        match prev {
+            Some(e) if !e.tombstone => load_kv(self.inner.engine.as_ref(), e.rev),
+            _ => Ok(None),
+        }
+    }
+
+    pub fn lease(&self, id: i64) -> Option<LeaseInfo> {
+        self.inner.read_leases().get(&id).map(|l| LeaseInfo { id, ttl: l.ttl, remaining_ttl: l.remaining, keys: l.keys.iter().cloned().collect() })
+    }
+
+    pub fn leases(&self) -> Vec<LeaseInfo> {
+        self.inner
+            .read_leases()
+            .iter()
+            .map(|(id, l)| LeaseInfo { id: *id, ttl: l.ttl, remaining_ttl: l.remaining, keys: l.keys.iter().cloned().collect() })
+            .collect()
+    }
+
+    pub fn alarms(&self) -> Vec<AlarmMember> {
+        self.inner.alarms.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Starts an apply batch; only one exists at a time.
+    pub fn begin_apply(&self) -> ApplyBatch<'_> {
+        ApplyBatch::new(self)
+    }
+
+    pub fn get_meta(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.inner.engine.get(Table::Meta, key)?)
+    }
+
+    /// A CRC-32 (Castagnoli-free IEEE) over every `kv` table entry visible in the compacted
+    /// history up to `revision`: entries above the compact revision, plus for each key the
+    /// version kept at the compact revision. It does not depend on how far physical compaction
+    /// has progressed, so every member that applied the same log computes the same hash.
+    pub fn hash_kv(&self, revision: i64) -> Result<HashKvResult, ApplyError> {
+        let current = self.current_revision();
+        let at = if revision <= 0 { current } else { revision };
+        if at > current {
+            return Err(ApplyError::new(ApplyErrorKind::FutureRevision));
+        }
+        let compacted = self.compact_revision();
+        if at < compacted {
+            return Err(ApplyError::new(ApplyErrorKind::Compacted));
+        }
+        let kept: BTreeSet<Revision> = {
+            let index = self.inner.read_index();
+            index.values().filter_map(|entries| visible_at(entries, compacted)).collect()
+        };
+        let mut hasher = crc32fast::Hasher::new();
+        self.inner
+            .engine
+            .scan(Table::Kv, &[], Some(&Revision::lower_bound(at + 1)), Direction::Forward, &mut |k, v| {
+                if let Some((rev, _)) = Revision::decode(k) {
+                    if rev.main > compacted || kept.contains(&rev) {
+                        hasher.update(k);
+                        hasher.update(v);
+                    }
+                }
+                ScanControl::Continue
+            })
+            .map_err(|e| other(e.into()))?;
+        Ok(HashKvResult { hash: hasher.finalize(), compact_revision: compacted, hash_revision: at })
+    }
+
+    pub fn stats(&self) -> StoreStats {
+        let index = self.inner.read_index();
+        let revisions: usize = index.values().map(Vec::len).sum();
+        let key_bytes: usize = index.keys().map(|k| k.capacity()).sum();
+        let entry_bytes: usize = index.values().map(|v| v.capacity() * std::mem::size_of::<IndexEntry>()).sum();
+        // Per key: the key Vec and entries Vec headers plus B-tree node overhead (~16 bytes).
+        let per_key = 2 * std::mem::size_of::<Vec<u8>>() + 16;
+        StoreStats { keys: index.len(), revisions, index_bytes_estimate: key_bytes + entry_bytes + index.len() * per_key }
+    }
+}
+
+/// Deletes superseded revisions at or below `at`, a chunk of keys at a time, releasing the index
+/// lock between chunks so readers and the applier keep going.
+fn physical_compact(inner: &Inner, at: i64) -> Result<(), StoreError> {
+    let mut cursor: Option<Vec<u8>> = None;
+    loop {
+        let mut batch = WriteBatch::new();
+        let mut last = None;
+        {
+            let mut index = inner.write_index();
+            let lower = match &cursor {
+                Some(c) => Bound::Excluded(c.clone()),
+                None => Bound::Unbounded,
+            };
+            let keys: Vec<Vec<u8>> = index.range((lower, Bound::Unbounded)).take(COMPACT_BATCH_KEYS).map(|(k, _)| k.clone()).collect();
+            for k in keys {
+                if let Some(entries) = index.get_mut(&k) {
+                    for gone in compact_entries(entries, at) {
+                        batch.delete(Table::Kv, gone.rev.encode(gone.tombstone).to_vec());
+                    }
+                    if entries.is_empty() {
+                        index.remove(&k);
+                    }
+                }
+                last = Some(k);
+            }
+        }
+        if !batch.is_empty() {
+            inner.engine.write(batch, false)?;
+        }
+        match last {
+            Some(k) => cursor = Some(k),
+            None => break,
+        }
+    }
+    let mut done = WriteBatch::new();
+    done.put(Table::Meta, META_COMPACT_DONE, at.to_be_bytes().to_vec());
+    inner.engine.write(done, false)?;
+    inner.compact_done.send_replace(at);
+    Ok(())
+}
