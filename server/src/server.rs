@@ -20,6 +20,15 @@ use keel_proto::etcdserverpb::watch_server::WatchServer;
 /// gRPC framing overhead allowed on top of `--max-request-bytes` (as etcd).
 const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 
+/// Binds with SO_REUSEADDR, so a restarted member can listen again at once even though
+/// connections of its previous life linger in TIME_WAIT.
+fn bind(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
 /// A running member and its listeners.
 pub struct RunningServer {
     pub node: Arc<KeelNode>,
@@ -52,7 +61,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
 
     for url in &config.listen_peer_urls {
         let addr = parse_url(url).map_err(anyhow::Error::msg)?.socket_addr().map_err(anyhow::Error::msg)?;
-        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("listen on peer URL {url}: {e}"))?;
+        let listener = bind(addr).map_err(|e| anyhow::anyhow!("listen on peer URL {url}: {e}"))?;
         let svc = RaftPeerServer::new(PeerService::new(node.clone())).max_decoding_message_size(256 << 20).max_encoding_message_size(256 << 20);
         let mut rx = shutdown_rx.clone();
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
@@ -73,7 +82,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             anyhow::bail!("TLS client URLs are not supported yet: {url}");
         }
         let addr = parsed.socket_addr().map_err(anyhow::Error::msg)?;
-        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("listen on client URL {url}: {e}"))?;
+        let listener = bind(addr).map_err(|e| anyhow::anyhow!("listen on client URL {url}: {e}"))?;
         let mut rx = shutdown_rx.clone();
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         let router = tonic::transport::Server::builder()

@@ -199,6 +199,12 @@ impl HubState {
         self.streams.get(&stream).is_some_and(|s| s.watchers.iter().all(|k| !self.unsynced.contains(k)))
     }
 
+    /// Whether a stream's queue can take a catch-up batch (a consumer that is not reading is
+    /// left alone until it drains, instead of re-reading history for it in a loop).
+    fn stream_has_room(&self, stream: u64) -> bool {
+        self.streams.get(&stream).is_some_and(|s| s.queue.lock().len() < STREAM_QUEUE_CAPACITY / 2)
+    }
+
     fn progress_response(&self, watch_id: i64) -> WatchResponse {
         WatchResponse { header: Some(rev_header(self.dispatched_rev)), watch_id, ..Default::default() }
     }
@@ -465,7 +471,7 @@ impl WatchHub {
             let st = self.lock();
             st.unsynced
                 .iter()
-                .filter_map(|k| st.watchers.get(k).map(|w| (*k, w.range.clone(), w.next_rev, w.prev_kv, st.dispatched_rev)))
+                .filter_map(|k| st.watchers.get(k).filter(|w| st.stream_has_room(w.stream)).map(|w| (*k, w.range.clone(), w.next_rev, w.prev_kv, st.dispatched_rev)))
                 .collect()
         };
         for (key, range, next_rev, prev_kv, upto) in work {
@@ -555,7 +561,7 @@ impl WatchHub {
     fn has_sync_work(&self) -> bool {
         let st = self.lock();
         let ready = st.dispatched_rev + 1;
-        st.unsynced.iter().any(|k| st.watchers.get(k).is_some_and(|w| w.next_rev <= ready))
+        st.unsynced.iter().any(|k| st.watchers.get(k).is_some_and(|w| w.next_rev <= ready && st.stream_has_room(w.stream)))
             || st.streams.values().any(|s| s.pending_progress)
     }
 

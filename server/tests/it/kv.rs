@@ -107,7 +107,7 @@ async fn etcd_errors() {
     assert_eq!(status_message(&e), "etcdserver: too many operations in txn request");
     let ops: Vec<TxnOp> = (0..128).map(|i| TxnOp::put(format!("k{i}"), "v", None)).collect();
     let r = c.txn(Txn::new().and_then(ops)).await.unwrap();
-    assert_eq!(r.responses().len(), 128, "128 ops are allowed");
+    assert_eq!(r.op_responses().len(), 128, "128 ops are allowed");
 
     let e = c.txn(Txn::new().and_then([TxnOp::put("d", "1", None), TxnOp::put("d", "2", None)])).await.unwrap_err();
     assert_eq!(status_message(&e), "etcdserver: duplicate key given in txn request");
@@ -132,7 +132,9 @@ async fn etcd_errors() {
     // Over the gRPC limit (max-request-bytes + 512 KiB).
     let huge = vec![b'x'; 2_200_000];
     let e = c.put("huge", huge, None).await.unwrap_err();
-    assert_eq!(status_code(&e), Some(Code::ResourceExhausted), "{e}");
+    // etcd (grpc-go) answers ResourceExhausted here; tonic's decoder answers OutOfRange. Both
+    // refuse the request before it reaches Keel (documented in the README).
+    assert!(matches!(status_code(&e), Some(Code::ResourceExhausted) | Some(Code::OutOfRange)), "{e}");
     assert!(status_message(&e).contains("larger than max") || status_message(&e).contains("too large"), "{e}");
 
     // Nothing above changed the data.

@@ -147,22 +147,27 @@ async fn slow_watcher_does_not_block_writes_and_loses_nothing() {
     let mut c = client(&cluster.members[0].endpoint()).await.unwrap();
     let mut slow = c.watch("s/", Some(WatchOptions::new().with_prefix())).await.unwrap();
     created(&mut slow).await;
-    // Write far more than a stream queue holds without reading the watch at all.
+    // Write far more than a stream queue holds (1024 responses) without reading the watch.
     let value = "x".repeat(512);
-    let mut writer = c.clone();
-    let writes = tokio::spawn(async move {
-        for i in 0..3000 {
-            writer.put(format!("s/{i:05}"), value.clone(), None).await.unwrap();
-        }
-    });
-    tokio::time::timeout(Duration::from_secs(120), writes).await.expect("writes stalled behind a slow watcher").unwrap();
-    // Now drain: every event, in order, exactly once.
-    let evs = collect(&mut slow, 3000).await;
-    assert_eq!(evs.len(), 3000);
-    for (i, ev) in evs.iter().enumerate() {
-        assert_eq!(ev.2, format!("s/{i:05}"));
+    let mut writers = Vec::new();
+    for w in 0..8 {
+        let mut writer = c.clone();
+        let value = value.clone();
+        writers.push(tokio::spawn(async move {
+            for i in 0..250 {
+                writer.put(format!("s/{w}-{i:04}"), value.clone(), None).await.unwrap();
+            }
+        }));
     }
-    assert!(evs.windows(2).all(|w| w[0].0 < w[1].0), "events out of order");
+    for wr in writers {
+        tokio::time::timeout(Duration::from_secs(120), wr).await.expect("writes stalled behind a slow watcher").unwrap();
+    }
+    // Now drain: every event exactly once, in revision order.
+    let evs = collect(&mut slow, 2000).await;
+    assert_eq!(evs.len(), 2000);
+    assert!(evs.windows(2).all(|w| w[0].0 < w[1].0), "events out of order or duplicated");
+    let keys: std::collections::BTreeSet<String> = evs.iter().map(|e| e.2.clone()).collect();
+    assert_eq!(keys.len(), 2000, "events lost");
 }
 
 #[tokio::test]

@@ -113,7 +113,7 @@ impl StateMachine {
 
 fn read_applied(mvcc: &MvccStore) -> io::Result<(Option<LogId>, StoredMembership)> {
     let last_applied = match mvcc.get_meta(META_LAST_APPLIED).map_err(io_err)? {
-        Some(b) => Some(decode::<LogId>(&b)?),
+        Some(b) => decode::<Option<LogId>>(&b)?,
         None => None,
     };
     let membership = match mvcc.get_meta(META_MEMBERSHIP).map_err(io_err)? {
@@ -170,8 +170,8 @@ fn build_snapshot_blocking(engine: &Arc<dyn Engine>, dir: &Path, seq: u64) -> io
         .scan_consistent(&Table::STATE_MACHINE, &mut |table, key, value| {
             if table == Table::Meta {
                 if key == META_LAST_APPLIED {
-                    match decode(value) {
-                        Ok(v) => last_applied = Some(v),
+                    match decode::<Option<LogId>>(value) {
+                        Ok(v) => last_applied = v,
                         Err(e) => failure = Some(e),
                     }
                 } else if key == META_MEMBERSHIP {
