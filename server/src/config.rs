@@ -30,7 +30,12 @@ pub struct Config {
     pub data_dir: Option<PathBuf>,
 
     /// Comma-separated URLs to listen on for client traffic.
-    #[arg(long, env = "KEEL_LISTEN_CLIENT_URLS", default_value = "http://127.0.0.1:2379", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "KEEL_LISTEN_CLIENT_URLS",
+        default_value = "http://127.0.0.1:2379",
+        value_delimiter = ','
+    )]
     pub listen_client_urls: Vec<String>,
 
     /// Comma-separated client URLs advertised to the rest of the cluster [default: the listen URLs].
@@ -38,7 +43,12 @@ pub struct Config {
     pub advertise_client_urls: Vec<String>,
 
     /// Comma-separated URLs to listen on for peer (Raft) traffic.
-    #[arg(long, env = "KEEL_LISTEN_PEER_URLS", default_value = "http://127.0.0.1:2380", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "KEEL_LISTEN_PEER_URLS",
+        default_value = "http://127.0.0.1:2380",
+        value_delimiter = ','
+    )]
     pub listen_peer_urls: Vec<String>,
 
     /// Comma-separated peer URLs advertised to the rest of the cluster [default: the listen URLs].
@@ -51,11 +61,20 @@ pub struct Config {
     pub initial_cluster: Option<String>,
 
     /// new: bootstrap a new cluster; existing: join a running cluster (after MemberAdd).
-    #[arg(long, env = "KEEL_INITIAL_CLUSTER_STATE", value_enum, default_value = "new")]
+    #[arg(
+        long,
+        env = "KEEL_INITIAL_CLUSTER_STATE",
+        value_enum,
+        default_value = "new"
+    )]
     pub initial_cluster_state: ClusterState,
 
     /// Initial cluster token; distinguishes clusters bootstrapped from the same configuration.
-    #[arg(long, env = "KEEL_INITIAL_CLUSTER_TOKEN", default_value = "keel-cluster")]
+    #[arg(
+        long,
+        env = "KEEL_INITIAL_CLUSTER_TOKEN",
+        default_value = "keel-cluster"
+    )]
     pub initial_cluster_token: String,
 
     /// Maximum client request size in bytes the server will accept.
@@ -94,21 +113,35 @@ pub struct Config {
     /// TESTING ONLY: serve linearizable reads from local state without confirming leadership.
     /// This breaks linearizability under partitions; it exists so the fault-testing harness can
     /// prove that it detects such a violation.
-    #[arg(long = "debug-unsafe-local-reads", env = "KEEL_DEBUG_UNSAFE_LOCAL_READS", hide = true)]
+    #[arg(
+        long = "debug-unsafe-local-reads",
+        env = "KEEL_DEBUG_UNSAFE_LOCAL_READS",
+        hide = true
+    )]
     pub unsafe_local_reads: bool,
 }
 
 impl Config {
     pub fn data_dir(&self) -> PathBuf {
-        self.data_dir.clone().unwrap_or_else(|| PathBuf::from(format!("{}.keel", self.name)))
+        self.data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("{}.keel", self.name)))
     }
 
     pub fn advertise_client_urls(&self) -> Vec<String> {
-        if self.advertise_client_urls.is_empty() { self.listen_client_urls.clone() } else { self.advertise_client_urls.clone() }
+        if self.advertise_client_urls.is_empty() {
+            self.listen_client_urls.clone()
+        } else {
+            self.advertise_client_urls.clone()
+        }
     }
 
     pub fn advertise_peer_urls(&self) -> Vec<String> {
-        if self.initial_advertise_peer_urls.is_empty() { self.listen_peer_urls.clone() } else { self.initial_advertise_peer_urls.clone() }
+        if self.initial_advertise_peer_urls.is_empty() {
+            self.listen_peer_urls.clone()
+        } else {
+            self.initial_advertise_peer_urls.clone()
+        }
     }
 
     pub fn heartbeat(&self) -> Duration {
@@ -123,11 +156,17 @@ impl Config {
     pub fn initial_members(&self) -> Result<Vec<(String, Vec<String>)>, String> {
         let spec = match &self.initial_cluster {
             Some(s) => s.clone(),
-            None => format!("{}={}", self.name, self.advertise_peer_urls().join(&format!(",{}=", self.name))),
+            None => format!(
+                "{}={}",
+                self.name,
+                self.advertise_peer_urls().join(&format!(",{}=", self.name))
+            ),
         };
         let mut members: Vec<(String, Vec<String>)> = Vec::new();
         for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (name, url) = part.split_once('=').ok_or_else(|| format!("--initial-cluster: '{part}' is not name=url"))?;
+            let (name, url) = part
+                .split_once('=')
+                .ok_or_else(|| format!("--initial-cluster: '{part}' is not name=url"))?;
             parse_url(url).map_err(|e| format!("--initial-cluster: {e}"))?;
             match members.iter_mut().find(|(n, _)| n == name) {
                 Some((_, urls)) => urls.push(url.to_string()),
@@ -135,7 +174,10 @@ impl Config {
             }
         }
         if !members.iter().any(|(n, _)| n == &self.name) {
-            return Err(format!("--initial-cluster does not contain this member's name '{}'", self.name));
+            return Err(format!(
+                "--initial-cluster does not contain this member's name '{}'",
+                self.name
+            ));
         }
         Ok(members)
     }
@@ -152,8 +194,15 @@ pub struct ListenUrl {
 impl ListenUrl {
     pub fn socket_addr(&self) -> Result<std::net::SocketAddr, String> {
         use std::net::ToSocketAddrs;
-        let host = if self.host.is_empty() { "0.0.0.0" } else { &self.host };
-        (host.trim_start_matches('[').trim_end_matches(']'), self.port)
+        let host = if self.host.is_empty() {
+            "0.0.0.0"
+        } else {
+            &self.host
+        };
+        (
+            host.trim_start_matches('[').trim_end_matches(']'),
+            self.port,
+        )
             .to_socket_addrs()
             .map_err(|e| format!("cannot resolve {host}:{}: {e}", self.port))?
             .next()
@@ -172,7 +221,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "s" | "" => n * 1000,
         "m" => n * 60_000,
         "h" => n * 3_600_000,
-        _ => return Err(format!("invalid duration unit in '{s}' (use ms, s, m or h)")),
+        _ => {
+            return Err(format!(
+                "invalid duration unit in '{s}' (use ms, s, m or h)"
+            ));
+        }
     };
     if ms == 0 {
         return Err("duration must be positive".into());
@@ -189,9 +242,17 @@ pub fn parse_url(url: &str) -> Result<ListenUrl, String> {
         return Err(format!("URL '{url}' must start with http:// or https://"));
     };
     let rest = rest.trim_end_matches('/');
-    let (host, port) = rest.rsplit_once(':').ok_or_else(|| format!("URL '{url}' has no port"))?;
-    let port = port.parse::<u16>().map_err(|_| format!("URL '{url}' has an invalid port"))?;
-    Ok(ListenUrl { tls, host: host.to_string(), port })
+    let (host, port) = rest
+        .rsplit_once(':')
+        .ok_or_else(|| format!("URL '{url}' has no port"))?;
+    let port = port
+        .parse::<u16>()
+        .map_err(|_| format!("URL '{url}' has an invalid port"))?;
+    Ok(ListenUrl {
+        tls,
+        host: host.to_string(),
+        port,
+    })
 }
 
 #[cfg(test)]
@@ -205,16 +266,37 @@ mod tests {
         assert_eq!(c.max_request_bytes, 1_572_864);
         assert_eq!(c.max_txn_ops, 128);
         assert_eq!(c.data_dir(), PathBuf::from("default.keel"));
-        assert_eq!(c.initial_members().unwrap(), vec![("default".to_string(), vec!["http://127.0.0.1:2380".to_string()])]);
+        assert_eq!(
+            c.initial_members().unwrap(),
+            vec![(
+                "default".to_string(),
+                vec!["http://127.0.0.1:2380".to_string()]
+            )]
+        );
     }
 
     #[test]
     fn initial_cluster_parsing() {
-        let c = Config::parse_from(["keel", "--name", "b", "--initial-cluster", "a=http://127.0.0.1:1,b=http://127.0.0.1:2,c=http://127.0.0.1:3"]);
+        let c = Config::parse_from([
+            "keel",
+            "--name",
+            "b",
+            "--initial-cluster",
+            "a=http://127.0.0.1:1,b=http://127.0.0.1:2,c=http://127.0.0.1:3",
+        ]);
         let m = c.initial_members().unwrap();
         assert_eq!(m.len(), 3);
-        assert_eq!(m[1], ("b".to_string(), vec!["http://127.0.0.1:2".to_string()]));
-        let bad = Config::parse_from(["keel", "--name", "z", "--initial-cluster", "a=http://127.0.0.1:1"]);
+        assert_eq!(
+            m[1],
+            ("b".to_string(), vec!["http://127.0.0.1:2".to_string()])
+        );
+        let bad = Config::parse_from([
+            "keel",
+            "--name",
+            "z",
+            "--initial-cluster",
+            "a=http://127.0.0.1:1",
+        ]);
         assert!(bad.initial_members().unwrap_err().contains("'z'"));
         let bad = Config::parse_from(["keel", "--initial-cluster", "default=127.0.0.1:1"]);
         assert!(bad.initial_members().is_err());
@@ -225,12 +307,23 @@ mod tests {
         assert_eq!(parse_duration("10m").unwrap(), Duration::from_secs(600));
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
-        assert!(parse_duration("0s").is_err() && parse_duration("5d").is_err() && parse_duration("x").is_err());
+        assert!(
+            parse_duration("0s").is_err()
+                && parse_duration("5d").is_err()
+                && parse_duration("x").is_err()
+        );
     }
 
     #[test]
     fn url_parsing() {
-        assert_eq!(parse_url("http://127.0.0.1:2379").unwrap(), ListenUrl { tls: false, host: "127.0.0.1".into(), port: 2379 });
+        assert_eq!(
+            parse_url("http://127.0.0.1:2379").unwrap(),
+            ListenUrl {
+                tls: false,
+                host: "127.0.0.1".into(),
+                port: 2379
+            }
+        );
         assert!(parse_url("https://[::1]:2379/").unwrap().tls);
         assert!(parse_url("tcp://x:1").is_err());
         assert!(parse_url("http://x").is_err());

@@ -55,8 +55,8 @@ impl ServerError {
     pub fn code(&self) -> Code {
         use ServerError::*;
         match self {
-            EmptyKey | KeyNotFound | ValueProvided | LeaseProvided | TooManyOps | DuplicateKey | InvalidSortOption
-            | RequestTooLarge => Code::InvalidArgument,
+            EmptyKey | KeyNotFound | ValueProvided | LeaseProvided | TooManyOps | DuplicateKey
+            | InvalidSortOption | RequestTooLarge => Code::InvalidArgument,
             Compacted | FutureRevision | LeaseTtlTooLarge => Code::OutOfRange,
             NoSpace => Code::ResourceExhausted,
             LeaseNotFound => Code::NotFound,
@@ -89,7 +89,6 @@ impl From<ApplyError> for ServerError {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,21 +96,57 @@ mod tests {
     #[test]
     fn etcd_codes_and_messages() {
         let cases: &[(ServerError, Code, &str)] = &[
-            (ServerError::EmptyKey, Code::InvalidArgument, "etcdserver: key is not provided"),
-            (ServerError::TooManyOps, Code::InvalidArgument, "etcdserver: too many operations in txn request"),
-            (ServerError::DuplicateKey, Code::InvalidArgument, "etcdserver: duplicate key given in txn request"),
-            (ServerError::Compacted, Code::OutOfRange, "etcdserver: mvcc: required revision has been compacted"),
-            (ServerError::FutureRevision, Code::OutOfRange, "etcdserver: mvcc: required revision is a future revision"),
-            (ServerError::LeaseNotFound, Code::NotFound, "etcdserver: requested lease not found"),
-            (ServerError::NoLeader, Code::Unavailable, "etcdserver: no leader"),
-            (ServerError::RequestTooLarge, Code::InvalidArgument, "etcdserver: request is too large"),
+            (
+                ServerError::EmptyKey,
+                Code::InvalidArgument,
+                "etcdserver: key is not provided",
+            ),
+            (
+                ServerError::TooManyOps,
+                Code::InvalidArgument,
+                "etcdserver: too many operations in txn request",
+            ),
+            (
+                ServerError::DuplicateKey,
+                Code::InvalidArgument,
+                "etcdserver: duplicate key given in txn request",
+            ),
+            (
+                ServerError::Compacted,
+                Code::OutOfRange,
+                "etcdserver: mvcc: required revision has been compacted",
+            ),
+            (
+                ServerError::FutureRevision,
+                Code::OutOfRange,
+                "etcdserver: mvcc: required revision is a future revision",
+            ),
+            (
+                ServerError::LeaseNotFound,
+                Code::NotFound,
+                "etcdserver: requested lease not found",
+            ),
+            (
+                ServerError::NoLeader,
+                Code::Unavailable,
+                "etcdserver: no leader",
+            ),
+            (
+                ServerError::RequestTooLarge,
+                Code::InvalidArgument,
+                "etcdserver: request is too large",
+            ),
         ];
         for (err, code, msg) in cases {
             let status: Status = err.clone().into();
             assert_eq!(status.code(), *code, "{err:?}");
             assert_eq!(status.message(), *msg);
         }
-        let from_store: Status = ServerError::from(ApplyError::new(ApplyErrorKind::Compacted)).into();
-        assert_eq!(from_store.message(), "etcdserver: mvcc: required revision has been compacted");
+        let from_store: Status =
+            ServerError::from(ApplyError::new(ApplyErrorKind::Compacted)).into();
+        assert_eq!(
+            from_store.message(),
+            "etcdserver: mvcc: required revision has been compacted"
+        );
     }
 }

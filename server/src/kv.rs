@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use keel_proto::etcdserverpb::kv_server::Kv;
 use keel_proto::etcdserverpb::{
-    CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse, RangeRequest,
-    RangeResponse, TxnRequest, TxnResponse,
+    CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
+    PutResponse, RangeRequest, RangeResponse, TxnRequest, TxnResponse,
 };
 use keel_proto::keelpb::raft_request::Request as Cmd;
 use keel_proto::keelpb::raft_response::Response as Res;
@@ -27,9 +27,14 @@ impl KvService {
     }
 
     async fn propose(&self, cmd: Cmd) -> Result<(Res, i64), Status> {
-        let resp: RaftResponse = self.node.propose(RaftRequest { request: Some(cmd) }).await?;
+        let resp: RaftResponse = self
+            .node
+            .propose(RaftRequest { request: Some(cmd) })
+            .await?;
         let revision = resp.revision;
-        let body = resp.response.ok_or_else(|| ServerError::Internal("empty apply response".into()))?;
+        let body = resp
+            .response
+            .ok_or_else(|| ServerError::Internal("empty apply response".into()))?;
         Ok((body, revision))
     }
 }
@@ -48,15 +53,32 @@ impl Kv for KvService {
             self.node.read_barrier().await?;
         }
         let mut resp = self.node.mvcc.range(&r).map_err(ServerError::from)?;
-        let revision = resp.header.as_ref().map(|h| h.revision).filter(|r| *r > 0).unwrap_or_else(|| self.node.mvcc.current_revision());
+        let revision = resp
+            .header
+            .as_ref()
+            .map(|h| h.revision)
+            .filter(|r| *r > 0)
+            .unwrap_or_else(|| self.node.mvcc.current_revision());
         resp.header = Some(self.node.header_at(revision));
         Ok(Response::new(resp))
     }
 
-    type RangeStreamStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<keel_proto::etcdserverpb::RangeStreamResponse, Status>> + Send>>;
+    type RangeStreamStream = std::pin::Pin<
+        Box<
+            dyn futures::Stream<
+                    Item = Result<keel_proto::etcdserverpb::RangeStreamResponse, Status>,
+                > + Send,
+        >,
+    >;
 
-    async fn range_stream(&self, _req: Request<RangeRequest>) -> Result<Response<Self::RangeStreamStream>, Status> {
-        Err(ServerError::Unimplemented("keel: RangeStream is not implemented yet; use Range".into()).into())
+    async fn range_stream(
+        &self,
+        _req: Request<RangeRequest>,
+    ) -> Result<Response<Self::RangeStreamStream>, Status> {
+        Err(ServerError::Unimplemented(
+            "keel: RangeStream is not implemented yet; use Range".into(),
+        )
+        .into())
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
@@ -73,7 +95,10 @@ impl Kv for KvService {
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
-    async fn delete_range(&self, req: Request<DeleteRangeRequest>) -> Result<Response<DeleteRangeResponse>, Status> {
+    async fn delete_range(
+        &self,
+        req: Request<DeleteRangeRequest>,
+    ) -> Result<Response<DeleteRangeResponse>, Status> {
         let r = req.into_inner();
         validate::check_delete(&r)?;
         match self.propose(Cmd::DeleteRange(r)).await? {
@@ -99,7 +124,10 @@ impl Kv for KvService {
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
-    async fn compact(&self, req: Request<CompactionRequest>) -> Result<Response<CompactionResponse>, Status> {
+    async fn compact(
+        &self,
+        req: Request<CompactionRequest>,
+    ) -> Result<Response<CompactionResponse>, Status> {
         let r = req.into_inner();
         match self.propose(Cmd::Compaction(r)).await? {
             (Res::Compaction(mut c), rev) => {

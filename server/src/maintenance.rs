@@ -36,11 +36,18 @@ impl Maintenance for MaintenanceService {
         Err(unimplemented("Alarm"))
     }
 
-    async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+    async fn status(
+        &self,
+        _req: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
         let m = self.node.raft.metrics().borrow_watched().clone();
         let db_size = self.node.mvcc.engine().size_bytes() as i64;
         let applied = self.node.applied.borrow().index;
-        let is_learner = !m.membership_config.membership().voter_ids().any(|id| id == self.node.member_id());
+        let is_learner = !m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|id| id == self.node.member_id());
         let mut errors = Vec::new();
         if m.current_leader.is_none() {
             errors.push("etcdserver: no leader".to_string());
@@ -50,7 +57,11 @@ impl Maintenance for MaintenanceService {
             version: ETCD_COMPAT_VERSION.to_string(),
             db_size,
             leader: m.current_leader.unwrap_or(0),
-            raft_index: m.cluster_committed.map(|l| l.index).or(m.last_log_index).unwrap_or(0),
+            raft_index: m
+                .cluster_committed
+                .map(|l| l.index)
+                .or(m.last_log_index)
+                .unwrap_or(0),
             raft_term: m.current_term,
             raft_applied_index: applied,
             errors,
@@ -60,7 +71,10 @@ impl Maintenance for MaintenanceService {
         }))
     }
 
-    async fn defragment(&self, _req: Request<DefragmentRequest>) -> Result<Response<DefragmentResponse>, Status> {
+    async fn defragment(
+        &self,
+        _req: Request<DefragmentRequest>,
+    ) -> Result<Response<DefragmentResponse>, Status> {
         Err(unimplemented("Defragment"))
     }
 
@@ -68,21 +82,33 @@ impl Maintenance for MaintenanceService {
         Err(unimplemented("Hash"))
     }
 
-    async fn hash_kv(&self, _req: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
+    async fn hash_kv(
+        &self,
+        _req: Request<HashKvRequest>,
+    ) -> Result<Response<HashKvResponse>, Status> {
         Err(unimplemented("HashKV"))
     }
 
     type SnapshotStream = Pin<Box<dyn Stream<Item = Result<SnapshotResponse, Status>> + Send>>;
 
-    async fn snapshot(&self, _req: Request<SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
+    async fn snapshot(
+        &self,
+        _req: Request<SnapshotRequest>,
+    ) -> Result<Response<Self::SnapshotStream>, Status> {
         Err(unimplemented("Snapshot"))
     }
 
-    async fn move_leader(&self, _req: Request<MoveLeaderRequest>) -> Result<Response<MoveLeaderResponse>, Status> {
+    async fn move_leader(
+        &self,
+        _req: Request<MoveLeaderRequest>,
+    ) -> Result<Response<MoveLeaderResponse>, Status> {
         Err(unimplemented("MoveLeader"))
     }
 
-    async fn downgrade(&self, _req: Request<DowngradeRequest>) -> Result<Response<DowngradeResponse>, Status> {
+    async fn downgrade(
+        &self,
+        _req: Request<DowngradeRequest>,
+    ) -> Result<Response<DowngradeResponse>, Status> {
         Err(unimplemented("Downgrade"))
     }
 }
@@ -99,19 +125,31 @@ impl ClusterService {
 
 #[tonic::async_trait]
 impl Cluster for ClusterService {
-    async fn member_add(&self, _req: Request<MemberAddRequest>) -> Result<Response<MemberAddResponse>, Status> {
+    async fn member_add(
+        &self,
+        _req: Request<MemberAddRequest>,
+    ) -> Result<Response<MemberAddResponse>, Status> {
         Err(unimplemented("MemberAdd"))
     }
 
-    async fn member_remove(&self, _req: Request<MemberRemoveRequest>) -> Result<Response<MemberRemoveResponse>, Status> {
+    async fn member_remove(
+        &self,
+        _req: Request<MemberRemoveRequest>,
+    ) -> Result<Response<MemberRemoveResponse>, Status> {
         Err(unimplemented("MemberRemove"))
     }
 
-    async fn member_update(&self, _req: Request<MemberUpdateRequest>) -> Result<Response<MemberUpdateResponse>, Status> {
+    async fn member_update(
+        &self,
+        _req: Request<MemberUpdateRequest>,
+    ) -> Result<Response<MemberUpdateResponse>, Status> {
         Err(unimplemented("MemberUpdate"))
     }
 
-    async fn member_list(&self, _req: Request<MemberListRequest>) -> Result<Response<MemberListResponse>, Status> {
+    async fn member_list(
+        &self,
+        _req: Request<MemberListRequest>,
+    ) -> Result<Response<MemberListResponse>, Status> {
         let m = self.node.raft.metrics().borrow_watched().clone();
         let membership = m.membership_config.membership();
         let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
@@ -125,10 +163,16 @@ impl Cluster for ClusterService {
                 is_learner: !voters.contains(id),
             })
             .collect();
-        Ok(Response::new(MemberListResponse { header: Some(self.node.header()), members }))
+        Ok(Response::new(MemberListResponse {
+            header: Some(self.node.header()),
+            members,
+        }))
     }
 
-    async fn member_promote(&self, _req: Request<MemberPromoteRequest>) -> Result<Response<MemberPromoteResponse>, Status> {
+    async fn member_promote(
+        &self,
+        _req: Request<MemberPromoteRequest>,
+    ) -> Result<Response<MemberPromoteResponse>, Status> {
         Err(unimplemented("MemberPromote"))
     }
 }

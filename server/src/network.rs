@@ -21,8 +21,8 @@ use openraft::base::{BoxFuture, BoxStream};
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{Backoff, RPCOption};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult, TransferLeaderRequest,
-    TransferLeaderResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult,
+    TransferLeaderRequest, TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use openraft::{OptionalSend, RaftNetworkFactory, RaftNetworkV2};
 use tokio::io::AsyncReadExt;
@@ -42,13 +42,27 @@ pub struct Peers {
 
 impl Peers {
     pub fn new(cluster_id: u64) -> Arc<Self> {
-        Arc::new(Self { cluster_id, channels: Mutex::new(BTreeMap::new()) })
+        Arc::new(Self {
+            cluster_id,
+            channels: Mutex::new(BTreeMap::new()),
+        })
     }
 
     /// A client for `target` at `node`'s first peer URL (connects lazily).
-    pub fn client(&self, target: NodeId, node: &MemberNode) -> Result<RaftPeerClient<Channel>, String> {
-        let url = node.peer_urls.first().ok_or_else(|| format!("member {target:x} has no peer URL"))?.clone();
-        let mut channels = self.channels.lock().map_err(|_| "peer channel map poisoned".to_string())?;
+    pub fn client(
+        &self,
+        target: NodeId,
+        node: &MemberNode,
+    ) -> Result<RaftPeerClient<Channel>, String> {
+        let url = node
+            .peer_urls
+            .first()
+            .ok_or_else(|| format!("member {target:x} has no peer URL"))?
+            .clone();
+        let mut channels = self
+            .channels
+            .lock()
+            .map_err(|_| "peer channel map poisoned".to_string())?;
         let channel = match channels.get(&target) {
             Some((known, ch)) if *known == url => ch.clone(),
             _ => {
@@ -63,7 +77,9 @@ impl Peers {
                 ch
             }
         };
-        Ok(RaftPeerClient::new(channel).max_decoding_message_size(256 << 20).max_encoding_message_size(256 << 20))
+        Ok(RaftPeerClient::new(channel)
+            .max_decoding_message_size(256 << 20)
+            .max_encoding_message_size(256 << 20))
     }
 
     /// Wraps `msg` in a request addressed to `target`.
@@ -94,7 +110,9 @@ fn network(e: impl std::fmt::Display) -> NetworkError<TypeConfig> {
 /// Maps a gRPC failure: connection problems back off, anything else retries.
 fn status_err(s: tonic::Status) -> RPCError<TypeConfig> {
     match s.code() {
-        tonic::Code::Unavailable | tonic::Code::FailedPrecondition | tonic::Code::Unknown => unreachable(s.message()),
+        tonic::Code::Unavailable | tonic::Code::FailedPrecondition | tonic::Code::Unknown => {
+            unreachable(s.message())
+        }
         _ => RPCError::Network(network(s.message())),
     }
 }
@@ -108,7 +126,11 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = PeerConnection;
 
     async fn new_client(&mut self, target: NodeId, node: &MemberNode) -> PeerConnection {
-        PeerConnection { target, node: node.clone(), peers: self.peers.clone() }
+        PeerConnection {
+            target,
+            node: node.clone(),
+            peers: self.peers.clone(),
+        }
     }
 }
 
@@ -121,10 +143,16 @@ pub struct PeerConnection {
 
 impl PeerConnection {
     fn client(&self) -> Result<RaftPeerClient<Channel>, RPCError<TypeConfig>> {
-        self.peers.client(self.target, &self.node).map_err(unreachable)
+        self.peers
+            .client(self.target, &self.node)
+            .map_err(unreachable)
     }
 
-    fn bytes_request<T: serde::Serialize>(&self, msg: &T, timeout: Duration) -> Result<tonic::Request<RaftBytes>, RPCError<TypeConfig>> {
+    fn bytes_request<T: serde::Serialize>(
+        &self,
+        msg: &T,
+        timeout: Duration,
+    ) -> Result<tonic::Request<RaftBytes>, RPCError<TypeConfig>> {
         let data = encode(msg).map_err(|e| RPCError::Network(network(e)))?;
         let mut req = self.peers.request(self.target, RaftBytes { data });
         req.set_timeout(timeout);
@@ -132,7 +160,9 @@ impl PeerConnection {
     }
 }
 
-fn decode_reply<T: serde::de::DeserializeOwned>(reply: tonic::Response<RaftBytes>) -> Result<T, RPCError<TypeConfig>> {
+fn decode_reply<T: serde::de::DeserializeOwned>(
+    reply: tonic::Response<RaftBytes>,
+) -> Result<T, RPCError<TypeConfig>> {
     decode(&reply.into_inner().data).map_err(|e| RPCError::Network(network(e)))
 }
 
@@ -145,37 +175,63 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
         let req = self.bytes_request(&rpc, option.soft_ttl())?;
-        decode_reply(self.client()?.append_entries(req).await.map_err(status_err)?)
+        decode_reply(
+            self.client()?
+                .append_entries(req)
+                .await
+                .map_err(status_err)?,
+        )
     }
 
     fn stream_append<'s, S>(
         &'s mut self,
         input: S,
         _option: RPCOption,
-    ) -> BoxFuture<'s, Result<BoxStream<'s, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>, RPCError<TypeConfig>>>
+    ) -> BoxFuture<
+        's,
+        Result<
+            BoxStream<'s, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>,
+            RPCError<TypeConfig>,
+        >,
+    >
     where
         S: Stream<Item = AppendEntriesRequest<TypeConfig>> + OptionalSend + Unpin + 'static,
     {
         Box::pin(async move {
             let mut client = self.client()?;
             // An entry that cannot be encoded ends the stream; openraft then retries.
-            let requests = input.scan((), |_, r| futures::future::ready(encode(&r).ok().map(|data| RaftBytes { data })));
+            let requests = input.scan((), |_, r| {
+                futures::future::ready(encode(&r).ok().map(|data| RaftBytes { data }))
+            });
             let req = self.peers.request(self.target, requests);
-            let replies = client.stream_append(req).await.map_err(status_err)?.into_inner();
+            let replies = client
+                .stream_append(req)
+                .await
+                .map_err(status_err)?
+                .into_inner();
             let results = replies.map(|item| {
                 let bytes = item.map_err(status_err)?;
-                decode::<StreamAppendResult<TypeConfig>>(&bytes.data).map_err(|e| RPCError::Network(network(e)))
+                decode::<StreamAppendResult<TypeConfig>>(&bytes.data)
+                    .map_err(|e| RPCError::Network(network(e)))
             });
             Ok(Box::pin(results) as BoxStream<'s, _>)
         })
     }
 
-    async fn vote(&mut self, rpc: VoteRequest<TypeConfig>, option: RPCOption) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
         let req = self.bytes_request(&rpc, option.soft_ttl())?;
         decode_reply(self.client()?.vote(req).await.map_err(status_err)?)
     }
 
-    async fn pre_vote(&mut self, rpc: VoteRequest<TypeConfig>, option: RPCOption) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
         let req = self.bytes_request(&rpc, option.soft_ttl())?;
         decode_reply(self.client()?.pre_vote(req).await.map_err(status_err)?)
     }
@@ -187,12 +243,23 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
         _option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
-        let mut client = self.client().map_err(|e| StreamingError::Unreachable(Unreachable::new(&TransportError(e.to_string()))))?;
-        let meta = encode(&(vote, snapshot.meta.clone())).map_err(|e| StreamingError::Network(network(e)))?;
-        let mut file = tokio::fs::File::open(&snapshot.snapshot.path).await.map_err(|e| StreamingError::Network(network(e)))?;
+        let mut client = self.client().map_err(|e| {
+            StreamingError::Unreachable(Unreachable::new(&TransportError(e.to_string())))
+        })?;
+        let meta = encode(&(vote, snapshot.meta.clone()))
+            .map_err(|e| StreamingError::Network(network(e)))?;
+        let mut file = tokio::fs::File::open(&snapshot.snapshot.path)
+            .await
+            .map_err(|e| StreamingError::Network(network(e)))?;
         let (tx, rx) = tokio::sync::mpsc::channel::<SnapshotChunk>(4);
         let sender = async move {
-            if tx.send(SnapshotChunk { chunk: Some(snapshot_chunk::Chunk::Meta(meta)) }).await.is_err() {
+            if tx
+                .send(SnapshotChunk {
+                    chunk: Some(snapshot_chunk::Chunk::Meta(meta)),
+                })
+                .await
+                .is_err()
+            {
                 return;
             }
             loop {
@@ -202,13 +269,21 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
                     Ok(n) => n,
                 };
                 buf.truncate(n);
-                if tx.send(SnapshotChunk { chunk: Some(snapshot_chunk::Chunk::Data(buf)) }).await.is_err() {
+                if tx
+                    .send(SnapshotChunk {
+                        chunk: Some(snapshot_chunk::Chunk::Data(buf)),
+                    })
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
         };
         tokio::spawn(sender);
-        let req = self.peers.request(self.target, tokio_stream::wrappers::ReceiverStream::new(rx));
+        let req = self
+            .peers
+            .request(self.target, tokio_stream::wrappers::ReceiverStream::new(rx));
         tokio::select! {
             closed = cancel => Err(StreamingError::Closed(closed)),
             reply = client.install_snapshot(req) => {
@@ -224,7 +299,12 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         option: RPCOption,
     ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
         let req = self.bytes_request(&req, option.soft_ttl())?;
-        decode_reply(self.client()?.transfer_leader(req).await.map_err(status_err)?)
+        decode_reply(
+            self.client()?
+                .transfer_leader(req)
+                .await
+                .map_err(status_err)?,
+        )
     }
 
     fn backoff(&self) -> Option<Backoff> {

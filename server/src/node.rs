@@ -10,15 +10,15 @@ use std::time::Duration;
 
 use keel_proto::etcdserverpb::ResponseHeader;
 use keel_proto::keelpb::{ForwardRequest, RaftRequest, RaftResponse, ReadIndexRequest};
-use keel_store::engine::rocks::RocksEngine;
+use keel_store::ApplyError;
 use keel_store::engine::Engine;
+use keel_store::engine::rocks::RocksEngine;
 use keel_store::mvcc::MvccStore;
 use keel_store::raft::state_machine::ApplyListener;
 use keel_store::raft::{AppliedState, Command, LogStore, MemberNode, NodeId, Raft, StateMachine};
-use keel_store::ApplyError;
+use openraft::async_runtime::WatchReceiver as _;
 use openraft::error::{ClientWriteError, LinearizableReadError, RaftError};
 use openraft::{ReadPolicy, SnapshotPolicy};
-use openraft::async_runtime::WatchReceiver as _;
 use prost::Message;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -82,7 +82,10 @@ pub struct KeelNode {
 
 impl KeelNode {
     /// Opens (or creates) the data directory and starts the Raft node.
-    pub async fn start(config: Config, listener: Option<ApplyListener>) -> anyhow::Result<Arc<KeelNode>> {
+    pub async fn start(
+        config: Config,
+        listener: Option<ApplyListener>,
+    ) -> anyhow::Result<Arc<KeelNode>> {
         let data_dir = config.data_dir();
         std::fs::create_dir_all(&data_dir)?;
         let id_path = identity_path(&data_dir);
@@ -96,13 +99,28 @@ impl KeelNode {
         let mut bootstrap: BTreeMap<NodeId, MemberNode> = BTreeMap::new();
         for (name, urls) in &members {
             let id = member_id(urls, &config.initial_cluster_token);
-            let client_urls = if *name == config.name { config.advertise_client_urls() } else { Vec::new() };
-            bootstrap.insert(id, MemberNode { name: name.clone(), peer_urls: urls.clone(), client_urls });
+            let client_urls = if *name == config.name {
+                config.advertise_client_urls()
+            } else {
+                Vec::new()
+            };
+            bootstrap.insert(
+                id,
+                MemberNode {
+                    name: name.clone(),
+                    peer_urls: urls.clone(),
+                    client_urls,
+                },
+            );
         }
         let identity = match &existing {
             Some(id) => id.clone(),
             None => {
-                let my_urls = &members.iter().find(|(n, _)| *n == config.name).map(|(_, u)| u.clone()).unwrap_or_default();
+                let my_urls = &members
+                    .iter()
+                    .find(|(n, _)| *n == config.name)
+                    .map(|(_, u)| u.clone())
+                    .unwrap_or_default();
                 let ids: BTreeSet<NodeId> = bootstrap.keys().copied().collect();
                 Identity {
                     name: config.name.clone(),
@@ -135,8 +153,17 @@ impl KeelNode {
         }
         .validate()?;
         let peers = Peers::new(identity.cluster_id);
-        let network = NetworkFactory { peers: peers.clone() };
-        let raft = Raft::new(identity.member_id, Arc::new(raft_config), network, log_store, state_machine).await?;
+        let network = NetworkFactory {
+            peers: peers.clone(),
+        };
+        let raft = Raft::new(
+            identity.member_id,
+            Arc::new(raft_config),
+            network,
+            log_store,
+            state_machine,
+        )
+        .await?;
 
         if existing.is_none() {
             if config.initial_cluster_state == ClusterState::New {
@@ -144,19 +171,32 @@ impl KeelNode {
                 // that, and the first to win an election commits it.
                 match raft.initialize(bootstrap.clone()).await {
                     Ok(()) => {}
-                    Err(RaftError::APIError(e)) => tracing::info!("cluster already initialized: {e}"),
+                    Err(RaftError::APIError(e)) => {
+                        tracing::info!("cluster already initialized: {e}")
+                    }
                     Err(e) => return Err(e.into()),
                 }
             }
             let tmp = id_path.with_extension("json.tmp");
             std::fs::write(&tmp, serde_json::to_vec_pretty(&identity)?)?;
             std::fs::rename(&tmp, &id_path)?;
-        } else if existing.as_ref().is_some_and(|e| e.name != config.name) && config.name != "default" {
+        } else if existing.as_ref().is_some_and(|e| e.name != config.name)
+            && config.name != "default"
+        {
             tracing::warn!(stored = %identity.name, flag = %config.name, "--name differs from the data directory's member; keeping the stored identity");
         }
 
         tracing::info!(member_id = %format!("{:x}", identity.member_id), cluster_id = %format!("{:x}", identity.cluster_id), data_dir = %data_dir.display(), "keel member started");
-        Ok(Arc::new(KeelNode { identity, config, raft, mvcc, applied, peers, data_dir, snapshot_dir }))
+        Ok(Arc::new(KeelNode {
+            identity,
+            config,
+            raft,
+            mvcc,
+            applied,
+            peers,
+            data_dir,
+            snapshot_dir,
+        }))
     }
 
     pub fn member_id(&self) -> NodeId {
@@ -206,7 +246,9 @@ impl KeelNode {
 
     async fn propose_routed(&self, req: RaftRequest) -> Result<RaftResponse, ServerError> {
         match self.leader() {
-            Some((leader, Some(node))) if leader != self.member_id() => self.forward(leader, &node, req).await,
+            Some((leader, Some(node))) if leader != self.member_id() => {
+                self.forward(leader, &node, req).await
+            }
             _ => self.propose_local(req).await,
         }
     }
@@ -215,21 +257,43 @@ impl KeelNode {
     pub async fn propose_local(&self, req: RaftRequest) -> Result<RaftResponse, ServerError> {
         match self.raft.client_write(Command(req.clone())).await {
             Ok(resp) => Ok(resp.data.0),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => match (f.leader_id, f.leader_node) {
-                (Some(id), Some(node)) if id != self.member_id() => self.forward(id, &node, req).await,
-                _ => Err(ServerError::NoLeader),
-            },
-            Err(RaftError::APIError(ClientWriteError::LogEntryDiscarded(_))) => Err(ServerError::LeaderChanged),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                match (f.leader_id, f.leader_node) {
+                    (Some(id), Some(node)) if id != self.member_id() => {
+                        self.forward(id, &node, req).await
+                    }
+                    _ => Err(ServerError::NoLeader),
+                }
+            }
+            Err(RaftError::APIError(ClientWriteError::LogEntryDiscarded(_))) => {
+                Err(ServerError::LeaderChanged)
+            }
             Err(RaftError::APIError(e)) => Err(ServerError::Internal(e.to_string())),
             Err(RaftError::Fatal(_)) => Err(ServerError::Stopped),
         }
     }
 
-    async fn forward(&self, leader: NodeId, node: &MemberNode, req: RaftRequest) -> Result<RaftResponse, ServerError> {
-        let mut client = self.peers.client(leader, node).map_err(|_| ServerError::NoLeader)?;
-        let reply = client.forward(self.peers.request(leader, ForwardRequest { request: Some(req) })).await;
+    async fn forward(
+        &self,
+        leader: NodeId,
+        node: &MemberNode,
+        req: RaftRequest,
+    ) -> Result<RaftResponse, ServerError> {
+        let mut client = self
+            .peers
+            .client(leader, node)
+            .map_err(|_| ServerError::NoLeader)?;
+        let reply = client
+            .forward(
+                self.peers
+                    .request(leader, ForwardRequest { request: Some(req) }),
+            )
+            .await;
         match reply {
-            Ok(r) => r.into_inner().response.ok_or_else(|| ServerError::Internal("empty forwarded response".into())),
+            Ok(r) => r
+                .into_inner()
+                .response
+                .ok_or_else(|| ServerError::Internal("empty forwarded response".into())),
             Err(status) => Err(status_to_error(&status)),
         }
     }
@@ -249,10 +313,19 @@ impl KeelNode {
     async fn read_barrier_inner(&self) -> Result<(), ServerError> {
         let index = match self.leader() {
             Some((leader, Some(node))) if leader != self.member_id() => {
-                let mut client = self.peers.client(leader, &node).map_err(|_| ServerError::NoLeader)?;
-                let reply = client.read_index(self.peers.request(leader, ReadIndexRequest {})).await.map_err(|s| status_to_error(&s))?;
+                let mut client = self
+                    .peers
+                    .client(leader, &node)
+                    .map_err(|_| ServerError::NoLeader)?;
+                let reply = client
+                    .read_index(self.peers.request(leader, ReadIndexRequest {}))
+                    .await
+                    .map_err(|s| status_to_error(&s))?;
                 let data = reply.into_inner().data;
-                let bytes: [u8; 8] = data.as_slice().try_into().map_err(|_| ServerError::Internal("bad read index".into()))?;
+                let bytes: [u8; 8] = data
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| ServerError::Internal("bad read index".into()))?;
                 u64::from_be_bytes(bytes)
             }
             Some(_) => self.read_index_local().await?,
@@ -266,8 +339,12 @@ impl KeelNode {
     pub async fn read_index_local(&self) -> Result<u64, ServerError> {
         match self.raft.get_read_log_id(ReadPolicy::ReadIndex).await {
             Ok((read_log_id, _)) => Ok(read_log_id.index()),
-            Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(_))) => Err(ServerError::NotLeader),
-            Err(RaftError::APIError(LinearizableReadError::QuorumNotEnough(_))) => Err(ServerError::Timeout),
+            Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(_))) => {
+                Err(ServerError::NotLeader)
+            }
+            Err(RaftError::APIError(LinearizableReadError::QuorumNotEnough(_))) => {
+                Err(ServerError::Timeout)
+            }
             Err(RaftError::Fatal(_)) => Err(ServerError::Stopped),
         }
     }
@@ -275,7 +352,9 @@ impl KeelNode {
     /// Waits until this member has applied `index`.
     pub async fn wait_applied(&self, index: u64) -> Result<(), ServerError> {
         let mut rx = self.applied.clone();
-        rx.wait_for(|a| a.index >= index).await.map_err(|_| ServerError::Stopped)?;
+        rx.wait_for(|a| a.index >= index)
+            .await
+            .map_err(|_| ServerError::Stopped)?;
         Ok(())
     }
 }
@@ -284,15 +363,33 @@ impl KeelNode {
 fn status_to_error(status: &tonic::Status) -> ServerError {
     use ServerError::*;
     let all = [
-        EmptyKey, KeyNotFound, ValueProvided, LeaseProvided, TooManyOps, DuplicateKey, InvalidSortOption, RequestTooLarge,
-        Compacted, FutureRevision, NoSpace, LeaseNotFound, LeaseExists, LeaseTtlTooLarge, NoLeader, LeaderChanged, Timeout,
-        Stopped, NotLeader,
+        EmptyKey,
+        KeyNotFound,
+        ValueProvided,
+        LeaseProvided,
+        TooManyOps,
+        DuplicateKey,
+        InvalidSortOption,
+        RequestTooLarge,
+        Compacted,
+        FutureRevision,
+        NoSpace,
+        LeaseNotFound,
+        LeaseExists,
+        LeaseTtlTooLarge,
+        NoLeader,
+        LeaderChanged,
+        Timeout,
+        Stopped,
+        NotLeader,
     ];
     if let Some(e) = all.into_iter().find(|e| e.to_string() == status.message()) {
         return e;
     }
     match status.code() {
-        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => NoLeader,
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+            NoLeader
+        }
         _ => Internal(status.message().to_string()),
     }
 }

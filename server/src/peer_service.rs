@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use futures::{Stream, StreamExt};
 use keel_proto::keelpb::raft_peer_server::RaftPeer;
 use keel_proto::keelpb::{
-    ForwardRequest, ForwardResponse, MemberIdentity, RaftBytes, ReadIndexRequest, ReadIndexResponse, SnapshotChunk,
-    snapshot_chunk,
+    ForwardRequest, ForwardResponse, MemberIdentity, RaftBytes, ReadIndexRequest,
+    ReadIndexResponse, SnapshotChunk, snapshot_chunk,
 };
 use keel_store::raft::TypeConfig;
 use keel_store::raft::snapshot::SnapshotFile;
@@ -31,19 +31,34 @@ pub struct PeerService {
 
 impl PeerService {
     pub fn new(node: Arc<KeelNode>) -> Self {
-        Self { node, incoming_seq: AtomicU64::new(0) }
+        Self {
+            node,
+            incoming_seq: AtomicU64::new(0),
+        }
     }
 
     /// Refuses requests addressed to another member or cluster.
     fn check_target<T>(&self, req: &Request<T>) -> Result<(), Status> {
         let md = req.metadata();
-        let target = md.get(META_TARGET).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-        let cluster = md.get(META_CLUSTER).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+        let target = md
+            .get(META_TARGET)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let cluster = md
+            .get(META_CLUSTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
         if target.is_some_and(|t| t != self.node.member_id()) {
-            return Err(Status::failed_precondition(format!("this is member {:x}, not {:x}", self.node.member_id(), target.unwrap_or(0))));
+            return Err(Status::failed_precondition(format!(
+                "this is member {:x}, not {:x}",
+                self.node.member_id(),
+                target.unwrap_or(0)
+            )));
         }
         if cluster.is_some_and(|c| c != self.node.identity.cluster_id) {
-            return Err(Status::failed_precondition("etcdserver: cluster ID mismatch"));
+            return Err(Status::failed_precondition(
+                "etcdserver: cluster ID mismatch",
+            ));
         }
         Ok(())
     }
@@ -54,7 +69,9 @@ fn bad(e: impl std::fmt::Display) -> Status {
 }
 
 fn reply<T: serde::Serialize>(v: &T) -> Result<Response<RaftBytes>, Status> {
-    Ok(Response::new(RaftBytes { data: encode(v).map_err(|e| Status::internal(e.to_string()))? }))
+    Ok(Response::new(RaftBytes {
+        data: encode(v).map_err(|e| Status::internal(e.to_string()))?,
+    }))
 }
 
 fn fatal(e: impl std::fmt::Display) -> Status {
@@ -85,29 +102,56 @@ impl RaftPeer for PeerService {
 
     type StreamAppendStream = BytesStream;
 
-    async fn stream_append(&self, req: Request<Streaming<RaftBytes>>) -> Result<Response<Self::StreamAppendStream>, Status> {
+    async fn stream_append(
+        &self,
+        req: Request<Streaming<RaftBytes>>,
+    ) -> Result<Response<Self::StreamAppendStream>, Status> {
         self.check_target(&req)?;
-        let input = req.into_inner().scan((), |_, item| futures::future::ready(item.ok().and_then(|b| decode::<AppendEntriesRequest<TypeConfig>>(&b.data).ok())));
-        let output = self.node.raft.stream_append(input).map(|result| match result {
-            Ok(r) => encode(&r).map(|data| RaftBytes { data }).map_err(|e| Status::internal(e.to_string())),
-            Err(e) => Err(fatal(e)),
+        let input = req.into_inner().scan((), |_, item| {
+            futures::future::ready(
+                item.ok()
+                    .and_then(|b| decode::<AppendEntriesRequest<TypeConfig>>(&b.data).ok()),
+            )
         });
+        let output = self
+            .node
+            .raft
+            .stream_append(input)
+            .map(|result| match result {
+                Ok(r) => encode(&r)
+                    .map(|data| RaftBytes { data })
+                    .map_err(|e| Status::internal(e.to_string())),
+                Err(e) => Err(fatal(e)),
+            });
         Ok(Response::new(Box::pin(output)))
     }
 
-    async fn install_snapshot(&self, req: Request<Streaming<SnapshotChunk>>) -> Result<Response<RaftBytes>, Status> {
+    async fn install_snapshot(
+        &self,
+        req: Request<Streaming<SnapshotChunk>>,
+    ) -> Result<Response<RaftBytes>, Status> {
         self.check_target(&req)?;
         let mut stream = req.into_inner();
-        let first = stream.next().await.ok_or_else(|| bad("empty snapshot stream"))??;
+        let first = stream
+            .next()
+            .await
+            .ok_or_else(|| bad("empty snapshot stream"))??;
         let (vote, meta): (Vote, SnapshotMeta) = match first.chunk {
             Some(snapshot_chunk::Chunk::Meta(m)) => decode(&m).map_err(bad)?,
             _ => return Err(bad("snapshot stream must start with its meta")),
         };
         let seq = self.incoming_seq.fetch_add(1, Ordering::Relaxed);
-        tokio::fs::create_dir_all(&self.node.snapshot_dir).await.map_err(|e| Status::internal(e.to_string()))?;
-        let path = self.node.snapshot_dir.join(format!("incoming-{}-{seq}.tmp", std::process::id()));
+        tokio::fs::create_dir_all(&self.node.snapshot_dir)
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let path = self
+            .node
+            .snapshot_dir
+            .join(format!("incoming-{}-{seq}.tmp", std::process::id()));
         let result = async {
-            let mut file = tokio::fs::File::create(&path).await.map_err(|e| Status::internal(e.to_string()))?;
+            let mut file = tokio::fs::File::create(&path)
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?;
             let mut total: u64 = 0;
             while let Some(chunk) = stream.next().await {
                 match chunk?.chunk {
@@ -116,14 +160,26 @@ impl RaftPeer for PeerService {
                         if total > MAX_SNAPSHOT_BYTES {
                             return Err(Status::resource_exhausted("snapshot too large"));
                         }
-                        file.write_all(&d).await.map_err(|e| Status::internal(e.to_string()))?;
+                        file.write_all(&d)
+                            .await
+                            .map_err(|e| Status::internal(e.to_string()))?;
                     }
                     _ => return Err(bad("unexpected snapshot chunk")),
                 }
             }
-            file.sync_all().await.map_err(|e| Status::internal(e.to_string()))?;
-            let snapshot = Snapshot { meta, snapshot: SnapshotFile { path: path.clone() } };
-            let resp = self.node.raft.install_full_snapshot(vote, snapshot).await.map_err(fatal)?;
+            file.sync_all()
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?;
+            let snapshot = Snapshot {
+                meta,
+                snapshot: SnapshotFile { path: path.clone() },
+            };
+            let resp = self
+                .node
+                .raft
+                .install_full_snapshot(vote, snapshot)
+                .await
+                .map_err(fatal)?;
             reply(&resp)
         }
         .await;
@@ -133,35 +189,66 @@ impl RaftPeer for PeerService {
         result
     }
 
-    async fn transfer_leader(&self, req: Request<RaftBytes>) -> Result<Response<RaftBytes>, Status> {
+    async fn transfer_leader(
+        &self,
+        req: Request<RaftBytes>,
+    ) -> Result<Response<RaftBytes>, Status> {
         self.check_target(&req)?;
         let rpc: TransferLeaderRequest<TypeConfig> = decode(&req.into_inner().data).map_err(bad)?;
-        reply(&self.node.raft.handle_transfer_leader(rpc).await.map_err(fatal)?)
+        reply(
+            &self
+                .node
+                .raft
+                .handle_transfer_leader(rpc)
+                .await
+                .map_err(fatal)?,
+        )
     }
 
-    async fn forward(&self, req: Request<ForwardRequest>) -> Result<Response<ForwardResponse>, Status> {
+    async fn forward(
+        &self,
+        req: Request<ForwardRequest>,
+    ) -> Result<Response<ForwardResponse>, Status> {
         self.check_target(&req)?;
-        let request = req.into_inner().request.ok_or_else(|| bad("forward without a request"))?;
+        let request = req
+            .into_inner()
+            .request
+            .ok_or_else(|| bad("forward without a request"))?;
         // Proposed here or rejected: never forwarded again, so requests cannot loop.
-        match self.node.raft.client_write(keel_store::raft::Command(request)).await {
-            Ok(resp) => Ok(Response::new(ForwardResponse { response: Some(resp.data.0) })),
-            Err(openraft::error::RaftError::APIError(openraft::error::ClientWriteError::ForwardToLeader(_))) => {
-                Err(crate::error::ServerError::LeaderChanged.into())
-            }
-            Err(openraft::error::RaftError::APIError(openraft::error::ClientWriteError::LogEntryDiscarded(_))) => {
-                Err(crate::error::ServerError::LeaderChanged.into())
-            }
+        match self
+            .node
+            .raft
+            .client_write(keel_store::raft::Command(request))
+            .await
+        {
+            Ok(resp) => Ok(Response::new(ForwardResponse {
+                response: Some(resp.data.0),
+            })),
+            Err(openraft::error::RaftError::APIError(
+                openraft::error::ClientWriteError::ForwardToLeader(_),
+            )) => Err(crate::error::ServerError::LeaderChanged.into()),
+            Err(openraft::error::RaftError::APIError(
+                openraft::error::ClientWriteError::LogEntryDiscarded(_),
+            )) => Err(crate::error::ServerError::LeaderChanged.into()),
             Err(e) => Err(crate::error::ServerError::Internal(e.to_string()).into()),
         }
     }
 
-    async fn read_index(&self, req: Request<ReadIndexRequest>) -> Result<Response<ReadIndexResponse>, Status> {
+    async fn read_index(
+        &self,
+        req: Request<ReadIndexRequest>,
+    ) -> Result<Response<ReadIndexResponse>, Status> {
         self.check_target(&req)?;
         let index = self.node.read_index_local().await?;
-        Ok(Response::new(ReadIndexResponse { data: index.to_be_bytes().to_vec() }))
+        Ok(Response::new(ReadIndexResponse {
+            data: index.to_be_bytes().to_vec(),
+        }))
     }
 
-    async fn identify(&self, req: Request<MemberIdentity>) -> Result<Response<MemberIdentity>, Status> {
+    async fn identify(
+        &self,
+        req: Request<MemberIdentity>,
+    ) -> Result<Response<MemberIdentity>, Status> {
         let _ = req;
         Ok(Response::new(MemberIdentity {
             member_id: self.node.member_id(),

@@ -23,7 +23,11 @@ const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 /// Binds with SO_REUSEADDR, so a restarted member can listen again at once even though
 /// connections of its previous life linger in TIME_WAIT.
 fn bind(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(1024)
@@ -50,9 +54,13 @@ impl RunningServer {
 
 /// Starts a member with `config` and serves until `shutdown` is called.
 pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
-    let hub = WatchHub::new(config.max_request_bytes + GRPC_OVERHEAD_BYTES, config.watch_progress_notify_interval);
+    let hub = WatchHub::new(
+        config.max_request_bytes + GRPC_OVERHEAD_BYTES,
+        config.watch_progress_notify_interval,
+    );
     let listener_hub = hub.clone();
-    let listener: keel_store::raft::state_machine::ApplyListener = Arc::new(move |chunk| listener_hub.on_applied(chunk));
+    let listener: keel_store::raft::state_machine::ApplyListener =
+        Arc::new(move |chunk| listener_hub.on_applied(chunk));
     let node = KeelNode::start(config.clone(), Some(listener)).await?;
     hub.attach(node.mvcc.clone());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -60,9 +68,14 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let max_recv = config.max_request_bytes + GRPC_OVERHEAD_BYTES;
 
     for url in &config.listen_peer_urls {
-        let addr = parse_url(url).map_err(anyhow::Error::msg)?.socket_addr().map_err(anyhow::Error::msg)?;
+        let addr = parse_url(url)
+            .map_err(anyhow::Error::msg)?
+            .socket_addr()
+            .map_err(anyhow::Error::msg)?;
         let listener = bind(addr).map_err(|e| anyhow::anyhow!("listen on peer URL {url}: {e}"))?;
-        let svc = RaftPeerServer::new(PeerService::new(node.clone())).max_decoding_message_size(256 << 20).max_encoding_message_size(256 << 20);
+        let svc = RaftPeerServer::new(PeerService::new(node.clone()))
+            .max_decoding_message_size(256 << 20)
+            .max_encoding_message_size(256 << 20);
         let mut rx = shutdown_rx.clone();
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         tasks.push(tokio::spawn(
@@ -82,21 +95,41 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             anyhow::bail!("TLS client URLs are not supported yet: {url}");
         }
         let addr = parsed.socket_addr().map_err(anyhow::Error::msg)?;
-        let listener = bind(addr).map_err(|e| anyhow::anyhow!("listen on client URL {url}: {e}"))?;
+        let listener =
+            bind(addr).map_err(|e| anyhow::anyhow!("listen on client URL {url}: {e}"))?;
         let mut rx = shutdown_rx.clone();
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
-            .add_service(KvServer::new(KvService::new(node.clone())).max_decoding_message_size(max_recv))
-            .add_service(WatchServer::new(WatchService::new(node.clone(), hub.clone())).max_decoding_message_size(max_recv))
-            .add_service(MaintenanceServer::new(MaintenanceService::new(node.clone())).max_decoding_message_size(max_recv))
-            .add_service(ClusterServer::new(ClusterService::new(node.clone())).max_decoding_message_size(max_recv));
-        tasks.push(tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
-            let _ = rx.wait_for(|s| *s).await;
-        })));
+            .add_service(
+                KvServer::new(KvService::new(node.clone())).max_decoding_message_size(max_recv),
+            )
+            .add_service(
+                WatchServer::new(WatchService::new(node.clone(), hub.clone()))
+                    .max_decoding_message_size(max_recv),
+            )
+            .add_service(
+                MaintenanceServer::new(MaintenanceService::new(node.clone()))
+                    .max_decoding_message_size(max_recv),
+            )
+            .add_service(
+                ClusterServer::new(ClusterService::new(node.clone()))
+                    .max_decoding_message_size(max_recv),
+            );
+        tasks.push(tokio::spawn(router.serve_with_incoming_shutdown(
+            incoming,
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            },
+        )));
         tracing::info!(%url, "serving client traffic");
     }
 
-    Ok(RunningServer { node, watch_hub: hub, shutdown: shutdown_tx, tasks })
+    Ok(RunningServer {
+        node,
+        watch_hub: hub,
+        shutdown: shutdown_tx,
+        tasks,
+    })
 }

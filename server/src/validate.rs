@@ -4,7 +4,9 @@
 use std::collections::BTreeSet;
 
 use keel_proto::etcdserverpb::request_op::Request;
-use keel_proto::etcdserverpb::{DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest, range_request};
+use keel_proto::etcdserverpb::{
+    DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest, range_request,
+};
 
 use crate::error::ServerError;
 
@@ -12,7 +14,9 @@ pub fn check_range(r: &RangeRequest) -> Result<(), ServerError> {
     if r.key.is_empty() {
         return Err(ServerError::EmptyKey);
     }
-    if range_request::SortOrder::try_from(r.sort_order).is_err() || range_request::SortTarget::try_from(r.sort_target).is_err() {
+    if range_request::SortOrder::try_from(r.sort_order).is_err()
+        || range_request::SortTarget::try_from(r.sort_target).is_err()
+    {
         return Err(ServerError::InvalidSortOption);
     }
     Ok(())
@@ -77,7 +81,11 @@ struct Deletes(Vec<(Vec<u8>, Vec<u8>)>);
 impl Deletes {
     fn contains(&self, key: &[u8]) -> bool {
         self.0.iter().any(|(start, end)| {
-            if end.is_empty() { start.as_slice() == key } else { start.as_slice() <= key && key < end.as_slice() }
+            if end.is_empty() {
+                start.as_slice() == key
+            } else {
+                start.as_slice() <= key && key < end.as_slice()
+            }
         })
     }
 }
@@ -93,7 +101,9 @@ fn check_intervals(ops: &[RequestOp]) -> Result<(BTreeSet<Vec<u8>>, Deletes), Se
     }
     let mut puts: BTreeSet<Vec<u8>> = BTreeSet::new();
     for op in ops {
-        let Some(Request::RequestTxn(t)) = &op.request else { continue };
+        let Some(Request::RequestTxn(t)) = &op.request else {
+            continue;
+        };
         let (puts_then, dels_then) = check_intervals(&t.success)?;
         let (puts_else, dels_else) = check_intervals(&t.failure)?;
         for k in &puts_then {
@@ -112,7 +122,9 @@ fn check_intervals(ops: &[RequestOp]) -> Result<(BTreeSet<Vec<u8>>, Deletes), Se
         dels.0.extend(dels_else.0);
     }
     for op in ops {
-        let Some(Request::RequestPut(p)) = &op.request else { continue };
+        let Some(Request::RequestPut(p)) = &op.request else {
+            continue;
+        };
         if puts.contains(&p.key) || dels.contains(&p.key) {
             return Err(ServerError::DuplicateKey);
         }
@@ -123,11 +135,14 @@ fn check_intervals(ops: &[RequestOp]) -> Result<(BTreeSet<Vec<u8>>, Deletes), Se
 
 /// Whether a txn can write (any put or delete in any branch, at any depth).
 pub fn txn_has_writes(r: &TxnRequest) -> bool {
-    r.success.iter().chain(r.failure.iter()).any(|op| match &op.request {
-        Some(Request::RequestPut(_)) | Some(Request::RequestDeleteRange(_)) => true,
-        Some(Request::RequestTxn(t)) => txn_has_writes(t),
-        _ => false,
-    })
+    r.success
+        .iter()
+        .chain(r.failure.iter())
+        .any(|op| match &op.request {
+            Some(Request::RequestPut(_)) | Some(Request::RequestDeleteRange(_)) => true,
+            Some(Request::RequestTxn(t)) => txn_has_writes(t),
+            _ => false,
+        })
 }
 
 #[cfg(test)]
@@ -135,30 +150,69 @@ mod tests {
     use super::*;
 
     fn put(k: &str) -> RequestOp {
-        RequestOp { request: Some(Request::RequestPut(PutRequest { key: k.into(), ..Default::default() })) }
+        RequestOp {
+            request: Some(Request::RequestPut(PutRequest {
+                key: k.into(),
+                ..Default::default()
+            })),
+        }
     }
     fn del(k: &str, end: &str) -> RequestOp {
-        RequestOp { request: Some(Request::RequestDeleteRange(DeleteRangeRequest { key: k.into(), range_end: end.into(), ..Default::default() })) }
+        RequestOp {
+            request: Some(Request::RequestDeleteRange(DeleteRangeRequest {
+                key: k.into(),
+                range_end: end.into(),
+                ..Default::default()
+            })),
+        }
     }
     fn txn(success: Vec<RequestOp>, failure: Vec<RequestOp>) -> RequestOp {
-        RequestOp { request: Some(Request::RequestTxn(TxnRequest { compare: vec![], success, failure })) }
+        RequestOp {
+            request: Some(Request::RequestTxn(TxnRequest {
+                compare: vec![],
+                success,
+                failure,
+            })),
+        }
     }
     fn check(success: Vec<RequestOp>) -> Result<(), ServerError> {
-        check_txn(&TxnRequest { compare: vec![], success, failure: vec![] }, 128)
+        check_txn(
+            &TxnRequest {
+                compare: vec![],
+                success,
+                failure: vec![],
+            },
+            128,
+        )
     }
 
     #[test]
     fn duplicate_keys() {
         assert_eq!(check(vec![put("a"), put("b")]), Ok(()));
-        assert_eq!(check(vec![put("a"), put("a")]), Err(ServerError::DuplicateKey));
-        assert_eq!(check(vec![del("a", "c"), put("b")]), Err(ServerError::DuplicateKey));
+        assert_eq!(
+            check(vec![put("a"), put("a")]),
+            Err(ServerError::DuplicateKey)
+        );
+        assert_eq!(
+            check(vec![del("a", "c"), put("b")]),
+            Err(ServerError::DuplicateKey)
+        );
         assert_eq!(check(vec![del("a", "c"), put("c")]), Ok(()));
-        assert_eq!(check(vec![del("a", ""), put("a")]), Err(ServerError::DuplicateKey));
+        assert_eq!(
+            check(vec![del("a", ""), put("a")]),
+            Err(ServerError::DuplicateKey)
+        );
         // then/else of a nested txn may write the same key...
         assert_eq!(check(vec![txn(vec![put("x")], vec![put("x")])]), Ok(()));
         // ...but not a key the outer branch also writes.
-        assert_eq!(check(vec![txn(vec![put("x")], vec![]), put("x")]), Err(ServerError::DuplicateKey));
-        assert_eq!(check(vec![txn(vec![del("w", "y")], vec![]), put("x")]), Err(ServerError::DuplicateKey));
+        assert_eq!(
+            check(vec![txn(vec![put("x")], vec![]), put("x")]),
+            Err(ServerError::DuplicateKey)
+        );
+        assert_eq!(
+            check(vec![txn(vec![del("w", "y")], vec![]), put("x")]),
+            Err(ServerError::DuplicateKey)
+        );
     }
 
     #[test]
@@ -166,18 +220,39 @@ mod tests {
         let many: Vec<RequestOp> = (0..129).map(|i| put(&format!("k{i}"))).collect();
         assert_eq!(check(many.clone()), Err(ServerError::TooManyOps));
         assert_eq!(check(many[..128].to_vec()), Ok(()));
-        assert_eq!(check(vec![RequestOp { request: None }]), Err(ServerError::KeyNotFound));
+        assert_eq!(
+            check(vec![RequestOp { request: None }]),
+            Err(ServerError::KeyNotFound)
+        );
         assert_eq!(check(vec![put("")]), Err(ServerError::EmptyKey));
-        let bad_put = RequestOp { request: Some(Request::RequestPut(PutRequest { key: "k".into(), value: "v".into(), ignore_value: true, ..Default::default() })) };
+        let bad_put = RequestOp {
+            request: Some(Request::RequestPut(PutRequest {
+                key: "k".into(),
+                value: "v".into(),
+                ignore_value: true,
+                ..Default::default()
+            })),
+        };
         assert_eq!(check(vec![bad_put]), Err(ServerError::ValueProvided));
-        assert!(txn_has_writes(&TxnRequest { compare: vec![], success: vec![], failure: vec![txn(vec![], vec![del("a", "")])] }));
+        assert!(txn_has_writes(&TxnRequest {
+            compare: vec![],
+            success: vec![],
+            failure: vec![txn(vec![], vec![del("a", "")])]
+        }));
         assert!(!txn_has_writes(&TxnRequest::default()));
     }
 
     #[test]
     fn range_checks() {
-        assert_eq!(check_range(&RangeRequest::default()), Err(ServerError::EmptyKey));
-        let r = RangeRequest { key: b"a".to_vec(), sort_order: 7, ..Default::default() };
+        assert_eq!(
+            check_range(&RangeRequest::default()),
+            Err(ServerError::EmptyKey)
+        );
+        let r = RangeRequest {
+            key: b"a".to_vec(),
+            sort_order: 7,
+            ..Default::default()
+        };
         assert_eq!(check_range(&r), Err(ServerError::InvalidSortOption));
     }
 }

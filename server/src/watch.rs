@@ -27,11 +27,13 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use keel_proto::etcdserverpb::watch_request::RequestUnion;
 use keel_proto::etcdserverpb::watch_server::Watch;
-use keel_proto::etcdserverpb::{ResponseHeader, WatchCreateRequest, WatchRequest, WatchResponse, watch_create_request};
+use keel_proto::etcdserverpb::{
+    ResponseHeader, WatchCreateRequest, WatchRequest, WatchResponse, watch_create_request,
+};
 use keel_proto::mvccpb::{Event, event::EventType};
+use keel_store::ApplyErrorKind;
 use keel_store::mvcc::{HistoryRequest, MvccStore};
 use keel_store::raft::state_machine::AppliedChunk;
-use keel_store::ApplyErrorKind;
 use prost::Message;
 use tokio::sync::{Notify, OnceCell};
 use tonic::{Request, Response, Status, Streaming};
@@ -55,7 +57,11 @@ enum KeyRange {
 impl KeyRange {
     /// etcd's normalisation of a watch range; `None` when the range is empty.
     fn from_request(key: &[u8], range_end: &[u8]) -> Option<KeyRange> {
-        let key = if key.is_empty() { vec![0] } else { key.to_vec() };
+        let key = if key.is_empty() {
+            vec![0]
+        } else {
+            key.to_vec()
+        };
         if range_end.is_empty() {
             return Some(KeyRange::Single(key));
         }
@@ -107,7 +113,9 @@ impl Watcher {
         if (is_delete && self.no_delete) || (!is_delete && self.no_put) {
             return false;
         }
-        ev.kv.as_ref().is_some_and(|kv| kv.mod_revision >= self.next_rev && self.range.contains(&kv.key))
+        ev.kv
+            .as_ref()
+            .is_some_and(|kv| kv.mod_revision >= self.next_rev && self.range.contains(&kv.key))
     }
 
     fn shape(&self, ev: &Event) -> Event {
@@ -196,27 +204,49 @@ impl HubState {
     }
 
     fn stream_all_synced(&self, stream: u64) -> bool {
-        self.streams.get(&stream).is_some_and(|s| s.watchers.iter().all(|k| !self.unsynced.contains(k)))
+        self.streams
+            .get(&stream)
+            .is_some_and(|s| s.watchers.iter().all(|k| !self.unsynced.contains(k)))
     }
 
     /// Whether a stream's queue can take a catch-up batch (a consumer that is not reading is
     /// left alone until it drains, instead of re-reading history for it in a loop).
     fn stream_has_room(&self, stream: u64) -> bool {
-        self.streams.get(&stream).is_some_and(|s| s.queue.lock().len() < STREAM_QUEUE_CAPACITY / 2)
+        self.streams
+            .get(&stream)
+            .is_some_and(|s| s.queue.lock().len() < STREAM_QUEUE_CAPACITY / 2)
     }
 
     fn progress_response(&self, watch_id: i64) -> WatchResponse {
-        WatchResponse { header: Some(rev_header(self.dispatched_rev)), watch_id, ..Default::default() }
+        WatchResponse {
+            header: Some(rev_header(self.dispatched_rev)),
+            watch_id,
+            ..Default::default()
+        }
     }
 }
 
 fn rev_header(revision: i64) -> ResponseHeader {
-    ResponseHeader { revision, ..Default::default() }
+    ResponseHeader {
+        revision,
+        ..Default::default()
+    }
 }
 
 /// Splits `events` into responses no larger than `limit` bytes when fragmenting is allowed.
-fn event_responses(watch_id: i64, header_rev: i64, events: Vec<Event>, fragment: bool, limit: usize) -> Vec<WatchResponse> {
-    let whole = WatchResponse { header: Some(rev_header(header_rev)), watch_id, events, ..Default::default() };
+fn event_responses(
+    watch_id: i64,
+    header_rev: i64,
+    events: Vec<Event>,
+    fragment: bool,
+    limit: usize,
+) -> Vec<WatchResponse> {
+    let whole = WatchResponse {
+        header: Some(rev_header(header_rev)),
+        watch_id,
+        events,
+        ..Default::default()
+    };
     if !fragment || whole.encoded_len() <= limit {
         return vec![whole];
     }
@@ -226,13 +256,24 @@ fn event_responses(watch_id: i64, header_rev: i64, events: Vec<Event>, fragment:
     for ev in whole.events {
         let len = ev.encoded_len() + 8;
         if !current.is_empty() && size + len > limit {
-            out.push(WatchResponse { header: Some(rev_header(header_rev)), watch_id, events: std::mem::take(&mut current), fragment: true, ..Default::default() });
+            out.push(WatchResponse {
+                header: Some(rev_header(header_rev)),
+                watch_id,
+                events: std::mem::take(&mut current),
+                fragment: true,
+                ..Default::default()
+            });
             size = 0;
         }
         size += len;
         current.push(ev);
     }
-    out.push(WatchResponse { header: Some(rev_header(header_rev)), watch_id, events: current, ..Default::default() });
+    out.push(WatchResponse {
+        header: Some(rev_header(header_rev)),
+        watch_id,
+        events: current,
+        ..Default::default()
+    });
     out
 }
 
@@ -277,7 +318,11 @@ impl WatchHub {
     /// Called by the state machine after each applied chunk.
     pub fn on_applied(&self, chunk: &AppliedChunk) {
         let mut st = self.lock();
-        let first_rev = chunk.events.first().and_then(|e| e.kv.as_ref()).map(|kv| kv.mod_revision);
+        let first_rev = chunk
+            .events
+            .first()
+            .and_then(|e| e.kv.as_ref())
+            .map(|kv| kv.mod_revision);
         let gap = match first_rev {
             Some(r) => r > st.dispatched_rev + 1,
             None => chunk.applied.revision > st.dispatched_rev,
@@ -285,7 +330,12 @@ impl WatchHub {
         if gap && st.dispatched_rev > 0 {
             // Revisions arrived that were never dispatched (a snapshot was installed): every
             // synced watcher must replay them from history.
-            let keys: Vec<u64> = st.watchers.iter().filter(|(_, w)| w.synced).map(|(k, _)| *k).collect();
+            let keys: Vec<u64> = st
+                .watchers
+                .iter()
+                .filter(|(_, w)| w.synced)
+                .map(|(k, _)| *k)
+                .collect();
             for k in keys {
                 st.mark_unsynced(k);
             }
@@ -325,10 +375,25 @@ impl WatchHub {
         }
         let header_rev = chunk.applied.revision;
         for (key, events) in per_watcher {
-            let Some(w) = st.watchers.get_mut(&key) else { continue };
-            let first = events.first().and_then(|e| e.kv.as_ref()).map(|kv| kv.mod_revision).unwrap_or(header_rev);
-            let resps = event_responses(w.watch_id, header_rev, events, w.fragment, self.max_response_bytes);
-            let delivered = st.streams.get(&w.stream).is_some_and(|s| s.queue.try_push_events(resps));
+            let Some(w) = st.watchers.get_mut(&key) else {
+                continue;
+            };
+            let first = events
+                .first()
+                .and_then(|e| e.kv.as_ref())
+                .map(|kv| kv.mod_revision)
+                .unwrap_or(header_rev);
+            let resps = event_responses(
+                w.watch_id,
+                header_rev,
+                events,
+                w.fragment,
+                self.max_response_bytes,
+            );
+            let delivered = st
+                .streams
+                .get(&w.stream)
+                .is_some_and(|s| s.queue.try_push_events(resps));
             if delivered {
                 w.next_rev = header_rev + 1;
                 w.sent_since_tick = true;
@@ -352,8 +417,20 @@ impl WatchHub {
         let mut st = self.lock();
         st.next_stream += 1;
         let id = st.next_stream;
-        let queue = Arc::new(StreamQueue { queue: Mutex::new(VecDeque::new()), notify: Notify::new(), closed: AtomicBool::new(false) });
-        st.streams.insert(id, StreamEntry { queue: queue.clone(), watchers: BTreeSet::new(), next_watch_id: 0, pending_progress: false });
+        let queue = Arc::new(StreamQueue {
+            queue: Mutex::new(VecDeque::new()),
+            notify: Notify::new(),
+            closed: AtomicBool::new(false),
+        });
+        st.streams.insert(
+            id,
+            StreamEntry {
+                queue: queue.clone(),
+                watchers: BTreeSet::new(),
+                next_watch_id: 0,
+                pending_progress: false,
+            },
+        );
         (id, queue)
     }
 
@@ -370,7 +447,9 @@ impl WatchHub {
     fn create(&self, stream: u64, req: WatchCreateRequest) {
         let mut st = self.lock();
         let current = st.dispatched_rev;
-        let Some(entry) = st.streams.get(&stream) else { return };
+        let Some(entry) = st.streams.get(&stream) else {
+            return;
+        };
         let queue = entry.queue.clone();
         let reject = |reason: &str| WatchResponse {
             header: Some(rev_header(current)),
@@ -384,12 +463,20 @@ impl WatchHub {
             queue.push(reject("mvcc: watcher range is empty"));
             return;
         };
-        let used: BTreeSet<i64> = entry.watchers.iter().filter_map(|k| st_watch_id(&st.watchers, *k)).collect();
-        let Some(entry) = st.streams.get_mut(&stream) else { return };
+        let used: BTreeSet<i64> = entry
+            .watchers
+            .iter()
+            .filter_map(|k| st_watch_id(&st.watchers, *k))
+            .collect();
+        let Some(entry) = st.streams.get_mut(&stream) else {
+            return;
+        };
         let watch_id = if req.watch_id != 0 {
             let taken = used.contains(&req.watch_id);
             if taken || req.watch_id < 0 {
-                queue.push(reject("mvcc: duplicate watch ID provided on the WatchStream"));
+                queue.push(reject(
+                    "mvcc: duplicate watch ID provided on the WatchStream",
+                ));
                 return;
             }
             req.watch_id
@@ -402,7 +489,11 @@ impl WatchHub {
             id
         };
         let filters: Vec<i32> = req.filters.clone();
-        let start = if req.start_revision <= 0 { current + 1 } else { req.start_revision };
+        let start = if req.start_revision <= 0 {
+            current + 1
+        } else {
+            req.start_revision
+        };
         let synced = start == current + 1;
         st.next_key += 1;
         let key = st.next_key;
@@ -420,7 +511,12 @@ impl WatchHub {
             sent_since_tick: false,
         };
         // The created response is queued before the watcher can receive anything.
-        queue.push(WatchResponse { header: Some(rev_header(current)), watch_id, created: true, ..Default::default() });
+        queue.push(WatchResponse {
+            header: Some(rev_header(current)),
+            watch_id,
+            created: true,
+            ..Default::default()
+        });
         st.watchers.insert(key, watcher);
         match &range {
             KeyRange::Single(k) => {
@@ -442,12 +538,26 @@ impl WatchHub {
 
     fn cancel(&self, stream: u64, watch_id: i64) {
         let mut st = self.lock();
-        let Some(entry) = st.streams.get(&stream) else { return };
+        let Some(entry) = st.streams.get(&stream) else {
+            return;
+        };
         let queue = entry.queue.clone();
-        let Some(key) = entry.watchers.iter().copied().find(|k| st_watch_id(&st.watchers, *k) == Some(watch_id)) else { return };
+        let Some(key) = entry
+            .watchers
+            .iter()
+            .copied()
+            .find(|k| st_watch_id(&st.watchers, *k) == Some(watch_id))
+        else {
+            return;
+        };
         st.remove_watcher(key);
         let current = st.dispatched_rev;
-        queue.push(WatchResponse { header: Some(rev_header(current)), watch_id, canceled: true, ..Default::default() });
+        queue.push(WatchResponse {
+            header: Some(rev_header(current)),
+            watch_id,
+            canceled: true,
+            ..Default::default()
+        });
     }
 
     fn request_progress(&self, stream: u64) {
@@ -471,7 +581,20 @@ impl WatchHub {
             let st = self.lock();
             st.unsynced
                 .iter()
-                .filter_map(|k| st.watchers.get(k).filter(|w| st.stream_has_room(w.stream)).map(|w| (*k, w.range.clone(), w.next_rev, w.prev_kv, st.dispatched_rev)))
+                .filter_map(|k| {
+                    st.watchers
+                        .get(k)
+                        .filter(|w| st.stream_has_room(w.stream))
+                        .map(|w| {
+                            (
+                                *k,
+                                w.range.clone(),
+                                w.next_rev,
+                                w.prev_kv,
+                                st.dispatched_rev,
+                            )
+                        })
+                })
                 .collect()
         };
         for (key, range, next_rev, prev_kv, upto) in work {
@@ -497,12 +620,16 @@ impl WatchHub {
                 max_events: CATCH_UP_EVENTS,
             });
             let mut st = self.lock();
-            let Some(w) = st.watchers.get(&key) else { continue };
+            let Some(w) = st.watchers.get(&key) else {
+                continue;
+            };
             if w.next_rev != next_rev {
                 continue;
             }
             let stream = w.stream;
-            let Some(queue) = st.streams.get(&stream).map(|s| s.queue.clone()) else { continue };
+            let Some(queue) = st.streams.get(&stream).map(|s| s.queue.clone()) else {
+                continue;
+            };
             match hist {
                 Err(e) if e.kind == ApplyErrorKind::Compacted => {
                     let watch_id = w.watch_id;
@@ -522,11 +649,22 @@ impl WatchHub {
                 Ok(batch) => {
                     let done = batch.next_revision > upto;
                     let header_rev = if done { upto } else { batch.next_revision - 1 };
-                    let events: Vec<Event> = batch.events.iter().filter(|ev| w.wants(ev)).map(|ev| w.shape(ev)).collect();
+                    let events: Vec<Event> = batch
+                        .events
+                        .iter()
+                        .filter(|ev| w.wants(ev))
+                        .map(|ev| w.shape(ev))
+                        .collect();
                     let resps = if events.is_empty() {
                         Vec::new()
                     } else {
-                        event_responses(w.watch_id, header_rev, events, w.fragment, self.max_response_bytes)
+                        event_responses(
+                            w.watch_id,
+                            header_rev,
+                            events,
+                            w.fragment,
+                            self.max_response_bytes,
+                        )
                     };
                     if resps.is_empty() || queue.try_push_events(resps) {
                         let current = st.dispatched_rev;
@@ -546,7 +684,13 @@ impl WatchHub {
         }
         // Progress requests that were waiting for their stream to be synced.
         let mut st = self.lock();
-        let ready: Vec<u64> = st.streams.iter().filter(|(_, s)| s.pending_progress).map(|(id, _)| *id).filter(|id| st.stream_all_synced(*id)).collect();
+        let ready: Vec<u64> = st
+            .streams
+            .iter()
+            .filter(|(_, s)| s.pending_progress)
+            .map(|(id, _)| *id)
+            .filter(|id| st.stream_all_synced(*id))
+            .collect();
         for id in ready {
             let resp = st.progress_response(INVALID_WATCH_ID);
             if let Some(s) = st.streams.get_mut(&id) {
@@ -561,8 +705,11 @@ impl WatchHub {
     fn has_sync_work(&self) -> bool {
         let st = self.lock();
         let ready = st.dispatched_rev + 1;
-        st.unsynced.iter().any(|k| st.watchers.get(k).is_some_and(|w| w.next_rev <= ready && st.stream_has_room(w.stream)))
-            || st.streams.values().any(|s| s.pending_progress)
+        st.unsynced.iter().any(|k| {
+            st.watchers
+                .get(k)
+                .is_some_and(|w| w.next_rev <= ready && st.stream_has_room(w.stream))
+        }) || st.streams.values().any(|s| s.pending_progress)
     }
 
     fn progress_tick(&self) {
@@ -579,7 +726,11 @@ impl WatchHub {
         }
         for (stream, watch_id) in sends {
             if let Some(s) = st.streams.get(&stream) {
-                s.queue.push(WatchResponse { header: Some(rev_header(rev)), watch_id, ..Default::default() });
+                s.queue.push(WatchResponse {
+                    header: Some(rev_header(rev)),
+                    watch_id,
+                    ..Default::default()
+                });
             }
         }
     }
@@ -641,8 +792,15 @@ impl Watch for WatchService {
     type WatchStream = WatchStream;
 
     #[tracing::instrument(level = "debug", skip_all)]
-    async fn watch(&self, req: Request<Streaming<WatchRequest>>) -> Result<Response<Self::WatchStream>, Status> {
-        let require_leader = req.metadata().get("hasleader").and_then(|v| v.to_str().ok()) == Some("true");
+    async fn watch(
+        &self,
+        req: Request<Streaming<WatchRequest>>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let require_leader = req
+            .metadata()
+            .get("hasleader")
+            .and_then(|v| v.to_str().ok())
+            == Some("true");
         if require_leader && self.node.leader().is_none() {
             return Err(ServerError::NoLeader.into());
         }
@@ -695,7 +853,9 @@ impl Watch for WatchService {
                 }
             }
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 }
 
@@ -705,19 +865,38 @@ mod tests {
 
     #[test]
     fn key_ranges_follow_etcd() {
-        assert_eq!(KeyRange::from_request(b"", b""), Some(KeyRange::Single(vec![0])));
-        assert_eq!(KeyRange::from_request(b"a", b"\0"), Some(KeyRange::Range(b"a".to_vec(), None)));
+        assert_eq!(
+            KeyRange::from_request(b"", b""),
+            Some(KeyRange::Single(vec![0]))
+        );
+        assert_eq!(
+            KeyRange::from_request(b"a", b"\0"),
+            Some(KeyRange::Range(b"a".to_vec(), None))
+        );
         assert_eq!(KeyRange::from_request(b"b", b"a"), None);
         assert_eq!(KeyRange::from_request(b"a", b"a"), None);
         let r = KeyRange::from_request(b"a/", b"a0").unwrap();
         assert!(r.contains(b"a/x") && !r.contains(b"a0") && !r.contains(b"a"));
-        assert!(KeyRange::from_request(b"m", b"\0").unwrap().contains(b"zzz"));
+        assert!(
+            KeyRange::from_request(b"m", b"\0")
+                .unwrap()
+                .contains(b"zzz")
+        );
     }
 
     #[test]
     fn fragmentation_splits_but_keeps_every_event() {
         let events: Vec<Event> = (0..10)
-            .map(|i| Event { r#type: 0, kv: Some(keel_proto::mvccpb::KeyValue { key: vec![b'k', i], value: vec![0; 100], mod_revision: 5, ..Default::default() }), prev_kv: None })
+            .map(|i| Event {
+                r#type: 0,
+                kv: Some(keel_proto::mvccpb::KeyValue {
+                    key: vec![b'k', i],
+                    value: vec![0; 100],
+                    mod_revision: 5,
+                    ..Default::default()
+                }),
+                prev_kv: None,
+            })
             .collect();
         let whole = event_responses(1, 5, events.clone(), false, 300);
         assert_eq!(whole.len(), 1);

@@ -26,7 +26,13 @@ pub enum Table {
 }
 
 impl Table {
-    pub const ALL: [Table; 5] = [Table::Kv, Table::Meta, Table::Lease, Table::RaftLog, Table::RaftMeta];
+    pub const ALL: [Table; 5] = [
+        Table::Kv,
+        Table::Meta,
+        Table::Lease,
+        Table::RaftLog,
+        Table::RaftMeta,
+    ];
     /// Tables that belong to the replicated state machine (part of a snapshot).
     pub const STATE_MACHINE: [Table; 3] = [Table::Kv, Table::Meta, Table::Lease];
 
@@ -54,10 +60,21 @@ pub enum EngineError {
 /// One write in a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WriteOp {
-    Put { table: Table, key: Vec<u8>, value: Vec<u8> },
-    Delete { table: Table, key: Vec<u8> },
+    Put {
+        table: Table,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Delete {
+        table: Table,
+        key: Vec<u8>,
+    },
     /// Deletes `[start, end)`.
-    DeleteRange { table: Table, start: Vec<u8>, end: Vec<u8> },
+    DeleteRange {
+        table: Table,
+        start: Vec<u8>,
+        end: Vec<u8>,
+    },
 }
 
 /// An ordered set of writes applied atomically by [`Engine::write`].
@@ -71,13 +88,29 @@ impl WriteBatch {
         Self::default()
     }
     pub fn put(&mut self, table: Table, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
-        self.ops.push(WriteOp::Put { table, key: key.into(), value: value.into() });
+        self.ops.push(WriteOp::Put {
+            table,
+            key: key.into(),
+            value: value.into(),
+        });
     }
     pub fn delete(&mut self, table: Table, key: impl Into<Vec<u8>>) {
-        self.ops.push(WriteOp::Delete { table, key: key.into() });
+        self.ops.push(WriteOp::Delete {
+            table,
+            key: key.into(),
+        });
     }
-    pub fn delete_range(&mut self, table: Table, start: impl Into<Vec<u8>>, end: impl Into<Vec<u8>>) {
-        self.ops.push(WriteOp::DeleteRange { table, start: start.into(), end: end.into() });
+    pub fn delete_range(
+        &mut self,
+        table: Table,
+        start: impl Into<Vec<u8>>,
+        end: impl Into<Vec<u8>>,
+    ) {
+        self.ops.push(WriteOp::DeleteRange {
+            table,
+            start: start.into(),
+            end: end.into(),
+        });
     }
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()

@@ -69,12 +69,21 @@ pub struct ApplyError {
 
 impl ApplyError {
     pub fn new(kind: ApplyErrorKind) -> Self {
-        Self { kind, message: kind.etcd_message().to_string() }
+        Self {
+            kind,
+            message: kind.etcd_message().to_string(),
+        }
     }
     pub fn to_proto(&self) -> keel_proto::keelpb::ApplyError {
-        keel_proto::keelpb::ApplyError { kind: self.kind as u32, message: self.message.clone() }
+        keel_proto::keelpb::ApplyError {
+            kind: self.kind as u32,
+            message: self.message.clone(),
+        }
     }
     pub fn from_proto(e: &keel_proto::keelpb::ApplyError) -> Self {
-        Self { kind: ApplyErrorKind::from_u32(e.kind), message: e.message.clone() }
+        Self {
+            kind: ApplyErrorKind::from_u32(e.kind),
+            message: e.message.clone(),
+        }
     }
 }

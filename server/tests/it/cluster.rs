@@ -48,8 +48,14 @@ impl Member {
         let child = Command::new(env!("CARGO_BIN_EXE_keel"))
             .args(["--name", &self.name])
             .args(["--data-dir", self.data_dir.to_str().expect("utf-8 path")])
-            .args(["--listen-client-urls", &format!("http://127.0.0.1:{}", self.client_port)])
-            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{}", self.peer_port)])
+            .args([
+                "--listen-client-urls",
+                &format!("http://127.0.0.1:{}", self.client_port),
+            ])
+            .args([
+                "--listen-peer-urls",
+                &format!("http://127.0.0.1:{}", self.peer_port),
+            ])
             .args(["--initial-cluster", &self.initial_cluster])
             .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
             .args(&self.extra)
@@ -70,7 +76,9 @@ impl Member {
 
     pub fn signal(&self, sig: &str) {
         if let Some(c) = &self.child {
-            let _ = Command::new("kill").args([&format!("-{sig}"), &c.id().to_string()]).status();
+            let _ = Command::new("kill")
+                .args([&format!("-{sig}"), &c.id().to_string()])
+                .status();
         }
     }
 
@@ -151,7 +159,12 @@ impl Cluster {
     pub async fn leader(&self) -> usize {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            for (i, m) in self.members.iter().enumerate().filter(|(_, m)| m.child.is_some()) {
+            for (i, m) in self
+                .members
+                .iter()
+                .enumerate()
+                .filter(|(_, m)| m.child.is_some())
+            {
                 if let Ok(mut c) = client(&m.endpoint()).await {
                     if let Ok(s) = c.status().await {
                         let me = s.header().map(|h| h.member_id()).unwrap_or(0);
@@ -168,7 +181,9 @@ impl Cluster {
 }
 
 pub async fn client(endpoint: &str) -> Result<Client, etcd_client::Error> {
-    let opts = ConnectOptions::new().with_connect_timeout(Duration::from_secs(2)).with_timeout(Duration::from_secs(10));
+    let opts = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(2))
+        .with_timeout(Duration::from_secs(10));
     Client::connect([endpoint], Some(opts)).await
 }
 

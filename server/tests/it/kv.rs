@@ -11,34 +11,65 @@ async fn put_get_delete_and_revisions() {
     let mut c = client(&cluster.members[0].endpoint()).await.unwrap();
 
     let r0 = c.get("nothing", None).await.unwrap();
-    assert_eq!(r0.header().unwrap().revision(), 1, "a fresh store is at revision 1");
+    assert_eq!(
+        r0.header().unwrap().revision(),
+        1,
+        "a fresh store is at revision 1"
+    );
     assert_eq!(r0.count(), 0);
 
     let p = c.put("foo", "bar", None).await.unwrap();
     assert_eq!(p.header().unwrap().revision(), 2);
-    let p = c.put("foo", "baz", Some(PutOptions::new().with_prev_key())).await.unwrap();
+    let p = c
+        .put("foo", "baz", Some(PutOptions::new().with_prev_key()))
+        .await
+        .unwrap();
     assert_eq!(p.prev_key().unwrap().value(), b"bar");
 
     let g = c.get("foo", None).await.unwrap();
     let kv = &g.kvs()[0];
-    assert_eq!((kv.create_revision(), kv.mod_revision(), kv.version()), (2, 3, 2));
+    assert_eq!(
+        (kv.create_revision(), kv.mod_revision(), kv.version()),
+        (2, 3, 2)
+    );
     assert_eq!(kv.value(), b"baz");
     assert_eq!(g.header().unwrap().cluster_id() != 0, true);
     assert!(g.header().unwrap().member_id() != 0);
     assert!(g.header().unwrap().raft_term() >= 1);
 
     // Past revision, prefix, serializable.
-    let old = c.get("foo", Some(GetOptions::new().with_revision(2))).await.unwrap();
+    let old = c
+        .get("foo", Some(GetOptions::new().with_revision(2)))
+        .await
+        .unwrap();
     assert_eq!(old.kvs()[0].value(), b"bar");
     c.put("foo2", "x", None).await.unwrap();
-    let pre = c.get("foo", Some(GetOptions::new().with_prefix().with_serializable())).await.unwrap();
+    let pre = c
+        .get(
+            "foo",
+            Some(GetOptions::new().with_prefix().with_serializable()),
+        )
+        .await
+        .unwrap();
     assert_eq!(pre.count(), 2);
 
     // Delete of nothing does not bump the revision; delete of something does.
-    let before = c.get("foo", None).await.unwrap().header().unwrap().revision();
+    let before = c
+        .get("foo", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
     let d = c.delete("absent", None).await.unwrap();
     assert_eq!((d.deleted(), d.header().unwrap().revision()), (0, before));
-    let d = c.delete("foo", Some(DeleteOptions::new().with_prefix().with_prev_key())).await.unwrap();
+    let d = c
+        .delete(
+            "foo",
+            Some(DeleteOptions::new().with_prefix().with_prev_key()),
+        )
+        .await
+        .unwrap();
     assert_eq!(d.deleted(), 2);
     assert_eq!(d.prev_kvs().len(), 2);
     assert_eq!(d.header().unwrap().revision(), before + 1);
@@ -54,7 +85,13 @@ async fn put_get_delete_and_revisions() {
 async fn txn_compare_and_swap() {
     let cluster = Cluster::start(1).await;
     let mut c = client(&cluster.members[0].endpoint()).await.unwrap();
-    let rev = c.put("cas", "v1", None).await.unwrap().header().unwrap().revision();
+    let rev = c
+        .put("cas", "v1", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
 
     // Succeeds when mod_revision matches...
     let t = Txn::new()
@@ -77,7 +114,9 @@ async fn txn_compare_and_swap() {
     assert_eq!(v.kvs()[0].value(), b"v2");
 
     // Creating only if absent: version == 0.
-    let t = Txn::new().when([Compare::version("new", CompareOp::Equal, 0)]).and_then([TxnOp::put("new", "1", None)]);
+    let t = Txn::new()
+        .when([Compare::version("new", CompareOp::Equal, 0)])
+        .and_then([TxnOp::put("new", "1", None)]);
     assert!(c.txn(t.clone()).await.unwrap().succeeded());
     assert!(!c.txn(t).await.unwrap().succeeded());
 }
@@ -88,42 +127,113 @@ async fn etcd_errors() {
     let mut c = client(&cluster.members[0].endpoint()).await.unwrap();
 
     let e = c.put("", "x", None).await.unwrap_err();
-    assert_eq!((status_code(&e), status_message(&e).as_str()), (Some(Code::InvalidArgument), "etcdserver: key is not provided"));
+    assert_eq!(
+        (status_code(&e), status_message(&e).as_str()),
+        (
+            Some(Code::InvalidArgument),
+            "etcdserver: key is not provided"
+        )
+    );
 
     let e = c.get("", None).await.unwrap_err();
     assert_eq!(status_message(&e), "etcdserver: key is not provided");
 
-    let e = c.put("k", "v", Some(PutOptions::new().with_ignore_value())).await.unwrap_err();
+    let e = c
+        .put("k", "v", Some(PutOptions::new().with_ignore_value()))
+        .await
+        .unwrap_err();
     assert_eq!(status_message(&e), "etcdserver: value is provided");
 
-    let e = c.put("missing", "", Some(PutOptions::new().with_ignore_value())).await.unwrap_err();
+    let e = c
+        .put("missing", "", Some(PutOptions::new().with_ignore_value()))
+        .await
+        .unwrap_err();
     assert_eq!(status_message(&e), "etcdserver: key not found");
 
-    let e = c.put("k", "v", Some(PutOptions::new().with_lease(12345))).await.unwrap_err();
-    assert_eq!((status_code(&e), status_message(&e).as_str()), (Some(Code::NotFound), "etcdserver: requested lease not found"));
+    let e = c
+        .put("k", "v", Some(PutOptions::new().with_lease(12345)))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (status_code(&e), status_message(&e).as_str()),
+        (
+            Some(Code::NotFound),
+            "etcdserver: requested lease not found"
+        )
+    );
 
-    let ops: Vec<TxnOp> = (0..129).map(|i| TxnOp::put(format!("k{i}"), "v", None)).collect();
+    let ops: Vec<TxnOp> = (0..129)
+        .map(|i| TxnOp::put(format!("k{i}"), "v", None))
+        .collect();
     let e = c.txn(Txn::new().and_then(ops)).await.unwrap_err();
-    assert_eq!(status_message(&e), "etcdserver: too many operations in txn request");
-    let ops: Vec<TxnOp> = (0..128).map(|i| TxnOp::put(format!("k{i}"), "v", None)).collect();
+    assert_eq!(
+        status_message(&e),
+        "etcdserver: too many operations in txn request"
+    );
+    let ops: Vec<TxnOp> = (0..128)
+        .map(|i| TxnOp::put(format!("k{i}"), "v", None))
+        .collect();
     let r = c.txn(Txn::new().and_then(ops)).await.unwrap();
     assert_eq!(r.op_responses().len(), 128, "128 ops are allowed");
 
-    let e = c.txn(Txn::new().and_then([TxnOp::put("d", "1", None), TxnOp::put("d", "2", None)])).await.unwrap_err();
-    assert_eq!(status_message(&e), "etcdserver: duplicate key given in txn request");
+    let e = c
+        .txn(Txn::new().and_then([TxnOp::put("d", "1", None), TxnOp::put("d", "2", None)]))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        status_message(&e),
+        "etcdserver: duplicate key given in txn request"
+    );
 
-    let e = c.get("k1", Some(GetOptions::new().with_revision(1_000_000))).await.unwrap_err();
-    assert_eq!((status_code(&e), status_message(&e).as_str()), (Some(Code::OutOfRange), "etcdserver: mvcc: required revision is a future revision"));
+    let e = c
+        .get("k1", Some(GetOptions::new().with_revision(1_000_000)))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (status_code(&e), status_message(&e).as_str()),
+        (
+            Some(Code::OutOfRange),
+            "etcdserver: mvcc: required revision is a future revision"
+        )
+    );
 
-    let rev = c.put("k1", "x", None).await.unwrap().header().unwrap().revision();
+    let rev = c
+        .put("k1", "x", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
     c.compact(rev, None).await.unwrap();
-    let e = c.get("k1", Some(GetOptions::new().with_revision(rev - 1))).await.unwrap_err();
-    assert_eq!((status_code(&e), status_message(&e).as_str()), (Some(Code::OutOfRange), "etcdserver: mvcc: required revision has been compacted"));
+    let e = c
+        .get("k1", Some(GetOptions::new().with_revision(rev - 1)))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (status_code(&e), status_message(&e).as_str()),
+        (
+            Some(Code::OutOfRange),
+            "etcdserver: mvcc: required revision has been compacted"
+        )
+    );
     let e = c.compact(rev, None).await.unwrap_err();
-    assert_eq!(status_message(&e), "etcdserver: mvcc: required revision has been compacted");
+    assert_eq!(
+        status_message(&e),
+        "etcdserver: mvcc: required revision has been compacted"
+    );
     let e = c.compact(rev + 100, None).await.unwrap_err();
-    assert_eq!(status_message(&e), "etcdserver: mvcc: required revision is a future revision");
-    assert_eq!(c.get("k1", Some(GetOptions::new().with_revision(rev))).await.unwrap().kvs()[0].value(), b"x");
+    assert_eq!(
+        status_message(&e),
+        "etcdserver: mvcc: required revision is a future revision"
+    );
+    assert_eq!(
+        c.get("k1", Some(GetOptions::new().with_revision(rev)))
+            .await
+            .unwrap()
+            .kvs()[0]
+            .value(),
+        b"x"
+    );
 
     // Too large: over --max-request-bytes (1.5 MiB) but under the gRPC limit.
     let big = vec![b'x'; 1_600_000];
@@ -134,8 +244,17 @@ async fn etcd_errors() {
     let e = c.put("huge", huge, None).await.unwrap_err();
     // etcd (grpc-go) answers ResourceExhausted here; tonic's decoder answers OutOfRange. Both
     // refuse the request before it reaches Keel (documented in the README).
-    assert!(matches!(status_code(&e), Some(Code::ResourceExhausted) | Some(Code::OutOfRange)), "{e}");
-    assert!(status_message(&e).contains("larger than max") || status_message(&e).contains("too large"), "{e}");
+    assert!(
+        matches!(
+            status_code(&e),
+            Some(Code::ResourceExhausted) | Some(Code::OutOfRange)
+        ),
+        "{e}"
+    );
+    assert!(
+        status_message(&e).contains("larger than max") || status_message(&e).contains("too large"),
+        "{e}"
+    );
 
     // Nothing above changed the data.
     assert!(c.get("big", None).await.unwrap().kvs().is_empty());
@@ -148,15 +267,26 @@ async fn restart_keeps_data_and_revision() {
     let ep = cluster.members[0].endpoint();
     let mut c = client(&ep).await.unwrap();
     for i in 0..50 {
-        c.put(format!("key{i:02}"), format!("v{i}"), None).await.unwrap();
+        c.put(format!("key{i:02}"), format!("v{i}"), None)
+            .await
+            .unwrap();
     }
-    let rev = c.get("key00", None).await.unwrap().header().unwrap().revision();
+    let rev = c
+        .get("key00", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
     // SIGKILL: only what was fsynced survives, and everything acknowledged was.
     cluster.members[0].kill();
     cluster.members[0].start();
     cluster.wait_ready(std::time::Duration::from_secs(30)).await;
     let mut c = client(&ep).await.unwrap();
-    let all = c.get("key", Some(GetOptions::new().with_prefix())).await.unwrap();
+    let all = c
+        .get("key", Some(GetOptions::new().with_prefix()))
+        .await
+        .unwrap();
     assert_eq!(all.count(), 50);
     assert_eq!(all.header().unwrap().revision(), rev);
     assert_eq!(all.kvs()[49].value(), b"v49");

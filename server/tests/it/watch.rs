@@ -10,10 +10,17 @@ use crate::cluster::{Cluster, client};
 
 /// Reads responses until `n` events arrived (or panics after a timeout); returns
 /// (events as (revision, type, key, value, prev value), responses).
-async fn collect(stream: &mut WatchStream, n: usize) -> Vec<(i64, EventType, String, String, Option<String>)> {
+async fn collect(
+    stream: &mut WatchStream,
+    n: usize,
+) -> Vec<(i64, EventType, String, String, Option<String>)> {
     let mut out = Vec::new();
     while out.len() < n {
-        let msg = tokio::time::timeout(Duration::from_secs(10), stream.message()).await.expect("watch timed out").unwrap().expect("stream ended");
+        let msg = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("watch timed out")
+            .unwrap()
+            .expect("stream ended");
         for ev in msg.events() {
             let kv = ev.kv().unwrap();
             out.push((
@@ -29,7 +36,11 @@ async fn collect(stream: &mut WatchStream, n: usize) -> Vec<(i64, EventType, Str
 }
 
 async fn created(stream: &mut WatchStream) -> i64 {
-    let msg = tokio::time::timeout(Duration::from_secs(10), stream.message()).await.unwrap().unwrap().unwrap();
+    let msg = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert!(msg.created(), "first response must be 'created': {msg:?}");
     msg.watch_id()
 }
@@ -44,7 +55,18 @@ async fn history_replay_live_events_prev_kv_and_filters() {
     c.delete("w/b", None).await.unwrap(); // rev 5
 
     // From an old revision: history first, then live events, in order, with true prev_kv.
-    let mut s = c.watch("w/", Some(WatchOptions::new().with_prefix().with_start_revision(3).with_prev_key())).await.unwrap();
+    let mut s = c
+        .watch(
+            "w/",
+            Some(
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(3)
+                    .with_prev_key(),
+            ),
+        )
+        .await
+        .unwrap();
     created(&mut s).await;
     c.put("w/c", "4", None).await.unwrap(); // rev 6
     let evs = collect(&mut s, 4).await;
@@ -52,14 +74,36 @@ async fn history_replay_live_events_prev_kv_and_filters() {
         evs,
         vec![
             (3, EventType::Put, "w/b".into(), "2".into(), None),
-            (4, EventType::Put, "w/a".into(), "3".into(), Some("1".into())),
-            (5, EventType::Delete, "w/b".into(), "".into(), Some("2".into())),
+            (
+                4,
+                EventType::Put,
+                "w/a".into(),
+                "3".into(),
+                Some("1".into())
+            ),
+            (
+                5,
+                EventType::Delete,
+                "w/b".into(),
+                "".into(),
+                Some("2".into())
+            ),
             (6, EventType::Put, "w/c".into(), "4".into(), None),
         ]
     );
 
     // Filters: NOPUT sees only deletes.
-    let mut d = c.watch("w/", Some(WatchOptions::new().with_prefix().with_filters([WatchFilterType::NoPut]))).await.unwrap();
+    let mut d = c
+        .watch(
+            "w/",
+            Some(
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_filters([WatchFilterType::NoPut]),
+            ),
+        )
+        .await
+        .unwrap();
     created(&mut d).await;
     c.put("w/x", "x", None).await.unwrap();
     c.delete("w/x", None).await.unwrap();
@@ -71,21 +115,44 @@ async fn history_replay_live_events_prev_kv_and_filters() {
 async fn txn_events_are_atomic_and_many_watchers_share_a_stream() {
     let cluster = Cluster::start(1).await;
     let mut c = client(&cluster.members[0].endpoint()).await.unwrap();
-    let mut s = c.watch("t/", Some(WatchOptions::new().with_prefix())).await.unwrap();
+    let mut s = c
+        .watch("t/", Some(WatchOptions::new().with_prefix()))
+        .await
+        .unwrap();
     created(&mut s).await;
     // A second watcher on the same stream, on a single key.
     s.watch("t/k2", None).await.unwrap();
     let second = created(&mut s).await;
-    let txn = Txn::new().and_then([TxnOp::put("t/k1", "a", None), TxnOp::put("t/k2", "b", None), TxnOp::put("t/k3", "c", None)]);
+    let txn = Txn::new().and_then([
+        TxnOp::put("t/k1", "a", None),
+        TxnOp::put("t/k2", "b", None),
+        TxnOp::put("t/k3", "c", None),
+    ]);
     c.txn(txn).await.unwrap();
     // All three events of the revision arrive in one response for the prefix watcher.
     let mut by_watcher: BTreeMap<i64, Vec<usize>> = BTreeMap::new();
-    while by_watcher.values().map(|v| v.iter().sum::<usize>()).sum::<usize>() < 4 {
-        let msg = tokio::time::timeout(Duration::from_secs(10), s.message()).await.unwrap().unwrap().unwrap();
-        by_watcher.entry(msg.watch_id()).or_default().push(msg.events().len());
+    while by_watcher
+        .values()
+        .map(|v| v.iter().sum::<usize>())
+        .sum::<usize>()
+        < 4
+    {
+        let msg = tokio::time::timeout(Duration::from_secs(10), s.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        by_watcher
+            .entry(msg.watch_id())
+            .or_default()
+            .push(msg.events().len());
     }
     assert_eq!(by_watcher.get(&second), Some(&vec![1]));
-    assert_eq!(by_watcher.get(&0), Some(&vec![3]), "a revision's events were split: {by_watcher:?}");
+    assert_eq!(
+        by_watcher.get(&0),
+        Some(&vec![3]),
+        "a revision's events were split: {by_watcher:?}"
+    );
 }
 
 #[tokio::test]
@@ -96,13 +163,23 @@ async fn compacted_start_is_canceled_with_compact_revision() {
         c.put("c", i.to_string(), None).await.unwrap();
     }
     c.compact(5, None).await.unwrap();
-    let mut s = c.watch("c", Some(WatchOptions::new().with_start_revision(2))).await.unwrap();
+    let mut s = c
+        .watch("c", Some(WatchOptions::new().with_start_revision(2)))
+        .await
+        .unwrap();
     created(&mut s).await;
-    let msg = tokio::time::timeout(Duration::from_secs(10), s.message()).await.unwrap().unwrap().unwrap();
+    let msg = tokio::time::timeout(Duration::from_secs(10), s.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert!(msg.canceled());
     assert_eq!(msg.compact_revision(), 5);
     // Exactly at the compact revision is allowed.
-    let mut ok = c.watch("c", Some(WatchOptions::new().with_start_revision(5))).await.unwrap();
+    let mut ok = c
+        .watch("c", Some(WatchOptions::new().with_start_revision(5)))
+        .await
+        .unwrap();
     created(&mut ok).await;
     let evs = collect(&mut ok, 1).await;
     assert_eq!(evs[0].0, 5);
@@ -112,29 +189,56 @@ async fn compacted_start_is_canceled_with_compact_revision() {
 async fn progress_request_is_a_bookmark_and_resume_is_exact() {
     let cluster = Cluster::start(1).await;
     let mut c = client(&cluster.members[0].endpoint()).await.unwrap();
-    let mut s = c.watch("p", Some(WatchOptions::new().with_prefix())).await.unwrap();
+    let mut s = c
+        .watch("p", Some(WatchOptions::new().with_prefix()))
+        .await
+        .unwrap();
     created(&mut s).await;
     let mut last_rev = 0;
     for i in 0..20 {
-        last_rev = c.put(format!("p{i}"), "v", None).await.unwrap().header().unwrap().revision();
+        last_rev = c
+            .put(format!("p{i}"), "v", None)
+            .await
+            .unwrap()
+            .header()
+            .unwrap()
+            .revision();
     }
     s.request_progress().await.unwrap();
     let mut seen = Vec::new();
     loop {
-        let msg = tokio::time::timeout(Duration::from_secs(10), s.message()).await.unwrap().unwrap().unwrap();
+        let msg = tokio::time::timeout(Duration::from_secs(10), s.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         if msg.events().is_empty() && !msg.created() && !msg.canceled() {
             // Bookmark: everything up to its revision must already have arrived.
             let bookmark = msg.header().unwrap().revision();
             assert_eq!(msg.watch_id(), -1);
             assert!(bookmark >= last_rev);
-            assert_eq!(seen.len(), 20, "progress claimed revision {bookmark} before its events arrived");
+            assert_eq!(
+                seen.len(),
+                20,
+                "progress claimed revision {bookmark} before its events arrived"
+            );
             break;
         }
         seen.extend(msg.events().iter().map(|e| e.kv().unwrap().mod_revision()));
     }
     // Resume from the middle: exactly the remaining events, no duplicates, no gaps.
     let resume_from = seen[10];
-    let mut r = c.watch("p", Some(WatchOptions::new().with_prefix().with_start_revision(resume_from))).await.unwrap();
+    let mut r = c
+        .watch(
+            "p",
+            Some(
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(resume_from),
+            ),
+        )
+        .await
+        .unwrap();
     created(&mut r).await;
     let evs = collect(&mut r, 10).await;
     let revs: Vec<i64> = evs.iter().map(|e| e.0).collect();
@@ -145,7 +249,10 @@ async fn progress_request_is_a_bookmark_and_resume_is_exact() {
 async fn slow_watcher_does_not_block_writes_and_loses_nothing() {
     let cluster = Cluster::start(1).await;
     let mut c = client(&cluster.members[0].endpoint()).await.unwrap();
-    let mut slow = c.watch("s/", Some(WatchOptions::new().with_prefix())).await.unwrap();
+    let mut slow = c
+        .watch("s/", Some(WatchOptions::new().with_prefix()))
+        .await
+        .unwrap();
     created(&mut slow).await;
     // Write far more than a stream queue holds (1024 responses) without reading the watch.
     let value = "x".repeat(512);
@@ -155,17 +262,26 @@ async fn slow_watcher_does_not_block_writes_and_loses_nothing() {
         let value = value.clone();
         writers.push(tokio::spawn(async move {
             for i in 0..250 {
-                writer.put(format!("s/{w}-{i:04}"), value.clone(), None).await.unwrap();
+                writer
+                    .put(format!("s/{w}-{i:04}"), value.clone(), None)
+                    .await
+                    .unwrap();
             }
         }));
     }
     for wr in writers {
-        tokio::time::timeout(Duration::from_secs(120), wr).await.expect("writes stalled behind a slow watcher").unwrap();
+        tokio::time::timeout(Duration::from_secs(120), wr)
+            .await
+            .expect("writes stalled behind a slow watcher")
+            .unwrap();
     }
     // Now drain: every event exactly once, in revision order.
     let evs = collect(&mut slow, 2000).await;
     assert_eq!(evs.len(), 2000);
-    assert!(evs.windows(2).all(|w| w[0].0 < w[1].0), "events out of order or duplicated");
+    assert!(
+        evs.windows(2).all(|w| w[0].0 < w[1].0),
+        "events out of order or duplicated"
+    );
     let keys: std::collections::BTreeSet<String> = evs.iter().map(|e| e.2.clone()).collect();
     assert_eq!(keys.len(), 2000, "events lost");
 }
@@ -177,9 +293,14 @@ async fn watchers_on_followers_survive_a_leader_kill() {
     let follower = (leader + 1) % 3;
     let writer_member = (leader + 2) % 3;
     let mut fc = client(&cluster.members[follower].endpoint()).await.unwrap();
-    let mut s = fc.watch("f/", Some(WatchOptions::new().with_prefix())).await.unwrap();
+    let mut s = fc
+        .watch("f/", Some(WatchOptions::new().with_prefix()))
+        .await
+        .unwrap();
     created(&mut s).await;
-    let mut wc = client(&cluster.members[writer_member].endpoint()).await.unwrap();
+    let mut wc = client(&cluster.members[writer_member].endpoint())
+        .await
+        .unwrap();
     for i in 0..10 {
         wc.put(format!("f/{i:02}"), "before", None).await.unwrap();
     }
@@ -190,7 +311,10 @@ async fn watchers_on_followers_survive_a_leader_kill() {
         match wc.put(format!("f/{i:02}"), "after", None).await {
             Ok(_) => i += 1,
             Err(_) => {
-                assert!(std::time::Instant::now() < deadline, "no progress after leader kill");
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no progress after leader kill"
+                );
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
@@ -199,12 +323,26 @@ async fn watchers_on_followers_survive_a_leader_kill() {
     // may appear twice; but revisions must strictly increase, keys follow write order, and none
     // is missing.
     let mut evs = Vec::new();
-    while evs.last().map(|e: &(i64, EventType, String, String, Option<String>)| e.2.as_str()) != Some("f/19") {
+    while evs
+        .last()
+        .map(|e: &(i64, EventType, String, String, Option<String>)| e.2.as_str())
+        != Some("f/19")
+    {
         evs.extend(collect(&mut s, 1).await);
     }
-    assert!(evs.windows(2).all(|w| w[0].0 < w[1].0), "events out of order or duplicated: {evs:?}");
+    assert!(
+        evs.windows(2).all(|w| w[0].0 < w[1].0),
+        "events out of order or duplicated: {evs:?}"
+    );
     let idx: Vec<usize> = evs.iter().map(|e| e.2[2..].parse().unwrap()).collect();
-    assert!(idx.windows(2).all(|w| w[0] <= w[1]), "events out of write order: {idx:?}");
+    assert!(
+        idx.windows(2).all(|w| w[0] <= w[1]),
+        "events out of write order: {idx:?}"
+    );
     let distinct: std::collections::BTreeSet<usize> = idx.into_iter().collect();
-    assert_eq!(distinct.len(), 20, "the follower's watcher missed events across the leader change");
+    assert_eq!(
+        distinct.len(),
+        20,
+        "the follower's watcher missed events across the leader change"
+    );
 }

@@ -20,7 +20,9 @@ impl MemoryEngine {
     }
 
     fn read(&self) -> Result<std::sync::RwLockReadGuard<'_, Tables>, EngineError> {
-        self.tables.read().map_err(|_| EngineError::Backend("memory engine lock poisoned".into()))
+        self.tables
+            .read()
+            .map_err(|_| EngineError::Backend("memory engine lock poisoned".into()))
     }
 }
 
@@ -38,7 +40,9 @@ impl Engine for MemoryEngine {
         visit: &mut dyn FnMut(&[u8], &[u8]) -> ScanControl,
     ) -> Result<(), EngineError> {
         let tables = self.read()?;
-        let Some(t) = tables.get(&table) else { return Ok(()) };
+        let Some(t) = tables.get(&table) else {
+            return Ok(());
+        };
         if end.is_some_and(|e| e <= start) {
             return Ok(());
         }
@@ -68,7 +72,10 @@ impl Engine for MemoryEngine {
     }
 
     fn write(&self, batch: WriteBatch, _sync: bool) -> Result<(), EngineError> {
-        let mut tables = self.tables.write().map_err(|_| EngineError::Backend("memory engine lock poisoned".into()))?;
+        let mut tables = self
+            .tables
+            .write()
+            .map_err(|_| EngineError::Backend("memory engine lock poisoned".into()))?;
         for op in batch.ops {
             match op {
                 WriteOp::Put { table, key, value } => {
@@ -79,7 +86,8 @@ impl Engine for MemoryEngine {
                 }
                 WriteOp::DeleteRange { table, start, end } => {
                     let t = tables.entry(table).or_default();
-                    let doomed: Vec<Vec<u8>> = t.range(start..end).map(|(k, _)| k.clone()).collect();
+                    let doomed: Vec<Vec<u8>> =
+                        t.range(start..end).map(|(k, _)| k.clone()).collect();
                     for k in doomed {
                         t.remove(&k);
                     }
@@ -110,7 +118,14 @@ impl Engine for MemoryEngine {
     }
 
     fn size_bytes(&self) -> u64 {
-        self.read().map(|t| t.values().flat_map(|m| m.iter()).map(|(k, v)| (k.len() + v.len()) as u64).sum()).unwrap_or(0)
+        self.read()
+            .map(|t| {
+                t.values()
+                    .flat_map(|m| m.iter())
+                    .map(|(k, v)| (k.len() + v.len()) as u64)
+                    .sum()
+            })
+            .unwrap_or(0)
     }
 
     fn compact_table(&self, _table: Table) -> Result<(), EngineError> {

@@ -3,8 +3,8 @@
 use std::path::{Path, PathBuf};
 
 use rocksdb::{
-    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBCompressionType, Direction as RDirection, IteratorMode, Options,
-    ReadOptions, WriteOptions, DB,
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, DBCompressionType,
+    Direction as RDirection, IteratorMode, Options, ReadOptions, WriteOptions,
 };
 
 use super::{Direction, Engine, EngineError, ScanControl, Table, WriteBatch, WriteOp};
@@ -43,11 +43,16 @@ impl RocksEngine {
             ColumnFamilyDescriptor::new(t.name(), o)
         });
         let db = DB::open_cf_descriptors(&db_opts, path, cfs).map_err(backend)?;
-        Ok(Self { db, path: path.to_path_buf() })
+        Ok(Self {
+            db,
+            path: path.to_path_buf(),
+        })
     }
 
     fn cf(&self, table: Table) -> Result<&rocksdb::ColumnFamily, EngineError> {
-        self.db.cf_handle(table.name()).ok_or_else(|| EngineError::Backend(format!("missing column family {}", table.name())))
+        self.db
+            .cf_handle(table.name())
+            .ok_or_else(|| EngineError::Backend(format!("missing column family {}", table.name())))
     }
 }
 
@@ -92,7 +97,9 @@ impl Engine for RocksEngine {
             match op {
                 WriteOp::Put { table, key, value } => wb.put_cf(self.cf(*table)?, key, value),
                 WriteOp::Delete { table, key } => wb.delete_cf(self.cf(*table)?, key),
-                WriteOp::DeleteRange { table, start, end } => wb.delete_range_cf(self.cf(*table)?, start, end),
+                WriteOp::DeleteRange { table, start, end } => {
+                    wb.delete_range_cf(self.cf(*table)?, start, end)
+                }
             }
         }
         let mut wo = WriteOptions::default();
@@ -126,8 +133,16 @@ impl Engine for RocksEngine {
         let mut total = 0;
         for t in Table::ALL {
             if let Ok(cf) = self.cf(t) {
-                for prop in ["rocksdb.total-sst-files-size", "rocksdb.cur-size-all-mem-tables"] {
-                    total += self.db.property_int_value_cf(cf, prop).ok().flatten().unwrap_or(0);
+                for prop in [
+                    "rocksdb.total-sst-files-size",
+                    "rocksdb.cur-size-all-mem-tables",
+                ] {
+                    total += self
+                        .db
+                        .property_int_value_cf(cf, prop)
+                        .ok()
+                        .flatten()
+                        .unwrap_or(0);
                 }
             }
         }
@@ -135,7 +150,8 @@ impl Engine for RocksEngine {
     }
 
     fn compact_table(&self, table: Table) -> Result<(), EngineError> {
-        self.db.compact_range_cf(self.cf(table)?, None::<&[u8]>, None::<&[u8]>);
+        self.db
+            .compact_range_cf(self.cf(table)?, None::<&[u8]>, None::<&[u8]>);
         Ok(())
     }
 

@@ -12,9 +12,10 @@ use std::sync::atomic::Ordering;
 use keel_proto::etcdserverpb::request_op::Request as OpReq;
 use keel_proto::etcdserverpb::response_op::Response as OpResp;
 use keel_proto::etcdserverpb::{
-    AlarmMember, AlarmRequest, AlarmResponse, Compare, CompactionRequest, CompactionResponse, DeleteRangeRequest,
-    DeleteRangeResponse, LeaseGrantRequest, LeaseGrantResponse, LeaseRevokeRequest, LeaseRevokeResponse, PutRequest,
-    PutResponse, RangeRequest, ResponseHeader, ResponseOp, TxnRequest, TxnResponse, alarm_request, compare,
+    AlarmMember, AlarmRequest, AlarmResponse, CompactionRequest, CompactionResponse, Compare,
+    DeleteRangeRequest, DeleteRangeResponse, LeaseGrantRequest, LeaseGrantResponse,
+    LeaseRevokeRequest, LeaseRevokeResponse, PutRequest, PutResponse, RangeRequest, ResponseHeader,
+    ResponseOp, TxnRequest, TxnResponse, alarm_request, compare,
 };
 use keel_proto::keelpb::raft_request::Request as Cmd;
 use keel_proto::keelpb::raft_response::Response as Res;
@@ -24,7 +25,10 @@ use prost::Message;
 
 use super::index::{IndexEntry, visible_at};
 use super::revision::Revision;
-use super::store::{KeySpan, LeaseState, META_ALARMS, META_COMPACT, META_REV, MvccStore, View, live_in_index, load_kv, range_view};
+use super::store::{
+    KeySpan, LeaseState, META_ALARMS, META_COMPACT, META_REV, MvccStore, View, live_in_index,
+    load_kv, range_view,
+};
 use crate::engine::{Table, WriteBatch};
 use crate::error::{ApplyError, ApplyErrorKind, StoreError};
 
@@ -58,7 +62,10 @@ impl WriteCtx {
 }
 
 fn header(revision: i64) -> Option<ResponseHeader> {
-    Some(ResponseHeader { revision, ..Default::default() })
+    Some(ResponseHeader {
+        revision,
+        ..Default::default()
+    })
 }
 
 fn lease_key(id: i64) -> Vec<u8> {
@@ -95,7 +102,9 @@ impl View for ApplyBatch<'_> {
                 }
             }
         }
-        m.into_iter().filter_map(|(k, r)| r.map(|r| (k, r))).collect()
+        m.into_iter()
+            .filter_map(|(k, r)| r.map(|r| (k, r)))
+            .collect()
     }
 
     fn load(&self, rev: Revision) -> Result<Option<KeyValue>, StoreError> {
@@ -151,12 +160,23 @@ impl<'a> ApplyBatch<'a> {
                 Ok(Res::LeaseCheckpoint(Empty {}))
             }
             Some(Cmd::Alarm(a)) => Ok(Res::Alarm(self.alarm(a))),
-            None => Err(ApplyError { kind: ApplyErrorKind::Other, message: "etcdserver: empty request".into() }),
+            None => Err(ApplyError {
+                kind: ApplyErrorKind::Other,
+                message: "etcdserver: empty request".into(),
+            }),
         };
         let events = std::mem::take(&mut self.events);
         let response = match result {
-            Ok(r) => RaftResponse { response: Some(r), error: None, revision: self.rev },
-            Err(e) => RaftResponse { response: None, error: Some(e.to_proto()), revision: self.rev },
+            Ok(r) => RaftResponse {
+                response: Some(r),
+                error: None,
+                revision: self.rev,
+            },
+            Err(e) => RaftResponse {
+                response: None,
+                error: Some(e.to_proto()),
+                revision: self.rev,
+            },
         };
         ApplyOutcome { response, events }
     }
@@ -167,7 +187,11 @@ impl<'a> ApplyBatch<'a> {
             return Err(e);
         }
         let inner = &self.store.inner;
-        self.wb.put(Table::Meta, META_REV.to_vec(), self.rev.to_be_bytes().to_vec());
+        self.wb.put(
+            Table::Meta,
+            META_REV.to_vec(),
+            self.rev.to_be_bytes().to_vec(),
+        );
         inner.engine.write(std::mem::take(&mut self.wb), sync)?;
         {
             let mut index = inner.write_index();
@@ -209,7 +233,10 @@ impl<'a> ApplyBatch<'a> {
     }
 
     fn fail_storage(&mut self, e: StoreError) -> ApplyError {
-        let err = ApplyError { kind: ApplyErrorKind::Other, message: e.to_string() };
+        let err = ApplyError {
+            kind: ApplyErrorKind::Other,
+            message: e.to_string(),
+        };
         self.failure.get_or_insert(e);
         err
     }
@@ -219,7 +246,12 @@ impl<'a> ApplyBatch<'a> {
     fn latest(&mut self, key: &[u8]) -> Option<KeyValue> {
         let rev = match self.index.get(key).and_then(|e| e.last()) {
             Some(e) => (!e.tombstone).then_some(e.rev),
-            None => self.store.inner.read_index().get(key).and_then(|e| visible_at(e, i64::MAX)),
+            None => self
+                .store
+                .inner
+                .read_index()
+                .get(key)
+                .and_then(|e| visible_at(e, i64::MAX)),
         }?;
         match self.load(rev) {
             Ok(kv) => kv,
@@ -265,8 +297,15 @@ impl<'a> ApplyBatch<'a> {
     // ----- writes -----
 
     fn write_kv(&mut self, rev: Revision, kv: KeyValue, tombstone: bool) {
-        self.wb.put(Table::Kv, rev.encode(tombstone).to_vec(), kv.encode_to_vec());
-        self.index.entry(kv.key.clone()).or_default().push(IndexEntry { rev, tombstone });
+        self.wb.put(
+            Table::Kv,
+            rev.encode(tombstone).to_vec(),
+            kv.encode_to_vec(),
+        );
+        self.index
+            .entry(kv.key.clone())
+            .or_default()
+            .push(IndexEntry { rev, tombstone });
         self.kvs.insert(rev, kv);
     }
 
@@ -285,7 +324,10 @@ impl<'a> ApplyBatch<'a> {
             return Err(ApplyError::new(ApplyErrorKind::NoSpace));
         }
         self.check_put(p)?;
-        let mut w = WriteCtx { main: self.rev + 1, sub: 0 };
+        let mut w = WriteCtx {
+            main: self.rev + 1,
+            sub: 0,
+        };
         let resp = self.put(&mut w, p);
         self.rev = w.main;
         Ok(resp)
@@ -318,12 +360,22 @@ impl<'a> ApplyBatch<'a> {
             self.lease_keys.push((lease, p.key.clone(), true));
         }
         self.write_kv(rev, kv.clone(), false);
-        self.events.push(Event { r#type: EventType::Put as i32, kv: Some(kv), prev_kv: prev.clone() });
-        PutResponse { header: header(w.main), prev_kv: if p.prev_kv { prev } else { None } }
+        self.events.push(Event {
+            r#type: EventType::Put as i32,
+            kv: Some(kv),
+            prev_kv: prev.clone(),
+        });
+        PutResponse {
+            header: header(w.main),
+            prev_kv: if p.prev_kv { prev } else { None },
+        }
     }
 
     fn delete_cmd(&mut self, d: &DeleteRangeRequest) -> DeleteRangeResponse {
-        let mut w = WriteCtx { main: self.rev + 1, sub: 0 };
+        let mut w = WriteCtx {
+            main: self.rev + 1,
+            sub: 0,
+        };
         let resp = self.delete(&mut w, &d.key, &d.range_end, d.prev_kv);
         if w.changed() {
             self.rev = w.main;
@@ -331,7 +383,13 @@ impl<'a> ApplyBatch<'a> {
         resp
     }
 
-    fn delete(&mut self, w: &mut WriteCtx, key: &[u8], end: &[u8], want_prev: bool) -> DeleteRangeResponse {
+    fn delete(
+        &mut self,
+        w: &mut WriteCtx,
+        key: &[u8],
+        end: &[u8],
+        want_prev: bool,
+    ) -> DeleteRangeResponse {
         let live = self.live(&KeySpan::new(key, end), i64::MAX);
         let mut prev_kvs = Vec::new();
         let deleted = live.len() as i64;
@@ -347,19 +405,35 @@ impl<'a> ApplyBatch<'a> {
                 self.lease_keys.push((l, k.clone(), false));
             }
             let trev = w.next();
-            let tomb = KeyValue { key: k, mod_revision: w.main, ..Default::default() };
+            let tomb = KeyValue {
+                key: k,
+                mod_revision: w.main,
+                ..Default::default()
+            };
             self.write_kv(trev, tomb.clone(), true);
-            self.events.push(Event { r#type: EventType::Delete as i32, kv: Some(tomb), prev_kv: prev.clone() });
+            self.events.push(Event {
+                r#type: EventType::Delete as i32,
+                kv: Some(tomb),
+                prev_kv: prev.clone(),
+            });
             if want_prev {
                 prev_kvs.extend(prev);
             }
         }
         let rev = if w.changed() { w.main } else { self.rev };
-        DeleteRangeResponse { header: header(rev), deleted, prev_kvs }
+        DeleteRangeResponse {
+            header: header(rev),
+            deleted,
+            prev_kvs,
+        }
     }
 
     fn read_rev(&self, req: &RangeRequest, base: i64) -> Result<i64, ApplyError> {
-        let at = if req.revision <= 0 { base } else { req.revision };
+        let at = if req.revision <= 0 {
+            base
+        } else {
+            req.revision
+        };
         if at > base {
             return Err(ApplyError::new(ApplyErrorKind::FutureRevision));
         }
@@ -397,7 +471,12 @@ impl<'a> ApplyBatch<'a> {
         }
     }
 
-    fn check_txn(&mut self, t: &TxnRequest, path: &[bool], pos: &mut usize) -> Result<(), ApplyError> {
+    fn check_txn(
+        &mut self,
+        t: &TxnRequest,
+        path: &[bool],
+        pos: &mut usize,
+    ) -> Result<(), ApplyError> {
         let ok = path.get(*pos).copied().unwrap_or(false);
         *pos += 1;
         for op in if ok { &t.success } else { &t.failure } {
@@ -423,7 +502,10 @@ impl<'a> ApplyBatch<'a> {
         self.txn_path(t, &mut path);
         self.check_txn(t, &path, &mut 0)?;
         let base = self.rev;
-        let mut w = WriteCtx { main: base + 1, sub: 0 };
+        let mut w = WriteCtx {
+            main: base + 1,
+            sub: 0,
+        };
         let mut resp = self.exec_txn(&mut w, t, &path, &mut 0, base)?;
         if w.changed() {
             self.rev = w.main;
@@ -432,7 +514,14 @@ impl<'a> ApplyBatch<'a> {
         Ok(resp)
     }
 
-    fn exec_txn(&mut self, w: &mut WriteCtx, t: &TxnRequest, path: &[bool], pos: &mut usize, base: i64) -> Result<TxnResponse, ApplyError> {
+    fn exec_txn(
+        &mut self,
+        w: &mut WriteCtx,
+        t: &TxnRequest,
+        path: &[bool],
+        pos: &mut usize,
+        base: i64,
+    ) -> Result<TxnResponse, ApplyError> {
         let ok = path.get(*pos).copied().unwrap_or(false);
         *pos += 1;
         let mut responses = Vec::new();
@@ -463,7 +552,11 @@ impl<'a> ApplyBatch<'a> {
             };
             responses.push(ResponseOp { response });
         }
-        Ok(TxnResponse { header: None, succeeded: ok, responses })
+        Ok(TxnResponse {
+            header: None,
+            succeeded: ok,
+            responses,
+        })
     }
 
     // ----- compaction, leases, alarms -----
@@ -477,8 +570,14 @@ impl<'a> ApplyBatch<'a> {
         }
         self.compacted = c.revision;
         self.new_compaction = Some(c.revision);
-        self.wb.put(Table::Meta, META_COMPACT.to_vec(), c.revision.to_be_bytes().to_vec());
-        Ok(CompactionResponse { header: header(self.rev) })
+        self.wb.put(
+            Table::Meta,
+            META_COMPACT.to_vec(),
+            c.revision.to_be_bytes().to_vec(),
+        );
+        Ok(CompactionResponse {
+            header: header(self.rev),
+        })
     }
 
     fn lease_grant(&mut self, g: &LeaseGrantRequest) -> Result<LeaseGrantResponse, ApplyError> {
@@ -486,7 +585,10 @@ impl<'a> ApplyBatch<'a> {
             return Err(ApplyError::new(ApplyErrorKind::NoSpace));
         }
         if g.id <= 0 {
-            return Err(ApplyError { kind: ApplyErrorKind::Other, message: "etcdserver: lease ID must be set by the proposer".into() });
+            return Err(ApplyError {
+                kind: ApplyErrorKind::Other,
+                message: "etcdserver: lease ID must be set by the proposer".into(),
+            });
         }
         if g.ttl > MAX_LEASE_TTL {
             return Err(ApplyError::new(ApplyErrorKind::LeaseTtlTooLarge));
@@ -494,16 +596,30 @@ impl<'a> ApplyBatch<'a> {
         if self.lease_exists(g.id) {
             return Err(ApplyError::new(ApplyErrorKind::LeaseExists));
         }
-        let l = LeaseState { ttl: g.ttl, remaining: None, keys: BTreeSet::new() };
+        let l = LeaseState {
+            ttl: g.ttl,
+            remaining: None,
+            keys: BTreeSet::new(),
+        };
         self.wb.put(Table::Lease, lease_key(g.id), l.encode());
         self.leases.insert(g.id, Some(l));
-        Ok(LeaseGrantResponse { header: header(self.rev), id: g.id, ttl: g.ttl, error: String::new() })
+        Ok(LeaseGrantResponse {
+            header: header(self.rev),
+            id: g.id,
+            ttl: g.ttl,
+            error: String::new(),
+        })
     }
 
     fn lease_revoke(&mut self, r: &LeaseRevokeRequest) -> Result<LeaseRevokeResponse, ApplyError> {
-        let Some(state) = self.lease_state(r.id) else { return Err(ApplyError::new(ApplyErrorKind::LeaseNotFound)) };
+        let Some(state) = self.lease_state(r.id) else {
+            return Err(ApplyError::new(ApplyErrorKind::LeaseNotFound));
+        };
         // Every attached key goes in one revision.
-        let mut w = WriteCtx { main: self.rev + 1, sub: 0 };
+        let mut w = WriteCtx {
+            main: self.rev + 1,
+            sub: 0,
+        };
         for key in &state.keys {
             self.delete(&mut w, key, &[], false);
         }
@@ -513,16 +629,26 @@ impl<'a> ApplyBatch<'a> {
         self.wb.delete(Table::Lease, lease_key(r.id));
         self.leases.insert(r.id, None);
         self.lease_keys.retain(|(id, _, _)| *id != r.id);
-        Ok(LeaseRevokeResponse { header: header(self.rev) })
+        Ok(LeaseRevokeResponse {
+            header: header(self.rev),
+        })
     }
 
     fn lease_checkpoint(&mut self, c: &LeaseCheckpointBatch) {
         for cp in &c.checkpoints {
-            let Some(mut state) = self.lease_state(cp.id) else { continue };
+            let Some(mut state) = self.lease_state(cp.id) else {
+                continue;
+            };
             state.remaining = Some(cp.remaining_ttl.max(0));
             self.wb.put(Table::Lease, lease_key(cp.id), state.encode());
             // Keys stay tracked through the committed state and pending attachments.
-            state.keys = self.store.inner.read_leases().get(&cp.id).map(|l| l.keys.clone()).unwrap_or_default();
+            state.keys = self
+                .store
+                .inner
+                .read_leases()
+                .get(&cp.id)
+                .map(|l| l.keys.clone())
+                .unwrap_or_default();
             self.leases.insert(cp.id, Some(state));
         }
     }
@@ -532,11 +658,21 @@ impl<'a> ApplyBatch<'a> {
             Some(a) => a.clone(),
             None => self.store.alarms(),
         };
-        let member = AlarmMember { member_id: a.member_id, alarm: a.alarm };
-        let mut resp = AlarmResponse { header: header(self.rev), alarms: Vec::new() };
+        let member = AlarmMember {
+            member_id: a.member_id,
+            alarm: a.alarm,
+        };
+        let mut resp = AlarmResponse {
+            header: header(self.rev),
+            alarms: Vec::new(),
+        };
         match alarm_request::AlarmAction::try_from(a.action) {
             Ok(alarm_request::AlarmAction::Get) => {
-                resp.alarms = alarms.iter().filter(|m| a.alarm == 0 || m.alarm == a.alarm).cloned().collect();
+                resp.alarms = alarms
+                    .iter()
+                    .filter(|m| a.alarm == 0 || m.alarm == a.alarm)
+                    .cloned()
+                    .collect();
                 return resp;
             }
             Ok(alarm_request::AlarmAction::Activate) => {
@@ -554,7 +690,15 @@ impl<'a> ApplyBatch<'a> {
             Err(_) => return resp,
         }
         alarms.sort_by_key(|m| (m.member_id, m.alarm));
-        self.wb.put(Table::Meta, META_ALARMS.to_vec(), AlarmResponse { header: None, alarms: alarms.clone() }.encode_to_vec());
+        self.wb.put(
+            Table::Meta,
+            META_ALARMS.to_vec(),
+            AlarmResponse {
+                header: None,
+                alarms: alarms.clone(),
+            }
+            .encode_to_vec(),
+        );
         self.alarms = Some(alarms);
         resp
     }

@@ -59,7 +59,10 @@ mod tests {
     use super::*;
 
     fn e(main: i64, tombstone: bool) -> IndexEntry {
-        IndexEntry { rev: Revision::new(main, 0), tombstone }
+        IndexEntry {
+            rev: Revision::new(main, 0),
+            tombstone,
+        }
     }
 
     #[test]

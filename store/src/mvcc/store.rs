@@ -5,7 +5,9 @@ use std::ops::Bound;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, mpsc};
 
-use keel_proto::etcdserverpb::{AlarmMember, AlarmResponse, RangeRequest, RangeResponse, ResponseHeader, range_request};
+use keel_proto::etcdserverpb::{
+    AlarmMember, AlarmResponse, RangeRequest, RangeResponse, ResponseHeader, range_request,
+};
 use keel_proto::mvccpb::{Event, KeyValue, event::EventType};
 use prost::Message;
 
@@ -41,7 +43,11 @@ impl LeaseState {
     fn decode(bytes: &[u8]) -> Option<Self> {
         let ttl = i64::from_be_bytes(bytes.get(..8)?.try_into().ok()?);
         let rem = i64::from_be_bytes(bytes.get(8..16)?.try_into().ok()?);
-        Some(Self { ttl, remaining: (rem >= 0).then_some(rem), keys: BTreeSet::new() })
+        Some(Self {
+            ttl,
+            remaining: (rem >= 0).then_some(rem),
+            keys: BTreeSet::new(),
+        })
     }
 }
 
@@ -138,7 +144,12 @@ pub(crate) trait View {
     fn load(&self, rev: Revision) -> Result<Option<KeyValue>, StoreError>;
 }
 
-pub(crate) fn live_in_index(index: &Index, span: &KeySpan<'_>, at: i64, out: &mut BTreeMap<Vec<u8>, Option<Revision>>) {
+pub(crate) fn live_in_index(
+    index: &Index,
+    span: &KeySpan<'_>,
+    at: i64,
+    out: &mut BTreeMap<Vec<u8>, Option<Revision>>,
+) {
     let Some(bounds) = span.bounds() else { return };
     for (k, entries) in index.range::<[u8], _>(bounds) {
         out.insert(k.clone(), visible_at(entries, at));
@@ -146,8 +157,15 @@ pub(crate) fn live_in_index(index: &Index, span: &KeySpan<'_>, at: i64, out: &mu
 }
 
 pub(crate) fn load_kv(engine: &dyn Engine, rev: Revision) -> Result<Option<KeyValue>, StoreError> {
-    let Some(bytes) = engine.get(Table::Kv, &rev.encode(false))? else { return Ok(None) };
-    KeyValue::decode(bytes.as_slice()).map(Some).map_err(|e| StoreError::Corrupt { table: "kv", detail: e.to_string() })
+    let Some(bytes) = engine.get(Table::Kv, &rev.encode(false))? else {
+        return Ok(None);
+    };
+    KeyValue::decode(bytes.as_slice())
+        .map(Some)
+        .map_err(|e| StoreError::Corrupt {
+            table: "kv",
+            detail: e.to_string(),
+        })
 }
 
 pub(crate) struct Inner {
@@ -178,7 +196,9 @@ impl View for CommittedView<'_> {
     fn live(&self, span: &KeySpan<'_>, at: i64) -> Vec<(Vec<u8>, Revision)> {
         let mut m = BTreeMap::new();
         live_in_index(&self.0.read_index(), span, at, &mut m);
-        m.into_iter().filter_map(|(k, r)| r.map(|r| (k, r))).collect()
+        m.into_iter()
+            .filter_map(|(k, r)| r.map(|r| (k, r)))
+            .collect()
     }
     fn load(&self, rev: Revision) -> Result<Option<KeyValue>, StoreError> {
         load_kv(self.0.engine.as_ref(), rev)
@@ -186,30 +206,62 @@ impl View for CommittedView<'_> {
 }
 
 fn other(e: StoreError) -> ApplyError {
-    ApplyError { kind: ApplyErrorKind::Other, message: e.to_string() }
+    ApplyError {
+        kind: ApplyErrorKind::Other,
+        message: e.to_string(),
+    }
 }
 
 /// etcd's Range over any view at `at` (already validated against compaction and the future).
-pub(crate) fn range_view(view: &dyn View, r: &RangeRequest, at: i64, compacted: i64) -> Result<RangeResponse, ApplyError> {
+pub(crate) fn range_view(
+    view: &dyn View,
+    r: &RangeRequest,
+    at: i64,
+    compacted: i64,
+) -> Result<RangeResponse, ApplyError> {
     let span = KeySpan::new(&r.key, &r.range_end);
     let live = view.live(&span, at);
     let count = live.len() as i64;
-    let sort_order = range_request::SortOrder::try_from(r.sort_order).unwrap_or(range_request::SortOrder::None);
-    let sort_target = range_request::SortTarget::try_from(r.sort_target).unwrap_or(range_request::SortTarget::Key);
-    let filtered = r.min_mod_revision != 0 || r.max_mod_revision != 0 || r.min_create_revision != 0 || r.max_create_revision != 0;
-    let sorted = sort_order != range_request::SortOrder::None || sort_target != range_request::SortTarget::Key;
-    let mut resp = RangeResponse { header: Some(ResponseHeader { revision: at, ..Default::default() }), count, ..Default::default() };
+    let sort_order =
+        range_request::SortOrder::try_from(r.sort_order).unwrap_or(range_request::SortOrder::None);
+    let sort_target = range_request::SortTarget::try_from(r.sort_target)
+        .unwrap_or(range_request::SortTarget::Key);
+    let filtered = r.min_mod_revision != 0
+        || r.max_mod_revision != 0
+        || r.min_create_revision != 0
+        || r.max_create_revision != 0;
+    let sorted = sort_order != range_request::SortOrder::None
+        || sort_target != range_request::SortTarget::Key;
+    let mut resp = RangeResponse {
+        header: Some(ResponseHeader {
+            revision: at,
+            ..Default::default()
+        }),
+        count,
+        ..Default::default()
+    };
     if r.count_only {
         return Ok(resp);
     }
     // Without sorting or filtering only limit+1 values are needed.
-    let fetch = if r.limit > 0 && !filtered && !sorted { (r.limit as usize).saturating_add(1).min(live.len()) } else { live.len() };
+    let fetch = if r.limit > 0 && !filtered && !sorted {
+        (r.limit as usize).saturating_add(1).min(live.len())
+    } else {
+        live.len()
+    };
     let mut kvs = Vec::with_capacity(fetch);
     for (_, rev) in live.into_iter().take(fetch) {
         match view.load(rev).map_err(other)? {
             Some(kv) => kvs.push(kv),
-            None if at < compacted || rev.main < compacted => return Err(ApplyError::new(ApplyErrorKind::Compacted)),
-            None => return Err(ApplyError { kind: ApplyErrorKind::Other, message: format!("mvcc: missing revision {rev:?}") }),
+            None if at < compacted || rev.main < compacted => {
+                return Err(ApplyError::new(ApplyErrorKind::Compacted));
+            }
+            None => {
+                return Err(ApplyError {
+                    kind: ApplyErrorKind::Other,
+                    message: format!("mvcc: missing revision {rev:?}"),
+                });
+            }
         }
     }
     if filtered {
@@ -220,7 +272,9 @@ pub(crate) fn range_view(view: &dyn View, r: &RangeRequest, at: i64, compacted: 
                 && (r.max_create_revision == 0 || kv.create_revision <= r.max_create_revision)
         });
     }
-    let order = if sort_order == range_request::SortOrder::None && sort_target != range_request::SortTarget::Key {
+    let order = if sort_order == range_request::SortOrder::None
+        && sort_target != range_request::SortTarget::Key
+    {
         range_request::SortOrder::Ascend
     } else {
         sort_order
@@ -258,7 +312,21 @@ pub(crate) fn range_view(view: &dyn View, r: &RangeRequest, at: i64, compacted: 
 pub struct MvccStore {
     pub(crate) inner: Arc<Inner>,
     pub(crate) apply_lock: Mutex<()>,
-    compactor: Mutex<mpsc::Sender<i64>>,
+    compactor: Mutex<Option<mpsc::Sender<i64>>>,
+    compactor_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for MvccStore {
+    /// Stops the compactor and waits for it, so no thread touches the engine after the store
+    /// is gone (RocksDB aborts if used during process teardown).
+    fn drop(&mut self) {
+        if let Ok(mut tx) = self.compactor.lock() {
+            tx.take();
+        }
+        if let Some(handle) = self.compactor_thread.lock().ok().and_then(|mut h| h.take()) {
+            let _ = handle.join();
+        }
+    }
 }
 
 impl MvccStore {
@@ -275,7 +343,7 @@ impl MvccStore {
         });
         let (tx, rx) = mpsc::channel::<i64>();
         let worker = inner.clone();
-        std::thread::Builder::new()
+        let handle = std::thread::Builder::new()
             .name("mvcc-compactor".into())
             .spawn(move || {
                 while let Ok(at) = rx.recv() {
@@ -285,7 +353,12 @@ impl MvccStore {
                 }
             })
             .map_err(crate::engine::EngineError::Io)?;
-        let store = MvccStore { inner, apply_lock: Mutex::new(()), compactor: Mutex::new(tx) };
+        let store = MvccStore {
+            inner,
+            apply_lock: Mutex::new(()),
+            compactor: Mutex::new(Some(tx)),
+            compactor_thread: Mutex::new(Some(handle)),
+        };
         store.reload()?;
         Ok(store)
     }
@@ -301,18 +374,27 @@ impl MvccStore {
         let mut failure = None;
         engine.scan(Table::Kv, &[], None, Direction::Forward, &mut |k, v| {
             let Some((rev, tombstone)) = Revision::decode(k) else {
-                failure = Some(StoreError::Corrupt { table: "kv", detail: "bad revision key".into() });
+                failure = Some(StoreError::Corrupt {
+                    table: "kv",
+                    detail: "bad revision key".into(),
+                });
                 return ScanControl::Stop;
             };
             match KeyValue::decode(v) {
                 Ok(kv) => {
                     max_rev = max_rev.max(rev.main);
                     latest_lease.insert(kv.key.clone(), if tombstone { 0 } else { kv.lease });
-                    index.entry(kv.key).or_default().push(IndexEntry { rev, tombstone });
+                    index
+                        .entry(kv.key)
+                        .or_default()
+                        .push(IndexEntry { rev, tombstone });
                     ScanControl::Continue
                 }
                 Err(e) => {
-                    failure = Some(StoreError::Corrupt { table: "kv", detail: e.to_string() });
+                    failure = Some(StoreError::Corrupt {
+                        table: "kv",
+                        detail: e.to_string(),
+                    });
                     ScanControl::Stop
                 }
             }
@@ -335,13 +417,24 @@ impl MvccStore {
             }
         }
         let meta_i64 = |key: &[u8]| -> Result<i64, StoreError> {
-            Ok(engine.get(Table::Meta, key)?.and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok()).map(i64::from_be_bytes).unwrap_or(0))
+            Ok(engine
+                .get(Table::Meta, key)?
+                .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+                .map(i64::from_be_bytes)
+                .unwrap_or(0))
         };
         let current = meta_i64(META_REV)?.max(max_rev).max(1);
         let compacted = meta_i64(META_COMPACT)?;
         let done = meta_i64(META_COMPACT_DONE)?;
         let alarms = match engine.get(Table::Meta, META_ALARMS)? {
-            Some(b) => AlarmResponse::decode(b.as_slice()).map_err(|e| StoreError::Corrupt { table: "meta", detail: e.to_string() })?.alarms,
+            Some(b) => {
+                AlarmResponse::decode(b.as_slice())
+                    .map_err(|e| StoreError::Corrupt {
+                        table: "meta",
+                        detail: e.to_string(),
+                    })?
+                    .alarms
+            }
             None => Vec::new(),
         };
         *self.inner.write_index() = index;
@@ -375,7 +468,9 @@ impl MvccStore {
 
     pub(crate) fn schedule_compaction(&self, at: i64) {
         if let Ok(tx) = self.compactor.lock() {
-            let _ = tx.send(at);
+            if let Some(tx) = tx.as_ref() {
+                let _ = tx.send(at);
+            }
         }
     }
 
@@ -395,20 +490,35 @@ impl MvccStore {
     pub fn range(&self, req: &RangeRequest) -> Result<RangeResponse, ApplyError> {
         let current = self.current_revision();
         let at = self.check_rev(req.revision)?;
-        let mut resp = range_view(&CommittedView(&self.inner), req, at, self.compact_revision())?;
-        resp.header = Some(ResponseHeader { revision: current, ..Default::default() });
+        let mut resp = range_view(
+            &CommittedView(&self.inner),
+            req,
+            at,
+            self.compact_revision(),
+        )?;
+        resp.header = Some(ResponseHeader {
+            revision: current,
+            ..Default::default()
+        });
         Ok(resp)
     }
 
     /// Events in revision order from the `kv` table, scanning only the requested revisions.
     pub fn history(&self, req: &HistoryRequest) -> Result<HistoryBatch, ApplyError> {
         let current = self.current_revision();
-        let end = if req.end_revision <= 0 { current } else { req.end_revision.min(current) };
+        let end = if req.end_revision <= 0 {
+            current
+        } else {
+            req.end_revision.min(current)
+        };
         let start = req.start_revision.max(1);
         if start < self.compact_revision() {
             return Err(ApplyError::new(ApplyErrorKind::Compacted));
         }
-        let mut batch = HistoryBatch { events: Vec::new(), next_revision: end + 1 };
+        let mut batch = HistoryBatch {
+            events: Vec::new(),
+            next_revision: end + 1,
+        };
         if start > end {
             batch.next_revision = start;
             return Ok(batch);
@@ -420,36 +530,59 @@ impl MvccStore {
         let max = req.max_events.max(1);
         self.inner
             .engine
-            .scan(Table::Kv, &Revision::lower_bound(start), Some(&Revision::lower_bound(end + 1)), Direction::Forward, &mut |k, v| {
-                let Some((rev, tomb)) = Revision::decode(k) else { return ScanControl::Continue };
-                if raw.len() >= max && raw.last().is_some_and(|(r, _, _)| r.main != rev.main) {
-                    stop_at = Some(rev.main);
-                    return ScanControl::Stop;
-                }
-                match KeyValue::decode(v) {
-                    Ok(kv) => {
-                        if span.contains(&kv.key) {
-                            raw.push((rev, tomb, kv));
+            .scan(
+                Table::Kv,
+                &Revision::lower_bound(start),
+                Some(&Revision::lower_bound(end + 1)),
+                Direction::Forward,
+                &mut |k, v| {
+                    let Some((rev, tomb)) = Revision::decode(k) else {
+                        return ScanControl::Continue;
+                    };
+                    if raw.len() >= max && raw.last().is_some_and(|(r, _, _)| r.main != rev.main) {
+                        stop_at = Some(rev.main);
+                        return ScanControl::Stop;
+                    }
+                    match KeyValue::decode(v) {
+                        Ok(kv) => {
+                            if span.contains(&kv.key) {
+                                raw.push((rev, tomb, kv));
+                            }
+                            ScanControl::Continue
                         }
-                        ScanControl::Continue
+                        Err(e) => {
+                            failure = Some(e);
+                            ScanControl::Stop
+                        }
                     }
-                    Err(e) => {
-                        failure = Some(e);
-                        ScanControl::Stop
-                    }
-                }
-            })
+                },
+            )
             .map_err(|e| other(e.into()))?;
         if let Some(e) = failure {
-            return Err(ApplyError { kind: ApplyErrorKind::Other, message: e.to_string() });
+            return Err(ApplyError {
+                kind: ApplyErrorKind::Other,
+                message: e.to_string(),
+            });
         }
         if let Some(next) = stop_at {
             batch.next_revision = next;
         }
         for (rev, tomb, kv) in raw {
-            let prev_kv = if req.prev_kv { self.prev_version(&kv.key, rev).map_err(other)? } else { None };
-            let ty = if tomb { EventType::Delete } else { EventType::Put };
-            batch.events.push(Event { r#type: ty as i32, kv: Some(kv), prev_kv });
+            let prev_kv = if req.prev_kv {
+                self.prev_version(&kv.key, rev).map_err(other)?
+            } else {
+                None
+            };
+            let ty = if tomb {
+                EventType::Delete
+            } else {
+                EventType::Put
+            };
+            batch.events.push(Event {
+                r#type: ty as i32,
+                kv: Some(kv),
+                prev_kv,
+            });
         }
         Ok(batch)
     }
@@ -457,7 +590,9 @@ impl MvccStore {
     fn prev_version(&self, key: &[u8], rev: Revision) -> Result<Option<KeyValue>, StoreError> {
         let prev = {
             let index = self.inner.read_index();
-            index.get(key).and_then(|entries| super::index::before(entries, rev))
+            index
+                .get(key)
+                .and_then(|entries| super::index::before(entries, rev))
         };
         match prev {
             Some(e) if !e.tombstone => load_kv(self.inner.engine.as_ref(), e.rev),
@@ -466,19 +601,33 @@ impl MvccStore {
     }
 
     pub fn lease(&self, id: i64) -> Option<LeaseInfo> {
-        self.inner.read_leases().get(&id).map(|l| LeaseInfo { id, ttl: l.ttl, remaining_ttl: l.remaining, keys: l.keys.iter().cloned().collect() })
+        self.inner.read_leases().get(&id).map(|l| LeaseInfo {
+            id,
+            ttl: l.ttl,
+            remaining_ttl: l.remaining,
+            keys: l.keys.iter().cloned().collect(),
+        })
     }
 
     pub fn leases(&self) -> Vec<LeaseInfo> {
         self.inner
             .read_leases()
             .iter()
-            .map(|(id, l)| LeaseInfo { id: *id, ttl: l.ttl, remaining_ttl: l.remaining, keys: l.keys.iter().cloned().collect() })
+            .map(|(id, l)| LeaseInfo {
+                id: *id,
+                ttl: l.ttl,
+                remaining_ttl: l.remaining,
+                keys: l.keys.iter().cloned().collect(),
+            })
             .collect()
     }
 
     pub fn alarms(&self) -> Vec<AlarmMember> {
-        self.inner.alarms.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.inner
+            .alarms
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Starts an apply batch; only one exists at a time.
@@ -506,32 +655,52 @@ impl MvccStore {
         }
         let kept: BTreeSet<Revision> = {
             let index = self.inner.read_index();
-            index.values().filter_map(|entries| visible_at(entries, compacted)).collect()
+            index
+                .values()
+                .filter_map(|entries| visible_at(entries, compacted))
+                .collect()
         };
         let mut hasher = crc32fast::Hasher::new();
         self.inner
             .engine
-            .scan(Table::Kv, &[], Some(&Revision::lower_bound(at + 1)), Direction::Forward, &mut |k, v| {
-                if let Some((rev, _)) = Revision::decode(k) {
-                    if rev.main > compacted || kept.contains(&rev) {
-                        hasher.update(k);
-                        hasher.update(v);
+            .scan(
+                Table::Kv,
+                &[],
+                Some(&Revision::lower_bound(at + 1)),
+                Direction::Forward,
+                &mut |k, v| {
+                    if let Some((rev, _)) = Revision::decode(k) {
+                        if rev.main > compacted || kept.contains(&rev) {
+                            hasher.update(k);
+                            hasher.update(v);
+                        }
                     }
-                }
-                ScanControl::Continue
-            })
+                    ScanControl::Continue
+                },
+            )
             .map_err(|e| other(e.into()))?;
-        Ok(HashKvResult { hash: hasher.finalize(), compact_revision: compacted, hash_revision: at })
+        Ok(HashKvResult {
+            hash: hasher.finalize(),
+            compact_revision: compacted,
+            hash_revision: at,
+        })
     }
 
     pub fn stats(&self) -> StoreStats {
         let index = self.inner.read_index();
         let revisions: usize = index.values().map(Vec::len).sum();
         let key_bytes: usize = index.keys().map(|k| k.capacity()).sum();
-        let entry_bytes: usize = index.values().map(|v| v.capacity() * std::mem::size_of::<IndexEntry>()).sum();
+        let entry_bytes: usize = index
+            .values()
+            .map(|v| v.capacity() * std::mem::size_of::<IndexEntry>())
+            .sum();
         // Per key: the key Vec and entries Vec headers plus B-tree node overhead (~16 bytes).
         let per_key = 2 * std::mem::size_of::<Vec<u8>>() + 16;
-        StoreStats { keys: index.len(), revisions, index_bytes_estimate: key_bytes + entry_bytes + index.len() * per_key }
+        StoreStats {
+            keys: index.len(),
+            revisions,
+            index_bytes_estimate: key_bytes + entry_bytes + index.len() * per_key,
+        }
     }
 }
 
@@ -548,7 +717,11 @@ fn physical_compact(inner: &Inner, at: i64) -> Result<(), StoreError> {
                 Some(c) => Bound::Excluded(c.clone()),
                 None => Bound::Unbounded,
             };
-            let keys: Vec<Vec<u8>> = index.range((lower, Bound::Unbounded)).take(COMPACT_BATCH_KEYS).map(|(k, _)| k.clone()).collect();
+            let keys: Vec<Vec<u8>> = index
+                .range((lower, Bound::Unbounded))
+                .take(COMPACT_BATCH_KEYS)
+                .map(|(k, _)| k.clone())
+                .collect();
             for k in keys {
                 if let Some(entries) = index.get_mut(&k) {
                     for gone in compact_entries(entries, at) {

@@ -47,8 +47,12 @@ impl LogReader {
         let mut failure = None;
         let end_key = end.map(index_key);
         self.engine
-            .scan(Table::RaftLog, &index_key(start), end_key.as_ref().map(|k| &k[..]), Direction::Forward, &mut |_, v| {
-                match decode::<Entry>(v) {
+            .scan(
+                Table::RaftLog,
+                &index_key(start),
+                end_key.as_ref().map(|k| &k[..]),
+                Direction::Forward,
+                &mut |_, v| match decode::<Entry>(v) {
                     Ok(e) => {
                         out.push(e);
                         ScanControl::Continue
@@ -57,8 +61,8 @@ impl LogReader {
                         failure = Some(e);
                         ScanControl::Stop
                     }
-                }
-            })
+                },
+            )
             .map_err(io_err)?;
         match failure {
             Some(e) => Err(e),
@@ -100,7 +104,18 @@ impl RaftLogReader<TypeConfig> for LogReader {
 /// The Raft log store.
 pub struct LogStore {
     reader: LogReader,
-    sync_queue: mpsc::Sender<IOFlushed<TypeConfig>>,
+    sync_queue: Option<mpsc::Sender<IOFlushed<TypeConfig>>>,
+    sync_thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for LogStore {
+    /// Lets the sync thread finish its last fsync before the engine can go away.
+    fn drop(&mut self) {
+        self.sync_queue.take();
+        if let Some(t) = self.sync_thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl LogStore {
@@ -108,8 +123,14 @@ impl LogStore {
     pub fn new(engine: Arc<dyn Engine>) -> io::Result<Self> {
         let (tx, rx) = mpsc::channel::<IOFlushed<TypeConfig>>();
         let sync_engine = engine.clone();
-        std::thread::Builder::new().name("raft-log-sync".into()).spawn(move || sync_loop(sync_engine, rx))?;
-        Ok(Self { reader: LogReader { engine }, sync_queue: tx })
+        let handle = std::thread::Builder::new()
+            .name("raft-log-sync".into())
+            .spawn(move || sync_loop(sync_engine, rx))?;
+        Ok(Self {
+            reader: LogReader { engine },
+            sync_queue: Some(tx),
+            sync_thread: Some(handle),
+        })
     }
 
     fn engine(&self) -> &Arc<dyn Engine> {
@@ -118,7 +139,10 @@ impl LogStore {
 
     async fn write_blocking(&self, batch: WriteBatch, sync: bool) -> io::Result<()> {
         let engine = self.engine().clone();
-        tokio::task::spawn_blocking(move || engine.write(batch, sync)).await.map_err(io_err)?.map_err(io_err)
+        tokio::task::spawn_blocking(move || engine.write(batch, sync))
+            .await
+            .map_err(io_err)?
+            .map_err(io_err)
     }
 }
 
@@ -144,19 +168,28 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut last = None;
         let mut failure = None;
         self.engine()
-            .scan(Table::RaftLog, &[], None, Direction::Reverse, &mut |_, v| {
-                match decode::<Entry>(v) {
-                    Ok(e) => last = Some(e.log_id),
-                    Err(e) => failure = Some(e),
-                }
-                ScanControl::Stop
-            })
+            .scan(
+                Table::RaftLog,
+                &[],
+                None,
+                Direction::Reverse,
+                &mut |_, v| {
+                    match decode::<Entry>(v) {
+                        Ok(e) => last = Some(e.log_id),
+                        Err(e) => failure = Some(e),
+                    }
+                    ScanControl::Stop
+                },
+            )
             .map_err(io_err)?;
         if let Some(e) = failure {
             return Err(e);
         }
         let last_log_id = last.or_else(|| last_purged.clone());
-        Ok(LogState { last_purged_log_id: last_purged, last_log_id })
+        Ok(LogState {
+            last_purged_log_id: last_purged,
+            last_log_id,
+        })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -190,11 +223,20 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let mut batch = WriteBatch::new();
         for entry in entries {
-            batch.put(Table::RaftLog, index_key(entry.log_id.index).to_vec(), encode(&entry)?);
+            batch.put(
+                Table::RaftLog,
+                index_key(entry.log_id.index).to_vec(),
+                encode(&entry)?,
+            );
         }
         // Visible now; durable once the sync thread's next fsync completes.
         self.engine().write(batch, false).map_err(io_err)?;
-        self.sync_queue.send(callback).map_err(|_| io::Error::other("raft log sync thread stopped"))
+        match &self.sync_queue {
+            Some(q) => q
+                .send(callback)
+                .map_err(|_| io::Error::other("raft log sync thread stopped")),
+            None => Err(io::Error::other("raft log store is closed")),
+        }
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> io::Result<()> {
@@ -209,7 +251,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn purge(&mut self, log_id: LogId) -> io::Result<()> {
         let mut batch = WriteBatch::new();
         batch.put(Table::RaftMeta, KEY_LAST_PURGED, encode(&log_id)?);
-        batch.delete_range(Table::RaftLog, index_key(0).to_vec(), index_key(log_id.index.saturating_add(1)).to_vec());
+        batch.delete_range(
+            Table::RaftLog,
+            index_key(0).to_vec(),
+            index_key(log_id.index.saturating_add(1)).to_vec(),
+        );
         self.engine().write(batch, false).map_err(io_err)
     }
 }

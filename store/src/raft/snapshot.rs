@@ -45,7 +45,12 @@ fn table_from_code(c: u8) -> io::Result<Table> {
         1 => Table::Kv,
         2 => Table::Meta,
         3 => Table::Lease,
-        _ => return Err(io::Error::new(io::ErrorKind::InvalidData, format!("snapshot: bad table code {c}"))),
+        _ => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("snapshot: bad table code {c}"),
+            ));
+        }
     })
 }
 
@@ -60,7 +65,12 @@ pub struct SnapshotWriter {
 impl SnapshotWriter {
     pub fn create(tmp_path: &Path) -> io::Result<Self> {
         let file = File::create(tmp_path)?;
-        let mut w = Self { out: BufWriter::with_capacity(1 << 20, file), crc: crc32fast::Hasher::new(), records: 0, tmp_path: tmp_path.to_path_buf() };
+        let mut w = Self {
+            out: BufWriter::with_capacity(1 << 20, file),
+            crc: crc32fast::Hasher::new(),
+            records: 0,
+            tmp_path: tmp_path.to_path_buf(),
+        };
         w.write_raw(MAGIC)?;
         w.write_raw(&VERSION.to_be_bytes())?;
         Ok(w)
@@ -118,7 +128,11 @@ fn invalid(msg: &str) -> io::Error {
 impl SnapshotReader {
     pub fn open(path: &Path) -> io::Result<Self> {
         let file = File::open(path)?;
-        let mut r = Self { input: BufReader::with_capacity(1 << 20, file), crc: crc32fast::Hasher::new(), records: 0 };
+        let mut r = Self {
+            input: BufReader::with_capacity(1 << 20, file),
+            crc: crc32fast::Hasher::new(),
+            records: 0,
+        };
         let mut magic = [0u8; 8];
         r.read_exact(&mut magic)?;
         if &magic != MAGIC {
@@ -187,13 +201,20 @@ mod tests {
         let mut w = SnapshotWriter::create(&tmp).unwrap();
         w.record(Table::Kv, b"k1", b"v1").unwrap();
         w.record(Table::Meta, b"", b"").unwrap();
-        w.record(Table::Lease, &[0xFF; 3], &vec![7u8; 100_000]).unwrap();
+        w.record(Table::Lease, &[0xFF; 3], &vec![7u8; 100_000])
+            .unwrap();
         assert_eq!(w.finish(&fin).unwrap(), 3);
         assert!(!tmp.exists());
 
         let mut r = SnapshotReader::open(&fin).unwrap();
-        assert_eq!(r.next_record().unwrap(), Some((Table::Kv, b"k1".to_vec(), b"v1".to_vec())));
-        assert_eq!(r.next_record().unwrap(), Some((Table::Meta, vec![], vec![])));
+        assert_eq!(
+            r.next_record().unwrap(),
+            Some((Table::Kv, b"k1".to_vec(), b"v1".to_vec()))
+        );
+        assert_eq!(
+            r.next_record().unwrap(),
+            Some((Table::Meta, vec![], vec![]))
+        );
         let (t, k, v) = r.next_record().unwrap().unwrap();
         assert_eq!((t, k.len(), v.len()), (Table::Lease, 3, 100_000));
         assert_eq!(r.next_record().unwrap(), None);

@@ -21,7 +21,9 @@ use openraft::{EntryPayload, OptionalSend};
 use tokio::sync::watch;
 
 use super::snapshot::{SnapshotFile, SnapshotReader, SnapshotWriter, sync_dir};
-use super::types::{CommandResult, LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig, decode, encode};
+use super::types::{
+    CommandResult, LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig, decode, encode,
+};
 use crate::engine::{Engine, Table, WriteBatch};
 use crate::mvcc::MvccStore;
 
@@ -73,19 +75,37 @@ pub struct StateMachine {
 
 impl StateMachine {
     /// Opens the state machine; finishes a snapshot installation a crash interrupted.
-    pub fn open(mvcc: Arc<MvccStore>, snapshot_dir: &Path, listener: Option<ApplyListener>) -> io::Result<Self> {
+    pub fn open(
+        mvcc: Arc<MvccStore>,
+        snapshot_dir: &Path,
+        listener: Option<ApplyListener>,
+    ) -> io::Result<Self> {
         std::fs::create_dir_all(snapshot_dir)?;
         let engine = mvcc.engine().clone();
-        if let Some(path) = engine.get(Table::RaftMeta, RAFT_META_INSTALLING).map_err(io_err)? {
+        if let Some(path) = engine
+            .get(Table::RaftMeta, RAFT_META_INSTALLING)
+            .map_err(io_err)?
+        {
             let path = PathBuf::from(String::from_utf8_lossy(&path).into_owned());
             tracing::warn!(path = %path.display(), "resuming an interrupted snapshot installation");
             load_snapshot_into(&engine, &path)?;
             mvcc.reload().map_err(io_err)?;
         }
         let (last_applied, membership) = read_applied(&mvcc)?;
-        let applied = AppliedState { index: last_applied.as_ref().map(|l| l.index).unwrap_or(0), revision: mvcc.current_revision() };
+        let applied = AppliedState {
+            index: last_applied.as_ref().map(|l| l.index).unwrap_or(0),
+            revision: mvcc.current_revision(),
+        };
         let (applied_tx, _) = watch::channel(applied);
-        Ok(Self { mvcc, snapshot_dir: snapshot_dir.to_path_buf(), last_applied, membership, applied_tx, listener, snapshot_seq: 0 })
+        Ok(Self {
+            mvcc,
+            snapshot_dir: snapshot_dir.to_path_buf(),
+            last_applied,
+            membership,
+            applied_tx,
+            listener,
+            snapshot_seq: 0,
+        })
     }
 
     pub fn mvcc(&self) -> &Arc<MvccStore> {
@@ -102,12 +122,19 @@ impl StateMachine {
         for entry in std::fs::read_dir(&self.snapshot_dir)? {
             let name = entry?.file_name().to_string_lossy().into_owned();
             if let Some(stem) = name.strip_suffix(".snap") {
-                if self.snapshot_dir.join(format!("{stem}.meta")).exists() && best.as_deref().is_none_or(|b| stem > b) {
+                if self.snapshot_dir.join(format!("{stem}.meta")).exists()
+                    && best.as_deref().is_none_or(|b| stem > b)
+                {
                     best = Some(stem.to_string());
                 }
             }
         }
-        Ok(best.map(|stem| (self.snapshot_dir.join(format!("{stem}.snap")), self.snapshot_dir.join(format!("{stem}.meta")))))
+        Ok(best.map(|stem| {
+            (
+                self.snapshot_dir.join(format!("{stem}.snap")),
+                self.snapshot_dir.join(format!("{stem}.meta")),
+            )
+        }))
     }
 }
 
@@ -135,7 +162,9 @@ fn load_snapshot_into(engine: &Arc<dyn Engine>, path: &Path) -> io::Result<()> {
     while let Some((table, key, value)) = reader.next_record()? {
         batch.put(table, key, value);
         if batch.len() >= INSTALL_BATCH {
-            engine.write(std::mem::take(&mut batch), false).map_err(io_err)?;
+            engine
+                .write(std::mem::take(&mut batch), false)
+                .map_err(io_err)?;
         }
     }
     batch.delete(Table::RaftMeta, RAFT_META_INSTALLING);
@@ -156,7 +185,9 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let engine = self.engine.clone();
         let dir = self.snapshot_dir.clone();
         let seq = self.seq;
-        tokio::task::spawn_blocking(move || build_snapshot_blocking(&engine, &dir, seq)).await.map_err(io_err)?
+        tokio::task::spawn_blocking(move || build_snapshot_blocking(&engine, &dir, seq))
+            .await
+            .map_err(io_err)?
     }
 }
 
@@ -181,21 +212,32 @@ fn build_snapshot_blocking(engine: &Arc<dyn Engine>, dir: &Path, seq: u64) -> io
                     }
                 }
             }
-            writer.record(table, key, value).map_err(crate::engine::EngineError::Io)
+            writer
+                .record(table, key, value)
+                .map_err(crate::engine::EngineError::Io)
         })
         .map_err(io_err)?;
     if let Some(e) = failure {
         return Err(e);
     }
-    let (index, term) = last_applied.as_ref().map(|l| (l.index, l.leader_id.term)).unwrap_or((0, 0));
+    let (index, term) = last_applied
+        .as_ref()
+        .map(|l| (l.index, l.leader_id.term))
+        .unwrap_or((0, 0));
     let stem = format!("{index:020}-{term:020}-{seq:06}");
     let snap_path = dir.join(format!("{stem}.snap"));
     writer.finish(&snap_path)?;
-    let meta = SnapshotMeta { last_log_id: last_applied, last_membership: membership };
+    let meta = SnapshotMeta {
+        last_log_id: last_applied,
+        last_membership: membership,
+    };
     write_meta_file(&dir.join(format!("{stem}.meta")), &meta)?;
     remove_older_snapshots(dir, &stem)?;
     tracing::info!(snapshot = %stem, "built snapshot");
-    Ok(Snapshot { meta, snapshot: SnapshotFile { path: snap_path } })
+    Ok(Snapshot {
+        meta,
+        snapshot: SnapshotFile { path: snap_path },
+    })
 }
 
 fn write_meta_file(path: &Path, meta: &SnapshotMeta) -> io::Result<()> {
@@ -219,7 +261,10 @@ fn remove_older_snapshots(dir: &Path, keep_stem: &str) -> io::Result<()> {
 }
 
 struct ChunkResult {
-    responses: Vec<(Option<openraft::storage::ApplyResponder<TypeConfig>>, RaftResponse)>,
+    responses: Vec<(
+        Option<openraft::storage::ApplyResponder<TypeConfig>>,
+        RaftResponse,
+    )>,
     last_applied: Option<LogId>,
     membership: StoredMembership,
     events: Vec<Event>,
@@ -237,7 +282,10 @@ fn apply_chunk(
     for (entry, responder) in chunk {
         let log_id = entry.log_id;
         let response = match entry.payload {
-            EntryPayload::Blank => RaftResponse { revision: mvcc.current_revision(), ..Default::default() },
+            EntryPayload::Blank => RaftResponse {
+                revision: mvcc.current_revision(),
+                ..Default::default()
+            },
             EntryPayload::Normal(cmd) => {
                 let outcome = batch.apply(&cmd.0);
                 events.extend(outcome.events);
@@ -254,7 +302,12 @@ fn apply_chunk(
     batch.put_meta(META_LAST_APPLIED, encode(&last_applied)?);
     batch.put_meta(META_MEMBERSHIP, encode(&membership)?);
     batch.commit(false).map_err(io_err)?;
-    Ok(ChunkResult { responses, last_applied, membership, events })
+    Ok(ChunkResult {
+        responses,
+        last_applied,
+        membership,
+        events,
+    })
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
@@ -266,20 +319,30 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn apply<Strm>(&mut self, entries: Strm) -> io::Result<()>
-    where Strm: Stream<Item = io::Result<EntryResponder<TypeConfig>>> + Unpin + OptionalSend {
+    where
+        Strm: Stream<Item = io::Result<EntryResponder<TypeConfig>>> + Unpin + OptionalSend,
+    {
         let mut chunks = entries.ready_chunks(MAX_CHUNK);
         while let Some(items) = chunks.next().await {
             let chunk = items.into_iter().collect::<io::Result<Vec<_>>>()?;
             let mvcc = self.mvcc.clone();
             let (last_applied, membership) = (self.last_applied, self.membership.clone());
-            let result = tokio::task::spawn_blocking(move || apply_chunk(&mvcc, chunk, last_applied, membership))
-                .await
-                .map_err(io_err)??;
+            let result = tokio::task::spawn_blocking(move || {
+                apply_chunk(&mvcc, chunk, last_applied, membership)
+            })
+            .await
+            .map_err(io_err)??;
             self.last_applied = result.last_applied;
             self.membership = result.membership;
-            let applied = AppliedState { index: self.last_applied.map(|l| l.index).unwrap_or(0), revision: self.mvcc.current_revision() };
+            let applied = AppliedState {
+                index: self.last_applied.map(|l| l.index).unwrap_or(0),
+                revision: self.mvcc.current_revision(),
+            };
             if let Some(listener) = &self.listener {
-                listener(&AppliedChunk { applied: applied.clone(), events: result.events });
+                listener(&AppliedChunk {
+                    applied: applied.clone(),
+                    events: result.events,
+                });
             }
             self.applied_tx.send_replace(applied);
             for (responder, mut response) in result.responses {
@@ -296,11 +359,23 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         self.snapshot_seq += 1;
-        SnapshotBuilder { engine: self.mvcc.engine().clone(), snapshot_dir: self.snapshot_dir.clone(), seq: self.snapshot_seq }
+        SnapshotBuilder {
+            engine: self.mvcc.engine().clone(),
+            snapshot_dir: self.snapshot_dir.clone(),
+            seq: self.snapshot_seq,
+        }
     }
 
-    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotFile) -> io::Result<()> {
-        let (index, term) = meta.last_log_id.as_ref().map(|l| (l.index, l.leader_id.term)).unwrap_or((0, 0));
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: SnapshotFile,
+    ) -> io::Result<()> {
+        let (index, term) = meta
+            .last_log_id
+            .as_ref()
+            .map(|l| (l.index, l.leader_id.term))
+            .unwrap_or((0, 0));
         self.snapshot_seq += 1;
         let stem = format!("{index:020}-{term:020}-{:06}", self.snapshot_seq);
         let final_path = self.snapshot_dir.join(format!("{stem}.snap"));
@@ -317,7 +392,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             std::fs::rename(&snapshot.path, &final_path)?;
             sync_dir(&final_path)?;
             let mut marker = WriteBatch::new();
-            marker.put(Table::RaftMeta, RAFT_META_INSTALLING, final_path.to_string_lossy().as_bytes().to_vec());
+            marker.put(
+                Table::RaftMeta,
+                RAFT_META_INSTALLING,
+                final_path.to_string_lossy().as_bytes().to_vec(),
+            );
             engine.write(marker, true).map_err(io_err)?;
             load_snapshot_into(&engine, &final_path)?;
             write_meta_file(&dir.join(format!("{stem}.meta")), &meta_clone)?;
@@ -328,15 +407,23 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         .map_err(io_err)??;
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
-        let applied = AppliedState { index, revision: self.mvcc.current_revision() };
+        let applied = AppliedState {
+            index,
+            revision: self.mvcc.current_revision(),
+        };
         self.applied_tx.send_replace(applied);
         tracing::info!(snapshot = %stem, "installed snapshot");
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> io::Result<Option<Snapshot>> {
-        let Some((snap, meta_path)) = self.latest_snapshot_files()? else { return Ok(None) };
+        let Some((snap, meta_path)) = self.latest_snapshot_files()? else {
+            return Ok(None);
+        };
         let meta: SnapshotMeta = decode(&std::fs::read(&meta_path)?)?;
-        Ok(Some(Snapshot { meta, snapshot: SnapshotFile { path: snap } }))
+        Ok(Some(Snapshot {
+            meta,
+            snapshot: SnapshotFile { path: snap },
+        }))
     }
 }

@@ -62,7 +62,9 @@ macro_rules! serde_as_protobuf {
         impl<'de> Deserialize<'de> for $wrapper {
             fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
                 let bytes: serde_bytes_buf::ByteBuf = Deserialize::deserialize(deserializer)?;
-                <$inner>::decode(bytes.0.as_slice()).map($wrapper).map_err(serde::de::Error::custom)
+                <$inner>::decode(bytes.0.as_slice())
+                    .map($wrapper)
+                    .map_err(serde::de::Error::custom)
             }
         }
     };

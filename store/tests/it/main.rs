@@ -1,0 +1,6 @@
+//! keel-store integration tests: etcd MVCC rules on both engines, reopen and compaction on
+//! RocksDB, and openraft's storage conformance suite.
+
+mod helpers;
+mod mvcc;
+mod raft_suite;
