@@ -42,13 +42,19 @@ pub struct RunningServer {
 }
 
 impl RunningServer {
-    /// Stops the listeners and Raft.
+    /// Stops accepting requests, lets in-flight ones finish (long-lived streams such as peer
+    /// replication and watches get a short grace period), then stops Raft.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
+        let grace = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
         for t in self.tasks {
-            let _ = t.await;
+            let abort = t.abort_handle();
+            if tokio::time::timeout_at(grace, t).await.is_err() {
+                abort.abort();
+            }
         }
-        let _ = self.node.raft.shutdown().await;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), self.node.raft.shutdown())
+            .await;
     }
 }
 

@@ -358,18 +358,20 @@ impl WatchHub {
             let Some(kv) = ev.kv.as_ref() else { continue };
             if let Some(keys) = st.singles.get(&kv.key) {
                 for k in keys {
-                    if let Some(w) = st.watchers.get(k) {
-                        if w.synced && w.wants(ev) {
-                            per_watcher.entry(*k).or_default().push(w.shape(ev));
-                        }
+                    if let Some(w) = st.watchers.get(k)
+                        && w.synced
+                        && w.wants(ev)
+                    {
+                        per_watcher.entry(*k).or_default().push(w.shape(ev));
                     }
                 }
             }
             for k in &st.ranges {
-                if let Some(w) = st.watchers.get(k) {
-                    if w.synced && w.wants(ev) {
-                        per_watcher.entry(*k).or_default().push(w.shape(ev));
-                    }
+                if let Some(w) = st.watchers.get(k)
+                    && w.synced
+                    && w.wants(ev)
+                {
+                    per_watcher.entry(*k).or_default().push(w.shape(ev));
                 }
             }
         }
@@ -602,11 +604,11 @@ impl WatchHub {
                 // Nothing to replay (or a future start revision not reached yet).
                 let mut st = self.lock();
                 let current = st.dispatched_rev;
-                if let Some(w) = st.watchers.get_mut(&key) {
-                    if w.next_rev == current + 1 {
-                        w.synced = true;
-                        st.unsynced.remove(&key);
-                    }
+                if let Some(w) = st.watchers.get_mut(&key)
+                    && w.next_rev == current + 1
+                {
+                    w.synced = true;
+                    st.unsynced.remove(&key);
                 }
                 continue;
             }

@@ -134,6 +134,9 @@ pub enum ScanControl {
     Stop,
 }
 
+/// The callback of [`Engine::scan_consistent`]: table, key, value.
+pub type ConsistentVisitor<'a> = dyn FnMut(Table, &[u8], &[u8]) -> Result<(), EngineError> + 'a;
+
 /// A synchronous, thread-safe key-value engine with named tables.
 ///
 /// Durability contract: `write(batch, true)` returns only after the batch is on stable storage;
@@ -164,7 +167,7 @@ pub trait Engine: Send + Sync + 'static {
     fn scan_consistent(
         &self,
         tables: &[Table],
-        visit: &mut dyn FnMut(Table, &[u8], &[u8]) -> Result<(), EngineError>,
+        visit: &mut ConsistentVisitor<'_>,
     ) -> Result<(), EngineError>;
 
     /// Approximate bytes on disk (or in memory) for `Status.dbSize`.

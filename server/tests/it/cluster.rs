@@ -142,10 +142,10 @@ impl Cluster {
         let deadline = Instant::now() + timeout;
         for m in self.members.iter().filter(|m| m.child.is_some()) {
             loop {
-                if let Ok(mut c) = client(&m.endpoint()).await {
-                    if c.get("ready-probe", None).await.is_ok() {
-                        break;
-                    }
+                if let Ok(mut c) = client(&m.endpoint()).await
+                    && c.get("ready-probe", None).await.is_ok()
+                {
+                    break;
                 }
                 if Instant::now() > deadline {
                     panic!("member {} not ready; log:\n{}", m.name, m.log());
@@ -165,12 +165,12 @@ impl Cluster {
                 .enumerate()
                 .filter(|(_, m)| m.child.is_some())
             {
-                if let Ok(mut c) = client(&m.endpoint()).await {
-                    if let Ok(s) = c.status().await {
-                        let me = s.header().map(|h| h.member_id()).unwrap_or(0);
-                        if s.leader() != 0 && s.leader() == me {
-                            return i;
-                        }
+                if let Ok(mut c) = client(&m.endpoint()).await
+                    && let Ok(s) = c.status().await
+                {
+                    let me = s.header().map(|h| h.member_id()).unwrap_or(0);
+                    if s.leader() != 0 && s.leader() == me {
+                        return i;
                     }
                 }
             }

@@ -33,7 +33,7 @@ async fn put_get_delete_and_revisions() {
         (2, 3, 2)
     );
     assert_eq!(kv.value(), b"baz");
-    assert_eq!(g.header().unwrap().cluster_id() != 0, true);
+    assert!(g.header().unwrap().cluster_id() != 0);
     assert!(g.header().unwrap().member_id() != 0);
     assert!(g.header().unwrap().raft_term() >= 1);
 

@@ -2,6 +2,7 @@
 //! and with real `etcdctl`.
 
 mod cluster;
+mod etcdctl;
 mod kv;
 mod replication;
 mod watch;

@@ -125,18 +125,17 @@ async fn follower_restart_catches_up() {
     // Serializable reads on the follower converge to the leader's state.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Ok(mut fc) = client(&cluster.members[follower].endpoint()).await {
-            if let Ok(r) = fc
+        if let Ok(mut fc) = client(&cluster.members[follower].endpoint()).await
+            && let Ok(r) = fc
                 .get(
                     "r",
                     Some(GetOptions::new().with_prefix().with_serializable()),
                 )
                 .await
-            {
-                if r.count() == 200 && r.header().unwrap().revision() >= rev {
-                    break;
-                }
-            }
+            && r.count() == 200
+            && r.header().unwrap().revision() >= rev
+        {
+            break;
         }
         assert!(Instant::now() < deadline, "follower did not catch up");
         tokio::time::sleep(Duration::from_millis(200)).await;

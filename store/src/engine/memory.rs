@@ -104,7 +104,7 @@ impl Engine for MemoryEngine {
     fn scan_consistent(
         &self,
         tables: &[Table],
-        visit: &mut dyn FnMut(Table, &[u8], &[u8]) -> Result<(), EngineError>,
+        visit: &mut super::ConsistentVisitor<'_>,
     ) -> Result<(), EngineError> {
         let snapshot = self.read()?.clone();
         for table in tables {

@@ -114,7 +114,7 @@ impl Engine for RocksEngine {
     fn scan_consistent(
         &self,
         tables: &[Table],
-        visit: &mut dyn FnMut(Table, &[u8], &[u8]) -> Result<(), EngineError>,
+        visit: &mut super::ConsistentVisitor<'_>,
     ) -> Result<(), EngineError> {
         let snapshot = self.db.snapshot();
         for table in tables {

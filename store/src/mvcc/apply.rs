@@ -677,7 +677,7 @@ impl<'a> ApplyBatch<'a> {
             }
             Ok(alarm_request::AlarmAction::Activate) => {
                 if a.alarm != 0 && !alarms.contains(&member) {
-                    alarms.push(member.clone());
+                    alarms.push(member);
                     resp.alarms.push(member);
                 }
             }

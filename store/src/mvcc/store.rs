@@ -95,6 +95,9 @@ pub struct StoreStats {
     pub index_bytes_estimate: usize,
 }
 
+/// Lower and upper bound of a key span.
+pub(crate) type KeyBounds<'a> = (Bound<&'a [u8]>, Bound<&'a [u8]>);
+
 /// etcd's key-range convention: empty end = one key; end "\0" = every key from `key`.
 #[derive(Debug, Clone)]
 pub(crate) enum KeySpan<'a> {
@@ -126,7 +129,7 @@ impl<'a> KeySpan<'a> {
         }
     }
 
-    pub fn bounds(&self) -> Option<(Bound<&'a [u8]>, Bound<&'a [u8]>)> {
+    pub fn bounds(&self) -> Option<KeyBounds<'a>> {
         match *self {
             KeySpan::Single(s) => Some((Bound::Included(s), Bound::Included(s))),
             KeySpan::From(s) => Some((Bound::Included(s), Bound::Unbounded)),
@@ -410,10 +413,10 @@ impl MvccStore {
             ScanControl::Continue
         })?;
         for (key, lease) in latest_lease {
-            if lease != 0 {
-                if let Some(l) = leases.get_mut(&lease) {
-                    l.keys.insert(key);
-                }
+            if lease != 0
+                && let Some(l) = leases.get_mut(&lease)
+            {
+                l.keys.insert(key);
             }
         }
         let meta_i64 = |key: &[u8]| -> Result<i64, StoreError> {
@@ -467,10 +470,10 @@ impl MvccStore {
     }
 
     pub(crate) fn schedule_compaction(&self, at: i64) {
-        if let Ok(tx) = self.compactor.lock() {
-            if let Some(tx) = tx.as_ref() {
-                let _ = tx.send(at);
-            }
+        if let Ok(tx) = self.compactor.lock()
+            && let Some(tx) = tx.as_ref()
+        {
+            let _ = tx.send(at);
         }
     }
 
@@ -669,11 +672,11 @@ impl MvccStore {
                 Some(&Revision::lower_bound(at + 1)),
                 Direction::Forward,
                 &mut |k, v| {
-                    if let Some((rev, _)) = Revision::decode(k) {
-                        if rev.main > compacted || kept.contains(&rev) {
-                            hasher.update(k);
-                            hasher.update(v);
-                        }
+                    if let Some((rev, _)) = Revision::decode(k)
+                        && (rev.main > compacted || kept.contains(&rev))
+                    {
+                        hasher.update(k);
+                        hasher.update(v);
                     }
                     ScanControl::Continue
                 },

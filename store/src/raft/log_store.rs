@@ -185,7 +185,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         if let Some(e) = failure {
             return Err(e);
         }
-        let last_log_id = last.or_else(|| last_purged.clone());
+        let last_log_id = last.or(last_purged);
         Ok(LogState {
             last_purged_log_id: last_purged,
             last_log_id,

@@ -114,6 +114,9 @@ pub fn sync_dir(path: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// One snapshot record: table, key, value.
+pub type Record = (Table, Vec<u8>, Vec<u8>);
+
 /// Reads a snapshot file, verifying its trailer.
 pub struct SnapshotReader {
     input: BufReader<File>,
@@ -159,7 +162,7 @@ impl SnapshotReader {
     }
 
     /// The next record, or `None` at a verified end of file.
-    pub fn next_record(&mut self) -> io::Result<Option<(Table, Vec<u8>, Vec<u8>)>> {
+    pub fn next_record(&mut self) -> io::Result<Option<Record>> {
         let mut code = [0u8; 1];
         self.input.read_exact(&mut code)?;
         if code[0] == END {

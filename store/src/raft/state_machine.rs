@@ -121,12 +121,11 @@ impl StateMachine {
         let mut best: Option<String> = None;
         for entry in std::fs::read_dir(&self.snapshot_dir)? {
             let name = entry?.file_name().to_string_lossy().into_owned();
-            if let Some(stem) = name.strip_suffix(".snap") {
-                if self.snapshot_dir.join(format!("{stem}.meta")).exists()
-                    && best.as_deref().is_none_or(|b| stem > b)
-                {
-                    best = Some(stem.to_string());
-                }
+            if let Some(stem) = name.strip_suffix(".snap")
+                && self.snapshot_dir.join(format!("{stem}.meta")).exists()
+                && best.as_deref().is_none_or(|b| stem > b)
+            {
+                best = Some(stem.to_string());
             }
         }
         Ok(best.map(|stem| {
