@@ -680,7 +680,7 @@ fn index_bytes_per_key_report() {
     // Reported, not asserted tightly: the figure goes into docs/benchmarks.md.
     let s = MvccStore::open(Arc::new(keel_store::engine::memory::MemoryEngine::new())).unwrap();
     let mut b = s.begin_apply();
-    for i in 0..100_000u32 {
+    for i in 0..1_000_000u32 {
         b.apply(&keel_proto::keelpb::RaftRequest {
             request: Some(Cmd::Put(PutRequest {
                 key: format!("{i:016}").into_bytes(),
