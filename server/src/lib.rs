@@ -9,6 +9,7 @@
 //! - [`kv`]: `etcdserverpb.KV`; [`validate`]: etcd's request checks.
 //! - [`watch`]: `etcdserverpb.Watch` — the watch hub (synced / unsynced watchers fed from the
 //!   applied state) and the stream handler.
+//! - [`lease`]: `etcdserverpb.Lease` and the leader-only [`lease::Lessor`] (deadlines, expiry).
 //! - [`maintenance`]: `etcdserverpb.Maintenance` and `etcdserverpb.Cluster`.
 //! - [`error`]: the one table mapping errors to gRPC status codes and etcd's messages.
 //! - [`server`]: listeners and graceful shutdown.
@@ -16,6 +17,7 @@
 pub mod config;
 pub mod error;
 pub mod kv;
+pub mod lease;
 pub mod maintenance;
 pub mod network;
 pub mod node;

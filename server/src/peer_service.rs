@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use futures::{Stream, StreamExt};
 use keel_proto::keelpb::raft_peer_server::RaftPeer;
 use keel_proto::keelpb::{
-    ForwardRequest, ForwardResponse, MemberIdentity, RaftBytes, ReadIndexRequest,
-    ReadIndexResponse, SnapshotChunk, snapshot_chunk,
+    ForwardRequest, ForwardResponse, LeaseAnswer, LeaseQuery, MemberIdentity, RaftBytes,
+    ReadIndexRequest, ReadIndexResponse, SnapshotChunk, snapshot_chunk,
 };
 use keel_store::raft::TypeConfig;
 use keel_store::raft::snapshot::SnapshotFile;
@@ -26,13 +26,15 @@ const MAX_SNAPSHOT_BYTES: u64 = 64 << 30;
 
 pub struct PeerService {
     node: Arc<KeelNode>,
+    lessor: Arc<crate::lease::Lessor>,
     incoming_seq: AtomicU64,
 }
 
 impl PeerService {
-    pub fn new(node: Arc<KeelNode>) -> Self {
+    pub fn new(node: Arc<KeelNode>, lessor: Arc<crate::lease::Lessor>) -> Self {
         Self {
             node,
+            lessor,
             incoming_seq: AtomicU64::new(0),
         }
     }
@@ -243,6 +245,21 @@ impl RaftPeer for PeerService {
         Ok(Response::new(ReadIndexResponse {
             data: index.to_be_bytes().to_vec(),
         }))
+    }
+
+    async fn lease_renew(&self, req: Request<LeaseQuery>) -> Result<Response<LeaseAnswer>, Status> {
+        self.check_target(&req)?;
+        let ttl = self.lessor.renew_local(req.into_inner().id)?;
+        Ok(Response::new(LeaseAnswer { ttl }))
+    }
+
+    async fn lease_remaining(
+        &self,
+        req: Request<LeaseQuery>,
+    ) -> Result<Response<LeaseAnswer>, Status> {
+        self.check_target(&req)?;
+        let ttl = self.lessor.remaining_local(req.into_inner().id)?;
+        Ok(Response::new(LeaseAnswer { ttl }))
     }
 
     async fn identify(

@@ -11,10 +11,12 @@ use tokio::sync::watch;
 
 use crate::config::{Config, parse_url};
 use crate::kv::KvService;
+use crate::lease::{LeaseService, Lessor};
 use crate::maintenance::{ClusterService, MaintenanceService};
 use crate::node::KeelNode;
 use crate::peer_service::PeerService;
 use crate::watch::{WatchHub, WatchService};
+use keel_proto::etcdserverpb::lease_server::LeaseServer;
 use keel_proto::etcdserverpb::watch_server::WatchServer;
 
 /// gRPC framing overhead allowed on top of `--max-request-bytes` (as etcd).
@@ -69,6 +71,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         Arc::new(move |chunk| listener_hub.on_applied(chunk));
     let node = KeelNode::start(config.clone(), Some(listener)).await?;
     hub.attach(node.mvcc.clone());
+    let lessor = Lessor::start(node.clone());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut tasks = Vec::new();
     let max_recv = config.max_request_bytes + GRPC_OVERHEAD_BYTES;
@@ -79,7 +82,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             .socket_addr()
             .map_err(anyhow::Error::msg)?;
         let listener = bind(addr).map_err(|e| anyhow::anyhow!("listen on peer URL {url}: {e}"))?;
-        let svc = RaftPeerServer::new(PeerService::new(node.clone()))
+        let svc = RaftPeerServer::new(PeerService::new(node.clone(), lessor.clone()))
             .max_decoding_message_size(256 << 20)
             .max_encoding_message_size(256 << 20);
         let mut rx = shutdown_rx.clone();
@@ -113,6 +116,10 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             )
             .add_service(
                 WatchServer::new(WatchService::new(node.clone(), hub.clone()))
+                    .max_decoding_message_size(max_recv),
+            )
+            .add_service(
+                LeaseServer::new(LeaseService::new(node.clone(), lessor.clone()))
                     .max_decoding_message_size(max_recv),
             )
             .add_service(

@@ -4,5 +4,6 @@
 mod cluster;
 mod etcdctl;
 mod kv;
+mod lease;
 mod replication;
 mod watch;

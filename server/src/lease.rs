@@ -1,0 +1,350 @@
+//! `etcdserverpb.Lease`: grants and revocations go through Raft; deadlines live only on the
+//! leader.
+//!
+//! - The [`Lessor`] runs on every member but acts only while this member is the Raft leader:
+//!   it keeps an in-memory deadline per lease, renews it on keep-alive, and proposes a
+//!   `LeaseRevoke` when it passes. Followers never expire leases, and applying the log never
+//!   reads a clock.
+//! - On becoming leader it gives every lease its full TTL again (etcd's "renew on promotion"),
+//!   so a leader change can only extend a lease, never expire it early.
+//! - Keep-alives and TTL queries that reach a follower are forwarded to the leader.
+//! - Expired leases are revoked in bounded batches of concurrent proposals, so thousands of
+//!   expiries at once do not monopolise the proposal path.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use keel_proto::etcdserverpb::lease_server::Lease;
+use keel_proto::etcdserverpb::*;
+use keel_proto::keelpb::raft_request::Request as Cmd;
+use keel_proto::keelpb::raft_response::Response as Res;
+use keel_proto::keelpb::{LeaseQuery, RaftRequest};
+use tokio::time::Instant;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::error::ServerError;
+use crate::node::KeelNode;
+
+/// Revocations proposed at once by the expiry loop.
+const REVOKE_BATCH: usize = 256;
+const TICK: Duration = Duration::from_millis(250);
+
+/// Leader-side lease deadlines.
+pub struct Lessor {
+    node: Arc<KeelNode>,
+    /// `Some` while this member is leader.
+    deadlines: Mutex<Option<BTreeMap<i64, Instant>>>,
+}
+
+impl Lessor {
+    pub fn start(node: Arc<KeelNode>) -> Arc<Lessor> {
+        let lessor = Arc::new(Lessor {
+            node,
+            deadlines: Mutex::new(None),
+        });
+        let weak = Arc::downgrade(&lessor);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(TICK);
+            loop {
+                tick.tick().await;
+                let Some(l) = weak.upgrade() else { return };
+                l.tick().await;
+            }
+        });
+        lessor
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<BTreeMap<i64, Instant>>> {
+        self.deadlines.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn is_leader(&self) -> bool {
+        self.node
+            .leader()
+            .is_some_and(|(id, _)| id == self.node.member_id())
+            && self.node.raft.is_leader()
+    }
+
+    /// The smallest TTL a lease gets (etcd: 1.5 election timeouts, in whole seconds).
+    pub fn min_ttl(&self) -> i64 {
+        let ms = self
+            .node
+            .config
+            .election_timeout
+            .max(self.node.config.heartbeat_interval * 3)
+            * 3
+            / 2;
+        ms.div_ceil(1000).max(1) as i64
+    }
+
+    async fn tick(&self) {
+        let now = Instant::now();
+        let expired: Vec<i64> = {
+            let mut guard = self.lock();
+            if !self.is_leader() {
+                *guard = None;
+                return;
+            }
+            let leases = self.node.mvcc.leases();
+            let deadlines = guard.get_or_insert_with(BTreeMap::new);
+            // Track leases granted since the last tick (full TTL) and forget revoked ones.
+            let mut fresh = BTreeMap::new();
+            for l in leases {
+                let d = deadlines
+                    .get(&l.id)
+                    .copied()
+                    .unwrap_or_else(|| now + Duration::from_secs(l.ttl.max(0) as u64));
+                fresh.insert(l.id, d);
+            }
+            *deadlines = fresh;
+            deadlines
+                .iter()
+                .filter(|(_, d)| **d <= now)
+                .map(|(id, _)| *id)
+                .take(REVOKE_BATCH)
+                .collect()
+        };
+        if expired.is_empty() {
+            return;
+        }
+        tracing::debug!(count = expired.len(), "revoking expired leases");
+        let proposals = expired.into_iter().map(|id| {
+            let node = self.node.clone();
+            async move {
+                (
+                    id,
+                    node.propose(RaftRequest {
+                        request: Some(Cmd::LeaseRevoke(LeaseRevokeRequest { id })),
+                    })
+                    .await,
+                )
+            }
+        });
+        for (id, result) in futures::future::join_all(proposals).await {
+            match result {
+                Ok(_) | Err(ServerError::LeaseNotFound) => {
+                    if let Some(d) = self.lock().as_mut() {
+                        d.remove(&id);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(lease = id, error = %e, "lease revocation failed; will retry")
+                }
+            }
+        }
+    }
+
+    /// Renews a lease on the leader; `Ok(0)` when it does not exist.
+    pub fn renew_local(&self, id: i64) -> Result<i64, ServerError> {
+        let mut guard = self.lock();
+        let Some(deadlines) = guard.as_mut() else {
+            return Err(ServerError::NotLeader);
+        };
+        let Some(info) = self.node.mvcc.lease(id) else {
+            return Ok(0);
+        };
+        deadlines.insert(
+            id,
+            Instant::now() + Duration::from_secs(info.ttl.max(0) as u64),
+        );
+        Ok(info.ttl)
+    }
+
+    /// Remaining seconds on the leader; `Ok(-1)` when the lease does not exist.
+    pub fn remaining_local(&self, id: i64) -> Result<i64, ServerError> {
+        let guard = self.lock();
+        let Some(deadlines) = guard.as_ref() else {
+            return Err(ServerError::NotLeader);
+        };
+        let Some(info) = self.node.mvcc.lease(id) else {
+            return Ok(-1);
+        };
+        let remaining = match deadlines.get(&id) {
+            Some(d) => d
+                .saturating_duration_since(Instant::now())
+                .as_secs_f64()
+                .ceil() as i64,
+            None => info.ttl,
+        };
+        Ok(remaining.max(0))
+    }
+
+    async fn on_leader<F>(&self, id: i64, local: F, remote: bool) -> Result<i64, ServerError>
+    where
+        F: Fn(&Self, i64) -> Result<i64, ServerError>,
+    {
+        for _ in 0..3 {
+            match self.node.leader() {
+                Some((leader, _)) if leader == self.node.member_id() => match local(self, id) {
+                    Err(ServerError::NotLeader) => tokio::time::sleep(TICK).await,
+                    other => return other,
+                },
+                Some((leader, Some(node))) => {
+                    let mut client = self
+                        .node
+                        .peers
+                        .client(leader, &node)
+                        .map_err(|_| ServerError::NoLeader)?;
+                    let req = self.node.peers.request(leader, LeaseQuery { id });
+                    let reply = if remote {
+                        client.lease_renew(req).await
+                    } else {
+                        client.lease_remaining(req).await
+                    };
+                    return reply
+                        .map(|r| r.into_inner().ttl)
+                        .map_err(|s| ServerError::Internal(s.message().to_string()));
+                }
+                _ => return Err(ServerError::NoLeader),
+            }
+        }
+        Err(ServerError::NoLeader)
+    }
+
+    pub async fn renew(&self, id: i64) -> Result<i64, ServerError> {
+        self.on_leader(id, Self::renew_local, true).await
+    }
+
+    pub async fn remaining(&self, id: i64) -> Result<i64, ServerError> {
+        self.on_leader(id, Self::remaining_local, false).await
+    }
+}
+
+pub struct LeaseService {
+    node: Arc<KeelNode>,
+    lessor: Arc<Lessor>,
+}
+
+impl LeaseService {
+    pub fn new(node: Arc<KeelNode>, lessor: Arc<Lessor>) -> Self {
+        Self { node, lessor }
+    }
+}
+
+type KeepAliveStream = Pin<Box<dyn Stream<Item = Result<LeaseKeepAliveResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Lease for LeaseService {
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn lease_grant(
+        &self,
+        req: Request<LeaseGrantRequest>,
+    ) -> Result<Response<LeaseGrantResponse>, Status> {
+        let mut r = req.into_inner();
+        r.ttl = r.ttl.max(self.lessor.min_ttl());
+        let chosen = r.id == 0;
+        for _ in 0..5 {
+            if chosen {
+                r.id = (rand::random::<u64>() >> 1).max(1) as i64;
+            }
+            match self
+                .node
+                .propose(RaftRequest {
+                    request: Some(Cmd::LeaseGrant(r.clone())),
+                })
+                .await
+            {
+                Ok(resp) => match resp.response {
+                    Some(Res::LeaseGrant(mut g)) => {
+                        g.header = Some(self.node.header_at(resp.revision));
+                        return Ok(Response::new(g));
+                    }
+                    _ => {
+                        return Err(ServerError::Internal("unexpected apply response".into()).into());
+                    }
+                },
+                Err(ServerError::LeaseExists) if chosen => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(ServerError::LeaseExists.into())
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn lease_revoke(
+        &self,
+        req: Request<LeaseRevokeRequest>,
+    ) -> Result<Response<LeaseRevokeResponse>, Status> {
+        let r = req.into_inner();
+        let resp = self
+            .node
+            .propose(RaftRequest {
+                request: Some(Cmd::LeaseRevoke(r)),
+            })
+            .await?;
+        Ok(Response::new(LeaseRevokeResponse {
+            header: Some(self.node.header_at(resp.revision)),
+        }))
+    }
+
+    type LeaseKeepAliveStream = KeepAliveStream;
+
+    async fn lease_keep_alive(
+        &self,
+        req: Request<Streaming<LeaseKeepAliveRequest>>,
+    ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
+        let mut incoming = req.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let lessor = self.lessor.clone();
+        let node = self.node.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(msg)) = incoming.next().await {
+                let reply = match lessor.renew(msg.id).await {
+                    Ok(ttl) => Ok(LeaseKeepAliveResponse {
+                        header: Some(node.header()),
+                        id: msg.id,
+                        ttl,
+                    }),
+                    Err(e) => Err(Status::from(e)),
+                };
+                let failed = reply.is_err();
+                if tx.send(reply).await.is_err() || failed {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn lease_time_to_live(
+        &self,
+        req: Request<LeaseTimeToLiveRequest>,
+    ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
+        let r = req.into_inner();
+        let ttl = self.lessor.remaining(r.id).await?;
+        let info = self.node.mvcc.lease(r.id);
+        Ok(Response::new(LeaseTimeToLiveResponse {
+            header: Some(self.node.header()),
+            id: r.id,
+            ttl,
+            granted_ttl: info.as_ref().map(|l| l.ttl).unwrap_or(0),
+            keys: if r.keys {
+                info.map(|l| l.keys).unwrap_or_default()
+            } else {
+                Vec::new()
+            },
+        }))
+    }
+
+    async fn lease_leases(
+        &self,
+        _req: Request<LeaseLeasesRequest>,
+    ) -> Result<Response<LeaseLeasesResponse>, Status> {
+        let leases = self
+            .node
+            .mvcc
+            .leases()
+            .into_iter()
+            .map(|l| LeaseStatus { id: l.id })
+            .collect();
+        Ok(Response::new(LeaseLeasesResponse {
+            header: Some(self.node.header()),
+            leases,
+        }))
+    }
+}

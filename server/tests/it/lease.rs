@@ -1,0 +1,181 @@
+//! Leases: grant, keep-alive (also through a follower), time-to-live, revoke, expiry that
+//! deletes keys with DELETE events, and leases surviving a leader kill.
+
+use std::time::{Duration, Instant};
+
+use etcd_client::{EventType, LeaseTimeToLiveOptions, PutOptions, WatchOptions};
+
+use crate::cluster::{Cluster, client, status_message};
+
+#[tokio::test]
+async fn grant_keepalive_ttl_revoke() {
+    let cluster = Cluster::start(1).await;
+    let mut c = client(&cluster.members[0].endpoint()).await.unwrap();
+    let g = c.lease_grant(30, None).await.unwrap();
+    assert!(g.id() > 0);
+    assert_eq!(g.ttl(), 30);
+    // A TTL below the minimum is raised to it (1.5 election timeouts, here 500 ms → 1 s).
+    assert!(c.lease_grant(0, None).await.unwrap().ttl() >= 1);
+    // Client-chosen ID, and a duplicate.
+    assert_eq!(
+        c.lease_grant(
+            30,
+            Some(etcd_client::LeaseGrantOptions::new().with_id(4242))
+        )
+        .await
+        .unwrap()
+        .id(),
+        4242
+    );
+    let e = c
+        .lease_grant(
+            30,
+            Some(etcd_client::LeaseGrantOptions::new().with_id(4242)),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(status_message(&e), "etcdserver: lease already exists");
+
+    c.put("held", "1", Some(PutOptions::new().with_lease(g.id())))
+        .await
+        .unwrap();
+    let ttl = c
+        .lease_time_to_live(g.id(), Some(LeaseTimeToLiveOptions::new().with_keys()))
+        .await
+        .unwrap();
+    assert!(ttl.ttl() > 25 && ttl.ttl() <= 30, "{}", ttl.ttl());
+    assert_eq!(ttl.granted_ttl(), 30);
+    assert_eq!(ttl.keys(), [b"held".to_vec()]);
+    let (mut keeper, mut stream) = c.lease_keep_alive(g.id()).await.unwrap();
+    keeper.keep_alive().await.unwrap();
+    assert_eq!(stream.message().await.unwrap().unwrap().ttl(), 30);
+    assert!(
+        c.leases()
+            .await
+            .unwrap()
+            .leases()
+            .iter()
+            .any(|l| l.id() == g.id())
+    );
+
+    c.lease_revoke(g.id()).await.unwrap();
+    assert!(
+        c.get("held", None).await.unwrap().kvs().is_empty(),
+        "revoke deletes attached keys"
+    );
+    assert_eq!(c.lease_time_to_live(g.id(), None).await.unwrap().ttl(), -1);
+    let e = c.lease_revoke(g.id()).await.unwrap_err();
+    assert_eq!(status_message(&e), "etcdserver: requested lease not found");
+}
+
+#[tokio::test]
+async fn expiry_deletes_keys_with_delete_events() {
+    let cluster = Cluster::start(1).await;
+    let mut c = client(&cluster.members[0].endpoint()).await.unwrap();
+    let g = c.lease_grant(2, None).await.unwrap();
+    c.put("eph/a", "1", Some(PutOptions::new().with_lease(g.id())))
+        .await
+        .unwrap();
+    c.put("eph/b", "2", Some(PutOptions::new().with_lease(g.id())))
+        .await
+        .unwrap();
+    let mut w = c
+        .watch(
+            "eph/",
+            Some(WatchOptions::new().with_prefix().with_prev_key()),
+        )
+        .await
+        .unwrap();
+    assert!(w.message().await.unwrap().unwrap().created());
+    let start = Instant::now();
+    let msg = tokio::time::timeout(Duration::from_secs(10), w.message())
+        .await
+        .expect("lease never expired")
+        .unwrap()
+        .unwrap();
+    assert!(
+        start.elapsed() >= Duration::from_millis(1000),
+        "expired too early: {:?}",
+        start.elapsed()
+    );
+    assert_eq!(msg.events().len(), 2, "both keys go in one revision");
+    assert!(
+        msg.events()
+            .iter()
+            .all(|e| e.event_type() == EventType::Delete && e.prev_kv().is_some())
+    );
+    assert!(
+        c.get("eph/", Some(etcd_client::GetOptions::new().with_prefix()))
+            .await
+            .unwrap()
+            .kvs()
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn leases_survive_a_leader_kill_and_keepalives_reach_the_leader() {
+    let mut cluster = Cluster::start(3).await;
+    let leader = cluster.leader().await;
+    let follower = (leader + 1) % 3;
+    let mut fc = client(&cluster.members[follower].endpoint()).await.unwrap();
+    let g = fc.lease_grant(6, None).await.unwrap();
+    fc.put("owned", "1", Some(PutOptions::new().with_lease(g.id())))
+        .await
+        .unwrap();
+    // Keep-alive sent to a follower is answered by the leader.
+    let (mut keeper, mut stream) = fc.lease_keep_alive(g.id()).await.unwrap();
+    keeper.keep_alive().await.unwrap();
+    assert_eq!(stream.message().await.unwrap().unwrap().ttl(), 6);
+    drop(keeper);
+
+    cluster.members[leader].kill();
+    // The new leader renews every lease on promotion: nothing expires early.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let r = fc
+        .get(
+            "owned",
+            Some(etcd_client::GetOptions::new().with_serializable()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        r.kvs().len(),
+        1,
+        "lease expired early across the leader change"
+    );
+    // Keep it alive through the new leader, then let it lapse.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match fc.lease_keep_alive(g.id()).await {
+            Ok((mut k, mut s)) => {
+                if k.keep_alive().await.is_ok() {
+                    if let Ok(Some(m)) = s.message().await {
+                        if m.ttl() > 0 {
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(_) => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no keep-alive after the leader change"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !fc
+        .get("owned", None)
+        .await
+        .map(|r| r.kvs().is_empty())
+        .unwrap_or(false)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "lease never expired after keep-alives stopped"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
