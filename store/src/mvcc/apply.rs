@@ -195,8 +195,15 @@ impl<'a> ApplyBatch<'a> {
         inner.engine.write(std::mem::take(&mut self.wb), sync)?;
         {
             let mut index = inner.write_index();
-            for (k, entries) in std::mem::take(&mut self.index) {
-                index.entry(k).or_default().extend(entries);
+            for (k, mut entries) in std::mem::take(&mut self.index) {
+                match index.get_mut(&k) {
+                    Some(existing) => existing.extend(entries),
+                    None => {
+                        // Most keys have one or two revisions: do not keep spare capacity.
+                        entries.shrink_to_fit();
+                        index.insert(k, entries);
+                    }
+                }
             }
         }
         {

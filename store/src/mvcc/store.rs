@@ -440,6 +440,9 @@ impl MvccStore {
             }
             None => Vec::new(),
         };
+        for entries in index.values_mut() {
+            entries.shrink_to_fit();
+        }
         *self.inner.write_index() = index;
         *self.inner.leases.write().unwrap_or_else(|p| p.into_inner()) = leases;
         *self.inner.alarms.write().unwrap_or_else(|p| p.into_inner()) = alarms;

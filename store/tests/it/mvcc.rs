@@ -696,5 +696,5 @@ fn index_bytes_per_key_report() {
         "index: {} keys, about {per_key} bytes per 16-byte key",
         st.keys
     );
-    assert!(per_key < 200, "index too large: {per_key} bytes/key");
+    assert!(per_key < 150, "index too large: {per_key} bytes/key");
 }
