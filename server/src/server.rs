@@ -35,6 +35,18 @@ fn bind(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
     socket.listen(1024)
 }
 
+/// Accepted connections with Nagle's algorithm off. tonic's `tcp_nodelay` applies only to
+/// listeners it binds itself; without this, small responses wait for delayed ACKs (~40 ms).
+fn nodelay(listener: tokio::net::TcpListener) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use futures::StreamExt;
+    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
+        if let Ok(c) = &conn {
+            let _ = c.set_nodelay(true);
+        }
+        conn
+    })
+}
+
 /// A running member and its listeners.
 pub struct RunningServer {
     pub node: Arc<KeelNode>,
@@ -86,7 +98,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             .max_decoding_message_size(256 << 20)
             .max_encoding_message_size(256 << 20);
         let mut rx = shutdown_rx.clone();
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let incoming = nodelay(listener);
         tasks.push(tokio::spawn(
             tonic::transport::Server::builder()
                 .tcp_nodelay(true)
@@ -107,7 +119,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         let listener =
             bind(addr).map_err(|e| anyhow::anyhow!("listen on client URL {url}: {e}"))?;
         let mut rx = shutdown_rx.clone();
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let incoming = nodelay(listener);
         let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
