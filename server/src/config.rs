@@ -102,6 +102,31 @@ pub struct Config {
     #[arg(long, env = "KEEL_WATCH_PROGRESS_NOTIFY_INTERVAL", default_value = "10m", value_parser = parse_duration)]
     pub watch_progress_notify_interval: Duration,
 
+    /// Raise a NOSPACE alarm (and refuse writes) when the backend grows beyond this many bytes;
+    /// 0 means etcd's default of 2 GiB.
+    #[arg(long, env = "KEEL_QUOTA_BACKEND_BYTES", default_value_t = 0)]
+    pub quota_backend_bytes: u64,
+
+    /// Auto-compaction mode: `periodic` (retention is a duration, e.g. 1h or a bare number of
+    /// hours) or `revision` (retention is a number of revisions).
+    #[arg(long, env = "KEEL_AUTO_COMPACTION_MODE", default_value = "periodic")]
+    pub auto_compaction_mode: String,
+
+    /// Auto-compaction retention; "0" turns auto-compaction off (etcd's default).
+    #[arg(long, env = "KEEL_AUTO_COMPACTION_RETENTION", default_value = "0")]
+    pub auto_compaction_retention: String,
+
+    /// How often the leader compares HashKV across members and raises a CORRUPT alarm on a
+    /// mismatch (etcd's `--experimental-corrupt-check-time`); 0 turns the check off.
+    #[arg(
+        long = "corrupt-check-time",
+        alias = "experimental-corrupt-check-time",
+        env = "KEEL_CORRUPT_CHECK_TIME",
+        default_value = "5m",
+        value_parser = parse_duration
+    )]
+    pub corrupt_check_time: Duration,
+
     /// Log level: error, warn, info, debug, trace (or a tracing filter directive).
     #[arg(long, env = "KEEL_LOG_LEVEL", default_value = "info")]
     pub log_level: String,

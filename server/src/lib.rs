@@ -10,10 +10,12 @@
 //! - [`watch`]: `etcdserverpb.Watch` — the watch hub (synced / unsynced watchers fed from the
 //!   applied state) and the stream handler.
 //! - [`lease`]: `etcdserverpb.Lease` and the leader-only [`lease::Lessor`] (deadlines, expiry).
-//! - [`maintenance`]: `etcdserverpb.Maintenance` and `etcdserverpb.Cluster`.
+//! - [`maintenance`]: `etcdserverpb.Maintenance`.
+//! - [`cluster`]: `etcdserverpb.Cluster` — membership changes.
 //! - [`error`]: the one table mapping errors to gRPC status codes and etcd's messages.
 //! - [`server`]: listeners and graceful shutdown.
 
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod kv;

@@ -8,8 +8,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use futures::{Stream, StreamExt};
 use keel_proto::keelpb::raft_peer_server::RaftPeer;
 use keel_proto::keelpb::{
-    ForwardRequest, ForwardResponse, LeaseAnswer, LeaseQuery, MemberIdentity, RaftBytes,
-    ReadIndexRequest, ReadIndexResponse, SnapshotChunk, snapshot_chunk,
+    ForwardRequest, ForwardResponse, LeaseAnswer, LeaseQuery, MemberChangeRequest,
+    MemberChangeResponse, MemberIdentity, RaftBytes, ReadIndexRequest, ReadIndexResponse,
+    SnapshotChunk, snapshot_chunk,
 };
 use keel_store::raft::TypeConfig;
 use keel_store::raft::snapshot::SnapshotFile;
@@ -260,6 +261,26 @@ impl RaftPeer for PeerService {
         self.check_target(&req)?;
         let ttl = self.lessor.remaining_local(req.into_inner().id)?;
         Ok(Response::new(LeaseAnswer { ttl }))
+    }
+
+    async fn member_change(
+        &self,
+        req: Request<MemberChangeRequest>,
+    ) -> Result<Response<MemberChangeResponse>, Status> {
+        self.check_target(&req)?;
+        let _ = req;
+        Err(Status::unimplemented(
+            "keel: membership changes are not implemented yet",
+        ))
+    }
+
+    async fn hash_kv(
+        &self,
+        req: Request<keel_proto::etcdserverpb::HashKvRequest>,
+    ) -> Result<Response<keel_proto::etcdserverpb::HashKvResponse>, Status> {
+        self.check_target(&req)?;
+        let _ = req;
+        Err(Status::unimplemented("keel: HashKV is not implemented yet"))
     }
 
     async fn identify(

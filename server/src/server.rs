@@ -9,10 +9,11 @@ use keel_proto::etcdserverpb::maintenance_server::MaintenanceServer;
 use keel_proto::keelpb::raft_peer_server::RaftPeerServer;
 use tokio::sync::watch;
 
+use crate::cluster::ClusterService;
 use crate::config::{Config, parse_url};
 use crate::kv::KvService;
 use crate::lease::{LeaseService, Lessor};
-use crate::maintenance::{ClusterService, MaintenanceService};
+use crate::maintenance::MaintenanceService;
 use crate::node::KeelNode;
 use crate::peer_service::PeerService;
 use crate::watch::{WatchHub, WatchService};
@@ -37,7 +38,9 @@ fn bind(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
 
 /// Accepted connections with Nagle's algorithm off. tonic's `tcp_nodelay` applies only to
 /// listeners it binds itself; without this, small responses wait for delayed ACKs (~40 ms).
-fn nodelay(listener: tokio::net::TcpListener) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+fn nodelay(
+    listener: tokio::net::TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
     use futures::StreamExt;
     tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
         if let Ok(c) = &conn {
