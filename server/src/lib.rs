@@ -13,6 +13,7 @@
 //! - [`maintenance`]: `etcdserverpb.Maintenance`.
 //! - [`cluster`]: `etcdserverpb.Cluster` — membership changes.
 //! - [`error`]: the one table mapping errors to gRPC status codes and etcd's messages.
+//! - [`snapshot`]: backups — the `Maintenance.Snapshot` stream and `keel snapshot restore`.
 //! - [`server`]: listeners and graceful shutdown.
 
 pub mod cluster;
@@ -25,5 +26,6 @@ pub mod network;
 pub mod node;
 pub mod peer_service;
 pub mod server;
+pub mod snapshot;
 pub mod validate;
 pub mod watch;

@@ -38,6 +38,15 @@ async fn wait_for_signal() {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("snapshot") {
+        let cmd = keel_server::snapshot::SnapshotCommand::parse_from(&args[1..]);
+        return match cmd {
+            keel_server::snapshot::SnapshotCommand::Restore(a) => {
+                keel_server::snapshot::restore(&a)
+            }
+        };
+    }
     let config = Config::parse();
     init_tracing(&config);
     tracing::info!(version = env!("CARGO_PKG_VERSION"), name = %config.name, "starting keel");

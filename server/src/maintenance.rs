@@ -94,7 +94,10 @@ impl Maintenance for MaintenanceService {
         &self,
         _req: Request<SnapshotRequest>,
     ) -> Result<Response<Self::SnapshotStream>, Status> {
-        Err(unimplemented("Snapshot"))
+        let rx = crate::snapshot::stream_backup(self.node.clone()).await?;
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn move_leader(

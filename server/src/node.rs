@@ -95,6 +95,10 @@ impl KeelNode {
             Err(e) => return Err(e.into()),
         };
 
+        let mut config = config;
+        if existing.is_none() {
+            apply_restore_bootstrap(&mut config, &data_dir)?;
+        }
         let members = config.initial_members().map_err(anyhow::Error::msg)?;
         let mut bootstrap: BTreeMap<NodeId, MemberNode> = BTreeMap::new();
         for (name, urls) in &members {
@@ -357,6 +361,25 @@ impl KeelNode {
             .map_err(|_| ServerError::Stopped)?;
         Ok(())
     }
+}
+
+/// A data directory made by `keel snapshot restore` carries the new cluster's bootstrap flags;
+/// they take the place of the command line's on the member's first start.
+fn apply_restore_bootstrap(config: &mut Config, data_dir: &Path) -> anyhow::Result<()> {
+    let path = data_dir.join(crate::snapshot::RESTORE_BOOTSTRAP_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    let b: crate::snapshot::RestoreBootstrap = serde_json::from_slice(&bytes)?;
+    tracing::info!(name = %b.name, initial_cluster = %b.initial_cluster, "first start of a restored member");
+    config.name = b.name;
+    config.initial_cluster = Some(b.initial_cluster);
+    config.initial_cluster_token = b.initial_cluster_token;
+    config.initial_advertise_peer_urls = b.initial_advertise_peer_urls;
+    config.initial_cluster_state = ClusterState::New;
+    Ok(())
 }
 
 /// Turns a forwarded request's gRPC failure back into our error.

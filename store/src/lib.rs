@@ -6,7 +6,9 @@
 //!   events, leases) on top of an engine.
 //! - [`error`]: errors of this layer; request-level failures are data ([`ApplyError`]).
 //! - [`raft`]: openraft storage: the Raft log store and the replicated state machine.
+//! - [`backup`]: backup files (what `Maintenance.Snapshot` streams) and restoring them.
 
+pub mod backup;
 pub mod engine;
 pub mod error;
 pub mod mvcc;
