@@ -1,17 +1,426 @@
 //! `etcdserverpb.Cluster`: membership changes mapped onto openraft learners and joint-consensus
-//! membership changes, executed on the leader (followers forward them over the peer service).
+//! membership changes. Every change executes on the leader; followers forward the request over
+//! the peer service (`MemberChange`).
+//!
+//! How etcd's operations map onto openraft:
+//!
+//! | etcd                        | Keel                                                         |
+//! |-----------------------------|--------------------------------------------------------------|
+//! | `MemberAdd` (learner)       | `add_learner`                                                 |
+//! | `MemberAdd` (voter)         | `add_learner` with `promote = true`; the leader's promoter    |
+//! |                             | makes it a voter (joint consensus) once it has caught up      |
+//! | `MemberPromote`             | `AddVoterIds` if the learner is in sync (≥ 90% of the log)    |
+//! | `MemberRemove`              | `RemoveVoters`/`RemoveNodes`, not retained as a learner        |
+//! | `MemberUpdate`              | `SetNodes` with the new peer URLs                             |
+//! | attribute publish           | each member sets its own name and client URLs (`SetNodes`)    |
+//!
+//! Adding a voter through a learner stage differs from etcd in one visible way, on purpose: in
+//! etcd, adding a voter to a one-member cluster makes it unavailable until the new member is
+//! up; in Keel the cluster keeps serving and the new member counts towards the quorum only once
+//! it has the log. `member list` shows it as a voter (what was asked for) from the start.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use keel_proto::etcdserverpb::cluster_server::Cluster;
 use keel_proto::etcdserverpb::*;
+use keel_proto::keelpb::{
+    MemberChangeRequest, MemberChangeResponse, MemberPublish, member_change_request::Change,
+};
+use keel_store::raft::{MemberNode, NodeId};
+use openraft::ChangeMembers;
 use openraft::async_runtime::WatchReceiver as _;
+use openraft::error::{ClientWriteError, RaftError};
 use tonic::{Request, Response, Status};
 
-use crate::node::KeelNode;
+use crate::error::ServerError;
+use crate::node::{KeelNode, member_id, status_to_error};
 
-fn unimplemented(what: &str) -> Status {
-    Status::unimplemented(format!("keel: {what} is not implemented yet"))
+/// A learner may be promoted once its replicated log reaches this fraction of the leader's
+/// (etcd's readiness rule).
+const PROMOTE_READY_FRACTION: f64 = 0.9;
+/// How long a change waits for a concurrent membership change to finish before giving up.
+const CHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The membership as etcd's `Member` list, ordered by member ID.
+pub fn member_list(node: &KeelNode) -> Vec<Member> {
+    let m = node.raft.metrics().borrow_watched().clone();
+    let membership = m.membership_config.membership();
+    let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+    membership
+        .nodes()
+        .map(|(id, n)| to_member(*id, n, voters.contains(id)))
+        .collect()
+}
+
+fn to_member(id: NodeId, n: &MemberNode, voter: bool) -> Member {
+    Member {
+        id,
+        name: n.name.clone(),
+        peer_ur_ls: n.peer_urls.clone(),
+        client_ur_ls: n.client_urls.clone(),
+        is_learner: !voter && !n.promote,
+    }
+}
+
+/// Executes `req` on the leader (forwarding it there from a follower).
+pub async fn change(
+    node: &KeelNode,
+    req: MemberChangeRequest,
+) -> Result<MemberChangeResponse, ServerError> {
+    let deadline = tokio::time::Instant::now() + CHANGE_TIMEOUT;
+    loop {
+        let result = match node.leader() {
+            Some((leader, _)) if leader == node.member_id() => execute(node, req.clone()).await,
+            Some((leader, Some(target))) => {
+                let mut client = node
+                    .peers
+                    .client(leader, &target)
+                    .map_err(|_| ServerError::NoLeader)?;
+                match client
+                    .member_change(node.peers.request(leader, req.clone()))
+                    .await
+                {
+                    Ok(r) => Ok(r.into_inner()),
+                    Err(s) => Err(status_to_error(&s)),
+                }
+            }
+            _ => Err(ServerError::NoLeader),
+        };
+        match result {
+            // A concurrent change (another request, the promoter, a publish) or a leader change:
+            // wait and try again.
+            Err(ServerError::NotLeader | ServerError::NoLeader | ServerError::LeaderChanged)
+                if tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(ServerError::Internal(msg))
+                if is_in_progress(&msg) && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            other => return other,
+        }
+    }
+}
+
+fn is_in_progress(msg: &str) -> bool {
+    msg.contains("in progress") || msg.contains("InProgress")
+}
+
+fn raft_err(
+    e: RaftError<keel_store::raft::TypeConfig, ClientWriteError<keel_store::raft::TypeConfig>>,
+) -> ServerError {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => ServerError::NotLeader,
+        RaftError::APIError(ClientWriteError::LogEntryDiscarded(_)) => ServerError::LeaderChanged,
+        RaftError::APIError(e) => ServerError::Internal(e.to_string()),
+        RaftError::Fatal(_) => ServerError::Stopped,
+    }
+}
+
+fn validate_urls(urls: &[String]) -> Result<(), ServerError> {
+    if urls.is_empty()
+        || urls
+            .iter()
+            .any(|u| crate::config::parse_url(u).is_err() || !u.contains("://"))
+    {
+        return Err(ServerError::MemberBadUrls);
+    }
+    Ok(())
+}
+
+/// Runs a change on this member, which must be the leader.
+pub async fn execute(
+    node: &KeelNode,
+    req: MemberChangeRequest,
+) -> Result<MemberChangeResponse, ServerError> {
+    let metrics = node.raft.metrics().borrow_watched().clone();
+    if metrics.current_leader != Some(node.member_id()) {
+        return Err(ServerError::NotLeader);
+    }
+    let membership = metrics.membership_config.membership().clone();
+    let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+    let nodes: BTreeMap<NodeId, MemberNode> =
+        membership.nodes().map(|(id, n)| (*id, n.clone())).collect();
+    let url_taken = |urls: &[String], except: Option<NodeId>| {
+        nodes
+            .iter()
+            .any(|(id, n)| Some(*id) != except && n.peer_urls.iter().any(|u| urls.contains(u)))
+    };
+    let mut added: Option<Member> = None;
+    match req.change {
+        Some(Change::Add(add)) => {
+            validate_urls(&add.peer_ur_ls)?;
+            if url_taken(&add.peer_ur_ls, None) {
+                return Err(ServerError::PeerUrlExists);
+            }
+            let id = member_id(&add.peer_ur_ls, &node.config.initial_cluster_token);
+            if nodes.contains_key(&id) {
+                return Err(ServerError::MemberExists);
+            }
+            if add.is_learner
+                && nodes
+                    .iter()
+                    .any(|(id, n)| !voters.contains(id) && !n.promote)
+            {
+                return Err(ServerError::TooManyLearners);
+            }
+            let new = MemberNode {
+                name: String::new(),
+                peer_urls: add.peer_ur_ls.clone(),
+                client_urls: Vec::new(),
+                promote: !add.is_learner,
+            };
+            tracing::info!(member = %format!("{id:x}"), urls = ?add.peer_ur_ls, learner = add.is_learner, "adding member");
+            node.raft
+                .add_learner(id, new.clone(), false)
+                .await
+                .map_err(raft_err)?;
+            added = Some(to_member(id, &new, false));
+        }
+        Some(Change::Remove(rm)) => {
+            if !nodes.contains_key(&rm.id) {
+                return Err(ServerError::MemberNotFound);
+            }
+            tracing::info!(member = %format!("{:x}", rm.id), "removing member");
+            let ids: BTreeSet<NodeId> = [rm.id].into();
+            if voters.contains(&rm.id) {
+                if voters.len() == 1 {
+                    return Err(ServerError::NotEnoughStartedMembers);
+                }
+                node.raft
+                    .change_membership(ChangeMembers::RemoveVoters(ids), false)
+                    .await
+                    .map_err(raft_err)?;
+            } else {
+                node.raft
+                    .change_membership(ChangeMembers::RemoveNodes(ids), false)
+                    .await
+                    .map_err(raft_err)?;
+            }
+        }
+        Some(Change::Update(up)) => {
+            let Some(current) = nodes.get(&up.id) else {
+                return Err(ServerError::MemberNotFound);
+            };
+            validate_urls(&up.peer_ur_ls)?;
+            if url_taken(&up.peer_ur_ls, Some(up.id)) {
+                return Err(ServerError::PeerUrlExists);
+            }
+            let mut updated = current.clone();
+            updated.peer_urls = up.peer_ur_ls.clone();
+            tracing::info!(member = %format!("{:x}", up.id), urls = ?up.peer_ur_ls, "updating member peer URLs");
+            node.raft
+                .change_membership(ChangeMembers::SetNodes([(up.id, updated)].into()), true)
+                .await
+                .map_err(raft_err)?;
+        }
+        Some(Change::Promote(p)) => {
+            if !nodes.contains_key(&p.id) {
+                return Err(ServerError::MemberNotFound);
+            }
+            if voters.contains(&p.id) {
+                return Err(ServerError::MemberNotLearner);
+            }
+            if !learner_in_sync(&metrics, p.id) {
+                return Err(ServerError::LearnerNotReady);
+            }
+            tracing::info!(member = %format!("{:x}", p.id), "promoting learner");
+            node.raft
+                .change_membership(ChangeMembers::AddVoterIds([p.id].into()), true)
+                .await
+                .map_err(raft_err)?;
+        }
+        Some(Change::Publish(publish)) => {
+            let Some(current) = nodes.get(&publish.id) else {
+                return Err(ServerError::MemberNotFound);
+            };
+            if current.name != publish.name || current.client_urls != publish.client_urls {
+                let mut updated = current.clone();
+                updated.name = publish.name.clone();
+                updated.client_urls = publish.client_urls.clone();
+                node.raft
+                    .change_membership(
+                        ChangeMembers::SetNodes([(publish.id, updated)].into()),
+                        true,
+                    )
+                    .await
+                    .map_err(raft_err)?;
+            }
+        }
+        None => return Err(ServerError::Internal("empty membership change".into())),
+    }
+    Ok(MemberChangeResponse {
+        members: member_list(node),
+        member: added,
+    })
+}
+
+/// Whether the leader has replicated at least 90% of its log to `id`.
+fn learner_in_sync(
+    metrics: &openraft::RaftMetrics<keel_store::raft::TypeConfig>,
+    id: NodeId,
+) -> bool {
+    let last = metrics.last_log_index.unwrap_or(0);
+    let matched = metrics
+        .replication
+        .as_ref()
+        .and_then(|r| r.get(&id).cloned().flatten())
+        .map(|l| l.index)
+        .unwrap_or(0);
+    matched as f64 >= last as f64 * PROMOTE_READY_FRACTION
+}
+
+/// Background duties of every member: publish its own name and client URLs into the membership
+/// (etcd's attribute publish), and — on the leader — promote learners that were added as
+/// voters once they have caught up. Returns a receiver that turns `true` if this member is
+/// removed from the cluster (it should then stop, as etcd does).
+pub fn spawn_background(node: Arc<KeelNode>) -> tokio::sync::watch::Receiver<bool> {
+    let (removed_tx, removed_rx) = tokio::sync::watch::channel(false);
+    let publisher = node.clone();
+    tokio::spawn(async move { publish_loop(publisher).await });
+    let promoter = node.clone();
+    tokio::spawn(async move { promote_loop(promoter).await });
+    tokio::spawn(async move { watch_removal(node, removed_tx).await });
+    removed_rx
+}
+
+async fn publish_loop(node: Arc<KeelNode>) {
+    let want_name = node.identity.name.clone();
+    let want_urls = node.config.advertise_client_urls();
+    loop {
+        let current = {
+            let m = node.raft.metrics().borrow_watched().clone();
+            m.membership_config
+                .membership()
+                .get_node(&node.member_id())
+                .cloned()
+        };
+        if let Some(current) = current
+            && (current.name != want_name || current.client_urls != want_urls)
+            && node.leader().is_some()
+        {
+            let req = MemberChangeRequest {
+                change: Some(Change::Publish(MemberPublish {
+                    id: node.member_id(),
+                    name: want_name.clone(),
+                    client_urls: want_urls.clone(),
+                })),
+            };
+            match change(&node, req).await {
+                Ok(_) => {
+                    tracing::info!(name = %want_name, client_urls = ?want_urls, "published member attributes")
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "publishing member attributes failed; will retry")
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn promote_loop(node: Arc<KeelNode>) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let metrics = node.raft.metrics().borrow_watched().clone();
+        if metrics.current_leader != Some(node.member_id()) {
+            continue;
+        }
+        let membership = metrics.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let ready: Vec<NodeId> = membership
+            .nodes()
+            .filter(|(id, n)| n.promote && !voters.contains(id))
+            .map(|(id, _)| *id)
+            .filter(|id| learner_in_sync(&metrics, *id))
+            .collect();
+        for id in ready {
+            tracing::info!(member = %format!("{id:x}"), "member caught up; promoting it to voter");
+            if let Err(e) = node
+                .raft
+                .change_membership(ChangeMembers::AddVoterIds([id].into()), true)
+                .await
+            {
+                tracing::debug!(error = %e, "promotion deferred");
+            }
+        }
+    }
+}
+
+/// On the leader: whether `member`, which knows memberships up to `known_index`, has been
+/// removed by a newer committed membership. Only the leader answers, and only about a
+/// membership newer than the caller's, so a lagging or stale member can never talk a current
+/// member into stopping.
+pub fn was_removed(node: &KeelNode, member: NodeId, known_index: u64) -> bool {
+    let m = node.raft.metrics().borrow_watched().clone();
+    if m.current_leader != Some(node.member_id()) {
+        return false;
+    }
+    let config = &m.membership_config;
+    let index = config.log_id().as_ref().map(|l| l.index).unwrap_or(0);
+    let committed = m.last_applied.as_ref().map(|l| l.index).unwrap_or(0) >= index;
+    index > known_index
+        && committed
+        && config.membership().get_joint_config().len() == 1
+        && config.membership().get_node(&member).is_none()
+}
+
+/// Stops this member once it has been removed. A removed member usually never sees the
+/// membership that removes it (the leader stops replicating to it), so besides watching its own
+/// membership it asks the other members every few seconds while it is not the leader.
+async fn watch_removal(node: Arc<KeelNode>, removed: tokio::sync::watch::Sender<bool>) {
+    use keel_proto::keelpb::MemberIdentity;
+    let mut was_member = false;
+    loop {
+        let m = node.raft.metrics().borrow_watched().clone();
+        let membership = m.membership_config.membership();
+        let present = membership.get_node(&node.member_id()).is_some();
+        let mut gone = !present && was_member;
+        was_member |= present;
+        if present && m.current_leader != Some(node.member_id()) {
+            let known = m
+                .membership_config
+                .log_id()
+                .as_ref()
+                .map(|l| l.index)
+                .unwrap_or(0);
+            let others: Vec<(NodeId, MemberNode)> = membership
+                .nodes()
+                .filter(|(id, _)| **id != node.member_id())
+                .map(|(id, n)| (*id, n.clone()))
+                .collect();
+            for (id, peer) in others {
+                let Ok(mut client) = node.peers.client(id, &peer) else {
+                    continue;
+                };
+                let mut req = tonic::Request::new(MemberIdentity {
+                    member_id: node.member_id(),
+                    membership_index: known,
+                    ..Default::default()
+                });
+                req.set_timeout(Duration::from_secs(1));
+                if let Ok(reply) = client.identify(req).await
+                    && reply.get_ref().removed
+                {
+                    gone = true;
+                    break;
+                }
+            }
+        }
+        if gone {
+            tracing::warn!(
+                member = %format!("{:x}", node.member_id()),
+                "this member has been permanently removed from the cluster; stopping"
+            );
+            let _ = removed.send(true);
+            return;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
 }
 
 pub struct ClusterService {
@@ -22,58 +431,80 @@ impl ClusterService {
     pub fn new(node: Arc<KeelNode>) -> Self {
         Self { node }
     }
+
+    async fn run(&self, change_req: Change) -> Result<MemberChangeResponse, Status> {
+        Ok(change(
+            &self.node,
+            MemberChangeRequest {
+                change: Some(change_req),
+            },
+        )
+        .await?)
+    }
 }
 
 #[tonic::async_trait]
 impl Cluster for ClusterService {
+    #[tracing::instrument(skip_all, name = "MemberAdd")]
     async fn member_add(
         &self,
-        _req: Request<MemberAddRequest>,
+        req: Request<MemberAddRequest>,
     ) -> Result<Response<MemberAddResponse>, Status> {
-        Err(unimplemented("MemberAdd"))
-    }
-
-    async fn member_remove(
-        &self,
-        _req: Request<MemberRemoveRequest>,
-    ) -> Result<Response<MemberRemoveResponse>, Status> {
-        Err(unimplemented("MemberRemove"))
-    }
-
-    async fn member_update(
-        &self,
-        _req: Request<MemberUpdateRequest>,
-    ) -> Result<Response<MemberUpdateResponse>, Status> {
-        Err(unimplemented("MemberUpdate"))
-    }
-
-    async fn member_list(
-        &self,
-        _req: Request<MemberListRequest>,
-    ) -> Result<Response<MemberListResponse>, Status> {
-        let m = self.node.raft.metrics().borrow_watched().clone();
-        let membership = m.membership_config.membership();
-        let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
-        let members = membership
-            .nodes()
-            .map(|(id, node)| Member {
-                id: *id,
-                name: node.name.clone(),
-                peer_ur_ls: node.peer_urls.clone(),
-                client_ur_ls: node.client_urls.clone(),
-                is_learner: !voters.contains(id),
-            })
-            .collect();
-        Ok(Response::new(MemberListResponse {
+        let resp = self.run(Change::Add(req.into_inner())).await?;
+        Ok(Response::new(MemberAddResponse {
             header: Some(self.node.header()),
-            members,
+            member: resp.member,
+            members: resp.members,
         }))
     }
 
+    #[tracing::instrument(skip_all, name = "MemberRemove")]
+    async fn member_remove(
+        &self,
+        req: Request<MemberRemoveRequest>,
+    ) -> Result<Response<MemberRemoveResponse>, Status> {
+        let resp = self.run(Change::Remove(req.into_inner())).await?;
+        Ok(Response::new(MemberRemoveResponse {
+            header: Some(self.node.header()),
+            members: resp.members,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, name = "MemberUpdate")]
+    async fn member_update(
+        &self,
+        req: Request<MemberUpdateRequest>,
+    ) -> Result<Response<MemberUpdateResponse>, Status> {
+        let resp = self.run(Change::Update(req.into_inner())).await?;
+        Ok(Response::new(MemberUpdateResponse {
+            header: Some(self.node.header()),
+            members: resp.members,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, name = "MemberList")]
+    async fn member_list(
+        &self,
+        req: Request<MemberListRequest>,
+    ) -> Result<Response<MemberListResponse>, Status> {
+        if req.get_ref().linearizable {
+            self.node.read_barrier().await?;
+        }
+        Ok(Response::new(MemberListResponse {
+            header: Some(self.node.header()),
+            members: member_list(&self.node),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, name = "MemberPromote")]
     async fn member_promote(
         &self,
-        _req: Request<MemberPromoteRequest>,
+        req: Request<MemberPromoteRequest>,
     ) -> Result<Response<MemberPromoteResponse>, Status> {
-        Err(unimplemented("MemberPromote"))
+        let resp = self.run(Change::Promote(req.into_inner())).await?;
+        Ok(Response::new(MemberPromoteResponse {
+            header: Some(self.node.header()),
+            members: resp.members,
+        }))
     }
 }

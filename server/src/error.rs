@@ -45,6 +45,22 @@ pub enum ServerError {
     Stopped,
     #[error("etcdserver: not leader")]
     NotLeader,
+    #[error("etcdserver: member ID already exist")]
+    MemberExists,
+    #[error("etcdserver: Peer URLs already exists")]
+    PeerUrlExists,
+    #[error("etcdserver: given member URLs are invalid")]
+    MemberBadUrls,
+    #[error("etcdserver: member not found")]
+    MemberNotFound,
+    #[error("etcdserver: can only promote a learner member")]
+    MemberNotLearner,
+    #[error("etcdserver: can only promote a learner member which is in sync with leader")]
+    LearnerNotReady,
+    #[error("etcdserver: too many learner members in cluster")]
+    TooManyLearners,
+    #[error("etcdserver: re-configuration failed due to not enough started members")]
+    NotEnoughStartedMembers,
     #[error("etcdserver: {0}")]
     Internal(String),
     #[error("{0}")]
@@ -60,7 +76,16 @@ impl ServerError {
             Compacted | FutureRevision | LeaseTtlTooLarge => Code::OutOfRange,
             NoSpace => Code::ResourceExhausted,
             LeaseNotFound => Code::NotFound,
-            LeaseExists | NotLeader => Code::FailedPrecondition,
+            LeaseExists
+            | NotLeader
+            | MemberExists
+            | PeerUrlExists
+            | MemberNotLearner
+            | LearnerNotReady
+            | TooManyLearners
+            | NotEnoughStartedMembers => Code::FailedPrecondition,
+            MemberBadUrls => Code::InvalidArgument,
+            MemberNotFound => Code::NotFound,
             NoLeader | LeaderChanged | Timeout | Stopped => Code::Unavailable,
             Internal(_) => Code::Internal,
             Unimplemented(_) => Code::Unimplemented,

@@ -14,8 +14,10 @@
 //! - [`cluster`]: `etcdserverpb.Cluster` — membership changes.
 //! - [`error`]: the one table mapping errors to gRPC status codes and etcd's messages.
 //! - [`snapshot`]: backups — the `Maintenance.Snapshot` stream and `keel snapshot restore`.
+//! - [`authority_fix`]: repairs etcd 3.4 clients' malformed HTTP/2 `:authority`.
 //! - [`server`]: listeners and graceful shutdown.
 
+pub mod authority_fix;
 pub mod cluster;
 pub mod config;
 pub mod error;

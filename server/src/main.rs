@@ -51,7 +51,11 @@ async fn main() -> anyhow::Result<()> {
     init_tracing(&config);
     tracing::info!(version = env!("CARGO_PKG_VERSION"), name = %config.name, "starting keel");
     let server = keel_server::server::start(config).await?;
-    wait_for_signal().await;
+    let mut removed = server.removed.clone();
+    tokio::select! {
+        _ = wait_for_signal() => {}
+        _ = removed.wait_for(|r| *r) => {}
+    }
     tracing::info!("shutting down");
     server.shutdown().await;
     Ok(())

@@ -114,10 +114,11 @@ impl KeelNode {
                     name: name.clone(),
                     peer_urls: urls.clone(),
                     client_urls,
+                    promote: false,
                 },
             );
         }
-        let identity = match &existing {
+        let mut identity = match &existing {
             Some(id) => id.clone(),
             None => {
                 let my_urls = &members
@@ -133,6 +134,10 @@ impl KeelNode {
                 }
             }
         };
+
+        if existing.is_none() && config.initial_cluster_state == ClusterState::Existing {
+            identity.cluster_id = discover_cluster_id(&members, &config.name).await?;
+        }
 
         let engine: Arc<dyn Engine> = Arc::new(RocksEngine::open(&data_dir.join("db"))?);
         let mvcc = Arc::new(MvccStore::open(engine.clone())?);
@@ -363,6 +368,42 @@ impl KeelNode {
     }
 }
 
+/// A member joining an existing cluster learns the cluster's ID from the other members named
+/// in `--initial-cluster` (the ID is derived from the founding members, which it cannot know).
+async fn discover_cluster_id(
+    members: &[(String, Vec<String>)],
+    own_name: &str,
+) -> anyhow::Result<u64> {
+    use keel_proto::keelpb::MemberIdentity;
+    let probe = Peers::new(0);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        for (name, urls) in members.iter().filter(|(n, _)| n != own_name) {
+            let node = MemberNode {
+                name: name.clone(),
+                peer_urls: urls.clone(),
+                ..Default::default()
+            };
+            let Ok(mut client) = probe.client(0, &node) else {
+                continue;
+            };
+            let mut req = tonic::Request::new(MemberIdentity::default());
+            req.set_timeout(Duration::from_secs(2));
+            if let Ok(reply) = client.identify(req).await {
+                let id = reply.into_inner().cluster_id;
+                tracing::info!(cluster_id = %format!("{id:x}"), from = %name, "joining existing cluster");
+                return Ok(id);
+            }
+        }
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!(
+                "--initial-cluster-state existing: no other member of --initial-cluster answered"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// A data directory made by `keel snapshot restore` carries the new cluster's bootstrap flags;
 /// they take the place of the command line's on the member's first start.
 fn apply_restore_bootstrap(config: &mut Config, data_dir: &Path) -> anyhow::Result<()> {
@@ -383,7 +424,7 @@ fn apply_restore_bootstrap(config: &mut Config, data_dir: &Path) -> anyhow::Resu
 }
 
 /// Turns a forwarded request's gRPC failure back into our error.
-fn status_to_error(status: &tonic::Status) -> ServerError {
+pub(crate) fn status_to_error(status: &tonic::Status) -> ServerError {
     use ServerError::*;
     let all = [
         EmptyKey,
@@ -405,6 +446,14 @@ fn status_to_error(status: &tonic::Status) -> ServerError {
         Timeout,
         Stopped,
         NotLeader,
+        MemberExists,
+        PeerUrlExists,
+        MemberBadUrls,
+        MemberNotFound,
+        MemberNotLearner,
+        LearnerNotReady,
+        TooManyLearners,
+        NotEnoughStartedMembers,
     ];
     if let Some(e) = all.into_iter().find(|e| e.to_string() == status.message()) {
         return e;

@@ -268,9 +268,8 @@ impl RaftPeer for PeerService {
         req: Request<MemberChangeRequest>,
     ) -> Result<Response<MemberChangeResponse>, Status> {
         self.check_target(&req)?;
-        let _ = req;
-        Err(Status::unimplemented(
-            "keel: membership changes are not implemented yet",
+        Ok(Response::new(
+            crate::cluster::execute(&self.node, req.into_inner()).await?,
         ))
     }
 
@@ -287,11 +286,18 @@ impl RaftPeer for PeerService {
         &self,
         req: Request<MemberIdentity>,
     ) -> Result<Response<MemberIdentity>, Status> {
-        let _ = req;
+        let caller = req.into_inner();
         Ok(Response::new(MemberIdentity {
             member_id: self.node.member_id(),
             cluster_id: self.node.identity.cluster_id,
             name: self.node.identity.name.clone(),
+            membership_index: 0,
+            removed: caller.member_id != 0
+                && crate::cluster::was_removed(
+                    &self.node,
+                    caller.member_id,
+                    caller.membership_index,
+                ),
         }))
     }
 }

@@ -9,6 +9,7 @@ use keel_proto::etcdserverpb::maintenance_server::MaintenanceServer;
 use keel_proto::keelpb::raft_peer_server::RaftPeerServer;
 use tokio::sync::watch;
 
+use crate::authority_fix::AuthorityFix;
 use crate::cluster::ClusterService;
 use crate::config::{Config, parse_url};
 use crate::kv::KvService;
@@ -50,10 +51,20 @@ fn nodelay(
     })
 }
 
+/// Client connections: Nagle off, and etcd 3.4 clients' malformed `:authority` repaired.
+fn client_conns(
+    listener: tokio::net::TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<AuthorityFix<tokio::net::TcpStream>>> {
+    use futures::StreamExt;
+    nodelay(listener).map(|conn| conn.map(AuthorityFix::new))
+}
+
 /// A running member and its listeners.
 pub struct RunningServer {
     pub node: Arc<KeelNode>,
     pub watch_hub: Arc<WatchHub>,
+    /// Turns `true` when this member has been removed from the cluster.
+    pub removed: watch::Receiver<bool>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>,
 }
@@ -122,7 +133,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         let listener =
             bind(addr).map_err(|e| anyhow::anyhow!("listen on client URL {url}: {e}"))?;
         let mut rx = shutdown_rx.clone();
-        let incoming = nodelay(listener);
+        let incoming = client_conns(listener);
         let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
@@ -154,9 +165,11 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         tracing::info!(%url, "serving client traffic");
     }
 
+    let removed = crate::cluster::spawn_background(node.clone());
     Ok(RunningServer {
         node,
         watch_hub: hub,
+        removed,
         shutdown: shutdown_tx,
         tasks,
     })

@@ -133,6 +133,13 @@ impl Cluster {
         cluster
     }
 
+    /// A cluster of members started by the caller, owning `dir` (their data).
+    pub async fn adopt(members: Vec<Member>, dir: tempfile::TempDir) -> Cluster {
+        let cluster = Cluster { members, _dir: dir };
+        cluster.wait_ready(Duration::from_secs(30)).await;
+        cluster
+    }
+
     pub fn endpoints(&self) -> Vec<String> {
         self.members.iter().map(|m| m.endpoint()).collect()
     }

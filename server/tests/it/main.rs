@@ -5,5 +5,6 @@ mod cluster;
 mod etcdctl;
 mod kv;
 mod lease;
+mod membership;
 mod replication;
 mod watch;

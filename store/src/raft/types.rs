@@ -17,6 +17,9 @@ pub struct MemberNode {
     pub peer_urls: Vec<String>,
     /// URLs clients use; filled in by the member itself once it has started.
     pub client_urls: Vec<String>,
+    /// Added as a voter with `MemberAdd`: Keel first replicates to it as a learner and the
+    /// leader promotes it once it has caught up (so adding a member never stalls the cluster).
+    pub promote: bool,
 }
 
 impl fmt::Display for MemberNode {

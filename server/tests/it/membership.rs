@@ -1,0 +1,434 @@
+//! Membership changes and backups on real clusters: growing 1 → 3 → 5 and shrinking back under
+//! write load, replacing a dead member, and restoring a backup into a new cluster.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use etcd_client::{GetOptions, MemberAddOptions};
+use tokio::sync::Mutex;
+
+use crate::cluster::{Cluster, Member, client, free_port};
+
+/// A member that joins `cluster` (already added with MemberAdd), started with
+/// `--initial-cluster-state existing`.
+fn joining_member(cluster: &Cluster, name: &str, client_port: u16, peer_port: u16) -> Member {
+    let mut initial: Vec<String> = cluster
+        .members
+        .iter()
+        .filter(|m| m.child.is_some())
+        .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+        .collect();
+    initial.push(format!("{name}=http://127.0.0.1:{peer_port}"));
+    let dir = cluster.members[0]
+        .data_dir
+        .parent()
+        .expect("data dir parent")
+        .to_path_buf();
+    Member {
+        name: name.to_string(),
+        client_port,
+        peer_port,
+        data_dir: dir.join(name),
+        child: None,
+        initial_cluster: initial.join(","),
+        extra: vec!["--initial-cluster-state".into(), "existing".into()],
+    }
+}
+
+/// Adds a voter through `via`, starts it, and waits until it is a real voter that has applied
+/// the leader's log.
+async fn grow(cluster: &mut Cluster, via: &str, name: &str) -> u64 {
+    let (c, p) = (free_port(), free_port());
+    let mut admin = client(via).await.expect("connect");
+    let added = admin
+        .member_add([format!("http://127.0.0.1:{p}")], None)
+        .await
+        .expect("member add");
+    let id = added.member().expect("added member").id();
+    // etcd's reply lists the new member (unstarted: no name yet) among the members.
+    assert!(added.member_list().iter().any(|m| m.id() == id));
+    let mut member = joining_member(cluster, name, c, p);
+    member.start();
+    cluster.members.push(member);
+    let endpoint = format!("127.0.0.1:{c}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(mut cl) = client(&endpoint).await
+            && let Ok(s) = cl.status().await
+            && !s.is_learner()
+            && s.leader() != 0
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} never became a voter; log:\n{}",
+            cluster.members.last().map(|m| m.log()).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    id
+}
+
+async fn member_id_of(endpoint: &str) -> u64 {
+    let mut c = client(endpoint).await.expect("connect");
+    c.status()
+        .await
+        .expect("status")
+        .header()
+        .expect("header")
+        .member_id()
+}
+
+/// Sequential writer recording which writes were acknowledged.
+fn spawn_writer(
+    endpoint: String,
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<Vec<String>>>,
+) -> tokio::task::JoinHandle<usize> {
+    tokio::spawn(async move {
+        let mut failures = 0usize;
+        let mut i = 0u64;
+        let mut c = client(&endpoint).await.expect("connect writer");
+        while !stop.load(Ordering::Relaxed) {
+            let key = format!("load/{i:06}");
+            match c.put(key.as_str(), key.as_str(), None).await {
+                Ok(_) => acked.lock().await.push(key),
+                Err(_) => {
+                    failures += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+            i += 1;
+        }
+        failures
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grow_to_five_and_shrink_back_under_load_loses_no_writes() {
+    let mut cluster = Cluster::start(1).await;
+    let first = cluster.members[0].endpoint();
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let writer = spawn_writer(first.clone(), stop.clone(), acked.clone());
+
+    let mut added = Vec::new();
+    for i in 1..5 {
+        added.push(grow(&mut cluster, &first, &format!("m{i}")).await);
+    }
+    let mut admin = client(&first).await.expect("connect");
+    let list = admin.member_list().await.expect("member list");
+    assert_eq!(list.members().len(), 5);
+    assert!(list.members().iter().all(|m| !m.is_learner()));
+    // Every member publishes its name and client URL.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let list = admin.member_list().await.expect("member list");
+        if list
+            .members()
+            .iter()
+            .all(|m| !m.name().is_empty() && !m.client_urls().is_empty())
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "members never published attributes"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Shrink back to the first member, the current leader included when it is one of them.
+    for (n, id) in added.iter().enumerate().rev() {
+        admin.member_remove(*id).await.expect("member remove");
+        let member = &mut cluster.members[n + 1];
+        // A removed member stops by itself, as etcd does.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let exited = member
+                .child
+                .as_mut()
+                .map(|c| c.try_wait().ok().flatten().is_some())
+                .unwrap_or(true);
+            if exited {
+                member.child = None;
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} kept running after removal",
+                member.name
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let failures = writer.await.expect("writer");
+    let acked = acked.lock().await.clone();
+    assert!(
+        acked.len() > 50,
+        "too few writes acknowledged: {}",
+        acked.len()
+    );
+
+    let list = admin.member_list().await.expect("member list");
+    assert_eq!(list.members().len(), 1);
+    let resp = admin
+        .get("load/", Some(GetOptions::new().with_prefix()))
+        .await
+        .expect("read back");
+    let stored: BTreeMap<String, String> = resp
+        .kvs()
+        .iter()
+        .map(|kv| {
+            (
+                kv.key_str().unwrap_or_default().to_string(),
+                kv.value_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    for key in &acked {
+        assert_eq!(stored.get(key), Some(key), "acknowledged write {key} lost");
+    }
+    eprintln!(
+        "membership under load: {} writes acknowledged, {} failed (not acknowledged)",
+        acked.len(),
+        failures
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replace_a_dead_member() {
+    let mut cluster = Cluster::start(3).await;
+    let mut c = client(&cluster.members[0].endpoint())
+        .await
+        .expect("connect");
+    for i in 0..100 {
+        c.put(format!("before/{i}"), "x", None).await.expect("put");
+    }
+    let dead = 2;
+    let dead_id = member_id_of(&cluster.members[dead].endpoint()).await;
+    cluster.members[dead].kill();
+
+    // The cluster keeps working with two of three; replace the dead member.
+    c.member_remove(dead_id).await.expect("remove dead member");
+    let survivor = cluster.members[0].endpoint();
+    cluster.members.remove(dead);
+    let new_id = grow(&mut cluster, &survivor, "m3").await;
+    assert_ne!(new_id, dead_id);
+    c.put("after", "y", None)
+        .await
+        .expect("put after replacement");
+
+    // The newcomer has everything, read locally (serializable) from it.
+    let newcomer = cluster.members.last().expect("newcomer").endpoint();
+    let mut nc = client(&newcomer).await.expect("connect newcomer");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let resp = nc
+            .get(
+                "before/",
+                Some(GetOptions::new().with_prefix().with_serializable()),
+            )
+            .await
+            .expect("serializable read");
+        if resp.count() == 100 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "newcomer never caught up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let list = c.member_list().await.expect("list");
+    assert_eq!(list.members().len(), 3);
+    assert!(list.members().iter().all(|m| m.id() != dead_id));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_errors_match_etcd() {
+    let cluster = Cluster::start(1).await;
+    let mut c = client(&cluster.members[0].endpoint())
+        .await
+        .expect("connect");
+    let err = c.member_remove(0x1234).await.expect_err("unknown member");
+    assert_eq!(
+        crate::cluster::status_message(&err),
+        "etcdserver: member not found"
+    );
+    let me = member_id_of(&cluster.members[0].endpoint()).await;
+    let err = c.member_promote(me).await.expect_err("promote a voter");
+    assert_eq!(
+        crate::cluster::status_message(&err),
+        "etcdserver: can only promote a learner member"
+    );
+    let own_peer = format!("http://127.0.0.1:{}", cluster.members[0].peer_port);
+    let err = c
+        .member_add([own_peer], None)
+        .await
+        .expect_err("duplicate peer URL");
+    assert_eq!(
+        crate::cluster::status_message(&err),
+        "etcdserver: Peer URLs already exists"
+    );
+    // A learner that never started is not in sync and cannot be promoted.
+    let learner = c
+        .member_add(
+            [format!("http://127.0.0.1:{}", free_port())],
+            Some(MemberAddOptions::new().with_is_learner()),
+        )
+        .await
+        .expect("add learner");
+    let learner = learner.member().expect("member").clone();
+    assert!(learner.is_learner());
+    let err = c
+        .member_promote(learner.id())
+        .await
+        .expect_err("promote an unsynced learner");
+    assert_eq!(
+        crate::cluster::status_message(&err),
+        "etcdserver: can only promote a learner member which is in sync with leader"
+    );
+    c.member_remove(learner.id()).await.expect("remove learner");
+}
+
+/// Every key with its full metadata, through a linearizable read.
+async fn dump(endpoint: &str) -> Vec<(String, String, i64, i64, i64)> {
+    let mut c = client(endpoint).await.expect("connect");
+    let resp = c
+        .get("", Some(GetOptions::new().with_all_keys()))
+        .await
+        .expect("dump");
+    resp.kvs()
+        .iter()
+        .map(|kv| {
+            (
+                kv.key_str().unwrap_or_default().to_string(),
+                kv.value_str().unwrap_or_default().to_string(),
+                kv.create_revision(),
+                kv.mod_revision(),
+                kv.version(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_save_and_restore_into_a_new_cluster() {
+    let source = Cluster::start(3).await;
+    let endpoint = source.members[0].endpoint();
+    let mut c = client(&endpoint).await.expect("connect");
+    for i in 0..300 {
+        c.put(format!("k/{:03}", i % 120), format!("v{i}"), None)
+            .await
+            .expect("put");
+    }
+    c.delete("k/007", None).await.expect("delete");
+    let before = dump(&endpoint).await;
+    let revision = c
+        .get("k/000", None)
+        .await
+        .expect("get")
+        .header()
+        .expect("header")
+        .revision();
+
+    // Real etcdctl saves the backup (it checks the size rule and writes the file).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("backup.db");
+    let out = std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints", &endpoint, "snapshot", "save"])
+        .arg(&file)
+        .output()
+        .expect("run etcdctl");
+    assert!(
+        out.status.success(),
+        "etcdctl snapshot save failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Restore it into a new 3-member cluster: one `keel snapshot restore` per member.
+    let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+    let initial = ports
+        .iter()
+        .enumerate()
+        .map(|(i, (_, p))| format!("r{i}=http://127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut members = Vec::new();
+    for (i, (cp, pp)) in ports.iter().enumerate() {
+        let data_dir = dir.path().join(format!("r{i}"));
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_keel"))
+            .args(["snapshot", "restore"])
+            .arg(&file)
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args(["--name", &format!("r{i}")])
+            .args(["--initial-cluster", &initial])
+            .args(["--initial-cluster-token", "restored"])
+            .args([
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{pp}"),
+            ])
+            .output()
+            .expect("run keel snapshot restore");
+        assert!(
+            out.status.success(),
+            "restore failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        members.push(Member {
+            name: format!("r{i}"),
+            client_port: *cp,
+            peer_port: *pp,
+            data_dir,
+            child: None,
+            initial_cluster: initial.clone(),
+            extra: vec![],
+        });
+    }
+    // A second restore into an existing directory is refused.
+    let again = std::process::Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["snapshot", "restore"])
+        .arg(&file)
+        .arg("--data-dir")
+        .arg(&members[0].data_dir)
+        .output()
+        .expect("run restore again");
+    assert!(!again.status.success());
+
+    for m in &mut members {
+        m.start();
+    }
+    let restored = Cluster::adopt(members, dir).await;
+    let new_endpoint = restored.members[1].endpoint();
+    assert_eq!(dump(&new_endpoint).await, before, "restored data differs");
+    let mut rc = client(&new_endpoint).await.expect("connect restored");
+    // History survives too, and the revision counter continues.
+    let old = rc
+        .get("k/000", Some(GetOptions::new().with_revision(2)))
+        .await
+        .expect("historical read");
+    assert_eq!(old.kvs()[0].value_str().unwrap_or_default(), "v0");
+    let put = rc.put("new", "1", None).await.expect("write to restored");
+    assert_eq!(put.header().expect("header").revision(), revision + 1);
+    // It is a new cluster: a different cluster ID.
+    let old_cluster = c
+        .status()
+        .await
+        .expect("status")
+        .header()
+        .expect("h")
+        .cluster_id();
+    let new_cluster = rc
+        .status()
+        .await
+        .expect("status")
+        .header()
+        .expect("h")
+        .cluster_id();
+    assert_ne!(old_cluster, new_cluster);
+}
