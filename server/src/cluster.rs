@@ -71,23 +71,28 @@ pub async fn change(
 ) -> Result<MemberChangeResponse, ServerError> {
     let deadline = tokio::time::Instant::now() + CHANGE_TIMEOUT;
     loop {
-        let result = match node.leader() {
-            Some((leader, _)) if leader == node.member_id() => execute(node, req.clone()).await,
-            Some((leader, Some(target))) => {
-                let mut client = node
-                    .peers
-                    .client(leader, &target)
-                    .map_err(|_| ServerError::NoLeader)?;
-                match client
-                    .member_change(node.peers.request(leader, req.clone()))
-                    .await
-                {
-                    Ok(r) => Ok(r.into_inner()),
-                    Err(s) => Err(status_to_error(&s)),
+        let attempt = async {
+            match node.leader() {
+                Some((leader, _)) if leader == node.member_id() => execute(node, req.clone()).await,
+                Some((leader, Some(target))) => {
+                    let mut client = node
+                        .peers
+                        .client(leader, &target)
+                        .map_err(|_| ServerError::NoLeader)?;
+                    match client
+                        .member_change(node.peers.request(leader, req.clone()))
+                        .await
+                    {
+                        Ok(r) => Ok(r.into_inner()),
+                        Err(s) => Err(status_to_error(&s)),
+                    }
                 }
+                _ => Err(ServerError::NoLeader),
             }
-            _ => Err(ServerError::NoLeader),
         };
+        let result = tokio::time::timeout(CHANGE_TIMEOUT, attempt)
+            .await
+            .unwrap_or(Err(ServerError::Timeout));
         match result {
             // A concurrent change (another request, the promoter, a publish) or a leader change:
             // wait and try again.
@@ -239,6 +244,7 @@ pub async fn execute(
                 return Err(ServerError::MemberNotFound);
             };
             if current.name != publish.name || current.client_urls != publish.client_urls {
+                tracing::info!(member = %format!("{:x}", publish.id), name = %publish.name, client_urls = ?publish.client_urls, "recording published member attributes");
                 let mut updated = current.clone();
                 updated.name = publish.name.clone();
                 updated.client_urls = publish.client_urls.clone();
@@ -299,6 +305,7 @@ async fn publish_loop(node: Arc<KeelNode>) {
                 .get_node(&node.member_id())
                 .cloned()
         };
+        tracing::trace!(?current, leader = ?node.leader().map(|l| l.0), "publish check");
         if let Some(current) = current
             && (current.name != want_name || current.client_urls != want_urls)
             && node.leader().is_some()

@@ -33,6 +33,8 @@ pub const META_TARGET: &str = "keel-target-member";
 pub const META_CLUSTER: &str = "keel-cluster";
 
 const SNAPSHOT_CHUNK: usize = 1 << 20;
+/// Pause after a failed attempt to open a replication stream.
+const UNREACHABLE_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Cached channels to every peer, shared by Raft replication and request forwarding.
 pub struct Peers {
@@ -204,11 +206,16 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
                 futures::future::ready(encode(&r).ok().map(|data| RaftBytes { data }))
             });
             let req = self.peers.request(self.target, requests);
-            let replies = client
-                .stream_append(req)
-                .await
-                .map_err(status_err)?
-                .into_inner();
+            let replies = match client.stream_append(req).await {
+                Ok(r) => r.into_inner(),
+                Err(status) => {
+                    // openraft applies its backoff only while it polls the request stream,
+                    // which a refused connection never does: without this pause a dead peer
+                    // makes the leader retry in a tight loop.
+                    tokio::time::sleep(UNREACHABLE_BACKOFF).await;
+                    return Err(status_err(status));
+                }
+            };
             let results = replies.map(|item| {
                 let bytes = item.map_err(status_err)?;
                 decode::<StreamAppendResult<TypeConfig>>(&bytes.data)
@@ -308,6 +315,6 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
     }
 
     fn backoff(&self) -> Option<Backoff> {
-        Some(Backoff::new(std::iter::repeat(Duration::from_millis(100))))
+        Some(Backoff::new(std::iter::repeat(UNREACHABLE_BACKOFF)))
     }
 }

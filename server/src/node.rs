@@ -103,11 +103,10 @@ impl KeelNode {
         let mut bootstrap: BTreeMap<NodeId, MemberNode> = BTreeMap::new();
         for (name, urls) in &members {
             let id = member_id(urls, &config.initial_cluster_token);
-            let client_urls = if *name == config.name {
-                config.advertise_client_urls()
-            } else {
-                Vec::new()
-            };
+            // Every founding member must initialize with byte-identical membership (openraft
+            // treats the initial entries as the same log entry), so client URLs are left empty
+            // here; each member publishes its own once the cluster runs (cluster.rs).
+            let client_urls = Vec::new();
             bootstrap.insert(
                 id,
                 MemberNode {
