@@ -61,6 +61,17 @@ pub enum ServerError {
     TooManyLearners,
     #[error("etcdserver: re-configuration failed due to not enough started members")]
     NotEnoughStartedMembers,
+    /// Lock and election errors: etcd's `concurrency` package texts (code `Unknown`).
+    #[error("election: not leader")]
+    ElectionNotLeader,
+    #[error("election: no leader")]
+    ElectionNoLeader,
+    #[error("\"leader\" field must be provided")]
+    MissingLeaderKey,
+    #[error("mutex: session is expired")]
+    SessionExpired,
+    #[error("lost watcher waiting for delete")]
+    LostWatcher,
     #[error("etcdserver: {0}")]
     Internal(String),
     #[error("{0}")]
@@ -87,6 +98,8 @@ impl ServerError {
             MemberBadUrls => Code::InvalidArgument,
             MemberNotFound => Code::NotFound,
             NoLeader | LeaderChanged | Timeout | Stopped => Code::Unavailable,
+            ElectionNotLeader | ElectionNoLeader | MissingLeaderKey | SessionExpired
+            | LostWatcher => Code::Unknown,
             Internal(_) => Code::Internal,
             Unimplemented(_) => Code::Unimplemented,
         }
@@ -96,6 +109,15 @@ impl ServerError {
 impl From<ServerError> for Status {
     fn from(e: ServerError) -> Status {
         Status::new(e.code(), e.to_string())
+    }
+}
+
+impl ServerError {
+    /// The status a Lock or Election call fails with. etcd serves those services by running its
+    /// Go client's `concurrency` recipes against itself, and that client turns every server
+    /// error into a plain error: the caller sees etcd's message with code `Unknown`.
+    pub fn into_recipe_status(self) -> Status {
+        Status::new(Code::Unknown, self.to_string())
     }
 }
 
@@ -167,6 +189,16 @@ mod tests {
             assert_eq!(status.code(), *code, "{err:?}");
             assert_eq!(status.message(), *msg);
         }
+        let recipe = ServerError::LeaseNotFound.into_recipe_status();
+        assert_eq!(recipe.code(), Code::Unknown);
+        assert_eq!(recipe.message(), "etcdserver: requested lease not found");
+        let status: Status = ServerError::ElectionNotLeader.into();
+        assert_eq!(status.code(), Code::Unknown);
+        assert_eq!(status.message(), "election: not leader");
+        assert_eq!(
+            ServerError::MissingLeaderKey.to_string(),
+            r#""leader" field must be provided"#
+        );
         let from_store: Status =
             ServerError::from(ApplyError::new(ApplyErrorKind::Compacted)).into();
         assert_eq!(

@@ -10,7 +10,9 @@
 //! - [`watch`]: `etcdserverpb.Watch` — the watch hub (synced / unsynced watchers fed from the
 //!   applied state) and the stream handler.
 //! - [`lease`]: `etcdserverpb.Lease` and the leader-only [`lease::Lessor`] (deadlines, expiry).
-//! - [`maintenance`]: `etcdserverpb.Maintenance`.
+//! - [`lock`]: `v3lockpb.Lock`, and etcd's `concurrency` recipes run in the server.
+//! - [`election`]: `v3electionpb.Election` on the same recipes.
+//! - [`maintenance`]: the `etcdserverpb.Maintenance` service.
 //! - [`cluster`]: `etcdserverpb.Cluster` — membership changes.
 //! - [`error`]: the one table mapping errors to gRPC status codes and etcd's messages.
 //! - [`snapshot`]: backups — the `Maintenance.Snapshot` stream and `keel snapshot restore`.
@@ -20,9 +22,11 @@
 pub mod authority_fix;
 pub mod cluster;
 pub mod config;
+pub mod election;
 pub mod error;
 pub mod kv;
 pub mod lease;
+pub mod lock;
 pub mod maintenance;
 pub mod network;
 pub mod node;

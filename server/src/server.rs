@@ -12,14 +12,18 @@ use tokio::sync::watch;
 use crate::authority_fix::AuthorityFix;
 use crate::cluster::ClusterService;
 use crate::config::{Config, parse_url};
+use crate::election::ElectionService;
 use crate::kv::KvService;
 use crate::lease::{LeaseService, Lessor};
+use crate::lock::LockService;
 use crate::maintenance::MaintenanceService;
 use crate::node::KeelNode;
 use crate::peer_service::PeerService;
 use crate::watch::{WatchHub, WatchService};
 use keel_proto::etcdserverpb::lease_server::LeaseServer;
 use keel_proto::etcdserverpb::watch_server::WatchServer;
+use keel_proto::v3electionpb::election_server::ElectionServer;
+use keel_proto::v3lockpb::lock_server::LockServer;
 
 /// gRPC framing overhead allowed on top of `--max-request-bytes` (as etcd).
 const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
@@ -155,6 +159,18 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             .add_service(
                 ClusterServer::new(ClusterService::new(node.clone()))
                     .max_decoding_message_size(max_recv),
+            )
+            .add_service(
+                LockServer::new(LockService::new(node.clone(), hub.clone(), lessor.clone()))
+                    .max_decoding_message_size(max_recv),
+            )
+            .add_service(
+                ElectionServer::new(ElectionService::new(
+                    node.clone(),
+                    hub.clone(),
+                    lessor.clone(),
+                ))
+                .max_decoding_message_size(max_recv),
             );
         tasks.push(tokio::spawn(router.serve_with_incoming_shutdown(
             incoming,

@@ -744,6 +744,67 @@ impl WatchHub {
     }
 }
 
+/// An in-process watch for the server-side recipes (locks and elections, which etcd runs over
+/// its own Watch API): one watcher on a private stream of the hub, so it gets exactly what a
+/// client's watcher would — history replay from `start_revision`, every event of a revision in
+/// one response, and a cancellation (with `compact_revision`) when that revision is compacted.
+/// Dropping it removes the watcher.
+pub struct InternalWatch {
+    hub: Arc<WatchHub>,
+    stream: u64,
+    queue: Arc<StreamQueue>,
+}
+
+impl WatchHub {
+    /// Watches `[key, range_end)` (etcd's conventions: empty `range_end` is the single key) from
+    /// `start_revision` (`<= 0`: from the next revision).
+    pub fn watch_internal(
+        self: &Arc<Self>,
+        key: &[u8],
+        range_end: &[u8],
+        start_revision: i64,
+    ) -> InternalWatch {
+        let (stream, queue) = self.open_stream();
+        self.create(
+            stream,
+            WatchCreateRequest {
+                key: key.to_vec(),
+                range_end: range_end.to_vec(),
+                start_revision,
+                ..Default::default()
+            },
+        );
+        InternalWatch {
+            hub: self.clone(),
+            stream,
+            queue,
+        }
+    }
+}
+
+impl InternalWatch {
+    /// The next response with events, or a cancellation (`canceled` set); the `created`
+    /// response is skipped. Header revisions are filled in, the other header fields are not.
+    /// `None` once the watcher is gone.
+    pub async fn next(&mut self) -> Option<WatchResponse> {
+        loop {
+            let popped = self.queue.lock().pop_front();
+            match popped {
+                Some(r) if r.created && !r.canceled => continue,
+                Some(r) => return Some(r),
+                None if self.queue.closed.load(Ordering::Relaxed) => return None,
+                None => self.queue.notify.notified().await,
+            }
+        }
+    }
+}
+
+impl Drop for InternalWatch {
+    fn drop(&mut self) {
+        self.hub.close_stream(self.stream);
+    }
+}
+
 fn st_watch_id(watchers: &BTreeMap<u64, Watcher>, key: u64) -> Option<i64> {
     watchers.get(&key).map(|w| w.watch_id)
 }

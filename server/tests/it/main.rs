@@ -5,6 +5,7 @@ mod cluster;
 mod etcdctl;
 mod kv;
 mod lease;
+mod lock;
 mod membership;
 mod replication;
 mod watch;
