@@ -228,12 +228,12 @@ impl Cluster {
         let mut out = Vec::new();
         for (i, m) in self.members.iter().enumerate() {
             let mut m = m.lock().unwrap();
-            if let Some(child) = m.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    out.push((i, status.to_string()));
-                    m.child = None;
-                    self.net.set_pid(i, None);
-                }
+            if let Some(child) = m.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                out.push((i, status.to_string()));
+                m.child = None;
+                self.net.set_pid(i, None);
             }
         }
         out

@@ -277,13 +277,12 @@ async fn main() -> anyhow::Result<()> {
                     linearized,
                     ..
                 } = &verdict
+                    && !json
                 {
-                    if !json {
-                        eprintln!(
-                            "  longest linearizable prefix: {} operations; cannot place: {stuck_at:?}",
-                            linearized.len()
-                        );
-                    }
+                    eprintln!(
+                        "  longest linearizable prefix: {} operations; cannot place: {stuck_at:?}",
+                        linearized.len()
+                    );
                 }
             }
             if unknown {

@@ -164,10 +164,10 @@ impl Net {
             if let Some(inode) = socket_inode(peer, local) {
                 let pids = self.pids.lock().unwrap().clone();
                 for (node, pid) in pids.iter().enumerate() {
-                    if let Some(pid) = pid {
-                        if process_has_socket(*pid, inode) {
-                            return Some(node);
-                        }
+                    if let Some(pid) = pid
+                        && process_has_socket(*pid, inode)
+                    {
+                        return Some(node);
                     }
                 }
             }
@@ -205,10 +205,11 @@ impl Net {
         let server = TcpStream::connect((Ipv4Addr::LOCALHOST, target)).await?;
         client.set_nodelay(true)?;
         server.set_nodelay(true)?;
-        let (cr, cw) = client.into_split();
-        let (sr, sw) = server.into_split();
-        let up = pump(cr, sw, self.clone());
-        let down = pump(sr, cw, self.clone());
+        // The halves live here, not in the pumps: dropping a pump must not close the sockets.
+        let (mut cr, mut cw) = client.into_split();
+        let (mut sr, mut sw) = server.into_split();
+        let up = pump(&mut cr, &mut sw, self.clone());
+        let down = pump(&mut sr, &mut cw, self.clone());
         tokio::select! {
             _ = up => {}
             _ = down => {}
@@ -222,8 +223,8 @@ impl Net {
 }
 
 async fn pump(
-    mut r: tokio::net::tcp::OwnedReadHalf,
-    mut w: tokio::net::tcp::OwnedWriteHalf,
+    r: &mut tokio::net::tcp::OwnedReadHalf,
+    w: &mut tokio::net::tcp::OwnedWriteHalf,
     net: Arc<Net>,
 ) {
     let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();

@@ -175,15 +175,14 @@ pub fn read_history(path: &Path) -> anyhow::Result<(Vec<Op>, Vec<FaultWindow>)> 
                     start: time,
                     end: time,
                 });
-            } else if let Some(kind) = f.strip_prefix("stop-") {
-                if let Some(pos) = fault_open
+            } else if let Some(kind) = f.strip_prefix("stop-")
+                && let Some(pos) = fault_open
                     .iter()
                     .position(|w| w.kind == kind && w.description == description)
-                {
-                    let mut w = fault_open.remove(pos);
-                    w.end = time;
-                    faults.push(w);
-                }
+            {
+                let mut w = fault_open.remove(pos);
+                w.end = time;
+                faults.push(w);
             }
             continue;
         }

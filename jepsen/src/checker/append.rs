@@ -49,16 +49,16 @@ fn parse(op: &Op) -> Option<Txn<'_>> {
             }
         }
     }
-    if op.outcome == Outcome::Ok {
-        if let Some(mops) = op.result["mops"].as_array() {
-            for m in mops {
-                if m[0] == "r" {
-                    let list = m[2]
-                        .as_array()
-                        .map(|a| a.iter().filter_map(|v| v.as_u64()).collect())
-                        .unwrap_or_default();
-                    t.reads.push((m[1].as_str()?.to_string(), list));
-                }
+    if op.outcome == Outcome::Ok
+        && let Some(mops) = op.result["mops"].as_array()
+    {
+        for m in mops {
+            if m[0] == "r" {
+                let list = m[2]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(|v| v.as_u64()).collect())
+                    .unwrap_or_default();
+                t.reads.push((m[1].as_str()?.to_string(), list));
             }
         }
     }
@@ -196,11 +196,12 @@ impl Graph {
             let set: HashSet<usize> = sub.iter().copied().collect();
             let v = sub[0];
             for (w, (b, _)) in &self.adj[v] {
-                if b & mask != 0 && set.contains(w) {
-                    if let Some(mut p) = self.path(*w, v, mask, &set) {
-                        p.insert(0, v);
-                        return Some(p); // v -> w -> ... -> v
-                    }
+                if b & mask != 0
+                    && set.contains(w)
+                    && let Some(mut p) = self.path(*w, v, mask, &set)
+                {
+                    p.insert(0, v);
+                    return Some(p); // v -> w -> ... -> v
                 }
             }
         }
@@ -378,36 +379,35 @@ pub fn check(ops: &[Op]) -> CheckResult {
         }
         let who = |i: usize| appender.get(&(*k, ord[i])).copied();
         for i in 1..ord.len() {
-            if let (Some(a), Some(b)) = (who(i - 1), who(i)) {
-                if included[a] && included[b] {
-                    g.add(a, b, WW, format!("{k}: {} then {}", ord[i - 1], ord[i]));
-                }
+            if let (Some(a), Some(b)) = (who(i - 1), who(i))
+                && included[a]
+                && included[b]
+            {
+                g.add(a, b, WW, format!("{k}: {} then {}", ord[i - 1], ord[i]));
             }
         }
         for (r, l) in &reads_of[k] {
             let n = l.len();
-            if n > 0 {
-                if let Some(w) = who(n - 1) {
-                    if included[w] {
-                        g.add(w, *r, WR, format!("{k}: read {} ", ord[n - 1]));
-                    }
-                }
+            if n > 0
+                && let Some(w) = who(n - 1)
+                && included[w]
+            {
+                g.add(w, *r, WR, format!("{k}: read {} ", ord[n - 1]));
             }
-            if n < ord.len() {
-                if let Some(w) = who(n) {
-                    if included[w] {
-                        g.add(
-                            *r,
-                            w,
-                            RW,
-                            format!(
-                                "{k}: read up to {} before {} was appended",
-                                l.last().map(|x| x.to_string()).unwrap_or("[]".into()),
-                                ord[n]
-                            ),
-                        );
-                    }
-                }
+            if n < ord.len()
+                && let Some(w) = who(n)
+                && included[w]
+            {
+                g.add(
+                    *r,
+                    w,
+                    RW,
+                    format!(
+                        "{k}: read up to {} before {} was appended",
+                        l.last().map(|x| x.to_string()).unwrap_or("[]".into()),
+                        ord[n]
+                    ),
+                );
             }
         }
     }

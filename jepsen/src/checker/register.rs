@@ -325,9 +325,10 @@ pub fn check_chain<'a>(ops: &'a [Op]) -> CheckResult {
         .collect();
     let floors = realtime_floor(&items, |a, b| a > b);
     for (r, floor) in oks.iter().zip(floors) {
-        if let Some((f, src)) = floor {
-            if r.rev.unwrap_or(0) < f {
-                res.anomaly(
+        if let Some((f, src)) = floor
+            && r.rev.unwrap_or(0) < f
+        {
+            res.anomaly(
                     "revision-regression",
                     format!(
                         "op #{} on n{} answered at header revision {} after op #{} had completed at revision {f}",
@@ -338,7 +339,6 @@ pub fn check_chain<'a>(ops: &'a [Op]) -> CheckResult {
                     ),
                     &[src, r.op],
                 );
-            }
         }
     }
     let mut write_revs: HashMap<i64, &Op> = HashMap::new();

@@ -343,29 +343,30 @@ pub fn check(ops: &[Op]) -> CheckResult {
         let mut mine: HashMap<(i64, &str), ()> = HashMap::new();
         for (ri, e) in &s.events {
             checked_events += 1;
-            if let Some(l) = last {
-                if e.rev < l.rev || (e.rev == l.rev && e.key == l.key) {
-                    res.anomaly(
-                        if e.rev == l.rev {
-                            "duplicate-event"
-                        } else {
-                            "unordered"
-                        },
-                        format!(
-                            "watch session #{} on n{}: {} after {}",
-                            s.op.index,
-                            s.op.node + 1,
-                            e.show(),
-                            l.show()
-                        ),
-                        &[s.op],
-                    );
-                }
+            if let Some(l) = last
+                && (e.rev < l.rev || (e.rev == l.rev && e.key == l.key))
+            {
+                res.anomaly(
+                    if e.rev == l.rev {
+                        "duplicate-event"
+                    } else {
+                        "unordered"
+                    },
+                    format!(
+                        "watch session #{} on n{}: {} after {}",
+                        s.op.index,
+                        s.op.node + 1,
+                        e.show(),
+                        l.show()
+                    ),
+                    &[s.op],
+                );
             }
             last = Some(e);
-            if let Some(r0) = resp_of_rev.insert(e.rev, *ri) {
-                if r0 != *ri {
-                    res.anomaly(
+            if let Some(r0) = resp_of_rev.insert(e.rev, *ri)
+                && r0 != *ri
+            {
+                res.anomaly(
                         "split-revision",
                         format!(
                             "watch session #{}: events of revision {} arrived in responses {r0} and {ri}",
@@ -373,27 +374,24 @@ pub fn check(ops: &[Op]) -> CheckResult {
                         ),
                         &[s.op],
                     );
-                }
             }
             mine.insert((e.rev, e.key.as_str()), ());
-            if let Some(w) = watcher {
-                if let Some(prev) = seen_by_watcher
+            if let Some(w) = watcher
+                && let Some(prev) = seen_by_watcher
                     .entry(w)
                     .or_default()
                     .insert((e.rev, e.key.clone()), s.op.index)
-                {
-                    if prev != s.op.index {
-                        res.anomaly(
-                            "duplicate-event",
-                            format!(
-                                "watcher {w}: {} delivered in sessions #{prev} and #{}",
-                                e.show(),
-                                s.op.index
-                            ),
-                            &[s.op],
-                        );
-                    }
-                }
+                && prev != s.op.index
+            {
+                res.anomaly(
+                    "duplicate-event",
+                    format!(
+                        "watcher {w}: {} delivered in sessions #{prev} and #{}",
+                        e.show(),
+                        s.op.index
+                    ),
+                    &[s.op],
+                );
             }
             if e.rev > tomb {
                 continue;

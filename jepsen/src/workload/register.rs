@@ -115,10 +115,10 @@ impl Register {
                         write(w.client.clone(), key.clone(), fresh),
                     )
                     .await;
-                if let Some(r) = op.result["rev"].as_i64() {
-                    if op.outcome == crate::record::Outcome::Ok {
-                        self.note(g, &key, fresh, r);
-                    }
+                if let Some(r) = op.result["rev"].as_i64()
+                    && op.outcome == crate::record::Outcome::Ok
+                {
+                    self.note(g, &key, fresh, r);
                 }
             } else {
                 let (from, from_rev) = last.unwrap();
@@ -136,10 +136,10 @@ impl Register {
                         cas(w.client.clone(), key.clone(), from, from_rev, by_rev, fresh),
                     )
                     .await;
-                if op.outcome == crate::record::Outcome::Ok {
-                    if let Some(r) = op.result["rev"].as_i64() {
-                        self.note(g, &key, fresh, r);
-                    }
+                if op.outcome == crate::record::Outcome::Ok
+                    && let Some(r) = op.result["rev"].as_i64()
+                {
+                    self.note(g, &key, fresh, r);
                 }
             }
         }

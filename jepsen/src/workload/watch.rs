@@ -134,11 +134,10 @@ async fn session(
                         }
                     }
                     let progress = r.events.is_empty() && !r.created && !r.canceled;
-                    if progress {
-                        if let Some(h) = r.header {
+                    if progress
+                        && let Some(h) = r.header {
                             next = next.max(h.revision + 1);
                         }
-                    }
                     let canceled = r.canceled;
                     responses.push(response_json(&r, t));
                     if canceled {

@@ -38,3 +38,724 @@ fn reproduces_every_shared_verdict() {
     }
     assert_eq!(checked, 69);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Checkers on small synthetic histories: each must accept a correct history and detect a planted
+// anomaly.
+
+use keel_jepsen::checker;
+use keel_jepsen::record::{
+    CheckResult, FaultWindow, Op, Outcome, Valid, read_history, write_history,
+};
+use serde_json::{Value, json};
+
+const MS: u64 = 1_000_000;
+
+/// An operation invoked at `t0` ms and completed at `t1` ms.
+#[allow(clippy::too_many_arguments)]
+fn op(
+    index: u64,
+    node: usize,
+    f: &str,
+    value: Value,
+    result: Value,
+    outcome: Outcome,
+    t0: u64,
+    t1: u64,
+) -> Op {
+    Op {
+        index,
+        process: index,
+        node,
+        f: f.into(),
+        value,
+        result,
+        outcome,
+        error: None,
+        invoke: t0 * MS,
+        complete: t1 * MS,
+    }
+}
+
+fn has(r: &CheckResult, anomaly: &str) -> bool {
+    r.valid == Valid::False && r.anomalies.contains_key(anomaly)
+}
+
+fn by_name<'a>(rs: &'a [CheckResult], name: &str) -> &'a CheckResult {
+    rs.iter().find(|r| r.checker == name).unwrap()
+}
+
+// --- register ------------------------------------------------------------------------------
+
+fn w(i: u64, key: &str, v: i64, rev: i64, prev: (Option<i64>, i64), t0: u64, t1: u64) -> Op {
+    op(
+        i,
+        0,
+        "write",
+        json!({"key": key, "value": v}),
+        json!({"rev": rev, "prev": {"value": prev.0, "mod_rev": prev.1}}),
+        Outcome::Ok,
+        t0,
+        t1,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn r(
+    i: u64,
+    node: usize,
+    key: &str,
+    v: Option<i64>,
+    mod_rev: i64,
+    rev: i64,
+    t0: u64,
+    t1: u64,
+) -> Op {
+    op(
+        i,
+        node,
+        "read",
+        json!({"key": key}),
+        json!({"value": v, "mod_rev": mod_rev, "version": 1, "rev": rev}),
+        Outcome::Ok,
+        t0,
+        t1,
+    )
+}
+
+#[test]
+fn register_accepts_a_linearizable_history() {
+    let h = vec![
+        w(0, "k", 1, 2, (None, 0), 0, 10),
+        r(1, 1, "k", Some(1), 2, 2, 5, 15),
+        op(
+            2,
+            2,
+            "cas",
+            json!({"key": "k", "from": 1, "to": 2, "cmp": "value"}),
+            json!({"rev": 3, "prev": {"value": 1, "mod_rev": 2}}),
+            Outcome::Ok,
+            20,
+            30,
+        ),
+        op(
+            3,
+            0,
+            "write",
+            json!({"key": "k", "value": 3}),
+            Value::Null,
+            Outcome::Info,
+            31,
+            40,
+        ),
+        r(4, 1, "k", Some(3), 4, 4, 50, 60),
+        op(
+            5,
+            2,
+            "cas",
+            json!({"key": "k", "from": 1, "to": 4, "cmp": "value"}),
+            json!({"rev": 4}),
+            Outcome::Fail,
+            61,
+            70,
+        ),
+    ];
+    let rs = checker::register::check(&h, 1_000_000);
+    for c in &rs {
+        assert_eq!(c.valid, Valid::True, "{c:?}");
+    }
+}
+
+#[test]
+fn register_detects_a_stale_read() {
+    let h = vec![
+        w(0, "k", 1, 2, (None, 0), 0, 10),
+        w(1, "k", 2, 3, (Some(1), 2), 11, 20),
+        // Invoked after the second write completed, yet returns the first version.
+        r(2, 2, "k", Some(1), 2, 2, 30, 40),
+    ];
+    let rs = checker::register::check(&h, 1_000_000);
+    let chain = by_name(&rs, "version-chain");
+    assert!(has(chain, "stale-read"), "{chain:?}");
+    assert!(has(chain, "revision-regression"), "{chain:?}");
+    assert!(!chain.witness.is_empty() && chain.witness_ops.contains(&2));
+    assert!(has(by_name(&rs, "linearizable"), "nonlinearizable"));
+}
+
+#[test]
+fn register_detects_lost_updates_phantoms_and_double_applies() {
+    // Two writes both claim to have overwritten version 2.
+    let lost = vec![
+        w(0, "k", 1, 2, (None, 0), 0, 10),
+        w(1, "k", 2, 3, (Some(1), 2), 11, 20),
+        w(2, "k", 3, 4, (Some(1), 2), 11, 20),
+    ];
+    assert!(has(&checker::register::check_chain(&lost), "lost-update"));
+    // A value nobody wrote.
+    let phantom = vec![
+        w(0, "k", 1, 2, (None, 0), 0, 10),
+        r(1, 0, "k", Some(9), 5, 5, 20, 30),
+    ];
+    assert!(has(
+        &checker::register::check_chain(&phantom),
+        "phantom-read"
+    ));
+    // A failed write that was observed.
+    let aborted = vec![
+        op(
+            0,
+            0,
+            "write",
+            json!({"key": "k", "value": 7}),
+            Value::Null,
+            Outcome::Fail,
+            0,
+            10,
+        ),
+        r(1, 0, "k", Some(7), 2, 2, 20, 30),
+    ];
+    assert!(has(
+        &checker::register::check_chain(&aborted),
+        "aborted-read"
+    ));
+    assert!(has(
+        &checker::register::check_linearizable(&aborted, 1_000_000),
+        "nonlinearizable"
+    ));
+    // One value at two revisions: a write applied twice.
+    let twice = vec![
+        w(0, "k", 1, 2, (None, 0), 0, 10),
+        r(1, 0, "k", Some(1), 3, 3, 20, 30),
+    ];
+    assert!(has(
+        &checker::register::check_chain(&twice),
+        "duplicate-write"
+    ));
+}
+
+// --- set -----------------------------------------------------------------------------------
+
+fn add(i: u64, e: u64, outcome: Outcome, t0: u64, t1: u64) -> Op {
+    op(
+        i,
+        0,
+        "add",
+        json!({"element": e}),
+        json!({}),
+        outcome,
+        t0,
+        t1,
+    )
+}
+
+fn read_set(i: u64, node: usize, elems: &[u64], fin: bool, t0: u64, t1: u64) -> Op {
+    let value = if fin {
+        json!({"final": true})
+    } else {
+        json!({})
+    };
+    op(
+        i,
+        node,
+        "read",
+        value,
+        json!({"elements": elems}),
+        Outcome::Ok,
+        t0,
+        t1,
+    )
+}
+
+#[test]
+fn set_checker() {
+    let good = vec![
+        add(0, 0, Outcome::Ok, 0, 10),
+        add(1, 1, Outcome::Info, 0, 10),
+        read_set(2, 1, &[0], false, 5, 15),
+        add(3, 2, Outcome::Fail, 20, 30),
+        read_set(4, 0, &[0, 1], true, 100, 110),
+        read_set(5, 1, &[0, 1], true, 100, 110),
+    ];
+    assert_eq!(checker::set::check(&good).valid, Valid::True);
+
+    let mut lost = good.clone();
+    lost[4] = read_set(4, 0, &[1], true, 100, 110);
+    lost[5] = read_set(5, 1, &[1], true, 100, 110);
+    assert!(has(&checker::set::check(&lost), "lost"));
+
+    let mut phantom = good.clone();
+    phantom.push(read_set(6, 2, &[0, 42], false, 50, 60));
+    assert!(has(&checker::set::check(&phantom), "phantom"));
+
+    let mut aborted = good.clone();
+    aborted.push(read_set(6, 2, &[0, 2], false, 50, 60));
+    assert!(has(&checker::set::check(&aborted), "aborted-read"));
+
+    // A read invoked after element 0 was acknowledged that misses it.
+    let mut stale = good.clone();
+    stale.push(read_set(6, 2, &[], false, 50, 60));
+    assert!(has(&checker::set::check(&stale), "stale-read"));
+
+    let mut divergent = good;
+    divergent[5] = read_set(5, 1, &[0], true, 100, 110);
+    assert!(has(&checker::set::check(&divergent), "divergent-final"));
+}
+
+// --- append (Elle) -------------------------------------------------------------------------
+
+/// A list-append txn: `mops` as (f, key, value/read list).
+fn txn(i: u64, mops: &[(&str, &str, Value)], outcome: Outcome, t0: u64, t1: u64) -> Op {
+    let value: Vec<Value> = mops
+        .iter()
+        .map(|(f, k, v)| {
+            if *f == "r" {
+                json!(["r", k, null])
+            } else {
+                json!([f, k, v])
+            }
+        })
+        .collect();
+    let result: Vec<Value> = mops.iter().map(|(f, k, v)| json!([f, k, v])).collect();
+    op(
+        i,
+        0,
+        "txn",
+        json!({"mops": value}),
+        json!({"mops": result}),
+        outcome,
+        t0,
+        t1,
+    )
+}
+
+fn final_read(i: u64, lists: &[(&str, Value)]) -> Op {
+    let mops: Vec<Value> = lists.iter().map(|(k, l)| json!(["r", k, l])).collect();
+    op(
+        i,
+        0,
+        "txn",
+        json!({"final": true, "mops": "all"}),
+        json!({"mops": mops}),
+        Outcome::Ok,
+        1000,
+        1010,
+    )
+}
+
+#[test]
+fn append_accepts_a_serializable_history() {
+    let h = vec![
+        txn(
+            0,
+            &[("append", "x", json!(1)), ("r", "y", json!([]))],
+            Outcome::Ok,
+            0,
+            10,
+        ),
+        txn(
+            1,
+            &[("r", "x", json!([1])), ("append", "y", json!(2))],
+            Outcome::Ok,
+            20,
+            30,
+        ),
+        txn(2, &[("append", "x", json!(3))], Outcome::Fail, 20, 30),
+        txn(3, &[("append", "x", json!(4))], Outcome::Info, 40, 50),
+        final_read(4, &[("x", json!([1, 4])), ("y", json!([2]))]),
+    ];
+    let r = checker::append::check(&h);
+    assert_eq!(r.valid, Valid::True, "{r:?}");
+}
+
+#[test]
+fn append_detects_g0_g1c_gsingle_g2() {
+    // G0: x and y written in opposite orders by T0 and T1.
+    let g0 = vec![
+        txn(
+            0,
+            &[("append", "x", json!(1)), ("append", "y", json!(1))],
+            Outcome::Ok,
+            0,
+            100,
+        ),
+        txn(
+            1,
+            &[("append", "x", json!(2)), ("append", "y", json!(2))],
+            Outcome::Ok,
+            0,
+            100,
+        ),
+        final_read(2, &[("x", json!([1, 2])), ("y", json!([2, 1]))]),
+    ];
+    let r = checker::append::check(&g0);
+    assert!(has(&r, "G0"), "{r:?}");
+
+    // G1c: each reads the other's write.
+    let g1c = vec![
+        txn(
+            0,
+            &[("append", "x", json!(1)), ("r", "y", json!([1]))],
+            Outcome::Ok,
+            0,
+            100,
+        ),
+        txn(
+            1,
+            &[("append", "y", json!(1)), ("r", "x", json!([1]))],
+            Outcome::Ok,
+            0,
+            100,
+        ),
+        final_read(2, &[("x", json!([1])), ("y", json!([1]))]),
+    ];
+    let r = checker::append::check(&g1c);
+    assert!(has(&r, "G1c"), "{r:?}");
+
+    // G-single (read skew): T0 sees T1's y but not its x.
+    let gs = vec![
+        txn(
+            0,
+            &[("r", "x", json!([])), ("r", "y", json!([1]))],
+            Outcome::Ok,
+            0,
+            100,
+        ),
+        txn(
+            1,
+            &[("append", "x", json!(1)), ("append", "y", json!(1))],
+            Outcome::Ok,
+            0,
+            100,
+        ),
+        final_read(2, &[("x", json!([1])), ("y", json!([1]))]),
+    ];
+    let r = checker::append::check(&gs);
+    assert!(has(&r, "G-single"), "{r:?}");
+
+    // G2 (write skew): each reads the key the other appends, before the append.
+    let g2 = vec![
+        txn(
+            0,
+            &[("r", "x", json!([])), ("append", "y", json!(1))],
+            Outcome::Ok,
+            0,
+            100,
+        ),
+        txn(
+            1,
+            &[("r", "y", json!([])), ("append", "x", json!(1))],
+            Outcome::Ok,
+            0,
+            100,
+        ),
+        final_read(2, &[("x", json!([1])), ("y", json!([1]))]),
+    ];
+    let r = checker::append::check(&g2);
+    assert!(has(&r, "G2-item"), "{r:?}");
+}
+
+#[test]
+fn append_detects_realtime_and_non_cycle_anomalies() {
+    // T1 starts after T0 finished but does not see T0's append: only real time orders them.
+    let rt = vec![
+        txn(0, &[("append", "x", json!(1))], Outcome::Ok, 0, 10),
+        txn(1, &[("r", "x", json!([]))], Outcome::Ok, 20, 30),
+        final_read(2, &[("x", json!([1]))]),
+    ];
+    let r = checker::append::check(&rt);
+    assert!(has(&r, "G-single-realtime"), "{r:?}");
+
+    let incompatible = vec![
+        txn(0, &[("append", "x", json!(1))], Outcome::Ok, 0, 10),
+        txn(1, &[("append", "x", json!(2))], Outcome::Ok, 0, 10),
+        txn(2, &[("r", "x", json!([1]))], Outcome::Ok, 20, 30),
+        txn(3, &[("r", "x", json!([2, 1]))], Outcome::Ok, 20, 30),
+        final_read(4, &[("x", json!([2, 1]))]),
+    ];
+    assert!(has(
+        &checker::append::check(&incompatible),
+        "incompatible-order"
+    ));
+
+    let aborted = vec![
+        txn(0, &[("append", "x", json!(1))], Outcome::Fail, 0, 10),
+        txn(1, &[("r", "x", json!([1]))], Outcome::Ok, 20, 30),
+        final_read(2, &[("x", json!([1]))]),
+    ];
+    assert!(has(&checker::append::check(&aborted), "G1a"));
+
+    let lost = vec![
+        txn(0, &[("append", "x", json!(1))], Outcome::Ok, 0, 10),
+        txn(1, &[("append", "x", json!(2))], Outcome::Ok, 20, 30),
+        final_read(2, &[("x", json!([2]))]),
+    ];
+    assert!(has(&checker::append::check(&lost), "lost-append"));
+
+    let intermediate = vec![
+        txn(
+            0,
+            &[("append", "x", json!(1)), ("append", "x", json!(2))],
+            Outcome::Ok,
+            0,
+            10,
+        ),
+        txn(1, &[("r", "x", json!([1]))], Outcome::Ok, 0, 30),
+        final_read(2, &[("x", json!([1, 2]))]),
+    ];
+    assert!(has(&checker::append::check(&intermediate), "G1b"));
+}
+
+// --- watch ---------------------------------------------------------------------------------
+
+fn ev(
+    t: &str,
+    k: &str,
+    v: &str,
+    create: i64,
+    rev: i64,
+    ver: i64,
+    prev: Option<(&str, i64, i64, i64)>,
+) -> Value {
+    let prev = prev
+        .map(|(pv, c, m, ver)| json!([k, pv, c, m, ver]))
+        .unwrap_or(Value::Null);
+    json!([t, k, v, create, rev, ver, prev])
+}
+
+/// The final history of a small run: put w/0, txn (w/1, w/2), delete w/0, tombstone.
+fn watch_events() -> Vec<Value> {
+    vec![
+        ev("PUT", "w/0", "v1", 2, 2, 1, None),
+        ev("PUT", "w/1", "v2", 3, 3, 1, None),
+        ev("PUT", "w/2", "v3", 3, 3, 1, None),
+        ev("DELETE", "w/0", "", 0, 4, 0, Some(("v1", 2, 2, 1))),
+        ev("PUT", "w/~done", "done0", 5, 5, 1, None),
+    ]
+}
+
+fn session(i: u64, node: usize, value: Value, responses: Vec<Value>, t0: u64, t1: u64) -> Op {
+    op(
+        i,
+        node,
+        "watch",
+        value,
+        json!({"responses": responses}),
+        Outcome::Ok,
+        t0,
+        t1,
+    )
+}
+
+fn resp(events: &[Value]) -> Value {
+    json!({"t": 0, "rev": 5, "events": events})
+}
+
+fn watch_history(watcher: Vec<Value>) -> Vec<Op> {
+    let all = watch_events();
+    let mut h = vec![
+        op(
+            0,
+            0,
+            "put",
+            json!({"key": "w/0", "value": "v1"}),
+            json!({"rev": 2}),
+            Outcome::Ok,
+            0,
+            10,
+        ),
+        op(
+            1,
+            0,
+            "txn",
+            json!({"puts": [["w/1", "v2"], ["w/2", "v3"]]}),
+            json!({"rev": 3}),
+            Outcome::Ok,
+            20,
+            30,
+        ),
+        op(
+            2,
+            0,
+            "delete",
+            json!({"key": "w/0"}),
+            json!({"rev": 4, "deleted": 1}),
+            Outcome::Ok,
+            40,
+            50,
+        ),
+        op(
+            3,
+            0,
+            "put",
+            json!({"key": "w/~done", "value": "done0", "final": true}),
+            json!({"rev": 5}),
+            Outcome::Ok,
+            60,
+            70,
+        ),
+    ];
+    for n in 0..3 {
+        h.push(session(
+            10 + n,
+            n as usize,
+            json!({"final": true, "start_rev": 1}),
+            vec![
+                json!({"t": 0, "rev": 5, "created": true, "events": []}),
+                resp(&all[..1]),
+                resp(&all[1..3]),
+                resp(&all[3..]),
+            ],
+            80,
+            90,
+        ));
+    }
+    h.push(session(
+        20,
+        1,
+        json!({"watcher": 7, "start_rev": 1}),
+        watcher,
+        0,
+        75,
+    ));
+    h
+}
+
+#[test]
+fn watch_accepts_a_correct_history() {
+    let all = watch_events();
+    // Two responses plus a progress notification at revision 5.
+    let h = watch_history(vec![
+        resp(&all[..3]),
+        resp(&all[3..]),
+        json!({"t": 1, "rev": 5, "events": []}),
+    ]);
+    let r = checker::watch::check(&h);
+    assert_eq!(r.valid, Valid::True, "{r:?}");
+}
+
+#[test]
+fn watch_detects_gaps_duplicates_splits_and_bad_prev_kv() {
+    let all = watch_events();
+    // Missing revision 3 although the session saw revision 4 and 5.
+    let gap = watch_history(vec![resp(&all[..1]), resp(&all[3..])]);
+    assert!(has(&checker::watch::check(&gap), "gap"));
+
+    // A progress notification at 5 after only revision 2: the rest was skipped.
+    let bookmark = watch_history(vec![
+        resp(&all[..1]),
+        json!({"t": 1, "rev": 5, "events": []}),
+    ]);
+    assert!(has(&checker::watch::check(&bookmark), "gap"));
+
+    // Revision 2 twice.
+    let dup = watch_history(vec![resp(&all[..1]), resp(&all[..])]);
+    assert!(has(&checker::watch::check(&dup), "duplicate-event"));
+
+    // The two events of revision 3 split across responses.
+    let split = watch_history(vec![resp(&all[..2]), resp(&all[2..])]);
+    assert!(has(&checker::watch::check(&split), "split-revision"));
+
+    // Wrong prev_kv on the delete.
+    let mut bad = all.clone();
+    bad[3] = ev("DELETE", "w/0", "", 0, 4, 0, Some(("v9", 2, 2, 1)));
+    let prev = watch_history(vec![resp(&bad)]);
+    assert!(has(&checker::watch::check(&prev), "bad-prev-kv"));
+
+    // Out of order.
+    let mut swapped = all.clone();
+    swapped.swap(0, 4);
+    let unordered = watch_history(vec![resp(&swapped)]);
+    assert!(has(&checker::watch::check(&unordered), "unordered"));
+}
+
+#[test]
+fn watch_detects_lost_and_phantom_writes() {
+    let all = watch_events();
+    let mut h = watch_history(vec![resp(&all)]);
+    // An acknowledged put at revision 6 (before a later tombstone) that no history contains.
+    h.push(op(
+        30,
+        0,
+        "put",
+        json!({"key": "w/3", "value": "v9"}),
+        json!({"rev": 6}),
+        Outcome::Ok,
+        70,
+        75,
+    ));
+    h.push(op(
+        31,
+        0,
+        "put",
+        json!({"key": "w/~done", "value": "done1", "final": true}),
+        json!({"rev": 7}),
+        Outcome::Ok,
+        76,
+        79,
+    ));
+    for s in h
+        .iter_mut()
+        .filter(|o| o.value["final"] == true && o.f == "watch")
+    {
+        let mut evs = all.clone();
+        evs.push(ev(
+            "PUT",
+            "w/~done",
+            "done1",
+            5,
+            7,
+            2,
+            Some(("done0", 5, 5, 1)),
+        ));
+        s.result = json!({"responses": [resp(&evs)]});
+    }
+    let r = checker::watch::check(&h);
+    assert!(has(&r, "lost-write"), "{r:?}");
+
+    // An event nobody wrote.
+    let mut evs = all.clone();
+    evs.insert(4, ev("PUT", "w/4", "zz", 4, 4, 1, None));
+    let mut h = watch_history(vec![resp(&all)]);
+    for s in h
+        .iter_mut()
+        .filter(|o| o.value["final"] == true && o.f == "watch")
+    {
+        s.result = json!({"responses": [resp(&evs)]});
+    }
+    assert!(has(&checker::watch::check(&h), "phantom-event"));
+}
+
+// --- history files -------------------------------------------------------------------------
+
+#[test]
+fn history_round_trips_through_jsonl() {
+    let h = vec![
+        w(0, "k", 1, 2, (None, 0), 0, 10),
+        op(
+            1,
+            2,
+            "write",
+            json!({"key": "k", "value": 2}),
+            Value::Null,
+            Outcome::Info,
+            5,
+            2000,
+        ),
+        r(2, 1, "k", Some(1), 2, 2, 20, 30),
+    ];
+    let faults = vec![FaultWindow {
+        kind: "partition".into(),
+        description: "isolate n3".into(),
+        nodes: vec![2],
+        start: 3 * MS,
+        end: 40 * MS,
+    }];
+    let dir = std::env::temp_dir().join(format!("keel-jepsen-rt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("history.jsonl");
+    write_history(&path, &h, &faults).unwrap();
+    let (back, fb) = read_history(&path).unwrap();
+    assert_eq!(back, h);
+    assert_eq!(fb, faults);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
