@@ -264,19 +264,18 @@ pub fn check_chain<'a>(ops: &'a [Op]) -> CheckResult {
             if k != *key {
                 continue;
             }
-            if let Some(ws) = writers.get(&v) {
-                if let Some(w) = ws.iter().min_by_key(|w| w.op.invoke) {
-                    if t < w.op.invoke {
-                        res.anomaly(
-                            "future-read",
-                            format!(
-                                "key {key}: op #{} observed value {v} before its write #{} was invoked",
-                                observer.index, w.op.index
-                            ),
-                            &[observer, w.op],
-                        );
-                    }
-                }
+            if let Some(ws) = writers.get(&v)
+                && let Some(w) = ws.iter().min_by_key(|w| w.op.invoke)
+                && t < w.op.invoke
+            {
+                res.anomaly(
+                    "future-read",
+                    format!(
+                        "key {key}: op #{} observed value {v} before its write #{} was invoked",
+                        observer.index, w.op.index
+                    ),
+                    &[observer, w.op],
+                );
             }
         }
         // Each version has at most one successor.
@@ -433,12 +432,12 @@ pub fn to_wgl(ops: &[Op]) -> Vec<Operation> {
         .filter_map(|r| {
             let mut outcome = r.op.outcome;
             let mut complete = r.op.effective_complete();
-            if outcome == Outcome::Info {
-                if let Some(v) = r.installs() {
-                    let (t, _) = seen.get(&(r.key.as_str(), v))?;
-                    outcome = Outcome::Ok;
-                    complete = (*t).max(r.op.invoke + 1);
-                }
+            if outcome == Outcome::Info
+                && let Some(v) = r.installs()
+            {
+                let (t, _) = seen.get(&(r.key.as_str(), v))?;
+                outcome = Outcome::Ok;
+                complete = (*t).max(r.op.invoke + 1);
             }
             Some(Operation {
                 process: r.op.index, // unique per operation; the search does not need processes
