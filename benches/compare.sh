@@ -1,56 +1,274 @@
 #!/usr/bin/env bash
-# Side-by-side first cut: starts a 3-node Keel and a 3-node real etcd on loopback (same
-# heartbeat/election settings), runs the same keel-bench workloads against both in one run, and
-# prints a markdown table of absolute figures and Keel/etcd ratios.
-# Usage: benches/compare.sh [TOTAL_OPS_PER_WORKLOAD] [CLIENTS]
+# Keel vs etcd, side by side, in one run (about 10-15 minutes on 2 cores):
+#  1. starts a 3-node Keel (client ports 24010/24020/24030) and a 3-node real etcd (25010/...)
+#     on loopback with the same heartbeat/election flags;
+#  2. runs every keel-bench workload against both, workload by workload (put, range, txn, lease,
+#     watch, kube mix; put and range at 1, 32 and 256 clients);
+#  3. memory: RSS per member of the fresh clusters, per idle watcher (10 000 watchers), after
+#     loading 1M keys of 256 B; restart-to-serving time of one follower (kill -9, start, until it
+#     answers a serializable get of a loaded key);
+#  4. regenerates the "Keel vs etcd" section of docs/benchmarks.md and docs/bench/*.svg
+#     (keel-bench report); the raw results go to docs/bench/results.jsonl.
+# Every process it starts is killed on exit (also on Ctrl-C or an error). Processes of other
+# runs (other keel/etcd clusters on the machine) are listed and left alone.
+#
+# Usage: benches/compare.sh [--quick] [--no-report] [--only REGEX]
+#   --quick      2 s per workload and 100 000 keys instead of 1M (a smoke test; no report)
+#   --no-report  do not touch docs/ (results stay in the work directory, kept)
+#   --only RE    only the cases whose name matches RE (implies --no-report)
+# Environment: KEEL_BENCH_DURATION (seconds per workload, default 10), KEEL_BENCH_MEM_KEYS
+# (default 1000000), KEEP_WORK=1 keeps the work directory (data dirs, logs, results).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+COMMAND="benches/compare.sh${*:+ $*}"
 source scripts/lib.sh
 ensure_test_deps
-TOTAL=${1:-20000}
-CLIENTS=${2:-32}
+
+DUR=${KEEL_BENCH_DURATION:-10}
+MEM_KEYS=${KEEL_BENCH_MEM_KEYS:-1000000}
+REPORT=1
+ONLY=""
+while [ $# -gt 0 ]; do
+    case $1 in
+        --quick) DUR=2; MEM_KEYS=100000; REPORT=0; KEEP_WORK=1 ;;
+        --no-report) REPORT=0; KEEP_WORK=1 ;;
+        --only) ONLY=$2; REPORT=0; KEEP_WORK=1; shift ;;
+        *) echo "unknown argument $1" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+echo ">> building keel and keel-bench (release)" >&2
 cargo build --release -q -p keel-server -p keel-bench
 B=$CARGO_TARGET_DIR/release
 WORK=$(mktemp -d /tmp/keel-compare.XXXXXX)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
-trap cleanup EXIT
+RESULTS=$WORK/results.jsonl
+: > "$RESULTS"
+T_START=$(date +%s)
 
-start_cluster() { # kind base_port
-    local kind=$1 base=$2 cl="" i
-    for i in 1 2 3; do cl+="${cl:+,}n$i=http://127.0.0.1:$((base + i * 10 + 1))"; done
-    for i in 1 2 3; do
-        local c=$((base + i * 10)) p=$((base + i * 10 + 1)) bin
-        if [ "$kind" = keel ]; then bin="$B/keel"; else bin=etcd; fi
-        "$bin" --name n$i --data-dir "$WORK/$kind-n$i" \
-            --listen-client-urls http://127.0.0.1:$c --advertise-client-urls http://127.0.0.1:$c \
-            --listen-peer-urls http://127.0.0.1:$p --initial-advertise-peer-urls http://127.0.0.1:$p \
-            --initial-cluster "$cl" --heartbeat-interval 100 --election-timeout 1000 \
-            > "$WORK/$kind-n$i.log" 2>&1 &
-        PIDS+=($!)
-    done
-    EPS="127.0.0.1:$((base + 10)),127.0.0.1:$((base + 20)),127.0.0.1:$((base + 30))"
+# --- process bookkeeping: everything we start is in PIDS (or BENCH_PID) and dies on exit ---
+PIDS=()
+BENCH_PID=""
+declare -A MEMBER_PID
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    [ -n "$BENCH_PID" ] && kill -9 "$BENCH_PID" 2>/dev/null || true
+    for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+    if [ "${KEEP_WORK:-0}" = 1 ]; then echo ">> work directory kept: $WORK" >&2; else rm -rf "$WORK"; fi
+    exit $rc
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+echo ">> keel/etcd processes of other runs (left alone):" >&2
+OTHERS=$(pgrep -a -f '(^|/)(keel|etcd) ' || true)
+[ -n "$OTHERS" ] && echo "$OTHERS" | sed 's/^/   /' >&2
+OTHER_COUNT=$(printf '%s' "$OTHERS" | grep -c . || true)
+
+port_free() { ! (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null; }
+
+member_cmd() { # kind i -> the member's command line in MEMBER_ARGS
+    local kind=$1 i=$2 base cl="" j
+    base=24000; [ "$kind" = etcd ] && base=25000
+    for j in 1 2 3; do cl+="${cl:+,}n$j=http://127.0.0.1:$((base + j * 10 + 1))"; done
+    local c=$((base + i * 10)) p=$((base + i * 10 + 1)) bin=etcd
+    [ "$kind" = keel ] && bin="$B/keel"
+    MEMBER_ARGS=("$bin" --name "n$i" --data-dir "$WORK/$kind-n$i"
+        --listen-client-urls "http://127.0.0.1:$c" --advertise-client-urls "http://127.0.0.1:$c"
+        --listen-peer-urls "http://127.0.0.1:$p" --initial-advertise-peer-urls "http://127.0.0.1:$p"
+        --initial-cluster "$cl" --heartbeat-interval 100 --election-timeout 1000)
 }
 
-# Not in a subshell: PIDS must reach the cleanup trap.
-start_cluster keel 24000; KEEL_EPS=$EPS
-start_cluster etcd 25000; ETCD_EPS=$EPS
-sleep 5
-declare -A RESULT
-for kind in keel etcd; do
-    eps=$KEEL_EPS; [ $kind = etcd ] && eps=$ETCD_EPS
-    for w in "put" "range --consistency l" "range --consistency s" "range --range-keys 100 --consistency s" "txn-cas"; do
-        name=$(echo "$w" | tr -d '-' | tr ' ' '_')
-        echo ">> $kind: $w" >&2
-        RESULT[$kind/$name]=$("$B/keel-bench" $w --endpoints "$eps" --clients "$CLIENTS" --total "$TOTAL" --key-space 10000 --json)
+start_member() { # kind i
+    member_cmd "$1" "$2"
+    "${MEMBER_ARGS[@]}" >> "$WORK/$1-n$2.log" 2>&1 &
+    PIDS+=($!)
+    MEMBER_PID[$1$2]=$!
+}
+
+endpoints() { # kind
+    local base=24000; [ "$1" = etcd ] && base=25000
+    echo "127.0.0.1:$((base + 10)),127.0.0.1:$((base + 20)),127.0.0.1:$((base + 30))"
+}
+
+start_cluster() { # kind
+    local kind=$1 i base=24000
+    [ "$kind" = etcd ] && base=25000
+    for i in 1 2 3; do
+        for port in $((base + i * 10)) $((base + i * 10 + 1)); do
+            port_free "$port" || { echo "port $port is in use; is another compare.sh running?" >&2; exit 1; }
+        done
     done
-done
-echo "| workload | Keel ops/s | etcd ops/s | ratio | Keel p99 ms | etcd p99 ms |"
-echo "|---|---|---|---|---|---|"
-for key in "${!RESULT[@]}"; do echo "$key"; done | sed 's#^[a-z]*/##' | sort -u | while read -r name; do
-    python3 - "$name" "${RESULT[keel/$name]}" "${RESULT[etcd/$name]}" <<'PY'
+    for i in 1 2 3; do start_member "$kind" "$i"; done
+}
+
+wait_cluster() { # kind
+    local eps deadline=$((SECONDS + 60)) ep
+    eps=$(endpoints "$1")
+    until ETCDCTL_API=3 etcdctl --endpoints "$eps" --command-timeout=2s put /bench/ready 1 >/dev/null 2>&1; do
+        [ $SECONDS -lt $deadline ] || { echo "$1 cluster did not come up; logs in $WORK" >&2; KEEP_WORK=1; exit 1; }
+        sleep 0.2
+    done
+    for ep in ${eps//,/ }; do "$B/keel-bench" wait-ready --endpoint "$ep" --key /bench/ready --timeout 30 >/dev/null; done
+}
+
+record() { # kind case args json
+    printf '{"system":"%s","case":"%s","args":"%s","result":%s}\n' "$1" "$2" "$3" "$4" >> "$RESULTS"
+}
+
+rss_json() { # kind -> {"rss_kib":[n1,n2,n3]}
+    local i out=""
+    for i in 1 2 3; do
+        out+="${out:+,}$(awk '/^VmRSS:/ {print $2}' "/proc/${MEMBER_PID[$1$i]}/status")"
+    done
+    echo "{\"rss_kib\":[$out]}"
+}
+
+bench() { # args... : runs keel-bench in the background (so a signal reaches the trap), JSON in $WORK/out.json
+    "$B/keel-bench" "$@" > "$WORK/out.json" &
+    BENCH_PID=$!
+    local rc=0
+    wait "$BENCH_PID" || rc=$?
+    BENCH_PID=""
+    return $rc
+}
+
+run_case() { # case args...
+    local case=$1 kind eps
+    shift
+    if [ -n "$ONLY" ] && ! [[ $case =~ $ONLY ]]; then return 0; fi
+    for kind in keel etcd; do
+        eps=$(endpoints "$kind")
+        echo ">> $kind: $case: keel-bench $*" >&2
+        if bench "$@" --endpoints "$eps" --duration "$DUR" --json; then
+            record "$kind" "$case" "$*" "$(cat "$WORK/out.json")"
+            python3 -c 'import json,sys; s=json.load(open(sys.argv[1])); print("   %.0f ops/s  p50 %.2f  p99 %.2f  max %.1f ms  errors %d%s" % (s["ops_per_sec"], s["p50_ms"], s["p99_ms"], s["max_ms"], s["errors"], "".join("  %s %g" % kv for kv in s.get("extra", {}).items() if kv[0] in ("lost","duplicates","puts","bytes_per_watcher","conflicts"))))' "$WORK/out.json" >&2
+        else
+            echo "!! $kind: $case failed (see above); continuing" >&2
+        fi
+    done
+}
+
+echo ">> starting clusters (work directory $WORK)" >&2
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+start_cluster keel
+start_cluster etcd
+wait_cluster keel
+wait_cluster etcd
+sleep 2
+for kind in keel etcd; do record "$kind" rss-idle "" "$(rss_json $kind)"; done
+# Memory per idle watcher first, on the fresh clusters: later workloads leave freed heap behind
+# that new watchers would reuse without growing the RSS.
+if [ -z "$ONLY" ] || [[ memory =~ $ONLY ]]; then
+    for kind in keel etcd; do
+        eps=$(endpoints "$kind")
+        ep=${eps%%,*}
+        echo ">> $kind: 10 000 idle watchers on n1" >&2
+        args="watch --idle --watchers 10000 --streams 100 --conns 4"
+        if bench $args --endpoints "$ep" --rss-pid "${MEMBER_PID[${kind}1]}" --json; then
+            record "$kind" watch-idle "$args" "$(cat "$WORK/out.json")"
+        fi
+    done
+fi
+
+# --- request workloads (10 000 keys of 8 B, 256 B values unless said otherwise) ---
+run_case put put --clients 1 --conns 1
+run_case put put --clients 32 --conns 8
+run_case put put --clients 256 --conns 16
+run_case range-l range --consistency l --clients 1 --conns 1
+run_case range-l range --consistency l --clients 32 --conns 8
+run_case range-l range --consistency l --clients 256 --conns 16
+run_case range-s range --consistency s --clients 32 --conns 8
+run_case range-s-100 range --consistency s --range-keys 100 --clients 32 --conns 8
+run_case txn-put txn-put --clients 32 --conns 8
+run_case txn-cas txn-cas --clients 32 --conns 8
+run_case txn-cas txn-cas --clients 256 --conns 16
+run_case lease-grant-revoke lease --mode grant-revoke --clients 32 --conns 8
+run_case lease-keepalive lease --mode keepalive --leases 10000 --streams 10 --clients 100 --conns 8
+# --- watch: fan-out (one prefix) and many keys; zero lost/duplicate events is required ---
+# saturation (8 writers as fast as they can), then at fixed rates (200 000 events/s) for latency
+run_case watch-fanout-1k watch --watchers 1000 --streams 10 --clients 8 --conns 4
+run_case watch-fanout-1k-rate watch --watchers 1000 --streams 10 --clients 1 --rate 200 --conns 4
+run_case watch-fanout-10k-rate watch --watchers 10000 --streams 100 --clients 1 --rate 20 --conns 4
+run_case watch-distinct-10k watch --distinct-keys --watchers 10000 --streams 100 --clients 32 --conns 4
+# --- kube-apiserver-like mix ---
+run_case kube kube --clients 32 --conns 8 --key-space 10000 --val-size 1024 --watchers 8
+
+# --- memory and restart ---
+if [ -z "$ONLY" ] || [[ memory =~ $ONLY ]]; then
+    for kind in keel etcd; do
+        eps=$(endpoints "$kind")
+        echo ">> $kind: loading $MEM_KEYS keys of 256 B" >&2
+        args="load --keys $MEM_KEYS --batch 100 --prefix /mem/ --clients 32 --conns 8 --val-size 256"
+        if bench $args --endpoints "$eps" --json; then
+            record "$kind" load-1m "$args" "$(cat "$WORK/out.json")"
+        fi
+        sleep 5
+        record "$kind" rss-1m "" "$(rss_json $kind)"
+        du=""
+        for i in 1 2 3; do du+="${du:+,}$(du -sb "$WORK/$kind-n$i" | cut -f1)"; done
+        record "$kind" disk-1m "" "{\"bytes\":[$du]}"
+        echo "   RSS KiB: $(rss_json $kind), disk bytes: [$du]" >&2
+
+        # Restart a follower: kill -9, start it again on its data dir, time until it serves.
+        status=$(ETCDCTL_API=3 etcdctl --endpoints "$eps" endpoint status -w json)
+        victim=$(python3 -c '
 import json, sys
-name, k, e = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
-print(f"| {name} | {k['ops_per_sec']:.0f} | {e['ops_per_sec']:.0f} | {k['ops_per_sec']/max(e['ops_per_sec'],1e-9):.2f} | {k['p99_ms']:.2f} | {e['p99_ms']:.2f} |")
+st = json.loads(sys.argv[1])
+for i, e in enumerate(st):
+    if e["Status"]["header"]["member_id"] != e["Status"]["leader"]:
+        print(i + 1); break
+else:
+    print(3)' "$status")
+        pid=${MEMBER_PID[$kind$victim]}
+        ep=$(echo "$eps" | cut -d, -f"$victim")
+        echo ">> $kind: restarting follower n$victim (kill -9 $pid)" >&2
+        kill -9 "$pid"
+        wait "$pid" 2>/dev/null || true
+        t0=$(date +%s.%N)
+        start_member "$kind" "$victim"
+        if "$B/keel-bench" wait-ready --endpoint "$ep" --key "/mem/$(printf '%08d' 0)" --timeout 120 >/dev/null; then
+            t1=$(date +%s.%N)
+            secs=$(python3 -c "print(round($t1 - $t0, 3))")
+            rss=$(awk '/^VmRSS:/ {print $2}' "/proc/${MEMBER_PID[$kind$victim]}/status")
+            record "$kind" restart-1m "" "{\"seconds\":$secs,\"rss_kib\":$rss,\"member\":\"n$victim\"}"
+            echo "   serving after $secs s, RSS $rss KiB" >&2
+        else
+            echo "!! $kind: n$victim did not serve within 120 s" >&2
+        fi
+    done
+fi
+
+ELAPSED=$(( $(date +%s) - T_START ))
+python3 - "$WORK/meta.json" <<PY
+import json, subprocess, sys
+v = subprocess.run(["etcd", "--version"], capture_output=True, text=True).stdout.split("\n")
+git = subprocess.run(["git", "-C", "$ROOT", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+dirty = subprocess.run(["git", "-C", "$ROOT", "status", "--porcelain", "--", "server", "store", "proto"], capture_output=True, text=True).stdout.strip()
+json.dump({
+    "command": "$COMMAND",
+    "date": subprocess.run(["date", "-u", "+%Y-%m-%d %H:%M UTC"], capture_output=True, text=True).stdout.strip(),
+    "git": git + (" + uncommitted server/store changes" if dirty else ""),
+    "etcd_version": "etcd " + v[0].split(":")[-1].strip() + " (" + (v[2].split(":")[-1].strip() if len(v) > 2 else "?") + ")",
+    "loadavg_start": "$LOAD_START",
+    "loadavg_end": " ".join(open("/proc/loadavg").read().split()[:3]),
+    "other_procs": "$OTHER_COUNT",
+    "elapsed": "$ELAPSED",
+}, open(sys.argv[1], "w"), indent=1)
 PY
-done
+
+if [ "$REPORT" = 1 ]; then
+    mkdir -p docs/bench
+    cp "$RESULTS" docs/bench/results.jsonl
+    cp "$WORK/meta.json" docs/bench/meta.json
+    "$B/keel-bench" report --results docs/bench/results.jsonl --meta docs/bench/meta.json \
+        --out docs/benchmarks.md --svg-dir docs/bench
+    echo ">> wrote docs/benchmarks.md and docs/bench/ in ${ELAPSED} s" >&2
+else
+    "$B/keel-bench" report --results "$RESULTS" --meta "$WORK/meta.json" \
+        --out "$WORK/benchmarks.md" --svg-dir "$WORK/bench"
+    echo ">> report in $WORK/benchmarks.md (docs/ untouched), ${ELAPSED} s" >&2
+fi

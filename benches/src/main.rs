@@ -1,167 +1,176 @@
-//! `keel-bench`: put / range / txn-cas load against any etcd v3 endpoint (Keel or etcd).
+//! `keel-bench`: etcd v3 load generator; the same binary measures Keel and real etcd.
+//! `keel-bench --help` lists the workloads, `keel-bench <workload> --help` their flags.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use clap::{Parser, ValueEnum};
-use keel_bench::stats::{histogram, record, summarize};
-use keel_proto::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
+use clap::{Parser, Subcommand};
+use keel_bench::driver::{Common, connect};
+use keel_bench::kube::KubeArgs;
+use keel_bench::kv::{Kind, LoadArgs, RangeArgs, TxnPutArgs};
+use keel_bench::lease::LeaseArgs;
+use keel_bench::report::ReportArgs;
+use keel_bench::stats::Summary;
+use keel_bench::watch::WatchArgs;
+use keel_bench::{kube, kv, lease, report, watch};
+use keel_proto::etcdserverpb::RangeRequest;
 use keel_proto::etcdserverpb::kv_client::KvClient;
-use keel_proto::etcdserverpb::request_op::Request as Op;
-use keel_proto::etcdserverpb::{Compare, PutRequest, RangeRequest, RequestOp, TxnRequest};
-use tonic::transport::{Channel, Endpoint};
-
-#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
-enum Workload {
-    Put,
-    Range,
-    TxnCas,
-}
 
 #[derive(Parser, Debug)]
-#[command(name = "keel-bench", about = "etcd v3 load generator (works against Keel and etcd)")]
-struct Args {
-    #[arg(value_enum)]
-    workload: Workload,
-    /// Comma-separated endpoints (host:port); clients are spread over them.
-    #[arg(long, default_value = "127.0.0.1:2379", value_delimiter = ',')]
-    endpoints: Vec<String>,
-    /// Concurrent clients (each has one request in flight).
-    #[arg(long, default_value_t = 16)]
-    clients: usize,
-    /// gRPC connections shared by the clients.
-    #[arg(long, default_value_t = 4)]
-    conns: usize,
-    /// Total operations.
-    #[arg(long, default_value_t = 10_000)]
-    total: u64,
-    /// Stop after this many seconds even if `--total` was not reached.
-    #[arg(long, default_value_t = 60)]
-    duration: u64,
-    #[arg(long, default_value_t = 8)]
-    key_size: usize,
-    #[arg(long, default_value_t = 256)]
-    val_size: usize,
-    /// Number of distinct keys.
-    #[arg(long, default_value_t = 10_000)]
-    key_space: u64,
-    /// Keys per range request (range workload).
-    #[arg(long, default_value_t = 1)]
-    range_keys: u64,
-    /// l (linearizable) or s (serializable), for range.
-    #[arg(long, default_value = "l")]
-    consistency: String,
-    /// Print the summary as JSON.
-    #[arg(long)]
-    json: bool,
+#[command(
+    name = "keel-bench",
+    about = "etcd v3 load generator (works against Keel and etcd)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
 }
 
-fn key(i: u64, size: usize) -> Vec<u8> {
-    let s = format!("{i:0width$}", width = size.max(1));
-    s.into_bytes()
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Put one key of the key space per request.
+    Put {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Range over one key or `--range-keys` consecutive keys (preloads the key space).
+    Range {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        range: RangeArgs,
+    },
+    /// Txn without compares whose success branch holds `--txn-ops` puts.
+    TxnPut {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        txn: TxnPutArgs,
+    },
+    /// Read-modify-write: Range a key, then Txn comparing its mod_revision and putting it.
+    TxnCas {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Watch fan-out or many-prefix delivery (or idle-watcher memory with --idle).
+    Watch {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        watch: WatchArgs,
+    },
+    /// Lease grant+revoke, or keep-alive over streams.
+    Lease {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        lease: LeaseArgs,
+    },
+    /// kube-apiserver-like mix: CAS updates, gets, paginated lists, prefix watches.
+    Kube {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        kube: KubeArgs,
+    },
+    /// Bulk-load keys in multi-put transactions.
+    Load {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        load: LoadArgs,
+    },
+    /// Wait until a member answers a serializable get of `--key` with a value; prints the
+    /// seconds waited.
+    WaitReady {
+        #[arg(long)]
+        endpoint: String,
+        #[arg(long)]
+        key: String,
+        #[arg(long, default_value_t = 120.0)]
+        timeout: f64,
+    },
+    /// Write docs/benchmarks.md and the SVG plots from the results of benches/compare.sh.
+    Report(ReportArgs),
 }
 
-async fn channels(endpoints: &[String], conns: usize) -> anyhow::Result<Vec<Channel>> {
-    let mut out = Vec::new();
-    for i in 0..conns.max(1) {
-        let ep = &endpoints[i % endpoints.len()];
-        let ch = Endpoint::from_shared(format!("http://{ep}"))?.tcp_nodelay(true).connect().await?;
-        out.push(ch);
+fn print(s: &Summary, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(s)?);
+    } else {
+        println!("{s}");
     }
-    Ok(out)
+    Ok(())
+}
+
+async fn wait_ready(endpoint: &str, k: &str, timeout: f64) -> anyhow::Result<f64> {
+    let t0 = Instant::now();
+    let deadline = t0 + Duration::from_secs_f64(timeout);
+    loop {
+        if let Ok(ch) = connect(endpoint).await {
+            let mut kv = KvClient::new(ch);
+            let req = RangeRequest {
+                key: k.as_bytes().to_vec(),
+                serializable: true,
+                ..Default::default()
+            };
+            if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(1), kv.range(req)).await
+                && !r.into_inner().kvs.is_empty()
+            {
+                return Ok(t0.elapsed().as_secs_f64());
+            }
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{endpoint} did not serve {k:?} within {timeout} s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Arc::new(Args::parse());
-    let chans = channels(&args.endpoints, args.conns).await?;
-    if args.workload != Workload::Put {
-        // Load the key space first so reads and CAS find something.
-        let mut c = KvClient::new(chans[0].clone());
-        for i in 0..args.key_space.min(100_000) {
-            c.put(PutRequest { key: key(i, args.key_size), value: vec![b'v'; args.val_size], ..Default::default() }).await?;
+    let _ = keel_bench::driver::base();
+    match Cli::parse().cmd {
+        Cmd::Put { common } => print(
+            &kv::run(Kind::Put, &common, no_range(), no_txn()).await?,
+            common.json,
+        ),
+        Cmd::Range { common, range } => print(
+            &kv::run(Kind::Range, &common, range, no_txn()).await?,
+            common.json,
+        ),
+        Cmd::TxnPut { common, txn } => print(
+            &kv::run(Kind::TxnPut, &common, no_range(), txn).await?,
+            common.json,
+        ),
+        Cmd::TxnCas { common } => print(
+            &kv::run(Kind::TxnCas, &common, no_range(), no_txn()).await?,
+            common.json,
+        ),
+        Cmd::Watch { common, watch } => print(&watch::run(&common, &watch).await?, common.json),
+        Cmd::Lease { common, lease } => print(&lease::run(&common, &lease).await?, common.json),
+        Cmd::Kube { common, kube } => print(&kube::run(&common, &kube).await?, common.json),
+        Cmd::Load { common, load } => print(&kv::load(&common, &load).await?, common.json),
+        Cmd::WaitReady {
+            endpoint,
+            key,
+            timeout,
+        } => {
+            let secs = wait_ready(&endpoint, &key, timeout).await?;
+            println!("{secs:.3}");
+            Ok(())
         }
+        Cmd::Report(args) => report::run(&args),
     }
-    let next = Arc::new(AtomicU64::new(0));
-    let done = Arc::new(AtomicU64::new(0));
-    let deadline = Instant::now() + Duration::from_secs(args.duration);
-    let start = Instant::now();
-    let progress = {
-        let done = done.clone();
-        let total = args.total;
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                let d = done.load(Ordering::Relaxed);
-                eprintln!("  {d}/{total} ops, {:.0} ops/s", d as f64 / start.elapsed().as_secs_f64());
-            }
-        })
-    };
-    let mut tasks = Vec::new();
-    for c in 0..args.clients {
-        let mut kv = KvClient::new(chans[c % chans.len()].clone());
-        let (args, next, done) = (args.clone(), next.clone(), done.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut h = histogram();
-            let mut errors = 0u64;
-            loop {
-                let n = next.fetch_add(1, Ordering::Relaxed);
-                if n >= args.total || Instant::now() > deadline {
-                    break;
-                }
-                let k = key(n.wrapping_mul(2_654_435_761) % args.key_space.max(1), args.key_size);
-                let t0 = Instant::now();
-                let ok = match args.workload {
-                    Workload::Put => kv.put(PutRequest { key: k, value: vec![b'v'; args.val_size], ..Default::default() }).await.is_ok(),
-                    Workload::Range => {
-                        let end = if args.range_keys > 1 {
-                            let i = n.wrapping_mul(2_654_435_761) % args.key_space.max(1);
-                            key(i + args.range_keys, args.key_size)
-                        } else {
-                            Vec::new()
-                        };
-                        kv.range(RangeRequest { key: k, range_end: end, serializable: args.consistency == "s", ..Default::default() }).await.is_ok()
-                    }
-                    Workload::TxnCas => {
-                        // Read-modify-write guarded by mod_revision, as kube-apiserver updates.
-                        match kv.range(RangeRequest { key: k.clone(), ..Default::default() }).await {
-                            Ok(r) => {
-                                let rev = r.into_inner().kvs.first().map(|kv| kv.mod_revision).unwrap_or(0);
-                                let t = TxnRequest {
-                                    compare: vec![Compare { key: k.clone(), target: CompareTarget::Mod as i32, result: CompareResult::Equal as i32, target_union: Some(TargetUnion::ModRevision(rev)), range_end: vec![] }],
-                                    success: vec![RequestOp { request: Some(Op::RequestPut(PutRequest { key: k, value: vec![b'w'; args.val_size], ..Default::default() })) }],
-                                    failure: vec![],
-                                };
-                                kv.txn(t).await.is_ok()
-                            }
-                            Err(_) => false,
-                        }
-                    }
-                };
-                if ok {
-                    record(&mut h, t0.elapsed());
-                    done.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    errors += 1;
-                }
-            }
-            (h, errors)
-        }));
+}
+
+fn no_range() -> RangeArgs {
+    RangeArgs {
+        range_keys: 1,
+        consistency: "l".into(),
     }
-    let mut all = histogram();
-    let mut errors = 0;
-    for t in tasks {
-        let (h, e) = t.await?;
-        all.add(&h)?;
-        errors += e;
-    }
-    progress.abort();
-    let summary = summarize(&format!("{:?}", args.workload).to_lowercase(), &all, errors, start.elapsed());
-    if args.json {
-        println!("{}", serde_json::to_string(&summary)?);
-    } else {
-        println!("{summary}");
-    }
-    Ok(())
+}
+
+fn no_txn() -> TxnPutArgs {
+    TxnPutArgs { txn_ops: 1 }
 }
