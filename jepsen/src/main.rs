@@ -99,7 +99,7 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
-    /// Re-checks the history of a run directory.
+    /// Re-checks the history of a run directory and rewrites its results.json and report.html.
     Check { dir: PathBuf },
     /// Checks Jepsen register logs; prints `linearizable: true|false` per file. Exit status 0
     /// when every file was checked (whatever the verdicts), 1 on unreadable input, 2 when a
@@ -224,17 +224,9 @@ async fn main() -> anyhow::Result<()> {
             std::process::exit(if pass { 0 } else { 1 })
         }
         Command::Check { dir } => {
-            let checks = recheck(&dir)?;
-            let mut valid = Valid::True;
-            for c in &checks {
-                valid = valid.and(c.valid);
-            }
-            let mut r: keel_jepsen::runner::RunResult =
-                serde_json::from_slice(&std::fs::read(dir.join("results.json"))?)?;
-            r.checks = checks;
-            r.valid = valid;
+            let r = recheck(&dir)?;
             print_result(&r);
-            std::process::exit(match valid {
+            std::process::exit(match r.valid {
                 Valid::True => 0,
                 Valid::False => 1,
                 Valid::Unknown => 2,

@@ -9,7 +9,7 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::time::Instant;
 
 use crate::client::{Client, ClientError};
@@ -572,14 +572,21 @@ pub fn print_result(r: &RunResult) {
     );
 }
 
-/// Re-checks a run directory's history (after editing a checker, for instance).
-pub fn recheck(dir: &std::path::Path) -> anyhow::Result<Vec<CheckResult>> {
+/// Re-checks a run directory's history (after changing a checker, for instance) and rewrites
+/// its `results.json` and `report.html`; the liveness verdict of the run is kept.
+pub fn recheck(dir: &std::path::Path) -> anyhow::Result<RunResult> {
     let opts: TestOpts = serde_json::from_slice(&std::fs::read(dir.join("test.json"))?)?;
-    let (ops, _faults) = crate::record::read_history(&dir.join("history.jsonl"))?;
-    Ok(workload::check(opts.workload, &ops))
-}
-
-/// JSON for a KeyValue-less `prev` field.
-pub fn json_opt<T: Serialize>(v: Option<T>) -> Value {
-    v.map(|x| json!(x)).unwrap_or(Value::Null)
+    let (ops, faults) = crate::record::read_history(&dir.join("history.jsonl"))?;
+    let mut r: RunResult = serde_json::from_slice(&std::fs::read(dir.join("results.json"))?)?;
+    let mut checks = workload::check(opts.workload, &ops);
+    checks.extend(r.checks.iter().filter(|c| c.checker == "liveness").cloned());
+    r.valid = checks.iter().fold(Valid::True, |acc, c| acc.and(c.valid));
+    r.checks = checks;
+    r.dir = dir.to_path_buf();
+    std::fs::write(dir.join("results.json"), serde_json::to_vec_pretty(&r)?)?;
+    std::fs::write(
+        dir.join("report.html"),
+        crate::report::html(&opts, &r, &ops, &faults),
+    )?;
+    Ok(r)
 }
