@@ -4,7 +4,9 @@
 //! is *definite* (the request certainly had no effect) when the server refused it for a reason
 //! decided before anything was proposed, or when the connection could not even be opened;
 //! everything else (timeouts, resets, "leader changed", "no leader", ...) is *indeterminate* for a
-//! write. Reads are idempotent, so a failed read is always just a failure.
+//! write. Reads are idempotent, so a failed read is always just a failure. Being conservative
+//! here costs only search time; calling an error definite when the request did take effect
+//! would make the checkers report anomalies that are not there.
 
 use std::time::Duration;
 
@@ -56,8 +58,9 @@ pub fn classify(status: &Status) -> ClientError {
         | Code::Unauthenticated
         | Code::Unimplemented
         | Code::ResourceExhausted => true,
-        // "not leader" and friends are refused before proposing.
-        Code::FailedPrecondition => true,
+        // `FailedPrecondition` ("not leader") is today only returned before proposing, but a
+        // server may also say it when it loses leadership with the entry in its log: not relied
+        // upon, so it stays indeterminate for writes (reads are failures anyway).
         Code::Unavailable => {
             connect_failed(status)
                 || status.message().contains("Connection refused")
