@@ -270,6 +270,27 @@ fn timestamp() -> String {
     format!("{y:04}{mo:02}{d:02}T{h:02}{m:02}{s:02}")
 }
 
+/// Which `keel` binary ran: path, `--version`, size and modification time (for the records).
+fn keel_identity(opts: &TestOpts) -> serde_json::Value {
+    let version = std::process::Command::new(&opts.keel_bin)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let meta = std::fs::metadata(&opts.keel_bin).ok();
+    let modified = meta
+        .as_ref()
+        .and_then(|m| m.modified().ok())
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_secs());
+    serde_json::json!({
+        "path": opts.keel_bin,
+        "version": version,
+        "bytes": meta.map(|m| m.len()),
+        "modified_unix": modified,
+    })
+}
+
 /// Runs one test and writes its run directory.
 pub async fn run_test(opts: TestOpts) -> anyhow::Result<RunResult> {
     let started = std::time::Instant::now();
@@ -288,6 +309,10 @@ pub async fn run_test(opts: TestOpts) -> anyhow::Result<RunResult> {
     let dir = opts.store.join(name);
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("test.json"), serde_json::to_vec_pretty(&opts)?)?;
+    std::fs::write(
+        dir.join("keel.json"),
+        serde_json::to_vec_pretty(&keel_identity(&opts))?,
+    )?;
     let schedule = nemesis::schedule(
         opts.nemesis,
         opts.nodes,
