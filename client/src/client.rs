@@ -252,6 +252,10 @@ impl Client {
         self.inner.endpoints.iter().map(|e| e.url.clone()).collect()
     }
 
+    pub(crate) fn endpoint_url(&self, i: usize) -> String {
+        self.inner.endpoints[i].url.clone()
+    }
+
     /// The options this client was made with.
     pub fn options(&self) -> &ConnectOptions {
         &self.inner.opts

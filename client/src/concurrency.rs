@@ -152,9 +152,7 @@ impl Client {
                 async move { election(ch).campaign(req).await }
             })
             .await?;
-        r.leader
-            .map(Into::into)
-            .ok_or_else(|| Error::NoElectionLeader)
+        r.leader.map(Into::into).ok_or(Error::NoElectionLeader)
     }
 
     /// Updates the leader's value ([`Error::NotElectionLeader`] if `leader` no longer leads).

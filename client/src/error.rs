@@ -123,7 +123,10 @@ impl Error {
     /// Decodes a status as the server sent it (etcd's code and message).
     pub fn from_status(status: &Status) -> Error {
         let msg = status.message();
-        let m = msg.strip_prefix("etcdserver: ").unwrap_or(msg);
+        let mut m = msg;
+        while let Some(rest) = m.strip_prefix("etcdserver: ") {
+            m = rest;
+        }
         match m {
             "mvcc: required revision has been compacted" => {
                 return Error::Compacted {
@@ -140,7 +143,7 @@ impl Error {
             | "request timed out, waiting for the applied index took too long" => {
                 return Error::Timeout(msg.to_string());
             }
-            "leader changed" | "server stopped" | "not capable" => {
+            "leader changed" | "server stopped" | "not capable" | "not leader" => {
                 return Error::Unavailable(msg.to_string());
             }
             "mvcc: database space exceeded" => return Error::NoSpace,
@@ -232,8 +235,13 @@ pub(crate) fn classify(status: &Status) -> Failure {
         return Failure::Transient;
     }
     let m = status.message();
-    if m == "etcdserver: invalid auth token" {
+    if m.ends_with("etcdserver: invalid auth token") {
         return Failure::BadToken;
+    }
+    // A member that lost track of the leader while forwarding (some servers send this with
+    // code Internal).
+    if m.ends_with("etcdserver: not leader") {
+        return Failure::Transient;
     }
     match status.code() {
         Code::Unavailable => Failure::Transient,

@@ -37,6 +37,7 @@
 //! ```
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -113,10 +114,12 @@ impl LeaderElector {
     pub fn spawn(self) -> ElectorHandle {
         let (role_tx, role_rx) = watch::channel(Role::Candidate);
         let (resign_tx, resign_rx) = watch::channel(0u64);
-        let task = tokio::spawn(run(self, role_tx, resign_rx));
+        let stopping = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn(run(self, role_tx, resign_rx, stopping.clone()));
         ElectorHandle {
             role: role_rx,
             resign: resign_tx,
+            stopping,
             task,
         }
     }
@@ -126,6 +129,7 @@ impl LeaderElector {
 pub struct ElectorHandle {
     role: watch::Receiver<Role>,
     resign: watch::Sender<u64>,
+    stopping: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -176,22 +180,28 @@ impl ElectorHandle {
     pub fn resign(&self) {
         self.resign.send_modify(|n| *n += 1);
     }
-    /// Stops campaigning; resigns first if leading.
-    pub async fn stop(self) {
+    /// Stops campaigning: resigns if leading and revokes the lease, so another replica can
+    /// take over at once (waits up to 5 s for that).
+    pub async fn stop(mut self) {
+        self.stopping.store(true, Ordering::Release);
         self.resign();
-        let mut rx = self.role.clone();
-        let _ = tokio::time::timeout(
-            Duration::from_secs(5),
-            rx.wait_for(|r| !matches!(r, Role::Leader(_))),
-        )
-        .await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.task).await;
     }
 }
 
-async fn run(cfg: LeaderElector, role: watch::Sender<Role>, mut resign: watch::Receiver<u64>) {
+async fn run(
+    cfg: LeaderElector,
+    role: watch::Sender<Role>,
+    mut resign: watch::Receiver<u64>,
+    stopping: Arc<AtomicBool>,
+) {
     let client = &cfg.client;
     let mut failures = 0u32;
     loop {
+        if stopping.load(Ordering::Acquire) {
+            let _ = role.send(Role::Stopped);
+            return;
+        }
         if failures > 0 {
             tokio::time::sleep(client.inner.opts.retry.backoff(failures.min(6))).await;
         }
@@ -217,6 +227,11 @@ async fn run(cfg: LeaderElector, role: watch::Sender<Role>, mut resign: watch::R
             _ = keeper.lost() => {
                 tracing::info!("elector: lease lost while campaigning");
                 failures += 1;
+                continue;
+            }
+            _ = resign.changed() => {
+                // Stopping (or a resign while not leading): drop the candidacy.
+                let _ = keeper.revoke().await;
                 continue;
             }
         };

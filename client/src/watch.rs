@@ -147,6 +147,7 @@ pub struct Watcher {
     ctl: mpsc::UnboundedSender<Ctl>,
     task: tokio::task::JoinHandle<()>,
     next_rev: Arc<AtomicI64>,
+    endpoint: Arc<std::sync::Mutex<String>>,
 }
 
 impl Drop for Watcher {
@@ -172,6 +173,11 @@ impl Watcher {
     /// notification.
     pub fn next_revision(&self) -> i64 {
         self.next_rev.load(Ordering::Acquire)
+    }
+
+    /// The endpoint the watch stream currently uses (or last tried).
+    pub fn endpoint(&self) -> String {
+        self.endpoint.lock().expect("endpoint lock").clone()
     }
 
     /// Stops the watch.
@@ -228,6 +234,7 @@ impl Client {
         let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
         let (created_tx, created_rx) = oneshot::channel();
         let next_rev = Arc::new(AtomicI64::new(opts.start_revision));
+        let endpoint = Arc::new(std::sync::Mutex::new(String::new()));
         let task = tokio::spawn(run(
             self.clone(),
             create,
@@ -235,12 +242,14 @@ impl Client {
             ctl_rx,
             created_tx,
             next_rev.clone(),
+            endpoint.clone(),
         ));
         let watcher = Watcher {
             rx,
             ctl: ctl_tx,
             task,
             next_rev,
+            endpoint,
         };
         match tokio::time::timeout(self.inner.opts.request_timeout, created_rx).await {
             Ok(Ok(Ok(()))) => Ok(watcher),
@@ -266,11 +275,13 @@ async fn run(
     mut ctl: mpsc::UnboundedReceiver<Ctl>,
     created: oneshot::Sender<Result<()>>,
     next_rev: Arc<AtomicI64>,
+    endpoint: Arc<std::sync::Mutex<String>>,
 ) {
     let mut created = Some(created);
     let mut failures = 0u32;
     loop {
         let (idx, ch) = client.pick();
+        *endpoint.lock().expect("endpoint lock") = client.endpoint_url(idx);
         let end = one_stream(
             &client,
             ch,
