@@ -12,7 +12,7 @@
 //! let _keeper = client.lease_keep_alive(lease.id).await?;
 //! let lock = client.lock("locks/db-migration", lease.id).await?; // waits for its turn
 //! // ... work, fenced by lock.revision ...
-//! client.unlock(&lock.key).await?;
+//! client.unlock(lock.key.clone()).await?;
 //! # Ok(()) }
 //! ```
 

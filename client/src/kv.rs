@@ -214,6 +214,11 @@ pub enum SortTarget {
     Value,
 }
 
+/// etcd's convention for "every key": the empty prefix is sent as key `\0`, range end `\0`.
+pub(crate) fn prefix_key(key: Vec<u8>) -> Vec<u8> {
+    if key.is_empty() { vec![0] } else { key }
+}
+
 fn range_end_for(key: &[u8], prefix: bool, from_key: bool, range_end: Option<Vec<u8>>) -> Vec<u8> {
     if let Some(end) = range_end {
         end
@@ -306,6 +311,9 @@ impl Get {
     fn build(mut self) -> (Client, pb::RangeRequest) {
         self.req.range_end =
             range_end_for(&self.req.key, self.prefix, self.from_key, self.range_end);
+        if self.prefix {
+            self.req.key = prefix_key(std::mem::take(&mut self.req.key));
+        }
         (self.client, self.req)
     }
 
@@ -421,6 +429,9 @@ impl Delete {
     fn build(mut self) -> (Client, pb::DeleteRangeRequest) {
         self.req.range_end =
             range_end_for(&self.req.key, self.prefix, self.from_key, self.range_end);
+        if self.prefix {
+            self.req.key = prefix_key(std::mem::take(&mut self.req.key));
+        }
         (self.client, self.req)
     }
     /// As a transaction operation.
@@ -477,6 +488,7 @@ impl<T> CompareTo<T> {
     /// Compare every key with this prefix (all must satisfy the condition).
     pub fn prefix(mut self) -> Self {
         self.range_end = prefix_end(&self.key);
+        self.key = prefix_key(std::mem::take(&mut self.key));
         self
     }
     fn finish(self, result: CompareResult, x: T) -> Compare {
@@ -583,7 +595,7 @@ impl Op {
         let key = prefix.into();
         Op(request_op::Request::RequestRange(pb::RangeRequest {
             range_end: prefix_end(&key),
-            key,
+            key: prefix_key(key),
             ..Default::default()
         }))
     }
@@ -602,7 +614,7 @@ impl Op {
         Op(request_op::Request::RequestDeleteRange(
             pb::DeleteRangeRequest {
                 range_end: prefix_end(&key),
-                key,
+                key: prefix_key(key),
                 ..Default::default()
             },
         ))
@@ -836,7 +848,7 @@ impl Client {
         let prefix = prefix.into();
         let end = prefix_end(&prefix);
         let mut out = Vec::new();
-        let mut start = prefix.clone();
+        let mut start = prefix_key(prefix);
         let mut revision = 0;
         loop {
             let r = self
@@ -871,6 +883,10 @@ mod tests {
         assert_eq!(prefix_end(b"a\xff"), b"b");
         assert_eq!(prefix_end(b"\xff\xff"), b"\0");
         assert_eq!(prefix_end(b""), b"\0");
+        let Op(request_op::Request::RequestRange(r)) = Op::get_prefix("") else {
+            panic!()
+        };
+        assert_eq!((r.key, r.range_end), (vec![0], vec![0]));
     }
 
     #[test]

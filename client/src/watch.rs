@@ -37,7 +37,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::client::{Client, MAX_MESSAGE};
 use crate::error::{Error, Failure, Result, classify};
-use crate::kv::{KeyValue, prefix_end};
+use crate::kv::{KeyValue, prefix_end, prefix_key};
 
 /// Options of [`Client::watch`].
 #[derive(Debug, Clone, Default)]
@@ -213,6 +213,7 @@ impl Client {
             (None, true) => prefix_end(&key),
             (None, false) => Vec::new(),
         };
+        let key = if opts.prefix { prefix_key(key) } else { key };
         let mut filters = Vec::new();
         if opts.no_put {
             filters.push(FilterType::Noput as i32);

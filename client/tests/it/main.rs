@@ -4,7 +4,9 @@
 mod cluster;
 mod controlplane;
 mod informer;
+mod keelctl;
 mod kv;
 mod lease;
 mod lock;
+mod mock;
 mod watch;
