@@ -123,9 +123,19 @@ pub struct Config {
         alias = "experimental-corrupt-check-time",
         env = "KEEL_CORRUPT_CHECK_TIME",
         default_value = "5m",
-        value_parser = parse_duration
+        value_parser = parse_duration_or_zero
     )]
     pub corrupt_check_time: Duration,
+
+    /// TESTING: how often revision-mode auto-compaction runs (etcd: fixed at 5m).
+    #[arg(
+        long = "debug-auto-compaction-interval",
+        env = "KEEL_DEBUG_AUTO_COMPACTION_INTERVAL",
+        default_value = "5m",
+        value_parser = parse_duration,
+        hide = true
+    )]
+    pub auto_compaction_interval: Duration,
 
     /// Log level: error, warn, info, debug, trace (or a tracing filter directive).
     #[arg(long, env = "KEEL_LOG_LEVEL", default_value = "info")]
@@ -258,6 +268,18 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_millis(ms))
 }
 
+/// Like [`parse_duration`], but `0` (with or without a unit) is allowed and means off.
+pub fn parse_duration_or_zero(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    if t.trim_end_matches(|c: char| c.is_ascii_alphabetic())
+        .parse::<u64>()
+        == Ok(0)
+    {
+        return Ok(Duration::ZERO);
+    }
+    parse_duration(s)
+}
+
 pub fn parse_url(url: &str) -> Result<ListenUrl, String> {
     let (tls, rest) = if let Some(r) = url.strip_prefix("http://") {
         (false, r)
@@ -337,6 +359,13 @@ mod tests {
                 && parse_duration("5d").is_err()
                 && parse_duration("x").is_err()
         );
+        assert_eq!(parse_duration_or_zero("0").unwrap(), Duration::ZERO);
+        assert_eq!(parse_duration_or_zero("0s").unwrap(), Duration::ZERO);
+        assert_eq!(
+            parse_duration_or_zero("5m").unwrap(),
+            Duration::from_secs(300)
+        );
+        assert!(parse_duration_or_zero("x").is_err());
     }
 
     #[test]

@@ -45,6 +45,12 @@ pub enum ServerError {
     Stopped,
     #[error("etcdserver: not leader")]
     NotLeader,
+    #[error("etcdserver: bad leader transferee")]
+    BadLeaderTransferee,
+    #[error("etcdserver: request timed out, leader transfer took too long")]
+    LeaderTransferTimeout,
+    #[error("etcdserver: corrupt cluster")]
+    Corrupt,
     #[error("etcdserver: member ID already exist")]
     MemberExists,
     #[error("etcdserver: Peer URLs already exists")]
@@ -87,8 +93,10 @@ impl ServerError {
             Compacted | FutureRevision | LeaseTtlTooLarge => Code::OutOfRange,
             NoSpace => Code::ResourceExhausted,
             LeaseNotFound => Code::NotFound,
+            Corrupt => Code::DataLoss,
             LeaseExists
             | NotLeader
+            | BadLeaderTransferee
             | MemberExists
             | PeerUrlExists
             | MemberNotLearner
@@ -97,7 +105,9 @@ impl ServerError {
             | NotEnoughStartedMembers => Code::FailedPrecondition,
             MemberBadUrls => Code::InvalidArgument,
             MemberNotFound => Code::NotFound,
-            NoLeader | LeaderChanged | Timeout | Stopped => Code::Unavailable,
+            NoLeader | LeaderChanged | Timeout | Stopped | LeaderTransferTimeout => {
+                Code::Unavailable
+            }
             ElectionNotLeader | ElectionNoLeader | MissingLeaderKey | SessionExpired
             | LostWatcher => Code::Unknown,
             Internal(_) => Code::Internal,
@@ -131,6 +141,7 @@ impl From<ApplyError> for ServerError {
             ApplyErrorKind::LeaseTtlTooLarge => ServerError::LeaseTtlTooLarge,
             ApplyErrorKind::NoSpace => ServerError::NoSpace,
             ApplyErrorKind::KeyNotFound => ServerError::KeyNotFound,
+            ApplyErrorKind::Corrupt => ServerError::Corrupt,
             ApplyErrorKind::Other => ServerError::Internal(e.message),
         }
     }

@@ -12,7 +12,10 @@
 //! - [`lease`]: `etcdserverpb.Lease` and the leader-only [`lease::Lessor`] (deadlines, expiry).
 //! - [`lock`]: `v3lockpb.Lock`, and etcd's `concurrency` recipes run in the server.
 //! - [`election`]: `v3electionpb.Election` on the same recipes.
-//! - [`maintenance`]: the `etcdserverpb.Maintenance` service.
+//! - [`maintenance`]: the `etcdserverpb.Maintenance` service and the backend quota.
+//! - [`corruption`]: the leader's periodic HashKV comparison across members (CORRUPT alarm).
+//! - [`compactor`]: auto-compaction (periodic and revision modes).
+//! - [`http`]: `/health`, `/version` and `/metrics` on the client port; [`metrics`]: the metrics.
 //! - [`cluster`]: `etcdserverpb.Cluster` — membership changes.
 //! - [`error`]: the one table mapping errors to gRPC status codes and etcd's messages.
 //! - [`snapshot`]: backups — the `Maintenance.Snapshot` stream and `keel snapshot restore`.
@@ -21,13 +24,17 @@
 
 pub mod authority_fix;
 pub mod cluster;
+pub mod compactor;
 pub mod config;
+pub mod corruption;
 pub mod election;
 pub mod error;
+pub mod http;
 pub mod kv;
 pub mod lease;
 pub mod lock;
 pub mod maintenance;
+pub mod metrics;
 pub mod network;
 pub mod node;
 pub mod peer_service;

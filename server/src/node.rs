@@ -78,6 +78,7 @@ pub struct KeelNode {
     pub peers: Arc<Peers>,
     pub data_dir: PathBuf,
     pub snapshot_dir: PathBuf,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl KeelNode {
@@ -195,6 +196,7 @@ impl KeelNode {
         }
 
         tracing::info!(member_id = %format!("{:x}", identity.member_id), cluster_id = %format!("{:x}", identity.cluster_id), data_dir = %data_dir.display(), "keel member started");
+        let metrics = crate::metrics::Metrics::new(identity.member_id);
         Ok(Arc::new(KeelNode {
             identity,
             config,
@@ -204,6 +206,7 @@ impl KeelNode {
             peers,
             data_dir,
             snapshot_dir,
+            metrics,
         }))
     }
 
@@ -238,10 +241,31 @@ impl KeelNode {
 
     /// Proposes `req` through Raft and returns the applied result. On a follower the request is
     /// forwarded to the leader. Request-level failures come back as errors.
+    /// Requests that would grow the store past the quota are refused (see
+    /// [`crate::maintenance::check_quota`]).
     pub async fn propose(&self, req: RaftRequest) -> Result<RaftResponse, ServerError> {
         if req.encoded_len() > self.config.max_request_bytes {
             return Err(ServerError::RequestTooLarge);
         }
+        crate::maintenance::check_quota(self, &req).await?;
+        let lease_op = crate::metrics::LeaseOp::of(&req);
+        let pending = self.metrics.pending();
+        let result = self.propose_raw(req).await;
+        drop(pending);
+        match &result {
+            Ok(_) => self.metrics.proposed(lease_op),
+            Err(ServerError::Timeout)
+            | Err(ServerError::NoLeader)
+            | Err(ServerError::LeaderChanged)
+            | Err(ServerError::Stopped)
+            | Err(ServerError::Internal(_)) => self.metrics.proposals_failed.inc(),
+            Err(_) => {}
+        }
+        result
+    }
+
+    /// [`Self::propose`] without the quota check and metrics (for the members' own requests).
+    pub async fn propose_raw(&self, req: RaftRequest) -> Result<RaftResponse, ServerError> {
         let resp = match tokio::time::timeout(REQUEST_TIMEOUT, self.propose_routed(req)).await {
             Ok(r) => r?,
             Err(_) => return Err(ServerError::Timeout),
@@ -445,6 +469,8 @@ pub(crate) fn status_to_error(status: &tonic::Status) -> ServerError {
         Timeout,
         Stopped,
         NotLeader,
+        BadLeaderTransferee,
+        Corrupt,
         MemberExists,
         PeerUrlExists,
         MemberBadUrls,

@@ -278,8 +278,20 @@ impl RaftPeer for PeerService {
         req: Request<keel_proto::etcdserverpb::HashKvRequest>,
     ) -> Result<Response<keel_proto::etcdserverpb::HashKvResponse>, Status> {
         self.check_target(&req)?;
-        let _ = req;
-        Err(Status::unimplemented("keel: HashKV is not implemented yet"))
+        let revision = req.into_inner().revision;
+        // The leader asks at a revision it has applied; give this member a moment to get there.
+        let mut applied = self.node.applied.clone();
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            applied.wait_for(|a| a.revision >= revision),
+        )
+        .await;
+        let node = self.node.clone();
+        let resp =
+            tokio::task::spawn_blocking(move || crate::maintenance::hash_kv(&node, revision))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))??;
+        Ok(Response::new(resp))
     }
 
     async fn identify(

@@ -99,10 +99,24 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let listener_hub = hub.clone();
     let listener: keel_store::raft::state_machine::ApplyListener =
         Arc::new(move |chunk| listener_hub.on_applied(chunk));
+    let auto_compaction = crate::compactor::parse(
+        &config.auto_compaction_mode,
+        &config.auto_compaction_retention,
+    )
+    .map_err(anyhow::Error::msg)?;
     let node = KeelNode::start(config.clone(), Some(listener)).await?;
     hub.attach(node.mvcc.clone());
     let lessor = Lessor::start(node.clone());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    crate::metrics::Metrics::install_store_observers();
+    crate::metrics::spawn_leader_watch(node.clone(), node.metrics.clone(), shutdown_rx.clone());
+    crate::corruption::spawn(node.clone(), shutdown_rx.clone());
+    crate::compactor::spawn(
+        node.clone(),
+        auto_compaction,
+        config.auto_compaction_interval,
+        shutdown_rx.clone(),
+    );
     let mut tasks = Vec::new();
     let max_recv = config.max_request_bytes + GRPC_OVERHEAD_BYTES;
 
@@ -138,9 +152,19 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             bind(addr).map_err(|e| anyhow::anyhow!("listen on client URL {url}: {e}"))?;
         let mut rx = shutdown_rx.clone();
         let incoming = client_conns(listener);
+        let grpc_counter = crate::http::GrpcCounter::new(&node);
         let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+            // HTTP/1.1 too, for /health, /version and /metrics (crate::http).
+            .accept_http1(true)
+            .layer(tower::util::MapRequestLayer::new(
+                move |req: axum::http::Request<tonic::body::Body>| {
+                    grpc_counter.observe(&req);
+                    req
+                },
+            ))
+            .add_routes(crate::http::routes(node.clone(), hub.clone()))
             .add_service(
                 KvServer::new(KvService::new(node.clone())).max_decoding_message_size(max_recv),
             )

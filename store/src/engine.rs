@@ -173,6 +173,11 @@ pub trait Engine: Send + Sync + 'static {
     /// Approximate bytes on disk (or in memory) for `Status.dbSize`.
     fn size_bytes(&self) -> u64;
 
+    /// The size of one table: `(allocated, live)` bytes. RocksDB: SST files plus memtables,
+    /// and its estimate of live data plus memtables (space that a full compaction of the table
+    /// would keep).
+    fn table_size(&self, table: Table) -> (u64, u64);
+
     /// Reclaims space after deletions (RocksDB: a manual compaction of `table`).
     fn compact_table(&self, table: Table) -> Result<(), EngineError>;
 

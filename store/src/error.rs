@@ -26,6 +26,8 @@ pub enum ApplyErrorKind {
     LeaseTtlTooLarge = 5,
     NoSpace = 6,
     KeyNotFound = 7,
+    /// A CORRUPT alarm is raised: writes are refused.
+    Corrupt = 8,
     /// Anything else; the message says what.
     Other = 99,
 }
@@ -40,6 +42,7 @@ impl ApplyErrorKind {
             5 => Self::LeaseTtlTooLarge,
             6 => Self::NoSpace,
             7 => Self::KeyNotFound,
+            8 => Self::Corrupt,
             _ => Self::Other,
         }
     }
@@ -54,6 +57,7 @@ impl ApplyErrorKind {
             Self::LeaseTtlTooLarge => "etcdserver: too large lease TTL",
             Self::NoSpace => "etcdserver: mvcc: database space exceeded",
             Self::KeyNotFound => "etcdserver: key not found",
+            Self::Corrupt => "etcdserver: corrupt cluster",
             Self::Other => "etcdserver: internal error",
         }
     }

@@ -7,11 +7,13 @@
 //! - [`error`]: errors of this layer; request-level failures are data ([`ApplyError`]).
 //! - [`raft`]: openraft storage: the Raft log store and the replicated state machine.
 //! - [`backup`]: backup files (what `Maintenance.Snapshot` streams) and restoring them.
+//! - [`observe`]: timing hooks (fsync, apply commit) the server turns into metrics.
 
 pub mod backup;
 pub mod engine;
 pub mod error;
 pub mod mvcc;
+pub mod observe;
 pub mod raft;
 
 pub use error::{ApplyError, ApplyErrorKind, StoreError};

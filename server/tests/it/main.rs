@@ -6,6 +6,7 @@ mod etcdctl;
 mod kv;
 mod lease;
 mod lock;
+mod maintenance;
 mod membership;
 mod replication;
 mod watch;

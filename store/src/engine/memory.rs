@@ -128,6 +128,18 @@ impl Engine for MemoryEngine {
             .unwrap_or(0)
     }
 
+    fn table_size(&self, table: Table) -> (u64, u64) {
+        let bytes = self
+            .read()
+            .map(|t| {
+                t.get(&table)
+                    .map(|m| m.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum())
+                    .unwrap_or(0)
+            })
+            .unwrap_or(0);
+        (bytes, bytes)
+    }
+
     fn compact_table(&self, _table: Table) -> Result<(), EngineError> {
         Ok(())
     }

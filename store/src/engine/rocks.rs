@@ -149,6 +149,23 @@ impl Engine for RocksEngine {
         total
     }
 
+    fn table_size(&self, table: Table) -> (u64, u64) {
+        let Ok(cf) = self.cf(table) else {
+            return (0, 0);
+        };
+        let prop = |name: &str| {
+            self.db
+                .property_int_value_cf(cf, name)
+                .ok()
+                .flatten()
+                .unwrap_or(0)
+        };
+        let mem = prop("rocksdb.cur-size-all-mem-tables");
+        let sst = prop("rocksdb.total-sst-files-size");
+        let live = prop("rocksdb.estimate-live-data-size").min(sst);
+        (sst + mem, live + mem)
+    }
+
     fn compact_table(&self, table: Table) -> Result<(), EngineError> {
         self.db
             .compact_range_cf(self.cf(table)?, None::<&[u8]>, None::<&[u8]>);

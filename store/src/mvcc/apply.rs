@@ -35,6 +35,7 @@ use crate::error::{ApplyError, ApplyErrorKind, StoreError};
 /// etcd's largest lease TTL in seconds.
 pub const MAX_LEASE_TTL: i64 = 9_000_000_000;
 const ALARM_NOSPACE: i32 = 1;
+const ALARM_CORRUPT: i32 = 2;
 
 /// The result of applying one command.
 #[derive(Debug, Clone, Default)]
@@ -149,6 +150,9 @@ impl<'a> ApplyBatch<'a> {
     pub fn apply(&mut self, req: &RaftRequest) -> ApplyOutcome {
         self.events.clear();
         let result = match &req.request {
+            Some(cmd) if refused_when_corrupt(cmd) && self.has_alarm(ALARM_CORRUPT) => {
+                Err(ApplyError::new(ApplyErrorKind::Corrupt))
+            }
             Some(Cmd::Put(p)) => self.put_cmd(p).map(Res::Put),
             Some(Cmd::DeleteRange(d)) => Ok(Res::DeleteRange(self.delete_cmd(d))),
             Some(Cmd::Txn(t)) => self.txn_cmd(t).map(Res::Txn),
@@ -192,7 +196,9 @@ impl<'a> ApplyBatch<'a> {
             META_REV.to_vec(),
             self.rev.to_be_bytes().to_vec(),
         );
+        let started = std::time::Instant::now();
         inner.engine.write(std::mem::take(&mut self.wb), sync)?;
+        crate::observe::backend_commit(started.elapsed());
         {
             let mut index = inner.write_index();
             for (k, mut entries) in std::mem::take(&mut self.index) {
@@ -294,11 +300,21 @@ impl<'a> ApplyBatch<'a> {
     }
 
     fn nospace(&self) -> bool {
-        let alarms = match &self.alarms {
-            Some(a) => a.clone(),
-            None => self.store.alarms(),
-        };
-        alarms.iter().any(|a| a.alarm == ALARM_NOSPACE)
+        self.has_alarm(ALARM_NOSPACE)
+    }
+
+    fn has_alarm(&self, alarm: i32) -> bool {
+        match &self.alarms {
+            Some(a) => a.iter().any(|m| m.alarm == alarm),
+            None => self
+                .store
+                .inner
+                .alarms
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .any(|m| m.alarm == alarm),
+        }
     }
 
     // ----- writes -----
@@ -683,10 +699,15 @@ impl<'a> ApplyBatch<'a> {
                 return resp;
             }
             Ok(alarm_request::AlarmAction::Activate) => {
-                if a.alarm != 0 && !alarms.contains(&member) {
-                    alarms.push(member);
-                    resp.alarms.push(member);
+                if a.alarm == 0 {
+                    return resp;
                 }
+                // etcd answers with the alarm whether it was raised now or before.
+                resp.alarms.push(member);
+                if alarms.contains(&member) {
+                    return resp;
+                }
+                alarms.push(member);
             }
             Ok(alarm_request::AlarmAction::Deactivate) => {
                 if let Some(pos) = alarms.iter().position(|m| *m == member) {
@@ -709,6 +730,31 @@ impl<'a> ApplyBatch<'a> {
         self.alarms = Some(alarms);
         resp
     }
+}
+
+/// What etcd's corrupt-cluster applier refuses while a CORRUPT alarm is raised: every write
+/// (read-only transactions still run).
+fn refused_when_corrupt(cmd: &Cmd) -> bool {
+    match cmd {
+        Cmd::Put(_)
+        | Cmd::DeleteRange(_)
+        | Cmd::Compaction(_)
+        | Cmd::LeaseGrant(_)
+        | Cmd::LeaseRevoke(_) => true,
+        Cmd::Txn(t) => !txn_read_only(t),
+        _ => false,
+    }
+}
+
+fn txn_read_only(t: &TxnRequest) -> bool {
+    t.success
+        .iter()
+        .chain(&t.failure)
+        .all(|op| match &op.request {
+            Some(OpReq::RequestRange(_)) | None => true,
+            Some(OpReq::RequestTxn(nested)) => txn_read_only(nested),
+            Some(_) => false,
+        })
 }
 
 fn compare_kv(c: &Compare, kv: &KeyValue) -> bool {

@@ -628,6 +628,11 @@ impl MvccStore {
             .collect()
     }
 
+    /// Keys in the index (live ones and deleted ones whose history is not compacted yet).
+    pub fn key_count(&self) -> usize {
+        self.inner.read_index().len()
+    }
+
     pub fn alarms(&self) -> Vec<AlarmMember> {
         self.inner
             .alarms

@@ -153,7 +153,9 @@ fn sync_loop(engine: Arc<dyn Engine>, queue: mpsc::Receiver<IOFlushed<TypeConfig
         while let Ok(more) = queue.try_recv() {
             pending.push(more);
         }
+        let started = std::time::Instant::now();
         let result = engine.sync_wal().map_err(|e| e.to_string());
+        crate::observe::wal_fsync(started.elapsed());
         for callback in pending {
             callback.io_completed(result.clone().map_err(io::Error::other));
         }

@@ -1,0 +1,346 @@
+//! Prometheus metrics, under etcd's names where they mean the same thing in Keel (dashboards and
+//! alerts written for etcd keep working), served as text on `/metrics` (see [`crate::http`]).
+//!
+//! Most gauges are read from their source when scraped ([`Metrics::render`]); counters are
+//! bumped where things happen: proposals in [`crate::node`], leader changes by a task following
+//! openraft's metrics, Raft log fsyncs and apply commits through the store's timing hooks
+//! ([`keel_store::observe`]; those two histograms are process-wide).
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{Duration, Instant};
+
+use keel_proto::keelpb::RaftRequest;
+use keel_proto::keelpb::raft_request::Request as Cmd;
+use keel_store::engine::{Engine, Table};
+use openraft::async_runtime::WatchReceiver as _;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder, exponential_buckets,
+};
+
+use crate::node::KeelNode;
+use crate::watch::WatchHub;
+
+/// How long a measured database size is reused (reading it asks RocksDB for six properties).
+const DB_SIZE_TTL: Duration = Duration::from_millis(100);
+
+fn histogram(name: &str, help: &str) -> Histogram {
+    // etcd's buckets: 1 ms to 8 s, doubling.
+    let buckets = exponential_buckets(0.001, 2.0, 14).expect("valid buckets");
+    Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets)).expect("valid histogram")
+}
+
+static WAL_FSYNC: LazyLock<Histogram> = LazyLock::new(|| {
+    histogram(
+        "etcd_disk_wal_fsync_duration_seconds",
+        "The latency distributions of fsync called by WAL (Keel: the Raft log's group-commit fsync).",
+    )
+});
+static BACKEND_COMMIT: LazyLock<Histogram> = LazyLock::new(|| {
+    histogram(
+        "etcd_disk_backend_commit_duration_seconds",
+        "The latency distributions of commit called by backend (Keel: one apply batch's engine write).",
+    )
+});
+
+/// The state-machine tables' size: `(allocated, in use)` bytes. The Raft log is not counted,
+/// as etcd's `dbSize` does not count its WAL.
+pub fn db_size(engine: &dyn Engine) -> (u64, u64) {
+    Table::STATE_MACHINE
+        .iter()
+        .map(|t| engine.table_size(*t))
+        .fold((0, 0), |(a, b), (x, y)| (a + x, b + y))
+}
+
+/// A member's metrics.
+pub struct Metrics {
+    registry: Registry,
+    has_leader: IntGauge,
+    is_leader: IntGauge,
+    is_learner: IntGauge,
+    pub leader_changes: IntCounter,
+    proposals_committed: IntGauge,
+    proposals_applied: IntGauge,
+    pub proposals_failed: IntCounter,
+    pub proposals_pending: IntGauge,
+    db_total: IntGauge,
+    db_in_use: IntGauge,
+    keys_total: IntGauge,
+    watchers: IntGauge,
+    slow_watchers: IntGauge,
+    pub lease_granted: IntCounter,
+    pub lease_revoked: IntCounter,
+    pub grpc_started: IntCounterVec,
+    pub health_success: IntCounter,
+    pub health_failures: IntCounter,
+    /// Cached `(allocated, in use)` database size and when it was measured (ms since `epoch`).
+    db_cache: (AtomicU64, AtomicU64, AtomicI64),
+    epoch: Instant,
+    refresh_lock: Mutex<()>,
+}
+
+impl Metrics {
+    pub fn new(member_id: u64) -> Arc<Metrics> {
+        let registry = Registry::new();
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid gauge");
+            registry.register(Box::new(g.clone())).expect("register");
+            g
+        };
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid counter");
+            registry.register(Box::new(c.clone())).expect("register");
+            c
+        };
+        let labelled = |name: &str, help: &str, label: &str, value: &str| {
+            let g = IntGaugeVec::new(Opts::new(name, help), &[label]).expect("valid gauge");
+            g.with_label_values(&[value]).set(1);
+            registry.register(Box::new(g)).expect("register");
+        };
+        labelled(
+            "etcd_server_version",
+            "Which version is running. 1 for 'server_version' label with current version.",
+            "server_version",
+            crate::maintenance::ETCD_COMPAT_VERSION,
+        );
+        labelled(
+            "etcd_server_id",
+            "Server or member ID in hexadecimal format. 1 for 'server_id' label with current ID.",
+            "server_id",
+            &format!("{member_id:x}"),
+        );
+        labelled(
+            "keel_build_info",
+            "Keel's own version. 1 for 'version' label with the running version.",
+            "version",
+            env!("CARGO_PKG_VERSION"),
+        );
+        let grpc_started = IntCounterVec::new(
+            Opts::new(
+                "grpc_server_started_total",
+                "Total number of RPCs started on the server.",
+            ),
+            &["grpc_service", "grpc_method"],
+        )
+        .expect("valid counter");
+        registry
+            .register(Box::new(grpc_started.clone()))
+            .expect("register");
+        for h in [&*WAL_FSYNC, &*BACKEND_COMMIT] {
+            registry.register(Box::new(h.clone())).expect("register");
+        }
+        Arc::new(Metrics {
+            has_leader: gauge(
+                "etcd_server_has_leader",
+                "Whether or not a leader exists. 1 is existence, 0 is not.",
+            ),
+            is_leader: gauge(
+                "etcd_server_is_leader",
+                "Whether or not this member is a leader. 1 if is, 0 otherwise.",
+            ),
+            is_learner: gauge(
+                "etcd_server_is_learner",
+                "Whether or not this member is a learner. 1 if is, 0 otherwise.",
+            ),
+            leader_changes: counter(
+                "etcd_server_leader_changes_seen_total",
+                "The number of leader changes seen.",
+            ),
+            proposals_committed: gauge(
+                "etcd_server_proposals_committed_total",
+                "The total number of consensus proposals committed (Keel: the committed Raft log index).",
+            ),
+            proposals_applied: gauge(
+                "etcd_server_proposals_applied_total",
+                "The total number of consensus proposals applied (Keel: the applied Raft log index).",
+            ),
+            proposals_failed: counter(
+                "etcd_server_proposals_failed_total",
+                "The total number of failed proposals seen.",
+            ),
+            proposals_pending: gauge(
+                "etcd_server_proposals_pending",
+                "The current number of pending proposals to commit.",
+            ),
+            db_total: gauge(
+                "etcd_mvcc_db_total_size_in_bytes",
+                "Total size of the underlying database physically allocated in bytes.",
+            ),
+            db_in_use: gauge(
+                "etcd_mvcc_db_total_size_in_use_in_bytes",
+                "Total size of the underlying database logically in use in bytes.",
+            ),
+            keys_total: gauge("etcd_debugging_mvcc_keys_total", "Total number of keys."),
+            watchers: gauge(
+                "etcd_debugging_mvcc_watcher_total",
+                "Total number of watchers.",
+            ),
+            slow_watchers: gauge(
+                "etcd_debugging_mvcc_slow_watcher_total",
+                "Total number of unsynced slow watchers.",
+            ),
+            lease_granted: counter(
+                "etcd_debugging_lease_granted_total",
+                "The total number of granted leases (Keel: proposed through this member).",
+            ),
+            lease_revoked: counter(
+                "etcd_debugging_lease_revoked_total",
+                "The total number of revoked leases (Keel: proposed through this member).",
+            ),
+            health_success: counter(
+                "etcd_server_health_success",
+                "The total number of successful health checks",
+            ),
+            health_failures: counter(
+                "etcd_server_health_failures",
+                "The total number of failed health checks",
+            ),
+            grpc_started,
+            registry,
+            db_cache: (AtomicU64::new(0), AtomicU64::new(0), AtomicI64::new(-1)),
+            epoch: Instant::now(),
+            refresh_lock: Mutex::new(()),
+        })
+    }
+
+    /// Sends the store's fsync and commit timings to the (process-wide) histograms.
+    pub fn install_store_observers() {
+        keel_store::observe::set_wal_fsync_observer(Box::new(|d| {
+            WAL_FSYNC.observe(d.as_secs_f64())
+        }));
+        keel_store::observe::set_backend_commit_observer(Box::new(|d| {
+            BACKEND_COMMIT.observe(d.as_secs_f64())
+        }));
+    }
+
+    /// The database size, measured at most every [`DB_SIZE_TTL`].
+    pub fn db_size(&self, engine: &dyn Engine) -> (u64, u64) {
+        let now = self.epoch.elapsed().as_millis() as i64;
+        let at = self.db_cache.2.load(Ordering::Acquire);
+        if at >= 0 && now - at < DB_SIZE_TTL.as_millis() as i64 {
+            return (
+                self.db_cache.0.load(Ordering::Relaxed),
+                self.db_cache.1.load(Ordering::Relaxed),
+            );
+        }
+        self.db_size_now(engine)
+    }
+
+    /// Measures the database size now (and caches it).
+    pub fn db_size_now(&self, engine: &dyn Engine) -> (u64, u64) {
+        let _g = self.refresh_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let (total, in_use) = db_size(engine);
+        self.db_cache.0.store(total, Ordering::Relaxed);
+        self.db_cache.1.store(in_use, Ordering::Relaxed);
+        self.db_cache
+            .2
+            .store(self.epoch.elapsed().as_millis() as i64, Ordering::Release);
+        (total, in_use)
+    }
+
+    /// Counts a proposal as pending until the guard is dropped (also when the caller gives up).
+    pub fn pending(&self) -> PendingGuard<'_> {
+        self.proposals_pending.inc();
+        PendingGuard(&self.proposals_pending)
+    }
+
+    /// Counts a successful proposal's lease grant or revocation.
+    pub fn proposed(&self, op: Option<LeaseOp>) {
+        match op {
+            Some(LeaseOp::Grant) => self.lease_granted.inc(),
+            Some(LeaseOp::Revoke) => self.lease_revoked.inc(),
+            None => {}
+        }
+    }
+
+    /// Prometheus' text format, with the gauges read now.
+    pub fn render(&self, node: &KeelNode, hub: &WatchHub) -> String {
+        let m = node.raft.metrics().borrow_watched().clone();
+        let me = node.member_id();
+        self.has_leader.set(i64::from(m.current_leader.is_some()));
+        self.is_leader.set(i64::from(m.current_leader == Some(me)));
+        let voter = m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|id| id == me);
+        self.is_learner.set(i64::from(!voter));
+        let committed = m
+            .cluster_committed
+            .map(|l| l.index)
+            .or(m.last_applied.map(|l| l.index))
+            .unwrap_or(0);
+        let applied = node.applied.borrow().index;
+        self.proposals_committed
+            .set(committed.max(applied).min(i64::MAX as u64) as i64);
+        self.proposals_applied.set(applied as i64);
+        let (total, in_use) = self.db_size(node.mvcc.engine().as_ref());
+        self.db_total.set(total as i64);
+        self.db_in_use.set(in_use as i64);
+        self.keys_total.set(node.mvcc.key_count() as i64);
+        let (watchers, unsynced) = hub.counts();
+        self.watchers.set(watchers as i64);
+        self.slow_watchers.set(unsynced as i64);
+        let mut buf = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::warn!("encoding metrics: {e}");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// Decrements `etcd_server_proposals_pending` when dropped.
+pub struct PendingGuard<'a>(&'a IntGauge);
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// The lease counters a proposal feeds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseOp {
+    Grant,
+    Revoke,
+}
+
+impl LeaseOp {
+    pub fn of(req: &RaftRequest) -> Option<LeaseOp> {
+        let cmd = match &req.request {
+            Some(Cmd::Authorized(a)) => a.request.as_ref().and_then(|r| r.request.as_ref()),
+            other => other.as_ref(),
+        };
+        match cmd {
+            Some(Cmd::LeaseGrant(_)) => Some(LeaseOp::Grant),
+            Some(Cmd::LeaseRevoke(_)) => Some(LeaseOp::Revoke),
+            _ => None,
+        }
+    }
+}
+
+/// Counts leader changes (etcd counts every new leader a member sees, the first one included).
+pub fn spawn_leader_watch(
+    node: Arc<KeelNode>,
+    metrics: Arc<Metrics>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    tokio::spawn(async move {
+        let mut rx = node.raft.metrics();
+        let mut last = None;
+        loop {
+            let leader = rx.borrow_watched().current_leader;
+            if leader.is_some() && leader != last {
+                metrics.leader_changes.inc();
+            }
+            if leader.is_some() {
+                last = leader;
+            }
+            tokio::select! {
+                r = rx.changed() => if r.is_err() { return },
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+    });
+}

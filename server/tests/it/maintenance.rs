@@ -1,0 +1,516 @@
+//! Maintenance and operations: alarms and the backend quota, HashKV across members, the HTTP
+//! endpoints on the client port, etcdctl's maintenance commands, auto-compaction.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use etcd_client::{AlarmAction, AlarmOptions, AlarmType, Compare, CompareOp, Txn, TxnOp};
+
+use crate::cluster::{Cluster, client, status_code, status_message};
+
+/// A plain HTTP/1.1 GET (or another method): status code and body.
+fn http(port: u16, method: &str, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("read");
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    (
+        code,
+        if chunked {
+            dechunk(body)
+        } else {
+            body.to_string()
+        },
+    )
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = &rest[n + 2..];
+    }
+    out
+}
+
+fn etcdctl(endpoints: &[String], args: &[&str]) -> (bool, String) {
+    let out = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={}", endpoints.join(",")))
+        .args(args)
+        .output()
+        .expect("etcdctl is installed by scripts/test.sh (Debian package etcd-client)");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn deactivate(member: u64, alarm: AlarmType) -> (AlarmAction, AlarmType, Option<AlarmOptions>) {
+    let mut o = AlarmOptions::new();
+    o.with_member(member);
+    (AlarmAction::Deactivate, alarm, Some(o))
+}
+
+#[tokio::test]
+async fn quota_alarm_round_trip() {
+    let quota: i64 = 8 << 20;
+    let cluster = Cluster::start_with(1, &["--quota-backend-bytes", &quota.to_string()]).await;
+    let m = &cluster.members[0];
+    let mut c = client(&m.endpoint()).await.unwrap();
+    let value = vec![b'x'; 100 * 1024];
+    let mut refused = None;
+    for i in 0..400 {
+        if let Err(e) = c.put(format!("q/{i:04}"), value.clone(), None).await {
+            refused = Some(e);
+            break;
+        }
+    }
+    let e = refused.expect("the quota stops writes");
+    assert_eq!(
+        status_message(&e),
+        "etcdserver: mvcc: database space exceeded"
+    );
+    assert_eq!(status_code(&e), Some(tonic::Code::ResourceExhausted));
+
+    let me = c.status().await.unwrap().header().unwrap().member_id();
+    let alarms = c
+        .alarm(AlarmAction::Get, AlarmType::None, None)
+        .await
+        .unwrap();
+    assert_eq!(alarms.alarms().len(), 1);
+    assert_eq!(alarms.alarms()[0].member_id(), me);
+    assert_eq!(alarms.alarms()[0].alarm(), AlarmType::Nospace);
+    let status = c.status().await.unwrap();
+    assert!(
+        status
+            .errors()
+            .contains(&format!("memberID:{me} alarm:NOSPACE ")),
+        "{:?}",
+        status.errors()
+    );
+    let (code, body) = http(m.client_port, "GET", "/health");
+    assert_eq!(
+        (code, body.trim()),
+        (503, r#"{"health":"false","reason":"ALARM NOSPACE"}"#)
+    );
+    let (code, _) = http(m.client_port, "GET", "/health?exclude=NOSPACE");
+    assert_eq!(code, 200);
+
+    // Writes that grow the store fail; reads, deletes and compaction work.
+    let e = c.put("small", "v", None).await.unwrap_err();
+    assert_eq!(
+        status_message(&e),
+        "etcdserver: mvcc: database space exceeded"
+    );
+    let e = c.lease_grant(60, None).await.unwrap_err();
+    assert_eq!(
+        status_message(&e),
+        "etcdserver: mvcc: database space exceeded"
+    );
+    let e = c
+        .txn(Txn::new().and_then([TxnOp::put("t", "v", None)]))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        status_message(&e),
+        "etcdserver: mvcc: database space exceeded"
+    );
+    let read_only = c
+        .txn(
+            Txn::new()
+                .when([Compare::version("q/0000", CompareOp::Greater, 0)])
+                .and_then([TxnOp::get("q/0000", None)]),
+        )
+        .await
+        .unwrap();
+    assert!(read_only.succeeded());
+    assert!(c.get("q/0000", None).await.unwrap().count() == 1);
+    c.delete("q/", Some(etcd_client::DeleteOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    let rev = c
+        .get("q/", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    c.compact(rev, None).await.unwrap();
+    c.defragment().await.unwrap();
+    let status = c.status().await.unwrap();
+    assert!(
+        status.db_size() < quota / 4,
+        "defragment reclaims the space: {}",
+        status.db_size()
+    );
+
+    // Still refused until the alarm is disarmed.
+    assert!(c.put("small", "v", None).await.is_err());
+    let (action, kind, opts) = deactivate(me, AlarmType::Nospace);
+    let resp = c.alarm(action, kind, opts).await.unwrap();
+    assert_eq!(resp.alarms().len(), 1, "the disarmed alarm is returned");
+    assert!(
+        c.alarm(AlarmAction::Get, AlarmType::None, None)
+            .await
+            .unwrap()
+            .alarms()
+            .is_empty()
+    );
+    c.put("small", "v", None).await.unwrap();
+    c.lease_grant(60, None).await.unwrap();
+    assert_eq!(http(m.client_port, "GET", "/health").0, 200);
+}
+
+#[tokio::test]
+async fn corrupt_alarm_refuses_writes_until_disarmed() {
+    let cluster = Cluster::start(1).await;
+    let m = &cluster.members[0];
+    let mut c = client(&m.endpoint()).await.unwrap();
+    c.put("k", "v", None).await.unwrap();
+    let me = c.status().await.unwrap().header().unwrap().member_id();
+    let mut o = AlarmOptions::new();
+    o.with_member(me);
+    c.alarm(AlarmAction::Activate, AlarmType::Corrupt, Some(o))
+        .await
+        .unwrap();
+    let e = c.put("k", "w", None).await.unwrap_err();
+    assert_eq!(status_message(&e), "etcdserver: corrupt cluster");
+    assert_eq!(status_code(&e), Some(tonic::Code::DataLoss));
+    assert!(c.delete("k", None).await.is_err());
+    assert!(c.lease_grant(60, None).await.is_err());
+    assert_eq!(c.get("k", None).await.unwrap().kvs()[0].value(), b"v");
+    let (code, body) = http(m.client_port, "GET", "/health");
+    assert_eq!(
+        (code, body.trim()),
+        (503, r#"{"health":"false","reason":"ALARM CORRUPT"}"#)
+    );
+    let (action, kind, opts) = deactivate(me, AlarmType::Corrupt);
+    c.alarm(action, kind, opts).await.unwrap();
+    c.put("k", "w", None).await.unwrap();
+}
+
+#[tokio::test]
+async fn hashkv_is_equal_across_members_after_a_workload() {
+    // A fast corruption check runs throughout and must not accuse anyone.
+    let cluster = Cluster::start_with(3, &["--corrupt-check-time", "1s"]).await;
+    let eps = cluster.endpoints();
+    let mut c = client(&eps[0]).await.unwrap();
+    let lease = c.lease_grant(600, None).await.unwrap().id();
+    for i in 0..200 {
+        let key = format!("w/{:03}", i % 37);
+        match i % 5 {
+            0 => {
+                c.delete(key, None).await.unwrap();
+            }
+            1 => {
+                c.put(
+                    key,
+                    format!("v{i}"),
+                    Some(etcd_client::PutOptions::new().with_lease(lease)),
+                )
+                .await
+                .unwrap();
+            }
+            2 => {
+                c.txn(
+                    Txn::new()
+                        .when([Compare::version(key.clone(), CompareOp::Greater, 0)])
+                        .and_then([TxnOp::put(key.clone(), format!("t{i}"), None)])
+                        .or_else([TxnOp::put(key, "new", None)]),
+                )
+                .await
+                .unwrap();
+            }
+            _ => {
+                c.put(key, format!("v{i}"), None).await.unwrap();
+            }
+        }
+        if i == 120 {
+            let rev = c
+                .get("w/", None)
+                .await
+                .unwrap()
+                .header()
+                .unwrap()
+                .revision();
+            c.compact(rev - 50, None).await.unwrap();
+        }
+    }
+    let rev = c
+        .get("w/", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    let mut hashes = Vec::new();
+    for ep in &eps {
+        let mut mc = client(ep).await.unwrap();
+        // Wait until this member has applied the workload.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while mc
+            .get(
+                "w/",
+                Some(etcd_client::GetOptions::new().with_serializable()),
+            )
+            .await
+            .unwrap()
+            .header()
+            .unwrap()
+            .revision()
+            < rev
+        {
+            assert!(Instant::now() < deadline, "{ep} did not catch up");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let h = mc.hash_kv(rev).await.unwrap();
+        assert_eq!(h.header().unwrap().revision(), rev);
+        hashes.push((h.hash(), h.compact_version()));
+        assert!(mc.hash().await.is_ok());
+    }
+    assert!(
+        hashes.iter().all(|h| *h == hashes[0]),
+        "HashKV differs: {hashes:?}"
+    );
+    assert!(hashes[0].1 > 0, "the compaction is part of the answer");
+    // Errors as etcd: a compacted and a future revision.
+    let e = c.hash_kv(2).await.unwrap_err();
+    assert_eq!(
+        status_message(&e),
+        "etcdserver: mvcc: required revision has been compacted"
+    );
+    let e = c.hash_kv(rev + 1000).await.unwrap_err();
+    assert_eq!(
+        status_message(&e),
+        "etcdserver: mvcc: required revision is a future revision"
+    );
+    // A few corruption-check rounds later there is still no alarm.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let alarms = c
+        .alarm(AlarmAction::Get, AlarmType::None, None)
+        .await
+        .unwrap();
+    let raised: Vec<_> = alarms
+        .alarms()
+        .iter()
+        .map(|a| (a.member_id(), a.alarm()))
+        .collect();
+    assert!(raised.is_empty(), "{raised:?}");
+}
+
+#[tokio::test]
+async fn http_endpoints_on_the_client_port() {
+    let cluster = Cluster::start(1).await;
+    let port = cluster.members[0].client_port;
+    let mut c = client(&cluster.members[0].endpoint()).await.unwrap();
+    c.put("k", "v", None).await.unwrap();
+    let _watch = c.watch("k", None).await.unwrap();
+
+    let (code, body) = http(port, "GET", "/health");
+    assert_eq!(
+        (code, body.as_str()),
+        (200, r#"{"health":"true","reason":""}"#)
+    );
+    let (code, body) = http(port, "GET", "/health?serializable=true");
+    assert_eq!(
+        (code, body.as_str()),
+        (200, r#"{"health":"true","reason":""}"#)
+    );
+    assert_eq!(http(port, "POST", "/health").0, 405);
+
+    let (code, body) = http(port, "GET", "/version");
+    assert_eq!(code, 200);
+    assert!(
+        body.starts_with(r#"{"etcdserver":"3.5.16","etcdcluster":"3.5.0","keel":""#),
+        "{body}"
+    );
+
+    let (code, body) = http(port, "GET", "/metrics");
+    assert_eq!(code, 200);
+    for name in [
+        "etcd_server_has_leader 1",
+        "etcd_server_is_leader 1",
+        "etcd_server_leader_changes_seen_total 1",
+        "etcd_server_proposals_committed_total",
+        "etcd_server_proposals_applied_total",
+        "etcd_server_proposals_failed_total 0",
+        "etcd_server_proposals_pending 0",
+        "etcd_mvcc_db_total_size_in_bytes",
+        "etcd_mvcc_db_total_size_in_use_in_bytes",
+        "etcd_disk_wal_fsync_duration_seconds_bucket{le=\"0.001\"}",
+        "etcd_disk_backend_commit_duration_seconds_count",
+        "etcd_debugging_mvcc_keys_total 1",
+        "etcd_debugging_mvcc_watcher_total 1",
+        "etcd_debugging_lease_granted_total 0",
+        "etcd_server_version{server_version=\"3.5.16\"} 1",
+        "grpc_server_started_total{grpc_method=\"Put\",grpc_service=\"etcdserverpb.KV\"} 1",
+    ] {
+        assert!(body.contains(name), "/metrics lacks {name}:\n{body}");
+    }
+    // gRPC still works on the same port after HTTP/1.1 requests.
+    assert_eq!(c.get("k", None).await.unwrap().count(), 1);
+    assert_eq!(http(port, "GET", "/nothing-here").0, 404);
+}
+
+#[tokio::test]
+async fn etcdctl_maintenance_commands_on_a_cluster() {
+    let cluster = Cluster::start(3).await;
+    let eps = cluster.endpoints();
+    let leader = cluster.leader().await;
+    assert!(etcdctl(&eps, &["put", "k", "v"]).0);
+    // --cluster dials the client URLs members publish once they run.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, out) = etcdctl(&eps[..1], &["member", "list"]);
+        // id, started, name, peer URLs, client URLs, is learner
+        if out
+            .lines()
+            .filter(|l| l.matches("http://").count() == 2)
+            .count()
+            == 3
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "client URLs not published: {out}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let (ok, out) = etcdctl(&eps[..1], &["endpoint", "health", "--cluster"]);
+    assert!(ok && out.matches("is healthy").count() == 3, "{out}");
+    let (ok, out) = etcdctl(
+        &eps[..1],
+        &["endpoint", "hashkv", "--cluster", "-w", "json"],
+    );
+    assert!(ok, "{out}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+    let hashes: Vec<_> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["HashKV"]["hash"].clone())
+        .collect();
+    assert_eq!(hashes.len(), 3);
+    assert!(hashes.iter().all(|h| *h == hashes[0]), "{out}");
+    let (ok, out) = etcdctl(&eps, &["alarm", "list"]);
+    assert!(ok && out.is_empty(), "{out}");
+    let (ok, out) = etcdctl(&eps[..1], &["defrag", "--cluster"]);
+    assert!(
+        ok && out.matches("Finished defragmenting").count() == 3,
+        "{out}"
+    );
+
+    // move-leader: etcdctl sends it to the leader; the target becomes leader.
+    let target = (leader + 1) % 3;
+    let mut tc = client(&eps[target]).await.unwrap();
+    let target_id = tc.status().await.unwrap().header().unwrap().member_id();
+    let (ok, out) = etcdctl(&eps, &["move-leader", &format!("{target_id:x}")]);
+    assert!(ok && out.contains("Leadership transferred"), "{out}");
+    assert_eq!(cluster.leader().await, target);
+    // Sent to a follower: etcd's error.
+    let mut fc = client(&eps[leader]).await.unwrap();
+    let e = fc.move_leader(target_id).await.unwrap_err();
+    assert_eq!(status_message(&e), "etcdserver: not leader");
+    let (ok, out) = etcdctl(&eps, &["move-leader", "1234"]);
+    assert!(
+        !ok && out.contains("etcdserver: bad leader transferee"),
+        "{out}"
+    );
+    assert!(etcdctl(&eps, &["put", "k", "after"]).0);
+}
+
+#[tokio::test]
+async fn auto_compaction_in_revision_mode() {
+    let cluster = Cluster::start_with(
+        1,
+        &[
+            "--auto-compaction-mode",
+            "revision",
+            "--auto-compaction-retention",
+            "10",
+            "--debug-auto-compaction-interval",
+            "1s",
+        ],
+    )
+    .await;
+    let m = &cluster.members[0];
+    let mut c = client(&m.endpoint()).await.unwrap();
+    for i in 0..50 {
+        c.put("k", format!("v{i}"), None).await.unwrap();
+    }
+    let rev = c.get("k", None).await.unwrap().header().unwrap().revision();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let compacted = c.hash_kv(0).await.unwrap().compact_version();
+        if compacted >= rev - 10 {
+            assert_eq!(compacted, rev - 10);
+            break;
+        }
+        assert!(Instant::now() < deadline, "no auto compaction: {compacted}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let e = c
+        .get(
+            "k",
+            Some(etcd_client::GetOptions::new().with_revision(rev - 20)),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        status_message(&e),
+        "etcdserver: mvcc: required revision has been compacted"
+    );
+    assert!(m.log().contains("completed auto compaction"), "{}", m.log());
+}
+
+#[tokio::test]
+async fn auto_compaction_in_periodic_mode() {
+    let cluster = Cluster::start_with(
+        1,
+        &[
+            "--auto-compaction-mode",
+            "periodic",
+            "--auto-compaction-retention",
+            "2s",
+        ],
+    )
+    .await;
+    let mut c = client(&cluster.members[0].endpoint()).await.unwrap();
+    c.put("k", "first", None).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        c.put("k", "more", None).await.unwrap();
+        if c.hash_kv(0).await.unwrap().compact_version() > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no periodic compaction");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
