@@ -249,3 +249,22 @@ pub async fn put_retry(c: &Client, key: impl Into<Vec<u8>>, value: impl Into<Vec
         }
     }
 }
+
+/// Runs an idempotent operation until it succeeds, while it fails transiently (a member was
+/// just killed and the cluster elects a new leader).
+pub async fn retry<T, F, Fut>(mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = keel_client::Result<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(e) if e.is_transient() && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+}

@@ -1,9 +1,10 @@
+use std::future::IntoFuture;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use keel_client::{Informer, InformerEvent};
 
-use crate::cluster::{Cluster, eventually, opts};
+use crate::cluster::{Cluster, eventually, opts, put_retry, retry};
 
 fn summary(ev: &InformerEvent) -> String {
     match ev {
@@ -64,16 +65,11 @@ async fn informer_lists_watches_and_relists_after_compaction() {
     // Cut the informer off, change things, compact past its position, bring it back: its
     // watch resumes from a compacted revision, so it relists and reports only differences.
     cluster.members[0].kill();
-    c.put("inf/2", "c").await.unwrap();
-    c.delete("inf/3").await.unwrap();
-    c.put("inf/8", "a").await.unwrap();
-    let head = c
-        .put("inf/other-change", "z")
-        .await
-        .unwrap()
-        .header
-        .revision;
-    c.delete("inf/other-change").await.unwrap();
+    put_retry(&c, "inf/2", "c").await;
+    retry(|| c.delete("inf/3").into_future()).await;
+    put_retry(&c, "inf/8", "a").await;
+    let head = put_retry(&c, "inf/other-change", "z").await;
+    retry(|| c.delete("inf/other-change").into_future()).await;
     c.compact(head, true).await.unwrap();
     // Let member 0 catch up (compaction included) on another client port first, so that the
     // informer's watch resumes only on a member that has compacted its history.
