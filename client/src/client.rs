@@ -166,6 +166,7 @@ pub(crate) struct Inner {
 #[derive(Clone)]
 pub struct Client {
     pub(crate) inner: Arc<Inner>,
+    timeout: Option<Duration>,
 }
 
 impl std::fmt::Debug for Client {
@@ -232,6 +233,7 @@ impl Client {
         }
         let start = rand::random::<u32>() as usize % eps.len();
         let client = Client {
+            timeout: None,
             inner: Arc::new(Inner {
                 endpoints: eps,
                 preferred: AtomicUsize::new(start),
@@ -256,6 +258,21 @@ impl Client {
         self.inner.endpoints[i].url.clone()
     }
 
+    /// A handle on the same connections whose unary requests get `timeout` per attempt
+    /// instead of the configured request timeout (e.g. a short deadline for a health probe, a
+    /// long one for a big range).
+    pub fn with_request_timeout(&self, timeout: Duration) -> Client {
+        Client {
+            inner: self.inner.clone(),
+            timeout: Some(timeout),
+        }
+    }
+
+    /// The time allowed for one attempt of a unary request.
+    pub fn request_timeout(&self) -> Duration {
+        self.timeout.unwrap_or(self.inner.opts.request_timeout)
+    }
+
     /// The options this client was made with.
     pub fn options(&self) -> &ConnectOptions {
         &self.inner.opts
@@ -271,6 +288,7 @@ impl Client {
             .get(index)
             .ok_or_else(|| Error::Config(format!("no endpoint {index}")))?;
         Ok(Client {
+            timeout: self.timeout,
             inner: Arc::new(Inner {
                 endpoints: vec![Endpoint {
                     url: ep.url.clone(),
@@ -350,7 +368,7 @@ impl Client {
             req.metadata_mut().insert("token", t);
         }
         if timeout {
-            req.set_timeout(self.inner.opts.request_timeout);
+            req.set_timeout(self.request_timeout());
         }
         req
     }
@@ -388,7 +406,7 @@ impl Client {
                     name: user.clone(),
                     password: password.clone(),
                 });
-                req.set_timeout(this.inner.opts.request_timeout);
+                req.set_timeout(this.request_timeout());
                 async move {
                     AuthClient::new(ch)
                         .max_decoding_message_size(MAX_MESSAGE)
@@ -443,7 +461,7 @@ impl Client {
             let (idx, ch) = self.pick();
             let outcome = if timeout {
                 match tokio::time::timeout(
-                    self.inner.opts.request_timeout + Duration::from_millis(100),
+                    self.request_timeout() + Duration::from_millis(100),
                     f(ch),
                 )
                 .await
@@ -462,10 +480,7 @@ impl Client {
                 Err(Some(status)) => (classify(&status), Error::from_status(&status)),
                 Err(None) => (
                     Failure::Transient,
-                    Error::Timeout(format!(
-                        "no answer within {:?}",
-                        self.inner.opts.request_timeout
-                    )),
+                    Error::Timeout(format!("no answer within {:?}", self.request_timeout())),
                 ),
             };
             tracing::debug!(?failure, error = %err, attempt, "request failed");
@@ -551,6 +566,23 @@ mod tests {
         assert!(matches!(e, Error::Unavailable(_)), "{e:?}");
         let e = c.get("k").await.unwrap_err();
         assert!(matches!(e, Error::Unavailable(_)), "{e:?}");
+    }
+
+    #[test]
+    fn client_is_send_sync_and_cheap_to_clone() {
+        fn assert_send_sync<T: Send + Sync + Clone + 'static>() {}
+        assert_send_sync::<Client>();
+    }
+
+    #[tokio::test]
+    async fn per_request_timeout_override() {
+        let c = Client::connect(["127.0.0.1:1"], ConnectOptions::new())
+            .await
+            .unwrap();
+        assert_eq!(c.request_timeout(), Duration::from_secs(10));
+        let short = c.with_request_timeout(Duration::from_millis(300));
+        assert_eq!(short.request_timeout(), Duration::from_millis(300));
+        assert!(Arc::ptr_eq(&short.inner, &c.inner));
     }
 
     #[test]

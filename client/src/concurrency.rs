@@ -6,6 +6,21 @@
 //! fencing token — guard the protected writes with
 //! `Compare::create_revision(key).eq(rev)` so a holder that lost its lease cannot write.
 //!
+//! [`Client::lock_session`] does it all: a lease of its own, kept alive, and a guard whose
+//! [`LockGuard::fence`] is the compare to put in every protected transaction.
+//!
+//! ```no_run
+//! # async fn f(client: keel_client::Client) -> keel_client::Result<()> {
+//! use keel_client::Op;
+//! let guard = client.lock_session("locks/leader-only-job", 10).await?;
+//! let r = client.txn().when([guard.fence()]).and_then([Op::put("job/state", "running")]).await?;
+//! assert!(r.succeeded, "false only if the lock was lost meanwhile");
+//! guard.unlock().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Or by hand:
+//!
 //! ```no_run
 //! # async fn f(client: keel_client::Client) -> keel_client::Result<()> {
 //! let lease = client.lease_grant(10).await?;
@@ -23,7 +38,8 @@ use serde::Serialize;
 
 use crate::client::{Client, Kind, MAX_MESSAGE};
 use crate::error::{Error, Result};
-use crate::kv::{Header, KeyValue};
+use crate::kv::{Compare, Header, KeyValue};
+use crate::lease::LeaseKeeper;
 
 /// A held lock.
 #[derive(Debug, Clone, Serialize)]
@@ -225,5 +241,88 @@ impl Client {
             Ok(r) => r.kv.map(Into::into).ok_or(Error::NoElectionLeader),
             Err(s) => Err(Error::from_status(&s)),
         }))
+    }
+}
+
+/// A lock held on a lease of its own that is kept alive in the background. Dropping the guard
+/// stops the keep-alive: the lock is released when the lease expires (up to its TTL later);
+/// call [`LockGuard::unlock`] to release it at once.
+pub struct LockGuard {
+    client: Client,
+    lock: LockKey,
+    keeper: LeaseKeeper,
+}
+
+impl std::fmt::Debug for LockGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LockGuard")
+            .field("key", &String::from_utf8_lossy(&self.lock.key))
+            .field("revision", &self.lock.revision)
+            .field("lease", &self.keeper.id())
+            .finish()
+    }
+}
+
+impl LockGuard {
+    /// The lock key.
+    pub fn key(&self) -> &[u8] {
+        &self.lock.key
+    }
+    /// The fencing token (the lock key's create revision).
+    pub fn revision(&self) -> i64 {
+        self.lock.revision
+    }
+    /// The lease the lock lives on.
+    pub fn lease(&self) -> i64 {
+        self.keeper.id()
+    }
+    /// The condition "this lock is still held": add it to every transaction the lock protects.
+    pub fn fence(&self) -> Compare {
+        Compare::create_revision(self.lock.key.clone()).eq(self.lock.revision)
+    }
+    /// True while the lease is known to be alive.
+    pub fn is_held(&self) -> bool {
+        self.keeper.is_alive()
+    }
+    /// Resolves when the lock's lease is no longer known to be alive.
+    pub async fn lost(&self) {
+        self.keeper.lost().await
+    }
+    /// Releases the lock and revokes its lease.
+    pub async fn unlock(self) -> Result<()> {
+        let r = self.client.unlock(self.lock.key.clone()).await;
+        self.keeper.revoke().await?;
+        r.map(|_| ())
+    }
+}
+
+impl Client {
+    /// Acquires lock `name` on a fresh lease of `ttl` seconds that is kept alive until the
+    /// guard is dropped or unlocked. Waits for earlier holders. If acquiring fails, the lease is
+    /// revoked (so an ambiguous attempt leaves no lock behind).
+    pub async fn lock_session(&self, name: impl Into<Vec<u8>>, ttl: i64) -> Result<LockGuard> {
+        let lease = self.lease_grant(ttl).await?;
+        let keeper = match self.lease_keep_alive(lease.id).await {
+            Ok(k) => k,
+            Err(e) => {
+                let _ = self.lease_revoke(lease.id).await;
+                return Err(e);
+            }
+        };
+        let lock = tokio::select! {
+            r = self.lock(name, lease.id) => r,
+            _ = keeper.lost() => Err(Error::SessionExpired("lease lost while waiting for the lock".into())),
+        };
+        match lock {
+            Ok(lock) => Ok(LockGuard {
+                client: self.clone(),
+                lock,
+                keeper,
+            }),
+            Err(e) => {
+                let _ = keeper.revoke().await;
+                Err(e)
+            }
+        }
     }
 }

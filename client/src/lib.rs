@@ -35,7 +35,8 @@
 //! - [`lease`]: grant / revoke / time-to-live / list, and [`LeaseKeeper`] (background keep-alive;
 //!   drop it to stop).
 //! - [`concurrency`]: locks and elections over the server's `v3lockpb.Lock` and
-//!   `v3electionpb.Election` services.
+//!   `v3electionpb.Election` services; [`Client::lock_session`] gives a [`LockGuard`] with its
+//!   own kept-alive lease and a fencing [`Compare`] for the writes the lock protects.
 //! - [`informer`]: [`Informer`]: list a prefix at one revision, watch from the next, keep a
 //!   local cache, call a handler on add / update / delete, relist after compaction, periodic
 //!   resync.
@@ -59,7 +60,7 @@ pub mod maintenance;
 pub mod watch;
 
 pub use client::{Client, ConnectOptions, RetryPolicy};
-pub use concurrency::{LeaderKey, LockKey};
+pub use concurrency::{LeaderKey, LockGuard, LockKey};
 pub use error::{Error, Result};
 pub use informer::{Handler, Informer, InformerEvent, InformerHandle, Store};
 pub use kv::{

@@ -252,7 +252,7 @@ impl Client {
             next_rev,
             endpoint,
         };
-        match tokio::time::timeout(self.inner.opts.request_timeout, created_rx).await {
+        match tokio::time::timeout(self.request_timeout(), created_rx).await {
             Ok(Ok(Ok(()))) => Ok(watcher),
             Ok(Ok(Err(e))) => Err(e),
             Ok(Err(_)) => Err(Error::Cancelled("watch task ended".into())),

@@ -535,7 +535,7 @@ async fn run(cli: Cli) -> Result<()> {
                     },
                     EndpointCmd::Health => {
                         let t = std::time::Instant::now();
-                        match one.get("health").serializable().await.and(Ok(())) {
+                        match one.get("health").await.and(Ok(())) {
                             Ok(()) => println!("{ep} is healthy: took = {:?}", t.elapsed()),
                             Err(e) => {
                                 failed = true;

@@ -46,7 +46,41 @@ async fn locks_are_exclusive_and_fenced() {
         .unwrap();
     assert!(!r.succeeded);
     // Revoking the holder's lease releases the lock.
-    c.lease_revoke(l2.id).await.ok();
+    c.lease_revoke(l2.id).await.unwrap();
+
+    // Lock sessions: own lease, kept alive, fence helper; a dropped guard releases the lock
+    // once its lease expires, an unlocked one at once.
+    let g1 = c.lock_session("locks/s", 2).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(g1.is_held(), "kept alive past its TTL");
+    let r = c
+        .txn()
+        .when([g1.fence()])
+        .and_then([Op::put("protected", "g1")])
+        .await
+        .unwrap();
+    assert!(r.succeeded);
+    let c2 = c.clone();
+    let waiter = tokio::spawn(async move { c2.lock_session("locks/s", 2).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiter.is_finished());
+    let old_fence = g1.fence();
+    drop(g1); // like a crash: released when the lease expires
+    let g2 = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("released after the TTL")
+        .unwrap()
+        .unwrap();
+    let r = c
+        .txn()
+        .when([old_fence])
+        .and_then([Op::put("protected", "stale")])
+        .await
+        .unwrap();
+    assert!(!r.succeeded, "the old holder is fenced off");
+    let key = g2.key().to_vec();
+    g2.unlock().await.unwrap();
+    assert!(c.get(key).await.unwrap().first().is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
