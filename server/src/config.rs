@@ -154,6 +154,15 @@ pub struct Config {
         hide = true
     )]
     pub unsafe_local_reads: bool,
+
+    /// TESTING ONLY: this member answers HashKV with a wrong hash, so tests can show that the
+    /// leader's corruption check raises a CORRUPT alarm naming it.
+    #[arg(
+        long = "debug-corrupt-hashkv",
+        env = "KEEL_DEBUG_CORRUPT_HASHKV",
+        hide = true
+    )]
+    pub debug_corrupt_hashkv: bool,
 }
 
 impl Config {

@@ -164,9 +164,14 @@ fn member_hash(node: &KeelNode) -> Result<u32, ServerError> {
 /// before the first compaction.
 pub fn hash_kv(node: &KeelNode, revision: i64) -> Result<HashKvResponse, ServerError> {
     let r = node.mvcc.hash_kv(revision).map_err(ServerError::from)?;
+    let hash = if node.config.debug_corrupt_hashkv {
+        r.hash ^ 0x5eed
+    } else {
+        r.hash
+    };
     Ok(HashKvResponse {
         header: Some(node.header_at(r.hash_revision)),
-        hash: r.hash,
+        hash,
         compact_revision: if r.compact_revision == 0 {
             -1
         } else {

@@ -324,6 +324,57 @@ async fn hashkv_is_equal_across_members_after_a_workload() {
 }
 
 #[tokio::test]
+async fn corruption_check_raises_corrupt_for_the_diverging_member() {
+    let mut cluster = Cluster::start_with(3, &["--corrupt-check-time", "1s"]).await;
+    let leader = cluster.leader().await;
+    let bad = (leader + 1) % 3;
+    let mut c = client(&cluster.members[leader].endpoint()).await.unwrap();
+    for i in 0..20 {
+        c.put(format!("k{i}"), "v", None).await.unwrap();
+    }
+    let bad_id = client(&cluster.members[bad].endpoint())
+        .await
+        .unwrap()
+        .status()
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .member_id();
+    // Restart one follower so that it reports a wrong HashKV.
+    cluster.members[bad].kill();
+    cluster.members[bad]
+        .extra
+        .push("--debug-corrupt-hashkv".into());
+    cluster.members[bad].start();
+    cluster.wait_ready(Duration::from_secs(30)).await;
+    let leader = cluster.leader().await;
+    let mut c = client(&cluster.members[leader].endpoint()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let raised = loop {
+        let alarms = c
+            .alarm(AlarmAction::Get, AlarmType::None, None)
+            .await
+            .unwrap();
+        let raised: Vec<_> = alarms
+            .alarms()
+            .iter()
+            .map(|a| (a.member_id(), a.alarm()))
+            .collect();
+        if !raised.is_empty() {
+            break raised;
+        }
+        assert!(Instant::now() < deadline, "no CORRUPT alarm");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(raised, vec![(bad_id, AlarmType::Corrupt)]);
+    let e = c.put("k", "w", None).await.unwrap_err();
+    assert_eq!(status_message(&e), "etcdserver: corrupt cluster");
+    let log = cluster.members[leader].log();
+    assert!(log.contains("HashKV mismatch"), "{log}");
+}
+
+#[tokio::test]
 async fn http_endpoints_on_the_client_port() {
     let cluster = Cluster::start(1).await;
     let port = cluster.members[0].client_port;
