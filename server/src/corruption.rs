@@ -145,7 +145,7 @@ pub async fn check_once(node: &Arc<KeelNode>) -> Result<CheckReport, String> {
         report.mismatched.push(me);
     }
     for (id, resp) in answers {
-        let their_rev = resp.header.as_ref().map(|h| h.revision).unwrap_or(0);
+        let their_rev = resp.hash_revision;
         if their_rev != revision || resp.compact_revision != compacted {
             tracing::debug!(member = %format!("{id:x}"), their_rev, their_compacted = resp.compact_revision, "not comparable this round");
             continue;

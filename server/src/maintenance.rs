@@ -160,8 +160,9 @@ fn member_hash(node: &KeelNode) -> Result<u32, ServerError> {
     Ok(hasher.finalize())
 }
 
-/// This member's HashKV at `revision` (0: the current one). etcd reports compact revision -1
-/// before the first compaction.
+/// This member's HashKV at `revision` (0: the current one). As etcd, the header carries the
+/// current revision (`hash_revision` the hashed one) and the compact revision is -1 before the
+/// first compaction.
 pub fn hash_kv(node: &KeelNode, revision: i64) -> Result<HashKvResponse, ServerError> {
     let r = node.mvcc.hash_kv(revision).map_err(ServerError::from)?;
     let hash = if node.config.debug_corrupt_hashkv {
@@ -170,7 +171,7 @@ pub fn hash_kv(node: &KeelNode, revision: i64) -> Result<HashKvResponse, ServerE
         r.hash
     };
     Ok(HashKvResponse {
-        header: Some(node.header_at(r.hash_revision)),
+        header: Some(node.header()),
         hash,
         compact_revision: if r.compact_revision == 0 {
             -1

@@ -661,7 +661,8 @@ impl MvccStore {
             return Err(ApplyError::new(ApplyErrorKind::FutureRevision));
         }
         let compacted = self.compact_revision();
-        if at < compacted {
+        // As etcd: an explicit revision at or below the compact revision is compacted.
+        if at < compacted || (revision > 0 && revision <= compacted) {
             return Err(ApplyError::new(ApplyErrorKind::Compacted));
         }
         let kept: BTreeSet<Revision> = {
