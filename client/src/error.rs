@@ -27,7 +27,8 @@ pub enum Error {
     /// The requested revision has been compacted away. `compact_revision` is known for watches
     /// (0 when the server did not say, as for ranges).
     #[error(
-        "etcdserver: mvcc: required revision has been compacted (compacted at {compact_revision})"
+        "etcdserver: mvcc: required revision has been compacted{}",
+        at_revision(*.compact_revision)
     )]
     Compacted {
         /// The oldest revision still available minus one, when known.
@@ -102,6 +103,14 @@ pub enum Error {
         /// The message.
         message: String,
     },
+}
+
+fn at_revision(rev: i64) -> String {
+    if rev > 0 {
+        format!(" (compacted at {rev})")
+    } else {
+        String::new()
+    }
 }
 
 /// How a failed attempt may be handled by the retry loop.
@@ -268,6 +277,10 @@ mod tests {
             "etcdserver: mvcc: required revision has been compacted",
         ));
         assert!(matches!(e, Error::Compacted { .. }));
+        assert_eq!(
+            e.to_string(),
+            "etcdserver: mvcc: required revision has been compacted"
+        );
         let e = Error::from_status(&Status::out_of_range(
             "etcdserver: mvcc: required revision is a future revision",
         ));
