@@ -137,6 +137,52 @@ pub struct Config {
     )]
     pub auto_compaction_interval: Duration,
 
+    /// Auth token type: `simple` (etcd's default; random tokens held in memory by every member).
+    #[arg(long, env = "KEEL_AUTH_TOKEN", default_value = "simple")]
+    pub auth_token: String,
+
+    /// Seconds a simple token stays valid without being used.
+    #[arg(long, env = "KEEL_AUTH_TOKEN_TTL", default_value_t = 300)]
+    pub auth_token_ttl: u64,
+
+    /// bcrypt cost of stored password hashes (etcd's default 10; 4 to 31).
+    #[arg(long, env = "KEEL_BCRYPT_COST", default_value_t = 10, value_parser = clap::value_parser!(u32).range(4..=31))]
+    pub bcrypt_cost: u32,
+
+    /// Client TLS certificate (PEM); required by https:// client URLs.
+    #[arg(long, env = "KEEL_CERT_FILE")]
+    pub cert_file: Option<PathBuf>,
+
+    /// Client TLS private key (PEM).
+    #[arg(long, env = "KEEL_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+
+    /// CA bundle (PEM) that client certificates must chain to.
+    #[arg(long, env = "KEEL_TRUSTED_CA_FILE")]
+    pub trusted_ca_file: Option<PathBuf>,
+
+    /// Require a client certificate signed by --trusted-ca-file on https:// client URLs; with
+    /// auth enabled, its common name is the user when a request carries no token.
+    #[arg(long, env = "KEEL_CLIENT_CERT_AUTH")]
+    pub client_cert_auth: bool,
+
+    /// Peer TLS certificate (PEM); required by https:// peer URLs, and presented to peers.
+    #[arg(long, env = "KEEL_PEER_CERT_FILE")]
+    pub peer_cert_file: Option<PathBuf>,
+
+    /// Peer TLS private key (PEM).
+    #[arg(long, env = "KEEL_PEER_KEY_FILE")]
+    pub peer_key_file: Option<PathBuf>,
+
+    /// CA bundle (PEM) that peer certificates must chain to (also used to verify peers this
+    /// member connects to).
+    #[arg(long, env = "KEEL_PEER_TRUSTED_CA_FILE")]
+    pub peer_trusted_ca_file: Option<PathBuf>,
+
+    /// Require peers to present a certificate signed by --peer-trusted-ca-file.
+    #[arg(long, env = "KEEL_PEER_CLIENT_CERT_AUTH")]
+    pub peer_client_cert_auth: bool,
+
     /// Log level: error, warn, info, debug, trace (or a tracing filter directive).
     #[arg(long, env = "KEEL_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -186,6 +232,10 @@ impl Config {
         } else {
             self.initial_advertise_peer_urls.clone()
         }
+    }
+
+    pub fn auth_token_ttl(&self) -> Duration {
+        Duration::from_secs(self.auth_token_ttl.max(1))
     }
 
     pub fn heartbeat(&self) -> Duration {

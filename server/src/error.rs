@@ -78,6 +78,41 @@ pub enum ServerError {
     SessionExpired,
     #[error("lost watcher waiting for delete")]
     LostWatcher,
+    /// Auth errors (etcd's rpctypes texts and codes).
+    #[error("etcdserver: authentication is not enabled")]
+    AuthNotEnabled,
+    #[error("etcdserver: root user does not exist")]
+    RootUserNotExist,
+    #[error("etcdserver: root user does not have root role")]
+    RootRoleNotExist,
+    #[error("etcdserver: user name already exists")]
+    UserAlreadyExist,
+    #[error("etcdserver: user name is empty")]
+    UserEmpty,
+    #[error("etcdserver: user name not found")]
+    UserNotFound,
+    #[error("etcdserver: role name already exists")]
+    RoleAlreadyExist,
+    #[error("etcdserver: role name not found")]
+    RoleNotFound,
+    #[error("etcdserver: role name is empty")]
+    RoleEmpty,
+    #[error("etcdserver: authentication failed, invalid user ID or password")]
+    AuthFailed,
+    #[error("etcdserver: permission not given")]
+    PermissionNotGiven,
+    #[error("etcdserver: permission denied")]
+    PermissionDenied,
+    #[error("etcdserver: role is not granted to the user")]
+    RoleNotGranted,
+    #[error("etcdserver: permission is not granted to the role")]
+    PermissionNotGranted,
+    #[error("etcdserver: invalid auth token")]
+    InvalidAuthToken,
+    #[error("etcdserver: invalid auth management")]
+    InvalidAuthMgmt,
+    #[error("etcdserver: revision of auth store is old")]
+    AuthOldRevision,
     #[error("etcdserver: {0}")]
     Internal(String),
     #[error("{0}")]
@@ -110,6 +145,13 @@ impl ServerError {
             }
             ElectionNotLeader | ElectionNoLeader | MissingLeaderKey | SessionExpired
             | LostWatcher => Code::Unknown,
+            AuthNotEnabled | RootUserNotExist | RootRoleNotExist | UserAlreadyExist
+            | UserNotFound | RoleAlreadyExist | RoleNotFound | RoleNotGranted
+            | PermissionNotGranted => Code::FailedPrecondition,
+            UserEmpty | RoleEmpty | AuthFailed | PermissionNotGiven | InvalidAuthMgmt
+            | AuthOldRevision => Code::InvalidArgument,
+            PermissionDenied => Code::PermissionDenied,
+            InvalidAuthToken => Code::Unauthenticated,
             Internal(_) => Code::Internal,
             Unimplemented(_) => Code::Unimplemented,
         }
@@ -131,6 +173,22 @@ impl ServerError {
     }
 }
 
+impl ServerError {
+    /// The status etcd 3.4/3.5's Maintenance service fails its admin checks with: the auth
+    /// package's own error text and code `Unknown` (e.g. `auth: permission denied`).
+    pub fn into_maintenance_status(self) -> Status {
+        let text = match self {
+            ServerError::PermissionDenied => "auth: permission denied",
+            ServerError::UserEmpty => "auth: user name is empty",
+            ServerError::UserNotFound => "auth: user not found",
+            ServerError::InvalidAuthToken => "auth: invalid auth token",
+            ServerError::AuthOldRevision => "auth: revision in header is old",
+            other => return other.into(),
+        };
+        Status::new(Code::Unknown, text)
+    }
+}
+
 impl From<ApplyError> for ServerError {
     fn from(e: ApplyError) -> ServerError {
         match e.kind {
@@ -142,6 +200,23 @@ impl From<ApplyError> for ServerError {
             ApplyErrorKind::NoSpace => ServerError::NoSpace,
             ApplyErrorKind::KeyNotFound => ServerError::KeyNotFound,
             ApplyErrorKind::Corrupt => ServerError::Corrupt,
+            ApplyErrorKind::AuthNotEnabled => ServerError::AuthNotEnabled,
+            ApplyErrorKind::RootUserNotExist => ServerError::RootUserNotExist,
+            ApplyErrorKind::RootRoleNotExist => ServerError::RootRoleNotExist,
+            ApplyErrorKind::UserAlreadyExist => ServerError::UserAlreadyExist,
+            ApplyErrorKind::UserEmpty => ServerError::UserEmpty,
+            ApplyErrorKind::UserNotFound => ServerError::UserNotFound,
+            ApplyErrorKind::RoleAlreadyExist => ServerError::RoleAlreadyExist,
+            ApplyErrorKind::RoleNotFound => ServerError::RoleNotFound,
+            ApplyErrorKind::RoleEmpty => ServerError::RoleEmpty,
+            ApplyErrorKind::AuthFailed => ServerError::AuthFailed,
+            ApplyErrorKind::PermissionNotGiven => ServerError::PermissionNotGiven,
+            ApplyErrorKind::PermissionDenied => ServerError::PermissionDenied,
+            ApplyErrorKind::RoleNotGranted => ServerError::RoleNotGranted,
+            ApplyErrorKind::PermissionNotGranted => ServerError::PermissionNotGranted,
+            ApplyErrorKind::InvalidAuthToken => ServerError::InvalidAuthToken,
+            ApplyErrorKind::InvalidAuthMgmt => ServerError::InvalidAuthMgmt,
+            ApplyErrorKind::AuthOldRevision => ServerError::AuthOldRevision,
             ApplyErrorKind::Other => ServerError::Internal(e.message),
         }
     }

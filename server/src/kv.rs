@@ -8,11 +8,12 @@ use keel_proto::etcdserverpb::{
     CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
     PutResponse, RangeRequest, RangeResponse, TxnRequest, TxnResponse,
 };
+use keel_proto::keelpb::RaftResponse;
 use keel_proto::keelpb::raft_request::Request as Cmd;
 use keel_proto::keelpb::raft_response::Response as Res;
-use keel_proto::keelpb::{RaftRequest, RaftResponse};
 use tonic::{Request, Response, Status};
 
+use crate::auth::{self, Caller};
 use crate::error::ServerError;
 use crate::node::KeelNode;
 use crate::validate;
@@ -26,11 +27,9 @@ impl KvService {
         Self { node }
     }
 
-    async fn propose(&self, cmd: Cmd) -> Result<(Res, i64), Status> {
-        let resp: RaftResponse = self
-            .node
-            .propose(RaftRequest { request: Some(cmd) })
-            .await?;
+    /// Proposes `cmd` on behalf of `caller`; applying it checks the caller's permissions.
+    async fn propose(&self, caller: &Caller, cmd: Cmd) -> Result<(Res, i64), Status> {
+        let resp: RaftResponse = auth::propose_as(&self.node, caller, cmd).await?;
         let revision = resp.revision;
         let body = resp
             .response
@@ -47,12 +46,15 @@ fn unexpected() -> Status {
 impl Kv for KvService {
     #[tracing::instrument(level = "debug", skip_all)]
     async fn range(&self, req: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
+        let caller = Caller::of(&req);
         let r = req.into_inner();
         validate::check_range(&r)?;
         if !r.serializable {
             self.node.read_barrier().await?;
         }
+        let info = caller.check_read(&self.node, &r.key, &r.range_end).await?;
         let mut resp = self.node.mvcc.range(&r).map_err(ServerError::from)?;
+        auth::check_unchanged(&self.node, &info)?;
         let revision = resp
             .header
             .as_ref()
@@ -83,9 +85,10 @@ impl Kv for KvService {
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let caller = Caller::of(&req);
         let r = req.into_inner();
         validate::check_put(&r)?;
-        match self.propose(Cmd::Put(r)).await? {
+        match self.propose(&caller, Cmd::Put(r)).await? {
             (Res::Put(mut p), rev) => {
                 p.header = Some(self.node.header_at(rev));
                 Ok(Response::new(p))
@@ -99,9 +102,10 @@ impl Kv for KvService {
         &self,
         req: Request<DeleteRangeRequest>,
     ) -> Result<Response<DeleteRangeResponse>, Status> {
+        let caller = Caller::of(&req);
         let r = req.into_inner();
         validate::check_delete(&r)?;
-        match self.propose(Cmd::DeleteRange(r)).await? {
+        match self.propose(&caller, Cmd::DeleteRange(r)).await? {
             (Res::DeleteRange(mut d), rev) => {
                 d.header = Some(self.node.header_at(rev));
                 Ok(Response::new(d))
@@ -112,9 +116,10 @@ impl Kv for KvService {
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn txn(&self, req: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
+        let caller = Caller::of(&req);
         let r = req.into_inner();
         validate::check_txn(&r, self.node.config.max_txn_ops)?;
-        match self.propose(Cmd::Txn(r)).await? {
+        match self.propose(&caller, Cmd::Txn(r)).await? {
             (Res::Txn(mut t), rev) => {
                 t.header = Some(self.node.header_at(rev));
                 Ok(Response::new(t))
@@ -128,8 +133,9 @@ impl Kv for KvService {
         &self,
         req: Request<CompactionRequest>,
     ) -> Result<Response<CompactionResponse>, Status> {
+        let caller = Caller::of(&req);
         let r = req.into_inner();
-        match self.propose(Cmd::Compaction(r)).await? {
+        match self.propose(&caller, Cmd::Compaction(r)).await? {
             (Res::Compaction(mut c), rev) => {
                 c.header = Some(self.node.header_at(rev));
                 Ok(Response::new(c))

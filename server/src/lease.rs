@@ -222,6 +222,32 @@ impl LeaseService {
     pub fn new(node: Arc<KeelNode>, lessor: Arc<Lessor>) -> Self {
         Self { node, lessor }
     }
+
+    /// With auth enabled: credentials are required, and unless the caller is an admin, read
+    /// access to every key attached to lease `id` (etcd's `checkLeaseTimeToLive`).
+    async fn check_lease_keys(
+        &self,
+        caller: &crate::auth::Caller,
+        id: i64,
+    ) -> Result<Option<keel_store::auth::AuthInfo>, ServerError> {
+        let state = self.node.mvcc.auth();
+        if !state.enabled() {
+            return Ok(None);
+        }
+        let info = caller
+            .info(&self.node)
+            .await?
+            .ok_or(ServerError::UserEmpty)?;
+        if state.check_admin(&info).is_ok() {
+            return Ok(Some(info));
+        }
+        for key in self.node.mvcc.lease(id).map(|l| l.keys).unwrap_or_default() {
+            state
+                .check(&info, &key, &[], keel_store::auth::Access::Read)
+                .map_err(ServerError::from)?;
+        }
+        Ok(Some(info))
+    }
 }
 
 type KeepAliveStream = Pin<Box<dyn Stream<Item = Result<LeaseKeepAliveResponse, Status>> + Send>>;
@@ -253,7 +279,9 @@ impl Lease for LeaseService {
                         return Ok(Response::new(g));
                     }
                     _ => {
-                        return Err(ServerError::Internal("unexpected apply response".into()).into());
+                        return Err(
+                            ServerError::Internal("unexpected apply response".into()).into()
+                        );
                     }
                 },
                 Err(ServerError::LeaseExists) if chosen => continue,
@@ -268,13 +296,10 @@ impl Lease for LeaseService {
         &self,
         req: Request<LeaseRevokeRequest>,
     ) -> Result<Response<LeaseRevokeResponse>, Status> {
+        // Applying checks that the caller may delete every key attached to the lease.
+        let caller = crate::auth::Caller::of(&req);
         let r = req.into_inner();
-        let resp = self
-            .node
-            .propose(RaftRequest {
-                request: Some(Cmd::LeaseRevoke(r)),
-            })
-            .await?;
+        let resp = crate::auth::propose_as(&self.node, &caller, Cmd::LeaseRevoke(r)).await?;
         Ok(Response::new(LeaseRevokeResponse {
             header: Some(self.node.header_at(resp.revision)),
         }))
@@ -315,9 +340,17 @@ impl Lease for LeaseService {
         &self,
         req: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
+        let caller = crate::auth::Caller::of(&req);
         let r = req.into_inner();
+        // Listing the attached keys needs read access to each of them (etcd checks only then).
+        let checked = if r.keys {
+            self.check_lease_keys(&caller, r.id).await?
+        } else {
+            None
+        };
         let ttl = self.lessor.remaining(r.id).await?;
         let info = self.node.mvcc.lease(r.id);
+        crate::auth::check_unchanged(&self.node, &checked)?;
         Ok(Response::new(LeaseTimeToLiveResponse {
             header: Some(self.node.header()),
             id: r.id,
@@ -333,8 +366,14 @@ impl Lease for LeaseService {
 
     async fn lease_leases(
         &self,
-        _req: Request<LeaseLeasesRequest>,
+        req: Request<LeaseLeasesRequest>,
     ) -> Result<Response<LeaseLeasesResponse>, Status> {
+        let caller = crate::auth::Caller::of(&req);
+        let mut checked = None;
+        for l in self.node.mvcc.leases() {
+            checked = self.check_lease_keys(&caller, l.id).await?;
+        }
+        crate::auth::check_unchanged(&self.node, &checked)?;
         let leases = self
             .node
             .mvcc

@@ -19,9 +19,12 @@
 //! - [`cluster`]: `etcdserverpb.Cluster` — membership changes.
 //! - [`error`]: the one table mapping errors to gRPC status codes and etcd's messages.
 //! - [`snapshot`]: backups — the `Maintenance.Snapshot` stream and `keel snapshot restore`.
+//! - [`auth`]: `etcdserverpb.Auth`, tokens and the permission checks of every client RPC.
+//! - [`tls`]: TLS for the client and peer listeners.
 //! - [`authority_fix`]: repairs etcd 3.4 clients' malformed HTTP/2 `:authority`.
 //! - [`server`]: listeners and graceful shutdown.
 
+pub mod auth;
 pub mod authority_fix;
 pub mod cluster;
 pub mod compactor;
@@ -40,5 +43,6 @@ pub mod node;
 pub mod peer_service;
 pub mod server;
 pub mod snapshot;
+pub mod tls;
 pub mod validate;
 pub mod watch;

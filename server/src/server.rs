@@ -3,12 +3,14 @@
 
 use std::sync::Arc;
 
+use keel_proto::etcdserverpb::auth_server::AuthServer;
 use keel_proto::etcdserverpb::cluster_server::ClusterServer;
 use keel_proto::etcdserverpb::kv_server::KvServer;
 use keel_proto::etcdserverpb::maintenance_server::MaintenanceServer;
 use keel_proto::keelpb::raft_peer_server::RaftPeerServer;
 use tokio::sync::watch;
 
+use crate::auth::{AdminGate, AuthService, CLUSTER_ADMIN, MAINTENANCE_ADMIN};
 use crate::authority_fix::AuthorityFix;
 use crate::cluster::ClusterService;
 use crate::config::{Config, parse_url};
@@ -99,12 +101,19 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let listener_hub = hub.clone();
     let listener: keel_store::raft::state_machine::ApplyListener =
         Arc::new(move |chunk| listener_hub.on_applied(chunk));
+    if config.auth_token != "simple" {
+        anyhow::bail!(
+            "--auth-token {}: only simple tokens are supported",
+            config.auth_token
+        );
+    }
     let auto_compaction = crate::compactor::parse(
         &config.auto_compaction_mode,
         &config.auto_compaction_retention,
     )
     .map_err(anyhow::Error::msg)?;
     let node = KeelNode::start(config.clone(), Some(listener)).await?;
+    crate::auth::spawn_token_sweeper(node.clone());
     hub.attach(node.mvcc.clone());
     let lessor = Lessor::start(node.clone());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -176,13 +185,20 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
                 LeaseServer::new(LeaseService::new(node.clone(), lessor.clone()))
                     .max_decoding_message_size(max_recv),
             )
-            .add_service(
+            .add_service(AdminGate::new(
                 MaintenanceServer::new(MaintenanceService::new(node.clone()))
                     .max_decoding_message_size(max_recv),
-            )
-            .add_service(
+                node.clone(),
+                MAINTENANCE_ADMIN,
+            ))
+            .add_service(AdminGate::new(
                 ClusterServer::new(ClusterService::new(node.clone()))
                     .max_decoding_message_size(max_recv),
+                node.clone(),
+                CLUSTER_ADMIN,
+            ))
+            .add_service(
+                AuthServer::new(AuthService::new(node.clone())).max_decoding_message_size(max_recv),
             )
             .add_service(
                 LockServer::new(LockService::new(node.clone(), hub.clone(), lessor.clone()))

@@ -446,6 +446,22 @@ impl WatchHub {
         }
     }
 
+    /// Refuses a create request with `reason` (etcd: a created-and-canceled response).
+    fn reject(&self, stream: u64, reason: &str) {
+        let st = self.lock();
+        let current = st.dispatched_rev;
+        if let Some(entry) = st.streams.get(&stream) {
+            entry.queue.push(WatchResponse {
+                header: Some(rev_header(current)),
+                watch_id: INVALID_WATCH_ID,
+                created: true,
+                canceled: true,
+                cancel_reason: reason.to_string(),
+                ..Default::default()
+            });
+        }
+    }
+
     fn create(&self, stream: u64, req: WatchCreateRequest) {
         let mut st = self.lock();
         let current = st.dispatched_rev;
@@ -837,6 +853,34 @@ async fn progress_ticker(hub: Weak<WatchHub>, interval: Duration) {
     }
 }
 
+/// Read access to the watched range, checked when the watch is created (etcd does not check
+/// again later). An empty key means "\0", and range end "\0" every key from the key: unlike
+/// etcd, which then checks only the first key, the whole watched range must be readable.
+async fn watch_permitted(
+    node: &KeelNode,
+    caller: &crate::auth::Caller,
+    c: &WatchCreateRequest,
+) -> Result<(), &'static str> {
+    if !node.mvcc.auth().enabled() {
+        return Ok(());
+    }
+    let key: &[u8] = if c.key.is_empty() { &[0] } else { &c.key };
+    match caller.check_read(node, key, &c.range_end).await {
+        Ok(_) => Ok(()),
+        // etcd sends the gRPC status text of its errors.
+        Err(ServerError::InvalidAuthToken) => {
+            Err("rpc error: code = Unauthenticated desc = etcdserver: invalid auth token")
+        }
+        Err(ServerError::AuthOldRevision) => Err(
+            "rpc error: code = InvalidArgument desc = etcdserver: revision of auth store is old",
+        ),
+        Err(ServerError::UserEmpty) => {
+            Err("rpc error: code = InvalidArgument desc = etcdserver: user name is empty")
+        }
+        Err(_) => Err("rpc error: code = PermissionDenied desc = etcdserver: permission denied"),
+    }
+}
+
 pub struct WatchService {
     node: Arc<KeelNode>,
     hub: Arc<WatchHub>,
@@ -867,6 +911,7 @@ impl Watch for WatchService {
         if require_leader && self.node.leader().is_none() {
             return Err(ServerError::NoLeader.into());
         }
+        let caller = crate::auth::Caller::of(&req);
         let mut incoming = req.into_inner();
         let (stream_id, queue) = self.hub.open_stream();
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<WatchResponse, Status>>(64);
@@ -874,11 +919,17 @@ impl Watch for WatchService {
         // Client requests → hub.
         let hub = self.hub.clone();
         let recv_queue = queue.clone();
+        let auth_node = self.node.clone();
         tokio::spawn(async move {
             while let Some(msg) = incoming.next().await {
                 let Ok(msg) = msg else { break };
                 match msg.request_union {
-                    Some(RequestUnion::CreateRequest(c)) => hub.create(stream_id, c),
+                    Some(RequestUnion::CreateRequest(c)) => {
+                        match watch_permitted(&auth_node, &caller, &c).await {
+                            Ok(()) => hub.create(stream_id, c),
+                            Err(reason) => hub.reject(stream_id, reason),
+                        }
+                    }
                     Some(RequestUnion::CancelRequest(c)) => hub.cancel(stream_id, c.watch_id),
                     Some(RequestUnion::ProgressRequest(_)) => hub.request_progress(stream_id),
                     None => {}

@@ -6,9 +6,11 @@
 //!   events, leases) on top of an engine.
 //! - [`error`]: errors of this layer; request-level failures are data ([`ApplyError`]).
 //! - [`raft`]: openraft storage: the Raft log store and the replicated state machine.
+//! - [`auth`]: users, roles and permissions (etcd's auth store) and the in-memory tokens.
 //! - [`backup`]: backup files (what `Maintenance.Snapshot` streams) and restoring them.
 //! - [`observe`]: timing hooks (fsync, apply commit) the server turns into metrics.
 
+pub mod auth;
 pub mod backup;
 pub mod engine;
 pub mod error;

@@ -1,6 +1,7 @@
 //! Integration tests: real `keel` processes on 127.0.0.1, driven with the `etcd-client` crate
 //! and with real `etcdctl`.
 
+mod auth;
 mod cluster;
 mod etcdctl;
 mod kv;

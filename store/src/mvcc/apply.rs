@@ -17,9 +17,17 @@ use keel_proto::etcdserverpb::{
     LeaseRevokeRequest, LeaseRevokeResponse, PutRequest, PutResponse, RangeRequest, ResponseHeader,
     ResponseOp, TxnRequest, TxnResponse, alarm_request, compare,
 };
+use keel_proto::etcdserverpb::{
+    AuthDisableResponse, AuthEnableResponse, AuthRoleAddResponse, AuthRoleDeleteResponse,
+    AuthRoleGrantPermissionResponse, AuthRoleRevokePermissionResponse, AuthUserAddResponse,
+    AuthUserChangePasswordResponse, AuthUserDeleteResponse, AuthUserGrantRoleResponse,
+    AuthUserRevokeRoleResponse, AuthenticateResponse,
+};
 use keel_proto::keelpb::raft_request::Request as Cmd;
 use keel_proto::keelpb::raft_response::Response as Res;
-use keel_proto::keelpb::{Empty, LeaseCheckpointBatch, RaftRequest, RaftResponse};
+use keel_proto::keelpb::{
+    AuthorizedRequest, Empty, LeaseCheckpointBatch, RaftRequest, RaftResponse,
+};
 use keel_proto::mvccpb::{Event, KeyValue, event::EventType};
 use prost::Message;
 
@@ -29,6 +37,7 @@ use super::store::{
     KeySpan, LeaseState, META_ALARMS, META_COMPACT, META_REV, MvccStore, View, live_in_index,
     load_kv, range_view,
 };
+use crate::auth::{Access, AuthInfo, AuthState, TokenOp};
 use crate::engine::{Table, WriteBatch};
 use crate::error::{ApplyError, ApplyErrorKind, StoreError};
 
@@ -87,8 +96,28 @@ pub struct ApplyBatch<'a> {
     /// Key attachments in order: (lease, key, attach?).
     lease_keys: Vec<(i64, Vec<u8>, bool)>,
     alarms: Option<Vec<AlarmMember>>,
+    /// The auth state as changed by this batch (a copy of the published one).
+    auth: Option<AuthState>,
+    /// Token changes, applied on commit.
+    token_ops: Vec<TokenOp>,
     events: Vec<Event>,
     failure: Option<StoreError>,
+}
+
+/// The auth state a command is checked against: this batch's changes, or the published state.
+enum AuthView<'a> {
+    Overlay(&'a AuthState),
+    Published(std::sync::Arc<AuthState>),
+}
+
+impl std::ops::Deref for AuthView<'_> {
+    type Target = AuthState;
+    fn deref(&self) -> &AuthState {
+        match self {
+            AuthView::Overlay(s) => s,
+            AuthView::Published(s) => s,
+        }
+    }
 }
 
 impl View for ApplyBatch<'_> {
@@ -131,6 +160,8 @@ impl<'a> ApplyBatch<'a> {
             leases: BTreeMap::new(),
             lease_keys: Vec::new(),
             alarms: None,
+            auth: None,
+            token_ops: Vec::new(),
             events: Vec::new(),
             failure: None,
         }
@@ -150,24 +181,8 @@ impl<'a> ApplyBatch<'a> {
     pub fn apply(&mut self, req: &RaftRequest) -> ApplyOutcome {
         self.events.clear();
         let result = match &req.request {
-            Some(cmd) if refused_when_corrupt(cmd) && self.has_alarm(ALARM_CORRUPT) => {
-                Err(ApplyError::new(ApplyErrorKind::Corrupt))
-            }
-            Some(Cmd::Put(p)) => self.put_cmd(p).map(Res::Put),
-            Some(Cmd::DeleteRange(d)) => Ok(Res::DeleteRange(self.delete_cmd(d))),
-            Some(Cmd::Txn(t)) => self.txn_cmd(t).map(Res::Txn),
-            Some(Cmd::Compaction(c)) => self.compact_cmd(c).map(Res::Compaction),
-            Some(Cmd::LeaseGrant(g)) => self.lease_grant(g).map(Res::LeaseGrant),
-            Some(Cmd::LeaseRevoke(r)) => self.lease_revoke(r).map(Res::LeaseRevoke),
-            Some(Cmd::LeaseCheckpoint(c)) => {
-                self.lease_checkpoint(c);
-                Ok(Res::LeaseCheckpoint(Empty {}))
-            }
-            Some(Cmd::Alarm(a)) => Ok(Res::Alarm(self.alarm(a))),
-            None => Err(ApplyError {
-                kind: ApplyErrorKind::Other,
-                message: "etcdserver: empty request".into(),
-            }),
+            Some(cmd) => self.dispatch(cmd),
+            None => Err(empty_request()),
         };
         let events = std::mem::take(&mut self.events);
         let response = match result {
@@ -183,6 +198,163 @@ impl<'a> ApplyBatch<'a> {
             },
         };
         ApplyOutcome { response, events }
+    }
+
+    fn dispatch(&mut self, cmd: &Cmd) -> Result<Res, ApplyError> {
+        if refused_when_corrupt(cmd) && self.has_alarm(ALARM_CORRUPT) {
+            return Err(ApplyError::new(ApplyErrorKind::Corrupt));
+        }
+        let h = header(self.rev);
+        Ok(match cmd {
+            Cmd::Put(p) => Res::Put(self.put_cmd(p)?),
+            Cmd::DeleteRange(d) => Res::DeleteRange(self.delete_cmd(d)),
+            Cmd::Txn(t) => Res::Txn(self.txn_cmd(t)?),
+            Cmd::Compaction(c) => Res::Compaction(self.compact_cmd(c)?),
+            Cmd::LeaseGrant(g) => Res::LeaseGrant(self.lease_grant(g)?),
+            Cmd::LeaseRevoke(r) => Res::LeaseRevoke(self.lease_revoke(r)?),
+            Cmd::LeaseCheckpoint(c) => {
+                self.lease_checkpoint(c);
+                Res::LeaseCheckpoint(Empty {})
+            }
+            Cmd::Alarm(a) => Res::Alarm(self.alarm(a)),
+            Cmd::Authorized(a) => return self.authorized(a),
+            Cmd::Authenticate(a) => {
+                let mut ops = Vec::new();
+                self.auth_view()
+                    .authenticate(&a.name, &a.simple_token, &mut ops)?;
+                self.token_ops.extend(ops);
+                Res::Authenticate(AuthenticateResponse {
+                    header: h,
+                    token: a.simple_token.clone(),
+                })
+            }
+            Cmd::AuthEnable(_) => {
+                self.auth_change(|s, wb, _| s.enable(wb))?;
+                Res::AuthEnable(AuthEnableResponse { header: h })
+            }
+            Cmd::AuthDisable(_) => {
+                self.auth_change(|s, wb, t| {
+                    s.disable(wb, t);
+                    Ok(())
+                })?;
+                Res::AuthDisable(AuthDisableResponse { header: h })
+            }
+            Cmd::AuthUserAdd(r) => {
+                self.auth_change(|s, wb, _| s.user_add(r, wb))?;
+                Res::AuthUserAdd(AuthUserAddResponse { header: h })
+            }
+            Cmd::AuthUserDelete(r) => {
+                self.auth_change(|s, wb, t| s.user_delete(r, wb, t))?;
+                Res::AuthUserDelete(AuthUserDeleteResponse { header: h })
+            }
+            Cmd::AuthUserChangePassword(r) => {
+                self.auth_change(|s, wb, t| s.user_change_password(r, wb, t))?;
+                Res::AuthUserChangePassword(AuthUserChangePasswordResponse { header: h })
+            }
+            Cmd::AuthUserGrantRole(r) => {
+                self.auth_change(|s, wb, _| s.user_grant_role(r, wb))?;
+                Res::AuthUserGrantRole(AuthUserGrantRoleResponse { header: h })
+            }
+            Cmd::AuthUserRevokeRole(r) => {
+                self.auth_change(|s, wb, _| s.user_revoke_role(r, wb))?;
+                Res::AuthUserRevokeRole(AuthUserRevokeRoleResponse { header: h })
+            }
+            Cmd::AuthRoleAdd(r) => {
+                self.auth_change(|s, wb, _| s.role_add(r, wb))?;
+                Res::AuthRoleAdd(AuthRoleAddResponse { header: h })
+            }
+            Cmd::AuthRoleDelete(r) => {
+                self.auth_change(|s, wb, _| s.role_delete(r, wb))?;
+                Res::AuthRoleDelete(AuthRoleDeleteResponse { header: h })
+            }
+            Cmd::AuthRoleGrantPermission(r) => {
+                self.auth_change(|s, wb, _| s.role_grant_permission(r, wb))?;
+                Res::AuthRoleGrantPermission(AuthRoleGrantPermissionResponse { header: h })
+            }
+            Cmd::AuthRoleRevokePermission(r) => {
+                self.auth_change(|s, wb, _| s.role_revoke_permission(r, wb))?;
+                Res::AuthRoleRevokePermission(AuthRoleRevokePermissionResponse { header: h })
+            }
+        })
+    }
+
+    // ----- auth -----
+
+    fn auth_view(&self) -> AuthView<'_> {
+        match &self.auth {
+            Some(s) => AuthView::Overlay(s),
+            None => AuthView::Published(self.store.auth()),
+        }
+    }
+
+    /// Runs one auth store change on this batch's copy of the auth state. Every change checks
+    /// its request before touching anything, so a failed one leaves no trace.
+    fn auth_change<T>(
+        &mut self,
+        f: impl FnOnce(&mut AuthState, &mut WriteBatch, &mut Vec<TokenOp>) -> Result<T, ApplyError>,
+    ) -> Result<T, ApplyError> {
+        if self.auth.is_none() {
+            self.auth = Some((*self.store.auth()).clone());
+        }
+        let state = self.auth.as_mut().expect("auth overlay was just set");
+        f(state, &mut self.wb, &mut self.token_ops)
+    }
+
+    /// The keys attached to lease `id`, if it exists.
+    fn lease_keys(&self, id: i64) -> Option<Vec<Vec<u8>>> {
+        if id == 0 {
+            return None;
+        }
+        self.lease_state(id).map(|l| l.keys.into_iter().collect())
+    }
+
+    /// A client request: its sender's permissions are checked against the auth state at this
+    /// point of the log (etcd's authApplierV3), then it is applied.
+    fn authorized(&mut self, a: &AuthorizedRequest) -> Result<Res, ApplyError> {
+        let info = a
+            .header
+            .as_ref()
+            .map(|h| AuthInfo {
+                username: h.username.clone(),
+                revision: h.auth_revision,
+            })
+            .unwrap_or_default();
+        let Some(cmd) = a.request.as_ref().and_then(|r| r.request.as_ref()) else {
+            return Err(empty_request());
+        };
+        if matches!(cmd, Cmd::Authorized(_)) {
+            return Err(ApplyError {
+                kind: ApplyErrorKind::Other,
+                message: "etcdserver: nested authorized request".into(),
+            });
+        }
+        self.authorize(&info, cmd)?;
+        self.dispatch(cmd)
+    }
+
+    fn authorize(&self, info: &AuthInfo, cmd: &Cmd) -> Result<(), ApplyError> {
+        let auth = self.auth_view();
+        if !auth.enabled() {
+            return Ok(());
+        }
+        match cmd {
+            Cmd::Put(p) => auth.check_put(info, &p.key, p.prev_kv, self.lease_keys(p.lease)),
+            Cmd::DeleteRange(d) => {
+                auth.check(info, &d.key, &d.range_end, Access::Write)?;
+                if d.prev_kv {
+                    auth.check(info, &d.key, &d.range_end, Access::Read)?;
+                }
+                Ok(())
+            }
+            Cmd::Txn(t) => auth.check_txn(info, t, &|id| self.lease_keys(id)),
+            Cmd::LeaseRevoke(r) => match self.lease_keys(r.id) {
+                Some(keys) => auth.check_lease_keys(info, &keys),
+                None => Ok(()),
+            },
+            Cmd::LeaseGrant(_) | Cmd::Authenticate(_) => Ok(()),
+            // Compaction, alarms and every auth store change are for admins (the root role).
+            _ => auth.check_admin(info),
+        }
     }
 
     /// Writes everything with one engine write, then publishes it to readers.
@@ -237,6 +409,10 @@ impl<'a> ApplyBatch<'a> {
         if let Some(alarms) = self.alarms.take() {
             *inner.alarms.write().unwrap_or_else(|p| p.into_inner()) = alarms;
         }
+        if let Some(auth) = self.auth.take() {
+            *inner.auth.write().unwrap_or_else(|p| p.into_inner()) = std::sync::Arc::new(auth);
+        }
+        inner.tokens.apply(std::mem::take(&mut self.token_ops));
         inner.compacted.store(self.compacted, Ordering::Release);
         inner.current.store(self.rev, Ordering::Release);
         if let Some(at) = self.new_compaction {
@@ -755,6 +931,13 @@ fn txn_read_only(t: &TxnRequest) -> bool {
             Some(OpReq::RequestTxn(nested)) => txn_read_only(nested),
             Some(_) => false,
         })
+}
+
+fn empty_request() -> ApplyError {
+    ApplyError {
+        kind: ApplyErrorKind::Other,
+        message: "etcdserver: empty request".into(),
+    }
 }
 
 fn compare_kv(c: &Compare, kv: &KeyValue) -> bool {

@@ -14,6 +14,7 @@ use prost::Message;
 use super::apply::ApplyBatch;
 use super::index::{IndexEntry, compact_entries, visible_at};
 use super::revision::Revision;
+use crate::auth::{AuthState, TokenTable};
 use crate::engine::{Direction, Engine, ScanControl, Table, WriteBatch};
 use crate::error::{ApplyError, ApplyErrorKind, StoreError};
 
@@ -176,6 +177,10 @@ pub(crate) struct Inner {
     pub index: RwLock<Index>,
     pub leases: RwLock<BTreeMap<i64, LeaseState>>,
     pub alarms: RwLock<Vec<AlarmMember>>,
+    /// The replicated auth state, replaced whole by each apply batch that changes it.
+    pub auth: RwLock<Arc<AuthState>>,
+    /// Simple tokens (in memory only).
+    pub tokens: TokenTable,
     pub current: AtomicI64,
     pub compacted: AtomicI64,
     pub compact_done: tokio::sync::watch::Sender<i64>,
@@ -340,6 +345,8 @@ impl MvccStore {
             index: RwLock::new(BTreeMap::new()),
             leases: RwLock::new(BTreeMap::new()),
             alarms: RwLock::new(Vec::new()),
+            auth: RwLock::new(Arc::new(AuthState::default())),
+            tokens: TokenTable::default(),
             current: AtomicI64::new(1),
             compacted: AtomicI64::new(0),
             compact_done: done_tx,
@@ -440,12 +447,14 @@ impl MvccStore {
             }
             None => Vec::new(),
         };
+        let auth = AuthState::load(engine.as_ref())?;
         for entries in index.values_mut() {
             entries.shrink_to_fit();
         }
         *self.inner.write_index() = index;
         *self.inner.leases.write().unwrap_or_else(|p| p.into_inner()) = leases;
         *self.inner.alarms.write().unwrap_or_else(|p| p.into_inner()) = alarms;
+        *self.inner.auth.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(auth);
         self.inner.current.store(current, Ordering::Release);
         self.inner.compacted.store(compacted, Ordering::Release);
         self.inner.compact_done.send_replace(done);
@@ -639,6 +648,20 @@ impl MvccStore {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// The applied auth state (users, roles, permissions, enabled flag, auth revision).
+    pub fn auth(&self) -> Arc<AuthState> {
+        self.inner
+            .auth
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The simple tokens assigned by applied `Authenticate` commands.
+    pub fn auth_tokens(&self) -> &TokenTable {
+        &self.inner.tokens
     }
 
     /// Starts an apply batch; only one exists at a time.

@@ -48,6 +48,9 @@ impl fmt::Display for Command {
             Some(Request::LeaseRevoke(_)) => "lease_revoke",
             Some(Request::LeaseCheckpoint(_)) => "lease_checkpoint",
             Some(Request::Alarm(_)) => "alarm",
+            Some(Request::Authorized(_)) => "authorized",
+            // Auth store changes (never shown: they may carry password hashes).
+            Some(_) => "auth",
             None => "empty",
         };
         write!(f, "Command({kind})")
