@@ -269,7 +269,7 @@ impl Lease for LeaseService {
             match self
                 .node
                 .propose(RaftRequest {
-                    request: Some(Cmd::LeaseGrant(r.clone())),
+                    request: Some(Cmd::LeaseGrant(r)),
                 })
                 .await
             {

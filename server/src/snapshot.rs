@@ -101,7 +101,7 @@ async fn send_file(
         file.read_exact(&mut blob).await?;
         remaining -= blob.len() as u64;
         let msg = SnapshotResponse {
-            header: first.then(|| header.clone()),
+            header: first.then_some(header),
             remaining_bytes: remaining,
             blob,
             version: ETCD_COMPAT_VERSION.to_string(),

@@ -113,7 +113,7 @@ pub fn write_backup(
 /// Checks a backup file's size rule and SHA-256. `progress` gets (bytes checked, total).
 pub fn verify_backup(path: &Path, mut progress: impl FnMut(u64, u64)) -> io::Result<()> {
     let total = std::fs::metadata(path)?.len();
-    if total < CHECKSUM_LEN || (total - CHECKSUM_LEN) % ALIGN != 0 {
+    if total < CHECKSUM_LEN || !(total - CHECKSUM_LEN).is_multiple_of(ALIGN) {
         return Err(invalid(format!(
             "{}: not a backup file (size {total} is not 512*n + 32)",
             path.display()

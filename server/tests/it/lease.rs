@@ -147,17 +147,12 @@ async fn leases_survive_a_leader_kill_and_keepalives_reach_the_leader() {
     // Keep it alive through the new leader, then let it lapse.
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        match fc.lease_keep_alive(g.id()).await {
-            Ok((mut k, mut s)) => {
-                if k.keep_alive().await.is_ok() {
-                    if let Ok(Some(m)) = s.message().await {
-                        if m.ttl() > 0 {
-                            break;
-                        }
-                    }
-                }
-            }
-            Err(_) => {}
+        if let Ok((mut k, mut s)) = fc.lease_keep_alive(g.id()).await
+            && k.keep_alive().await.is_ok()
+            && let Ok(Some(m)) = s.message().await
+            && m.ttl() > 0
+        {
+            break;
         }
         assert!(
             Instant::now() < deadline,
