@@ -13,11 +13,14 @@
 # runs (other keel/etcd clusters on the machine) are listed and left alone.
 #
 # Usage: benches/compare.sh [--quick] [--no-report] [--only REGEX]
-#   --quick      2 s per workload and 100 000 keys instead of 1M (a smoke test; no report)
+#   --quick      one 2 s run per workload and 100 000 keys instead of 1M (a smoke test; no report)
 #   --no-report  do not touch docs/ (results stay in the work directory, kept)
 #   --only RE    only the cases whose name matches RE (implies --no-report)
-# Environment: KEEL_BENCH_DURATION (seconds per workload, default 10), KEEL_BENCH_MEM_KEYS
-# (default 1000000), KEEP_WORK=1 keeps the work directory (data dirs, logs, results).
+# Each case runs REPEAT times per system in the order Keel, etcd, etcd, Keel (the report keeps
+# each system's better run: interference from other jobs only ever slows a run down).
+# Environment: KEEL_BIN (a keel binary to use instead of building one), KEEL_BENCH_DURATION (seconds per run, default 6), KEEL_BENCH_REPEAT (default 2),
+# KEEL_BENCH_MEM_KEYS (default 1000000), KEEP_WORK=1 keeps the work directory (data dirs, logs,
+# results).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -25,13 +28,14 @@ COMMAND="benches/compare.sh${*:+ $*}"
 source scripts/lib.sh
 ensure_test_deps
 
-DUR=${KEEL_BENCH_DURATION:-10}
+DUR=${KEEL_BENCH_DURATION:-6}
+REPEAT=${KEEL_BENCH_REPEAT:-2}
 MEM_KEYS=${KEEL_BENCH_MEM_KEYS:-1000000}
 REPORT=1
 ONLY=""
 while [ $# -gt 0 ]; do
     case $1 in
-        --quick) DUR=2; MEM_KEYS=100000; REPORT=0; KEEP_WORK=1 ;;
+        --quick) DUR=2; REPEAT=1; MEM_KEYS=100000; REPORT=0; KEEP_WORK=1 ;;
         --no-report) REPORT=0; KEEP_WORK=1 ;;
         --only) ONLY=$2; REPORT=0; KEEP_WORK=1; shift ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
@@ -39,10 +43,26 @@ while [ $# -gt 0 ]; do
     shift
 done
 
-echo ">> building keel and keel-bench (release)" >&2
-cargo build --release -q -p keel-server -p keel-bench
 B=$CARGO_TARGET_DIR/release
+echo ">> building keel-bench (release)" >&2
+cargo build --release -q -p keel-bench
+KEEL_SOURCE="built from this tree"
+if [ -n "${KEEL_BIN:-}" ]; then
+    KEEL_SOURCE="the prebuilt binary KEEL_BIN=$KEEL_BIN"
+else
+    echo ">> building keel (release)" >&2
+    if ! cargo build --release -q -p keel-server; then
+        # Other people edit the shared tree: fall back to the last binary that built, and say so.
+        [ -x "$B/keel" ] || { echo "keel does not build and there is no $B/keel" >&2; exit 1; }
+        echo "!! keel-server does not build from the working tree; using $B/keel built $(date -u -r "$B/keel" '+%Y-%m-%d %H:%M UTC')" >&2
+        KEEL_SOURCE="the last build of $B/keel ($(date -u -r "$B/keel" '+%Y-%m-%d %H:%M UTC')), as the working tree did not build"
+    fi
+    KEEL_BIN=$B/keel
+fi
 WORK=$(mktemp -d /tmp/keel-compare.XXXXXX)
+# A private copy: a rebuild by someone else during the run cannot swap the binary under the
+# restart step.
+cp "$KEEL_BIN" "$WORK/keel"
 RESULTS=$WORK/results.jsonl
 : > "$RESULTS"
 T_START=$(date +%s)
@@ -75,7 +95,7 @@ member_cmd() { # kind i -> the member's command line in MEMBER_ARGS
     base=24000; [ "$kind" = etcd ] && base=25000
     for j in 1 2 3; do cl+="${cl:+,}n$j=http://127.0.0.1:$((base + j * 10 + 1))"; done
     local c=$((base + i * 10)) p=$((base + i * 10 + 1)) bin=etcd
-    [ "$kind" = keel ] && bin="$B/keel"
+    [ "$kind" = keel ] && bin="$WORK/keel"
     MEMBER_ARGS=("$bin" --name "n$i" --data-dir "$WORK/$kind-n$i"
         --listen-client-urls "http://127.0.0.1:$c" --advertise-client-urls "http://127.0.0.1:$c"
         --listen-peer-urls "http://127.0.0.1:$p" --initial-advertise-peer-urls "http://127.0.0.1:$p"
@@ -115,8 +135,16 @@ wait_cluster() { # kind
     for ep in ${eps//,/ }; do "$B/keel-bench" wait-ready --endpoint "$ep" --key /bench/ready --timeout 30 >/dev/null; done
 }
 
-record() { # kind case args json
-    printf '{"system":"%s","case":"%s","args":"%s","result":%s}\n' "$1" "$2" "$3" "$4" >> "$RESULTS"
+record() { # kind case args json [extra top-level fields, e.g. ,"rep":1]
+    printf '{"system":"%s","case":"%s","args":"%s"%s,"result":%s}\n' "$1" "$2" "$3" "${5:-}" "$4" >> "$RESULTS"
+}
+
+cpu_ticks() { # kind -> user+system clock ticks used so far by the cluster's members
+    local i t=0
+    for i in 1 2 3; do
+        t=$((t + $(awk '{print $14 + $15}' "/proc/${MEMBER_PID[$1$i]}/stat")))
+    done
+    echo $t
 }
 
 rss_json() { # kind -> {"rss_kib":[n1,n2,n3]}
@@ -136,16 +164,23 @@ bench() { # args... : runs keel-bench in the background (so a signal reaches the
     return $rc
 }
 
-run_case() { # case args...
-    local case=$1 kind eps
+run_case() { # case args... : REPEAT runs per system in the order keel etcd etcd keel ...
+    local case=$1 kind eps rep=0 c0 c1
     shift
     if [ -n "$ONLY" ] && ! [[ $case =~ $ONLY ]]; then return 0; fi
-    for kind in keel etcd; do
+    local order=(keel etcd)
+    [ "$REPEAT" -ge 2 ] && order=(keel etcd etcd keel)
+    [ "$REPEAT" -ge 3 ] && order=(keel etcd etcd keel keel etcd)
+    for kind in "${order[@]}"; do
+        rep=$((rep + 1))
         eps=$(endpoints "$kind")
         echo ">> $kind: $case: keel-bench $*" >&2
+        c0=$(cpu_ticks "$kind")
         if bench "$@" --endpoints "$eps" --duration "$DUR" --json; then
-            record "$kind" "$case" "$*" "$(cat "$WORK/out.json")"
-            python3 -c 'import json,sys; s=json.load(open(sys.argv[1])); print("   %.0f ops/s  p50 %.2f  p99 %.2f  max %.1f ms  errors %d%s" % (s["ops_per_sec"], s["p50_ms"], s["p99_ms"], s["max_ms"], s["errors"], "".join("  %s %g" % kv for kv in s.get("extra", {}).items() if kv[0] in ("lost","duplicates","puts","bytes_per_watcher","conflicts"))))' "$WORK/out.json" >&2
+            c1=$(cpu_ticks "$kind")
+            record "$kind" "$case" "$*" "$(cat "$WORK/out.json")" \
+                ",\"rep\":$rep,\"server_cpu_s\":$(( (c1 - c0) / 100 )).$(printf '%02d' $(( (c1 - c0) % 100 ))),\"loadavg\":\"$(cut -d' ' -f1 /proc/loadavg)\""
+            python3 -c 'import json,sys; s=json.load(open(sys.argv[1])); print("   %.0f ops/s  p50 %.2f  p99 %.2f  max %.1f ms  errors %d  server CPU %s s%s" % (s["ops_per_sec"], s["p50_ms"], s["p99_ms"], s["max_ms"], s["errors"], sys.argv[2], "".join("  %s %g" % kv for kv in s.get("extra", {}).items() if kv[0] in ("lost","duplicates","puts","bytes_per_watcher","conflicts"))))' "$WORK/out.json" "$(( (c1 - c0) / 100 ))" >&2
         else
             echo "!! $kind: $case failed (see above); continuing" >&2
         fi
@@ -252,11 +287,14 @@ json.dump({
     "command": "$COMMAND",
     "date": subprocess.run(["date", "-u", "+%Y-%m-%d %H:%M UTC"], capture_output=True, text=True).stdout.strip(),
     "git": git + (" + uncommitted server/store changes" if dirty else ""),
+    "keel_source": "$KEEL_SOURCE",
     "etcd_version": "etcd " + v[0].split(":")[-1].strip() + " (" + (v[2].split(":")[-1].strip() if len(v) > 2 else "?") + ")",
     "loadavg_start": "$LOAD_START",
     "loadavg_end": " ".join(open("/proc/loadavg").read().split()[:3]),
     "other_procs": "$OTHER_COUNT",
     "elapsed": "$ELAPSED",
+    "duration": "$DUR",
+    "repeat": "$REPEAT",
 }, open(sys.argv[1], "w"), indent=1)
 PY
 

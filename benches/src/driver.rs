@@ -281,6 +281,23 @@ pub async fn run_closed_loop<W: Worker>(
     Ok(s)
 }
 
+/// CPU seconds (user + system) this process has used so far (`/proc/self/stat`, in clock
+/// ticks of 1/100 s as on every Linux this runs on).
+pub fn self_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    parse_cpu_ticks(&stat)
+        .map(|t| t as f64 / 100.0)
+        .unwrap_or(0.0)
+}
+
+/// utime + stime from a `/proc/<pid>/stat` line (fields 14 and 15, counted after the
+/// parenthesised command name, which may contain spaces).
+pub fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
 /// Reads `VmRSS` of a process, in KiB.
 pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -330,6 +347,13 @@ mod tests {
         assert_eq!(parse_vmrss(s), Some(20480));
         assert_eq!(parse_vmrss("Name: x\n"), None);
         assert!(rss_kib(std::process::id()).unwrap() > 0);
+    }
+
+    #[test]
+    fn cpu_ticks() {
+        let stat = "42 (tokio rt) S 1 2 3 4 5 6 7 8 9 10 250 30 0 0 20";
+        assert_eq!(parse_cpu_ticks(stat), Some(280));
+        assert!(self_cpu_seconds() >= 0.0);
     }
 
     #[test]

@@ -94,6 +94,12 @@ enum Cmd {
 }
 
 fn print(s: &Summary, json: bool) -> anyhow::Result<()> {
+    let mut s = s.clone();
+    s.extra.insert(
+        "client_cpu_s".into(),
+        keel_bench::driver::self_cpu_seconds(),
+    );
+    let s = &s;
     if json {
         println!("{}", serde_json::to_string(s)?);
     } else {

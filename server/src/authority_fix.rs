@@ -9,12 +9,13 @@
 //!
 //! How: it follows the client-to-server byte stream frame by frame. Every header block
 //! (HEADERS + CONTINUATION frames) is HPACK-decoded, which keeps a mirror of the client's
-//! dynamic table. Blocks pass through byte for byte until the first one that needs a rewrite;
-//! from then on every block of the connection is re-encoded by our own HPACK encoder (the
-//! server's table then follows our encoder: new entries are always inserted at the front, so the
-//! entries the client added before remain harmlessly behind ours). All other frames (DATA,
-//! SETTINGS, ...) are streamed through untouched, and a connection that does not start with the
-//! HTTP/2 preface (HTTP/1.1) is not touched at all.
+//! dynamic table. A gRPC channel sends one authority on every request, so the first header
+//! block decides: if its authority is well-formed, the rest of the connection passes through
+//! untouched (no more parsing, no cost); if not, that block and every later block of the
+//! connection is re-encoded by our own HPACK encoder, and the server's table follows our
+//! encoder. Frames other than HEADERS/CONTINUATION (DATA, SETTINGS, ...) are streamed through
+//! untouched, and a connection that does not start with the HTTP/2 preface (HTTP/1.1) is not
+//! touched at all.
 //!
 //! Worked example, the first request of `etcdctl --endpoints http://127.0.0.1:2379 endpoint
 //! status`:
@@ -227,7 +228,10 @@ impl<T> AuthorityFix<T> {
             self.encoder = Some(loona_hpack::Encoder::new());
         }
         let Some(encoder) = self.encoder.as_mut() else {
+            // A gRPC channel uses one authority for all its requests: a connection whose first
+            // request is well-formed needs no more attention, so stop parsing it altogether.
             self.output.extend_from_slice(&block.raw);
+            self.mode = Mode::Passthrough;
             return Ok(());
         };
         let encoded = encoder.encode(headers.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
@@ -429,7 +433,7 @@ mod tests {
         };
         let mut input = PREFACE.to_vec();
         input.extend(frame(0x4, 0, 0, &[])); // SETTINGS
-        let first = client_encoder.encode(req(b"127.0.0.1:2379"));
+        let first = client_encoder.encode(req(b"http://127.0.0.1:2379"));
         input.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 1, &first));
         input.extend(frame(0x0, FLAG_END_STREAM, 1, b"\0\0\0\0\0"));
         let second = client_encoder.encode(req(b"http://127.0.0.1:2379"));

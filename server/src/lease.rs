@@ -31,12 +31,15 @@ use crate::node::KeelNode;
 /// Revocations proposed at once by the expiry loop.
 const REVOKE_BATCH: usize = 256;
 const TICK: Duration = Duration::from_millis(250);
+/// How long a keep-alive or TTL query waits for a leader that can answer it.
+const ON_LEADER_PATIENCE: Duration = Duration::from_secs(5);
+const LEADER_RETRY: Duration = Duration::from_millis(100);
 
 /// Leader-side lease deadlines.
 pub struct Lessor {
     node: Arc<KeelNode>,
-    /// `Some` while this member is leader.
-    deadlines: Mutex<Option<BTreeMap<i64, Instant>>>,
+    /// `Some((term, deadlines))` while this member is leader in `term`.
+    deadlines: Mutex<Option<(u64, BTreeMap<i64, Instant>)>>,
 }
 
 impl Lessor {
@@ -57,7 +60,7 @@ impl Lessor {
         lessor
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<BTreeMap<i64, Instant>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(u64, BTreeMap<i64, Instant>)>> {
         self.deadlines.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -84,12 +87,11 @@ impl Lessor {
         let now = Instant::now();
         let expired: Vec<i64> = {
             let mut guard = self.lock();
-            if !self.is_leader() {
+            let Ok(deadlines) = self.leader_deadlines(&mut guard) else {
                 *guard = None;
                 return;
-            }
+            };
             let leases = self.node.mvcc.leases();
-            let deadlines = guard.get_or_insert_with(BTreeMap::new);
             // Track leases granted since the last tick (full TTL) and forget revoked ones.
             let mut fresh = BTreeMap::new();
             for l in leases {
@@ -126,7 +128,7 @@ impl Lessor {
         for (id, result) in futures::future::join_all(proposals).await {
             match result {
                 Ok(_) | Err(ServerError::LeaseNotFound) => {
-                    if let Some(d) = self.lock().as_mut() {
+                    if let Some((_, d)) = self.lock().as_mut() {
                         d.remove(&id);
                     }
                 }
@@ -137,12 +139,40 @@ impl Lessor {
         }
     }
 
+    /// Deadlines of a member that just became leader: every lease gets its full TTL again, so a
+    /// leader change can only extend a lease (etcd's renew-on-promotion).
+    fn promoted(node: &KeelNode, now: Instant) -> BTreeMap<i64, Instant> {
+        node.mvcc
+            .leases()
+            .into_iter()
+            .map(|l| (l.id, now + Duration::from_secs(l.ttl.max(0) as u64)))
+            .collect()
+    }
+
+    /// The leader's deadlines, created afresh when this member was promoted since they were
+    /// last used (a keep-alive must not fail between promotion and the next tick, and a member
+    /// that lost and regained leadership must not reuse deadlines from its earlier term).
+    fn leader_deadlines<'a>(
+        &self,
+        guard: &'a mut Option<(u64, BTreeMap<i64, Instant>)>,
+    ) -> Result<&'a mut BTreeMap<i64, Instant>, ServerError> {
+        if !self.is_leader() {
+            return Err(ServerError::NotLeader);
+        }
+        let term = self.node.raft.metrics().borrow().current_term;
+        if guard.as_ref().is_none_or(|(t, _)| *t != term) {
+            *guard = Some((term, Self::promoted(&self.node, Instant::now())));
+        }
+        match guard {
+            Some((_, d)) => Ok(d),
+            None => Err(ServerError::NotLeader),
+        }
+    }
+
     /// Renews a lease on the leader; `Ok(0)` when it does not exist.
     pub fn renew_local(&self, id: i64) -> Result<i64, ServerError> {
         let mut guard = self.lock();
-        let Some(deadlines) = guard.as_mut() else {
-            return Err(ServerError::NotLeader);
-        };
+        let deadlines = self.leader_deadlines(&mut guard)?;
         let Some(info) = self.node.mvcc.lease(id) else {
             return Ok(0);
         };
@@ -155,10 +185,8 @@ impl Lessor {
 
     /// Remaining seconds on the leader; `Ok(-1)` when the lease does not exist.
     pub fn remaining_local(&self, id: i64) -> Result<i64, ServerError> {
-        let guard = self.lock();
-        let Some(deadlines) = guard.as_ref() else {
-            return Err(ServerError::NotLeader);
-        };
+        let mut guard = self.lock();
+        let deadlines = self.leader_deadlines(&mut guard)?;
         let Some(info) = self.node.mvcc.lease(id) else {
             return Ok(-1);
         };
@@ -172,36 +200,53 @@ impl Lessor {
         Ok(remaining.max(0))
     }
 
-    async fn on_leader<F>(&self, id: i64, local: F, remote: bool) -> Result<i64, ServerError>
+    /// Runs `local` on the leader: here if this member leads, otherwise through the leader's
+    /// peer service. Retries while leadership is moving (up to [`ON_LEADER_PATIENCE`]), so a
+    /// keep-alive sent during an election is answered by the new leader rather than failed.
+    async fn on_leader<F>(&self, id: i64, local: F, renew: bool) -> Result<i64, ServerError>
     where
         F: Fn(&Self, i64) -> Result<i64, ServerError>,
     {
-        for _ in 0..3 {
-            match self.node.leader() {
-                Some((leader, _)) if leader == self.node.member_id() => match local(self, id) {
-                    Err(ServerError::NotLeader) => tokio::time::sleep(TICK).await,
-                    other => return other,
-                },
-                Some((leader, Some(node))) => {
-                    let mut client = self
-                        .node
-                        .peers
-                        .client(leader, &node)
-                        .map_err(|_| ServerError::NoLeader)?;
-                    let req = self.node.peers.request(leader, LeaseQuery { id });
-                    let reply = if remote {
-                        client.lease_renew(req).await
-                    } else {
-                        client.lease_remaining(req).await
-                    };
-                    return reply
-                        .map(|r| r.into_inner().ttl)
-                        .map_err(|s| ServerError::Internal(s.message().to_string()));
+        let deadline = Instant::now() + ON_LEADER_PATIENCE;
+        loop {
+            let result = match self.node.leader() {
+                Some((leader, _)) if leader == self.node.member_id() => local(self, id),
+                Some((leader, Some(node))) => self.ask_leader(leader, &node, id, renew).await,
+                _ => Err(ServerError::NoLeader),
+            };
+            match result {
+                Err(ServerError::NotLeader | ServerError::NoLeader)
+                    if Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(LEADER_RETRY).await
                 }
-                _ => return Err(ServerError::NoLeader),
+                Err(ServerError::NotLeader) => return Err(ServerError::NoLeader),
+                other => return other,
             }
         }
-        Err(ServerError::NoLeader)
+    }
+
+    async fn ask_leader(
+        &self,
+        leader: u64,
+        node: &keel_store::raft::MemberNode,
+        id: i64,
+        renew: bool,
+    ) -> Result<i64, ServerError> {
+        let mut client = self
+            .node
+            .peers
+            .client(leader, node)
+            .map_err(|_| ServerError::NoLeader)?;
+        let req = self.node.peers.request(leader, LeaseQuery { id });
+        let reply = if renew {
+            client.lease_renew(req).await
+        } else {
+            client.lease_remaining(req).await
+        };
+        reply
+            .map(|r| r.into_inner().ttl)
+            .map_err(|s| crate::node::status_to_error(&s))
     }
 
     pub async fn renew(&self, id: i64) -> Result<i64, ServerError> {

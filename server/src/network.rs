@@ -40,6 +40,8 @@ const UNREACHABLE_BACKOFF: Duration = Duration::from_millis(100);
 pub struct Peers {
     cluster_id: u64,
     channels: Mutex<BTreeMap<NodeId, (String, Channel)>>,
+    /// How to connect to `https://` peer URLs (see `crate::tls`).
+    tls: Mutex<Option<tonic::transport::ClientTlsConfig>>,
 }
 
 impl Peers {
@@ -47,7 +49,15 @@ impl Peers {
         Arc::new(Self {
             cluster_id,
             channels: Mutex::new(BTreeMap::new()),
+            tls: Mutex::new(None),
         })
+    }
+
+    /// Sets the TLS configuration used for `https://` peer URLs.
+    pub fn set_tls(&self, tls: Option<tonic::transport::ClientTlsConfig>) {
+        if let Ok(mut t) = self.tls.lock() {
+            *t = tls;
+        }
     }
 
     /// A client for `target` at `node`'s first peer URL (connects lazily).
@@ -68,8 +78,22 @@ impl Peers {
         let channel = match channels.get(&target) {
             Some((known, ch)) if *known == url => ch.clone(),
             _ => {
-                let ch = Endpoint::from_shared(url.clone())
-                    .map_err(|e| format!("bad peer URL {url}: {e}"))?
+                let mut endpoint = Endpoint::from_shared(url.clone())
+                    .map_err(|e| format!("bad peer URL {url}: {e}"))?;
+                if url.starts_with("https://") {
+                    let tls = self
+                        .tls
+                        .lock()
+                        .ok()
+                        .and_then(|t| t.clone())
+                        .ok_or_else(|| {
+                            format!("peer URL {url} needs --peer-trusted-ca-file to connect")
+                        })?;
+                    endpoint = endpoint
+                        .tls_config(tls)
+                        .map_err(|e| format!("TLS for peer URL {url}: {e}"))?;
+                }
+                let ch = endpoint
                     .connect_timeout(Duration::from_secs(1))
                     .tcp_nodelay(true)
                     .http2_keep_alive_interval(Duration::from_secs(10))

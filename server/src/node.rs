@@ -136,7 +136,7 @@ impl KeelNode {
         };
 
         if existing.is_none() && config.initial_cluster_state == ClusterState::Existing {
-            identity.cluster_id = discover_cluster_id(&members, &config.name).await?;
+            identity.cluster_id = discover_cluster_id(&members, &config).await?;
         }
 
         let engine: Arc<dyn Engine> = Arc::new(RocksEngine::open(&data_dir.join("db"))?);
@@ -162,6 +162,7 @@ impl KeelNode {
         }
         .validate()?;
         let peers = Peers::new(identity.cluster_id);
+        peers.set_tls(crate::tls::peer_client_config(&config)?);
         let network = NetworkFactory {
             peers: peers.clone(),
         };
@@ -395,10 +396,12 @@ impl KeelNode {
 /// in `--initial-cluster` (the ID is derived from the founding members, which it cannot know).
 async fn discover_cluster_id(
     members: &[(String, Vec<String>)],
-    own_name: &str,
+    config: &Config,
 ) -> anyhow::Result<u64> {
     use keel_proto::keelpb::MemberIdentity;
+    let own_name = config.name.as_str();
     let probe = Peers::new(0);
+    probe.set_tls(crate::tls::peer_client_config(config)?);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         for (name, urls) in members.iter().filter(|(n, _)| n != own_name) {

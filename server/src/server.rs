@@ -135,13 +135,18 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             .socket_addr()
             .map_err(anyhow::Error::msg)?;
         let listener = bind(addr).map_err(|e| anyhow::anyhow!("listen on peer URL {url}: {e}"))?;
+        let parsed = parse_url(url).map_err(anyhow::Error::msg)?;
         let svc = RaftPeerServer::new(PeerService::new(node.clone(), lessor.clone()))
             .max_decoding_message_size(256 << 20)
             .max_encoding_message_size(256 << 20);
         let mut rx = shutdown_rx.clone();
         let incoming = nodelay(listener);
+        let mut builder = tonic::transport::Server::builder();
+        if parsed.tls {
+            builder = builder.tls_config(crate::tls::peer_listener_config(&config)?)?;
+        }
         tasks.push(tokio::spawn(
-            tonic::transport::Server::builder()
+            builder
                 .tcp_nodelay(true)
                 .add_service(svc)
                 .serve_with_incoming_shutdown(incoming, async move {
@@ -153,16 +158,16 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
 
     for url in &config.listen_client_urls {
         let parsed = parse_url(url).map_err(anyhow::Error::msg)?;
-        if parsed.tls {
-            anyhow::bail!("TLS client URLs are not supported yet: {url}");
-        }
         let addr = parsed.socket_addr().map_err(anyhow::Error::msg)?;
         let listener =
             bind(addr).map_err(|e| anyhow::anyhow!("listen on client URL {url}: {e}"))?;
         let mut rx = shutdown_rx.clone();
-        let incoming = client_conns(listener);
         let grpc_counter = crate::http::GrpcCounter::new(&node);
-        let router = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if parsed.tls {
+            builder = builder.tls_config(crate::tls::client_listener_config(&config)?)?;
+        }
+        let router = builder
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
             // HTTP/1.1 too, for /health, /version and /metrics (crate::http).
@@ -212,12 +217,15 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
                 ))
                 .max_decoding_message_size(max_recv),
             );
-        tasks.push(tokio::spawn(router.serve_with_incoming_shutdown(
-            incoming,
-            async move {
-                let _ = rx.wait_for(|s| *s).await;
-            },
-        )));
+        let stop = async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        // TLS connections go straight to rustls; plain-text ones get the :authority repair.
+        tasks.push(if parsed.tls {
+            tokio::spawn(router.serve_with_incoming_shutdown(nodelay(listener), stop))
+        } else {
+            tokio::spawn(router.serve_with_incoming_shutdown(client_conns(listener), stop))
+        });
         tracing::info!(%url, "serving client traffic");
     }
 

@@ -1,13 +1,170 @@
-//! TLS for the client and peer listeners (rustls through tonic).
+//! TLS for the client and peer listeners, with rustls (tonic's `tls-ring` feature).
+//!
+//! As with etcd, the URL scheme picks the transport: an `https://` client URL is served with
+//! `--cert-file`/`--key-file`, and with `--client-cert-auth` only clients presenting a
+//! certificate signed by `--trusted-ca-file` are accepted (mutual TLS); an `https://` peer URL
+//! likewise with the `--peer-*` files and `--peer-client-cert-auth`. A member connects to
+//! `https://` peer URLs verifying them against `--peer-trusted-ca-file` and presenting its peer
+//! certificate. With auth enabled and `--client-cert-auth`, a request without a token acts as
+//! the user named by its client certificate's common name (etcd's `AuthInfoFromTLS`).
+//!
+//! Plain-text (`http://`) client listeners keep the [`crate::authority_fix`] repair; TLS ones
+//! do not need it for the clients Keel supports (their `:authority` is only broken in plain
+//! text).
+
+use std::path::Path;
+
+use anyhow::Context as _;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+
+use crate::config::Config;
+
+fn read(path: &Path, what: &str) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("reading {what} {}", path.display()))
+}
+
+fn server_config(
+    cert: Option<&Path>,
+    key: Option<&Path>,
+    ca: Option<&Path>,
+    client_auth: bool,
+    flags: &str,
+) -> anyhow::Result<ServerTlsConfig> {
+    let (Some(cert), Some(key)) = (cert, key) else {
+        anyhow::bail!("https:// {flags} URLs need a certificate and a key (--{flags}cert-file, --{flags}key-file)");
+    };
+    let mut cfg = ServerTlsConfig::new().identity(Identity::from_pem(
+        read(cert, "certificate")?,
+        read(key, "private key")?,
+    ));
+    if client_auth {
+        let Some(ca) = ca else {
+            anyhow::bail!("--{flags}client-cert-auth needs --{flags}trusted-ca-file");
+        };
+        cfg = cfg
+            .client_ca_root(Certificate::from_pem(read(ca, "CA bundle")?))
+            .client_auth_optional(false);
+    }
+    Ok(cfg)
+}
+
+/// The TLS configuration of `https://` client listeners.
+pub fn client_listener_config(c: &Config) -> anyhow::Result<ServerTlsConfig> {
+    server_config(
+        c.cert_file.as_deref(),
+        c.key_file.as_deref(),
+        c.trusted_ca_file.as_deref(),
+        c.client_cert_auth,
+        "",
+    )
+}
+
+/// The TLS configuration of `https://` peer listeners.
+pub fn peer_listener_config(c: &Config) -> anyhow::Result<ServerTlsConfig> {
+    server_config(
+        c.peer_cert_file.as_deref(),
+        c.peer_key_file.as_deref(),
+        c.peer_trusted_ca_file.as_deref(),
+        c.peer_client_cert_auth,
+        "peer-",
+    )
+}
+
+/// How this member connects to `https://` peer URLs (`None` without peer TLS files).
+pub fn peer_client_config(c: &Config) -> anyhow::Result<Option<ClientTlsConfig>> {
+    if c.peer_trusted_ca_file.is_none() && c.peer_cert_file.is_none() {
+        return Ok(None);
+    }
+    let mut cfg = ClientTlsConfig::new();
+    if let Some(ca) = &c.peer_trusted_ca_file {
+        cfg = cfg.ca_certificate(Certificate::from_pem(read(ca, "peer CA bundle")?));
+    }
+    if let (Some(cert), Some(key)) = (&c.peer_cert_file, &c.peer_key_file) {
+        cfg = cfg.identity(Identity::from_pem(
+            read(cert, "peer certificate")?,
+            read(key, "peer private key")?,
+        ));
+    }
+    Ok(Some(cfg))
+}
 
 /// The common name of the verified client certificate a request came with, if any.
 pub fn peer_common_name<T>(req: &tonic::Request<T>) -> Option<String> {
-    let _ = req;
-    None
+    let certs = req.peer_certs()?;
+    common_name(certs.first()?.as_ref())
 }
 
 /// [`peer_common_name`] for a raw HTTP request.
 pub fn common_name_http(ext: &tonic::codegen::http::Extensions) -> Option<String> {
-    let _ = ext;
+    let certs = ext
+        .get::<TlsConnectInfo<TcpConnectInfo>>()
+        .and_then(|i| i.peer_certs())?;
+    common_name(certs.first()?.as_ref())
+}
+
+/// One DER element: (tag, contents, rest).
+fn der(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (first as usize, rest)
+    } else {
+        let n = (first & 0x7f) as usize;
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |acc, b| (acc << 8) | *b as usize);
+        (len, &rest[n..])
+    };
+    if rest.len() < len {
+        return None;
+    }
+    Some((tag, &rest[..len], &rest[len..]))
+}
+
+/// The subject common name (OID 2.5.4.3) of a DER X.509 certificate.
+pub fn common_name(cert: &[u8]) -> Option<String> {
+    const SEQUENCE: u8 = 0x30;
+    const SET: u8 = 0x31;
+    const OID_CN: &[u8] = &[0x55, 0x04, 0x03];
+    let (SEQUENCE, cert, _) = der(cert)? else {
+        return None;
+    };
+    let (SEQUENCE, tbs, _) = der(cert)? else {
+        return None;
+    };
+    let mut rest = tbs;
+    // Optional explicit version [0].
+    if rest.first() == Some(&0xa0) {
+        rest = der(rest)?.2;
+    }
+    // serialNumber, signature, issuer, validity, then subject.
+    for _ in 0..4 {
+        rest = der(rest)?.2;
+    }
+    let (SEQUENCE, mut subject, _) = der(rest)? else {
+        return None;
+    };
+    while !subject.is_empty() {
+        let (tag, mut set, next) = der(subject)?;
+        subject = next;
+        if tag != SET {
+            continue;
+        }
+        while !set.is_empty() {
+            let (_, attr, next) = der(set)?;
+            set = next;
+            let (0x06, oid, value) = der(attr)? else {
+                continue;
+            };
+            if oid == OID_CN {
+                let (_, text, _) = der(value)?;
+                return String::from_utf8(text.to_vec()).ok();
+            }
+        }
+    }
     None
 }

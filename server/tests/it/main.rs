@@ -10,4 +10,5 @@ mod lock;
 mod maintenance;
 mod membership;
 mod replication;
+mod tls;
 mod watch;
