@@ -24,8 +24,9 @@ apt_install() {
 }
 
 ensure_build_deps() {
-    # RocksDB's bindings are generated with bindgen (libclang); protoc comes from a crate.
-    apt_install clang libclang-dev
+    # RocksDB's bindings are generated with bindgen (libclang). Keel's own protos use a vendored
+    # protoc, but the etcd-client crate (a dev-dependency, the compatibility judge) needs protoc.
+    apt_install clang libclang-dev protobuf-compiler
     if ! command -v cargo >/dev/null 2>&1; then
         echo "cargo is required (https://rustup.rs)" >&2
         exit 1
