@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs Keel's whole test suite: unit and integration tests of every crate, then the etcdctl
-# compatibility cases against real etcd. Installs what it needs when missing.
+# Runs Keel's whole test suite: unit and integration tests of every crate, the etcdctl
+# compatibility cases against real etcd, then keel-jepsen (the shared Jepsen register verdicts
+# and the `ci` fault-injection profile). Installs what it needs when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
@@ -29,5 +30,35 @@ else
     echo "!! $compat_tool not found (it lives in the workplace's shared/ beside the clone); compatibility cases skipped"
 fi
 
-echo ">> done in $(( $(date +%s) - start ))s: cargo test exit $cargo_status, compat exit $compat_status"
-[ "$cargo_status" -eq 0 ] && [ "$compat_status" -eq 0 ]
+echo ">> keel-jepsen: the WGL checker on the shared Jepsen etcd register logs"
+# (tests/it also checks the same verdicts through the library; this checks the CLI's answers.)
+jepsen_bin="$CARGO_TARGET_DIR/release/keel-jepsen"
+jepsen_status=0
+shared_logs=../shared/histories/etcd-register
+if [ -f "$shared_logs/verdicts.tsv" ]; then
+    mismatches=0
+    while IFS=$'\t' read -r file expected _; do
+        [ "$file" = "file" ] && continue
+        [ -z "$file" ] && continue
+        expected="${expected%$'\r'}"
+        got=$("$jepsen_bin" check-jepsen-log --model cas-register "$shared_logs/$file" 2>/dev/null \
+            | sed -n 's/^linearizable: //p') || true
+        if [ "$got" != "$expected" ]; then
+            echo "!! $file: keel-jepsen says '$got', verdicts.tsv says '$expected'"
+            mismatches=$((mismatches + 1))
+        fi
+    done < "$shared_logs/verdicts.tsv"
+    echo ">> check-jepsen-log: $mismatches mismatches against $shared_logs/verdicts.tsv"
+    [ "$mismatches" -eq 0 ] || jepsen_status=1
+else
+    echo "!! $shared_logs/verdicts.tsv not found (it lives in the workplace's shared/ beside the clone); check-jepsen-log comparison skipped"
+fi
+
+echo ">> keel-jepsen ci: fault-injection runs on real clusters (about 4 minutes)"
+apt_install faketime   # libfaketime, for the clock-skew faults of `--nemesis all`
+# Fails on any violation, and when the negative control (--debug-unsafe-local-reads) is not caught.
+KEEL_BIN="$CARGO_TARGET_DIR/release/keel" "$jepsen_bin" ci \
+    --store "$CARGO_TARGET_DIR/jepsen-runs/ci" || jepsen_status=$?
+
+echo ">> done in $(( $(date +%s) - start ))s: cargo test exit $cargo_status, compat exit $compat_status, jepsen exit $jepsen_status"
+[ "$cargo_status" -eq 0 ] && [ "$compat_status" -eq 0 ] && [ "$jepsen_status" -eq 0 ]

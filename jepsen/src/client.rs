@@ -11,10 +11,15 @@
 use std::time::Duration;
 
 use keel_proto::etcdserverpb::kv_client::KvClient;
+use keel_proto::etcdserverpb::lease_client::LeaseClient;
 use keel_proto::etcdserverpb::{
-    DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse,
+    DeleteRangeRequest, DeleteRangeResponse, LeaseGrantRequest, LeaseGrantResponse,
+    LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseLeasesRequest, LeaseLeasesResponse,
+    LeaseRevokeRequest, LeaseRevokeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse,
     TxnRequest, TxnResponse,
 };
+use keel_proto::v3lockpb::lock_client::LockClient;
+use keel_proto::v3lockpb::{LockRequest, LockResponse, UnlockRequest, UnlockResponse};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
@@ -133,6 +138,70 @@ impl Client {
     pub async fn txn(&self, req: TxnRequest) -> Result<TxnResponse, ClientError> {
         let mut kv = self.kv.clone();
         self.call(kv.txn(req)).await
+    }
+
+    pub async fn lease_grant(&self, ttl: i64) -> Result<LeaseGrantResponse, ClientError> {
+        let mut c = LeaseClient::new(self.channel.clone());
+        self.call(c.lease_grant(LeaseGrantRequest { ttl, id: 0 }))
+            .await
+    }
+
+    pub async fn lease_revoke(&self, id: i64) -> Result<LeaseRevokeResponse, ClientError> {
+        let mut c = LeaseClient::new(self.channel.clone());
+        self.call(c.lease_revoke(LeaseRevokeRequest { id })).await
+    }
+
+    pub async fn lease_leases(&self) -> Result<LeaseLeasesResponse, ClientError> {
+        let mut c = LeaseClient::new(self.channel.clone());
+        self.call(c.lease_leases(LeaseLeasesRequest {})).await
+    }
+
+    /// One keep-alive on a fresh stream: one request, its one answer (`ttl` 0: the lease does
+    /// not exist).
+    pub async fn lease_keep_alive_once(
+        &self,
+        id: i64,
+    ) -> Result<LeaseKeepAliveResponse, ClientError> {
+        let mut c = LeaseClient::new(self.channel.clone());
+        let fut = async move {
+            let reqs = futures::stream::iter(vec![LeaseKeepAliveRequest { id }]);
+            let mut stream = c.lease_keep_alive(reqs).await?.into_inner();
+            match stream.message().await? {
+                Some(r) => Ok(tonic::Response::new(r)),
+                None => Err(Status::unavailable(
+                    "keep-alive stream ended without an answer",
+                )),
+            }
+        };
+        self.call(fut).await
+    }
+
+    /// v3lockpb.Lock with its own deadline (it blocks while another session holds the lock).
+    pub async fn lock(
+        &self,
+        name: &[u8],
+        lease: i64,
+        timeout: Duration,
+    ) -> Result<LockResponse, ClientError> {
+        let mut c = LockClient::new(self.channel.clone());
+        let req = LockRequest {
+            name: name.to_vec(),
+            lease,
+        };
+        match tokio::time::timeout(timeout, c.lock(req)).await {
+            Ok(Ok(r)) => Ok(r.into_inner()),
+            Ok(Err(s)) => Err(classify(&s)),
+            Err(_) => Err(ClientError {
+                definite: false,
+                message: "client timeout".into(),
+            }),
+        }
+    }
+
+    pub async fn unlock(&self, key: &[u8]) -> Result<UnlockResponse, ClientError> {
+        let mut c = LockClient::new(self.channel.clone());
+        self.call(c.unlock(UnlockRequest { key: key.to_vec() }))
+            .await
     }
 }
 

@@ -27,6 +27,22 @@ pub struct ClusterOpts {
     pub extra_args: Vec<String>,
     /// Seed used to pick the port range.
     pub seed: u64,
+    /// Run every member under libfaketime (this library) with a per-member offset file, so
+    /// the clock nemesis can skew its clocks at runtime.
+    pub faketime: Option<PathBuf>,
+}
+
+/// Where libfaketime is installed (Debian's `faketime` package), if it is.
+pub fn find_libfaketime() -> Option<PathBuf> {
+    [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketimeMT.so.1",
+        "/usr/lib/faketime/libfaketimeMT.so.1",
+        "/usr/local/lib/faketime/libfaketimeMT.so.1",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
 }
 
 #[derive(Debug)]
@@ -37,9 +53,17 @@ pub struct Member {
     pub proxy_port: u16,
     pub data_dir: PathBuf,
     pub log: PathBuf,
+    /// libfaketime's offset file for this member (`+0`, `-7`, ...).
+    pub clock_file: PathBuf,
     child: Option<Child>,
     paused: bool,
     pub restarts: u32,
+    /// Joins an existing cluster on its first start (a member re-added by the nemesis).
+    pub joining: bool,
+    /// Removed from the cluster by the membership nemesis and not yet added back.
+    pub removed: bool,
+    /// How often the member was removed and re-added (names its data directory).
+    pub generation: u32,
 }
 
 pub struct Cluster {
@@ -94,11 +118,18 @@ impl Cluster {
                 proxy_port: base + (2 * n + i) as u16,
                 data_dir: dir.join("data"),
                 log: dir.join("keel.log"),
+                clock_file: dir.join("faketime.rc"),
                 name,
                 child: None,
                 paused: false,
                 restarts: 0,
+                joining: false,
+                removed: false,
+                generation: 0,
             };
+            if opts.faketime.is_some() {
+                std::fs::write(&m.clock_file, "+0\n")?;
+            }
             net.start_proxy(i, m.proxy_port, m.peer_port).await?;
             members.push(Mutex::new(m));
         }
@@ -136,7 +167,7 @@ impl Cluster {
     pub fn start(&self, i: usize) -> anyhow::Result<()> {
         let initial = self.initial_cluster();
         let mut m = self.members[i].lock().unwrap();
-        if m.child.is_some() {
+        if m.child.is_some() || m.removed {
             return Ok(());
         }
         let log = std::fs::OpenOptions::new()
@@ -166,6 +197,18 @@ impl Cluster {
         if self.opts.unsafe_local_reads {
             cmd.arg("--debug-unsafe-local-reads");
         }
+        if m.joining {
+            cmd.arg("--initial-cluster-state").arg("existing");
+        }
+        if let Some(lib) = &self.opts.faketime {
+            // The offset file is re-read at most once a second (FAKETIME_NO_CACHE=1 would
+            // open and read it on every clock_gettime, which slows the member down a lot).
+            // CLOCK_MONOTONIC is faked too (libfaketime's default), so the skew reaches
+            // the timers that Raft elections, heartbeats and lease deadlines run on.
+            cmd.env("LD_PRELOAD", lib)
+                .env("FAKETIME_TIMESTAMP_FILE", &m.clock_file)
+                .env("FAKETIME_CACHE_DURATION", "1");
+        }
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -184,6 +227,63 @@ impl Cluster {
             self.start(i)?;
         }
         Ok(())
+    }
+
+    /// Sets member `i`'s clock offset in whole seconds (libfaketime's `+7` / `-3`).
+    pub fn set_clock(&self, i: usize, offset_s: f64) -> std::io::Result<()> {
+        let path = self.members[i].lock().unwrap().clock_file.clone();
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, format!("{:+}\n", offset_s.round() as i64))?;
+        std::fs::rename(&tmp, &path)
+    }
+
+    /// The peer URL member `i` advertises (its proxy).
+    pub fn peer_url(&self, i: usize) -> String {
+        format!(
+            "http://127.0.0.1:{}",
+            self.members[i].lock().unwrap().proxy_port
+        )
+    }
+
+    /// The member ID of `i` (from its Status; cached).
+    pub async fn member_id(&self, i: usize) -> Option<u64> {
+        if let Some((id, ..)) = self.status(i, Duration::from_millis(1000)).await {
+            return Some(id);
+        }
+        let id = self.ids.lock().unwrap()[i];
+        (id != 0).then_some(id)
+    }
+
+    /// After member `i` was removed from the cluster: kill it and forget its data; it stays
+    /// down (restarts are refused) until [`Cluster::prepare_rejoin`].
+    pub fn retire(&self, i: usize) {
+        self.kill(i);
+        let mut m = self.members[i].lock().unwrap();
+        m.removed = true;
+        let _ = std::fs::remove_dir_all(&m.data_dir);
+        self.ids.lock().unwrap()[i] = 0;
+    }
+
+    /// Gives a removed member a new peer URL (a new proxy listener) and an empty data
+    /// directory, to be started with `--initial-cluster-state existing`; returns its new URL.
+    pub async fn prepare_rejoin(&self, i: usize) -> anyhow::Result<String> {
+        let peer_port = self.members[i].lock().unwrap().peer_port;
+        let port = self.net.start_proxy_any(i, peer_port).await?;
+        let mut m = self.members[i].lock().unwrap();
+        m.generation += 1;
+        m.proxy_port = port;
+        m.data_dir = m.data_dir.with_file_name(format!("data-g{}", m.generation));
+        m.joining = true;
+        Ok(format!("http://127.0.0.1:{port}"))
+    }
+
+    /// Marks a prepared member as part of the cluster again (restarts allowed).
+    pub fn rejoined(&self, i: usize) {
+        self.members[i].lock().unwrap().removed = false;
+    }
+
+    pub fn is_removed(&self, i: usize) -> bool {
+        self.members[i].lock().unwrap().removed
     }
 
     /// kill -9 member `i` and reap it.
@@ -230,6 +330,7 @@ impl Cluster {
             let mut m = m.lock().unwrap();
             if let Some(child) = m.child.as_mut()
                 && let Ok(Some(status)) = child.try_wait()
+                && !m.removed
             {
                 out.push((i, status.to_string()));
                 m.child = None;

@@ -79,16 +79,17 @@ enum Command {
         common: Common,
     },
     /// The CI profile (about 4 minutes): register/partition, set/kill, watch/pause, append/all,
-    /// and the negative control (register/partition with unsafe local reads), which must be
-    /// reported invalid. Exit status 0 only when all of that holds.
+    /// lease/partition, lock/pause, and the negative control (register/partition with unsafe
+    /// local reads), which must be reported invalid. Exit status 0 only when all of that holds.
     Ci {
         #[arg(long, default_value_t = 1)]
         seed: u64,
         #[command(flatten)]
         common: Common,
     },
-    /// The long profile for nightly runs: every workload under kill, pause, partition, latency
-    /// and all, for `--seeds` seeds, plus the negative control.
+    /// The long profile for nightly runs: every workload under kill, pause, partition, latency,
+    /// member, compact, clock and all (watch without compact), for `--seeds` seeds, plus the
+    /// negative control.
     Long {
         #[arg(long, default_value_t = 120)]
         time_limit: u64,

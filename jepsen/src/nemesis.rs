@@ -14,6 +14,15 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+use keel_proto::etcdserverpb::cluster_client::ClusterClient;
+use keel_proto::etcdserverpb::kv_client::KvClient;
+use keel_proto::etcdserverpb::maintenance_client::MaintenanceClient;
+use keel_proto::etcdserverpb::{
+    CompactionRequest, DefragmentRequest, MemberAddRequest, MemberListRequest, MemberRemoveRequest,
+    RangeRequest,
+};
+use tonic::transport::{Channel, Endpoint};
+
 use crate::cluster::Cluster;
 use crate::record::FaultWindow;
 
@@ -25,7 +34,13 @@ pub enum NemesisKind {
     Pause,
     Partition,
     Latency,
-    /// kill, pause, partition and latency, interleaved.
+    /// Remove a member over the Cluster API, then add it back as a fresh member.
+    Member,
+    /// Compaction and defragmentation under load.
+    Compact,
+    /// Clock skew through libfaketime.
+    Clock,
+    /// Every fault above, interleaved.
     All,
 }
 
@@ -37,6 +52,9 @@ impl NemesisKind {
             NemesisKind::Pause => "pause",
             NemesisKind::Partition => "partition",
             NemesisKind::Latency => "latency",
+            NemesisKind::Member => "member",
+            NemesisKind::Compact => "compact",
+            NemesisKind::Clock => "clock",
             NemesisKind::All => "all",
         }
     }
@@ -71,10 +89,36 @@ pub enum PartitionKind {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", tag = "fault")]
 pub enum Fault {
-    Kill { target: Target },
-    Pause { target: Target },
-    Partition { kind: PartitionKind },
-    Latency { delay_ms: u64, jitter_ms: u64 },
+    Kill {
+        target: Target,
+    },
+    Pause {
+        target: Target,
+    },
+    Partition {
+        kind: PartitionKind,
+    },
+    Latency {
+        delay_ms: u64,
+        jitter_ms: u64,
+    },
+    /// Remove `target` with MemberRemove, kill it and wipe its data; at the end of the hold add
+    /// it back with MemberAdd under a new peer URL and start it on an empty data directory
+    /// with `--initial-cluster-state existing`.
+    Member {
+        target: Target,
+    },
+    /// Compact the keyspace to `keep` revisions behind the head (physical), then defragment
+    /// every member one after the other; again at the end of the hold.
+    Compact {
+        keep: i64,
+    },
+    /// Offset the clocks of `target` by these milliseconds (one per member, in order); back to
+    /// 0 at the end of the hold.
+    Clock {
+        target: Target,
+        offsets_ms: Vec<i64>,
+    },
 }
 
 impl Fault {
@@ -84,6 +128,9 @@ impl Fault {
             Fault::Pause { .. } => "pause",
             Fault::Partition { .. } => "partition",
             Fault::Latency { .. } => "latency",
+            Fault::Member { .. } => "member",
+            Fault::Compact { .. } => "compact",
+            Fault::Clock { .. } => "clock",
         }
     }
 }
@@ -109,15 +156,38 @@ fn random_target(rng: &mut StdRng, n: usize) -> Target {
     }
 }
 
-fn random_fault(rng: &mut StdRng, kind: NemesisKind, n: usize) -> Option<Fault> {
+/// The faults `all` draws from, minus `exclude`.
+pub fn all_kinds(exclude: &[NemesisKind]) -> Vec<NemesisKind> {
+    [
+        NemesisKind::Kill,
+        NemesisKind::Pause,
+        NemesisKind::Partition,
+        NemesisKind::Latency,
+        NemesisKind::Member,
+        NemesisKind::Compact,
+        NemesisKind::Clock,
+    ]
+    .into_iter()
+    .filter(|k| !exclude.contains(k))
+    .collect()
+}
+
+fn random_fault(
+    rng: &mut StdRng,
+    kind: NemesisKind,
+    n: usize,
+    exclude: &[NemesisKind],
+) -> Option<Fault> {
     let kind = match kind {
         NemesisKind::None => return None,
-        NemesisKind::All => [
-            NemesisKind::Kill,
-            NemesisKind::Pause,
-            NemesisKind::Partition,
-            NemesisKind::Latency,
-        ][rng.random_range(0..4)],
+        NemesisKind::All => {
+            let kinds = all_kinds(exclude);
+            if kinds.is_empty() {
+                return None;
+            }
+            kinds[rng.random_range(0..kinds.len())]
+        }
+        k if exclude.contains(&k) => return None,
         k => k,
     };
     Some(match kind {
@@ -148,12 +218,43 @@ fn random_fault(rng: &mut StdRng, kind: NemesisKind, n: usize) -> Option<Fault> 
             delay_ms: rng.random_range(50..=200),
             jitter_ms: rng.random_range(0..=50),
         },
-        NemesisKind::None | NemesisKind::All => unreachable!(),
+        NemesisKind::Member => Fault::Member {
+            target: if rng.random_bool(0.5) {
+                Target::Leader
+            } else {
+                Target::One(rng.random_range(0..n))
+            },
+        },
+        NemesisKind::Compact => Fault::Compact {
+            keep: rng.random_range(0..=50),
+        },
+        NemesisKind::Clock => {
+            let target = random_target(rng, n);
+            let count = match &target {
+                Target::Majority(v) => v.len(),
+                _ => 1,
+            };
+            let offsets_ms = (0..count)
+                .map(|_| {
+                    let mag = rng.random_range(1..=20_i64) * 1000;
+                    if rng.random_bool(0.5) { mag } else { -mag }
+                })
+                .collect();
+            Fault::Clock { target, offsets_ms }
+        }
+        NemesisKind::None | NemesisKind::All => return None,
     })
 }
 
-/// Draws the fault schedule for a run of `time_limit`.
-pub fn schedule(kind: NemesisKind, n: usize, seed: u64, time_limit: Duration) -> Vec<Step> {
+/// Draws the fault schedule for a run of `time_limit`; `exclude` names faults the run cannot
+/// take (compaction for the watch workload, clocks without libfaketime).
+pub fn schedule(
+    kind: NemesisKind,
+    n: usize,
+    seed: u64,
+    time_limit: Duration,
+    exclude: &[NemesisKind],
+) -> Vec<Step> {
     let mut rng = StdRng::seed_from_u64(seed ^ 0x6e65_6d65_7369_7321);
     let limit = time_limit.as_millis() as u64;
     let mut t = rng.random_range(3_000..=5_000);
@@ -163,7 +264,7 @@ pub fn schedule(kind: NemesisKind, n: usize, seed: u64, time_limit: Duration) ->
         if t + hold + 1_000 > limit {
             break;
         }
-        let Some(fault) = random_fault(&mut rng, kind, n) else {
+        let Some(fault) = random_fault(&mut rng, kind, n, exclude) else {
             break;
         };
         steps.push(Step {
@@ -294,6 +395,29 @@ pub async fn start(cluster: &Arc<Cluster>, fault: &Fault, now: u64) -> FaultWind
                 (0..cluster.n()).collect(),
             )
         }
+        Fault::Member { target } => {
+            let nodes = resolve(cluster, target).await;
+            match nodes.first() {
+                Some(&i) => match remove_member(cluster, i).await {
+                    Ok(id) => (format!("remove n{} (member {id:x})", i + 1), vec![i]),
+                    Err(e) => (format!("remove n{} failed: {e:#}", i + 1), vec![]),
+                },
+                None => ("remove (no leader found)".into(), vec![]),
+            }
+        }
+        Fault::Compact { keep } => (compact_and_defrag(cluster, *keep).await, vec![]),
+        Fault::Clock { target, offsets_ms } => {
+            let nodes = resolve(cluster, target).await;
+            let mut parts = Vec::new();
+            for (k, &i) in nodes.iter().enumerate() {
+                let off = offsets_ms.get(k).copied().unwrap_or(5_000) as f64 / 1000.0;
+                match cluster.set_clock(i, off) {
+                    Ok(()) => parts.push(format!("n{} {off:+}s", i + 1)),
+                    Err(e) => parts.push(format!("n{} failed: {e}", i + 1)),
+                }
+            }
+            (format!("clock skew {}", parts.join(", ")), nodes)
+        }
     };
     FaultWindow {
         kind: fault.kind().to_string(),
@@ -304,8 +428,8 @@ pub async fn start(cluster: &Arc<Cluster>, fault: &Fault, now: u64) -> FaultWind
     }
 }
 
-/// Undoes a fault started with [`start`].
-pub fn stop(cluster: &Arc<Cluster>, window: &FaultWindow) {
+/// Undoes a fault started with [`start`]; may amend the window's description.
+pub async fn stop(cluster: &Arc<Cluster>, window: &mut FaultWindow) {
     match window.kind.as_str() {
         "kill" => {
             for &i in &window.nodes {
@@ -321,20 +445,233 @@ pub fn stop(cluster: &Arc<Cluster>, window: &FaultWindow) {
         }
         "partition" => cluster.net.heal(),
         "latency" => cluster.net.set_latency(Duration::ZERO, Duration::ZERO),
+        "member" => {
+            for &i in &window.nodes {
+                match add_member(cluster, i).await {
+                    Ok(d) => window.description.push_str(&format!("; {d}")),
+                    Err(e) => window
+                        .description
+                        .push_str(&format!("; re-adding n{} failed: {e:#}", i + 1)),
+                }
+            }
+        }
+        "compact" => {
+            let d = compact_and_defrag(cluster, 0).await;
+            window.description.push_str(&format!("; then {d}"));
+        }
+        "clock" => {
+            for &i in &window.nodes {
+                let _ = cluster.set_clock(i, 0.0);
+            }
+        }
         _ => {}
     }
 }
 
-/// Heals everything: links, latency, paused and stopped members.
-pub fn heal_all(cluster: &Arc<Cluster>) {
+/// Heals everything: links, latency, clocks, paused, stopped and removed members.
+pub async fn heal_all(cluster: &Arc<Cluster>) {
     cluster.net.heal();
     cluster.net.set_latency(Duration::ZERO, Duration::ZERO);
     for i in 0..cluster.n() {
+        if cluster.opts.faketime.is_some() {
+            let _ = cluster.set_clock(i, 0.0);
+        }
         cluster.resume(i);
-        if !cluster.is_running(i) {
+        if cluster.is_removed(i) {
+            if let Err(e) = add_member(cluster, i).await {
+                eprintln!("re-adding n{} failed: {e:#}", i + 1);
+            }
+        } else if !cluster.is_running(i) {
             let _ = cluster.start(i);
         }
     }
+}
+
+fn cluster_client(cluster: &Cluster, via: usize) -> anyhow::Result<ClusterClient<Channel>> {
+    let ch = Endpoint::from_shared(cluster.client_url(via))?
+        .connect_timeout(Duration::from_millis(500))
+        .connect_lazy();
+    Ok(ClusterClient::new(ch))
+}
+
+/// The members as `(id, peer URLs)` according to member `via`.
+async fn member_list(cluster: &Cluster, via: usize) -> anyhow::Result<Vec<(u64, Vec<String>)>> {
+    let mut c = cluster_client(cluster, via)?;
+    let mut req = tonic::Request::new(MemberListRequest { linearizable: true });
+    req.set_timeout(Duration::from_secs(3));
+    let r = tokio::time::timeout(Duration::from_secs(3), c.member_list(req))
+        .await
+        .map_err(|_| anyhow::anyhow!("MemberList timed out"))??;
+    Ok(r.into_inner()
+        .members
+        .into_iter()
+        .map(|m| (m.id, m.peer_ur_ls))
+        .collect())
+}
+
+/// The other live members, starting at a seed-independent rotation of `i`.
+fn helpers(cluster: &Cluster, i: usize) -> Vec<usize> {
+    (1..cluster.n())
+        .map(|k| (i + k) % cluster.n())
+        .filter(|&j| cluster.is_running(j) && !cluster.is_removed(j))
+        .collect()
+}
+
+/// Removes member `i` from the cluster (MemberRemove through another member), then kills it
+/// and wipes its data. Returns its member ID. Fails (leaving `i` alone) when the removal
+/// cannot be confirmed.
+async fn remove_member(cluster: &Arc<Cluster>, i: usize) -> anyhow::Result<u64> {
+    let id = cluster
+        .member_id(i)
+        .await
+        .ok_or_else(|| anyhow::anyhow!("n{} does not answer Status", i + 1))?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut last_err = String::new();
+    while tokio::time::Instant::now() < deadline {
+        for via in helpers(cluster, i) {
+            let mut c = cluster_client(cluster, via)?;
+            let mut req = tonic::Request::new(MemberRemoveRequest { id });
+            req.set_timeout(Duration::from_secs(5));
+            match tokio::time::timeout(Duration::from_secs(5), c.member_remove(req)).await {
+                Ok(Ok(_)) => {
+                    cluster.retire(i);
+                    return Ok(id);
+                }
+                Ok(Err(s)) if s.code() == tonic::Code::NotFound => {
+                    // Already gone (an earlier ambiguous attempt took effect).
+                    cluster.retire(i);
+                    return Ok(id);
+                }
+                Ok(Err(s)) => last_err = format!("{:?}: {}", s.code(), s.message()),
+                Err(_) => last_err = "timed out".into(),
+            }
+            // An ambiguous answer: did it happen?
+            if let Ok(ms) = member_list(cluster, via).await
+                && !ms.iter().any(|(m, _)| *m == id)
+            {
+                cluster.retire(i);
+                return Ok(id);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    anyhow::bail!("MemberRemove of {id:x} not confirmed: {last_err}")
+}
+
+/// Adds removed member `i` back under a new peer URL and starts it on an empty data directory.
+async fn add_member(cluster: &Arc<Cluster>, i: usize) -> anyhow::Result<String> {
+    let url = cluster.prepare_rejoin(i).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut last_err = String::new();
+    while tokio::time::Instant::now() < deadline {
+        for via in helpers(cluster, i) {
+            let mut c = cluster_client(cluster, via)?;
+            let mut req = tonic::Request::new(MemberAddRequest {
+                peer_ur_ls: vec![url.clone()],
+                is_learner: false,
+            });
+            req.set_timeout(Duration::from_secs(5));
+            let added = match tokio::time::timeout(Duration::from_secs(5), c.member_add(req)).await
+            {
+                Ok(Ok(r)) => r.into_inner().member.map(|m| m.id),
+                Ok(Err(s)) => {
+                    last_err = format!("{:?}: {}", s.code(), s.message());
+                    None
+                }
+                Err(_) => {
+                    last_err = "timed out".into();
+                    None
+                }
+            };
+            let added = match added {
+                Some(id) => Some(id),
+                None => member_list(cluster, via)
+                    .await
+                    .ok()
+                    .and_then(|ms| ms.into_iter().find(|(_, u)| u.contains(&url)))
+                    .map(|(id, _)| id),
+            };
+            if let Some(id) = added {
+                cluster.rejoined(i);
+                cluster.start(i)?;
+                return Ok(format!("re-added n{} as member {id:x} at {url}", i + 1));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    anyhow::bail!("MemberAdd not confirmed: {last_err}")
+}
+
+/// Compacts to `keep` revisions behind the current one (physical), then defragments every
+/// running member in turn. Returns a description.
+async fn compact_and_defrag(cluster: &Arc<Cluster>, keep: i64) -> String {
+    let live: Vec<usize> = (0..cluster.n())
+        .filter(|&i| cluster.is_running(i) && !cluster.is_removed(i))
+        .collect();
+    let Some(&via) = live.first() else {
+        return "compact: no member running".into();
+    };
+    let url = cluster.client_url(via);
+    let Ok(ep) = Endpoint::from_shared(url) else {
+        return "compact: bad URL".into();
+    };
+    let ch = ep
+        .connect_timeout(Duration::from_millis(500))
+        .connect_lazy();
+    let mut kv = KvClient::new(ch.clone());
+    let t = Duration::from_secs(5);
+    let head = match tokio::time::timeout(
+        t,
+        kv.range(RangeRequest {
+            key: vec![0],
+            range_end: vec![0],
+            count_only: true,
+            ..Default::default()
+        }),
+    )
+    .await
+    {
+        Ok(Ok(r)) => r.into_inner().header.map(|h| h.revision).unwrap_or(0),
+        Ok(Err(s)) => return format!("compact: reading the head failed: {}", s.message()),
+        Err(_) => return "compact: reading the head timed out".into(),
+    };
+    let rev = head - keep;
+    let mut out = if rev < 1 {
+        format!("compact: nothing to compact (head {head})")
+    } else {
+        match tokio::time::timeout(
+            t,
+            kv.compact(CompactionRequest {
+                revision: rev,
+                physical: true,
+            }),
+        )
+        .await
+        {
+            Ok(Ok(_)) => format!("compact to {rev} (head {head})"),
+            Ok(Err(s)) => format!("compact to {rev}: {:?} {}", s.code(), s.message()),
+            Err(_) => format!("compact to {rev}: timed out"),
+        }
+    };
+    let mut defragged = Vec::new();
+    for i in live {
+        let Ok(ep) = Endpoint::from_shared(cluster.client_url(i)) else {
+            continue;
+        };
+        let mut m = MaintenanceClient::new(
+            ep.connect_timeout(Duration::from_millis(500))
+                .connect_lazy(),
+        );
+        let r =
+            tokio::time::timeout(Duration::from_secs(10), m.defragment(DefragmentRequest {})).await;
+        defragged.push(match r {
+            Ok(Ok(_)) => format!("n{}", i + 1),
+            Ok(Err(s)) => format!("n{} ({:?})", i + 1, s.code()),
+            Err(_) => format!("n{} (timed out)", i + 1),
+        });
+    }
+    out.push_str(&format!(", defragment {}", defragged.join(" ")));
+    out
 }
 
 #[cfg(test)]
@@ -343,9 +680,9 @@ mod tests {
 
     #[test]
     fn schedules_replay_from_the_seed() {
-        let a = schedule(NemesisKind::All, 3, 7, Duration::from_secs(60));
-        let b = schedule(NemesisKind::All, 3, 7, Duration::from_secs(60));
-        let c = schedule(NemesisKind::All, 3, 8, Duration::from_secs(60));
+        let a = schedule(NemesisKind::All, 3, 7, Duration::from_secs(60), &[]);
+        let b = schedule(NemesisKind::All, 3, 7, Duration::from_secs(60), &[]);
+        let c = schedule(NemesisKind::All, 3, 8, Duration::from_secs(60), &[]);
         assert_eq!(
             serde_json::to_string(&a).unwrap(),
             serde_json::to_string(&b).unwrap()
@@ -358,6 +695,15 @@ mod tests {
         for w in a.windows(2) {
             assert!(w[0].at_ms + w[0].hold_ms < w[1].at_ms);
         }
-        assert!(schedule(NemesisKind::None, 3, 7, Duration::from_secs(60)).is_empty());
+        assert!(schedule(NemesisKind::None, 3, 7, Duration::from_secs(60), &[]).is_empty());
+        let no_compact = schedule(
+            NemesisKind::All,
+            3,
+            7,
+            Duration::from_secs(600),
+            &[NemesisKind::Compact],
+        );
+        assert!(no_compact.iter().all(|s| s.fault.kind() != "compact"));
+        assert!(no_compact.iter().any(|s| s.fault.kind() == "member"));
     }
 }

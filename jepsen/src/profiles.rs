@@ -30,41 +30,61 @@ pub fn ci_plan(seed: u64) -> Vec<Planned> {
         control,
     };
     vec![
-        p(Register, Partition, 35, 0, false),
-        p(Set, Kill, 30, 1, false),
-        p(Watch, Pause, 30, 2, false),
+        p(Register, Partition, 30, 0, false),
+        p(Set, Kill, 25, 1, false),
+        p(Watch, Pause, 25, 2, false),
         p(Append, All, 30, 3, false),
+        p(Lease, Partition, 25, 5, false),
+        p(Lock, Pause, 25, 6, false),
         // Negative control: local unconfirmed reads under partitions must be caught.
-        p(Register, Partition, 20, 4, true),
+        p(Register, Partition, 15, 4, true),
     ]
+}
+
+/// The long profile's workloads and nemeses (watch skips compaction: it watches from
+/// revision 1).
+pub fn long_matrix() -> Vec<(WorkloadKind, NemesisKind)> {
+    let mut out = Vec::new();
+    for w in [
+        WorkloadKind::Register,
+        WorkloadKind::Set,
+        WorkloadKind::Append,
+        WorkloadKind::Watch,
+        WorkloadKind::Lease,
+        WorkloadKind::Lock,
+    ] {
+        for nem in [
+            NemesisKind::Kill,
+            NemesisKind::Pause,
+            NemesisKind::Partition,
+            NemesisKind::Latency,
+            NemesisKind::Member,
+            NemesisKind::Compact,
+            NemesisKind::Clock,
+            NemesisKind::All,
+        ] {
+            if w == WorkloadKind::Watch && nem == NemesisKind::Compact {
+                continue;
+            }
+            out.push((w, nem));
+        }
+    }
+    out
 }
 
 pub fn long_plan(seed: u64, time_limit_s: u64, seeds: u64) -> Vec<Planned> {
     let mut out = Vec::new();
     let mut n = 0;
     for s in 0..seeds {
-        for w in [
-            WorkloadKind::Register,
-            WorkloadKind::Set,
-            WorkloadKind::Append,
-            WorkloadKind::Watch,
-        ] {
-            for nem in [
-                NemesisKind::Kill,
-                NemesisKind::Pause,
-                NemesisKind::Partition,
-                NemesisKind::Latency,
-                NemesisKind::All,
-            ] {
-                out.push(Planned {
-                    workload: w,
-                    nemesis: nem,
-                    time_limit_s,
-                    seed: seed + s * 1000 + n,
-                    control: false,
-                });
-                n += 1;
-            }
+        for (w, nem) in long_matrix() {
+            out.push(Planned {
+                workload: w,
+                nemesis: nem,
+                time_limit_s,
+                seed: seed + s * 1000 + n,
+                control: false,
+            });
+            n += 1;
         }
     }
     out.push(Planned {

@@ -132,6 +132,24 @@ impl Net {
         target: u16,
     ) -> std::io::Result<()> {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, listen)).await?;
+        self.serve_listener(dst, listener, target);
+        Ok(())
+    }
+
+    /// Another proxy in front of member `dst` on a port the system picks (a re-added member
+    /// needs a new peer URL); returns the port.
+    pub async fn start_proxy_any(
+        self: &Arc<Self>,
+        dst: usize,
+        target: u16,
+    ) -> std::io::Result<u16> {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+        let port = listener.local_addr()?.port();
+        self.serve_listener(dst, listener, target);
+        Ok(port)
+    }
+
+    fn serve_listener(self: &Arc<Self>, dst: usize, listener: TcpListener, target: u16) {
         let net = self.clone();
         let task = tokio::spawn(async move {
             loop {
@@ -147,7 +165,6 @@ impl Net {
             }
         });
         self.accept_tasks.lock().unwrap().push(task);
-        Ok(())
     }
 
     /// Stops accepting (existing connections end when the members die).

@@ -28,6 +28,9 @@ fn fault_color(kind: &str) -> &'static str {
         "pause" => "#984ea3",
         "partition" => "#ff7f00",
         "latency" => "#4daf4a",
+        "member" => "#377eb8",
+        "compact" => "#a65628",
+        "clock" => "#f781bf",
         _ => "#777777",
     }
 }
@@ -356,14 +359,17 @@ pub fn html(opts: &TestOpts, r: &RunResult, ops: &[Op], faults: &[FaultWindow]) 
     out.push_str("</table>");
     let _ = write!(
         out,
-        r#"<h2>Timeline</h2><p class="legend"><span style="background:{}">ok</span><span style="background:{}">fail</span><span style="background:{}">info (indeterminate)</span> bands: <span style="color:{}">kill</span><span style="color:{}">pause</span><span style="color:{}">partition</span><span style="color:{}">latency</span>; hover for details; rows are members (lanes per concurrent operation).</p>"#,
+        r#"<h2>Timeline</h2><p class="legend"><span style="background:{}">ok</span><span style="background:{}">fail</span><span style="background:{}">info (indeterminate)</span> bands: <span style="color:{}">kill</span><span style="color:{}">pause</span><span style="color:{}">partition</span><span style="color:{}">latency</span><span style="color:{}">member</span><span style="color:{}">compact</span><span style="color:{}">clock</span>; hover for details; rows are members (lanes per concurrent operation).</p>"#,
         color(Outcome::Ok),
         color(Outcome::Fail),
         color(Outcome::Info),
         fault_color("kill"),
         fault_color("pause"),
         fault_color("partition"),
-        fault_color("latency")
+        fault_color("latency"),
+        fault_color("member"),
+        fault_color("compact"),
+        fault_color("clock")
     );
     out.push_str(&timeline(ops, faults, &s, opts.nodes, &hi));
     out.push_str("<h2>Latency</h2><p>Each dot is one operation at its invocation time (log scale); blue ok, red fail, orange info.</p>");

@@ -313,11 +313,37 @@ pub async fn run_test(opts: TestOpts) -> anyhow::Result<RunResult> {
         dir.join("keel.json"),
         serde_json::to_vec_pretty(&keel_identity(&opts))?,
     )?;
+    // Faults a run cannot take: compaction breaks the watch workload's watches from
+    // revision 1; clock skew needs libfaketime.
+    let mut exclude = Vec::new();
+    if opts.workload == WorkloadKind::Watch {
+        exclude.push(NemesisKind::Compact);
+    }
+    let uses_clock = matches!(opts.nemesis, NemesisKind::Clock | NemesisKind::All);
+    let faketime = if uses_clock {
+        crate::cluster::find_libfaketime()
+    } else {
+        None
+    };
+    if uses_clock && faketime.is_none() {
+        println!(
+            "!! libfaketime not found (apt-get install faketime): no clock faults in this run"
+        );
+        exclude.push(NemesisKind::Clock);
+    }
+    if opts.nemesis != NemesisKind::All && exclude.contains(&opts.nemesis) {
+        anyhow::bail!(
+            "the {} nemesis cannot run with the {} workload here",
+            opts.nemesis.name(),
+            opts.workload.name()
+        );
+    }
     let schedule = nemesis::schedule(
         opts.nemesis,
         opts.nodes,
         opts.seed,
         Duration::from_secs(opts.time_limit_s),
+        &exclude,
     );
     std::fs::write(
         dir.join("schedule.json"),
@@ -352,6 +378,7 @@ pub async fn run_test(opts: TestOpts) -> anyhow::Result<RunResult> {
         unsafe_local_reads: opts.unsafe_local_reads,
         extra_args,
         seed: opts.seed,
+        faketime,
     })
     .await?;
     cluster.start_all()?;
@@ -410,7 +437,7 @@ pub async fn run_test(opts: TestOpts) -> anyhow::Result<RunResult> {
                         note_crashes(&ctx, &crashes);
                     }
                 }
-                nemesis::stop(&ctx.cluster, &w);
+                nemesis::stop(&ctx.cluster, &mut w).await;
                 w.end = ctx.now();
                 *ctx.current_fault.lock().unwrap() = None;
                 ctx.faults.lock().unwrap().push(w);
@@ -457,7 +484,7 @@ pub async fn run_test(opts: TestOpts) -> anyhow::Result<RunResult> {
     let _ = progress.await;
 
     // Heal and wait for recovery.
-    nemesis::heal_all(&cluster);
+    nemesis::heal_all(&cluster).await;
     let heal_started = std::time::Instant::now();
     let healthy = cluster.wait_healthy(Duration::from_secs(30)).await;
     let recovery_s = heal_started.elapsed().as_secs_f64();
@@ -479,7 +506,7 @@ pub async fn run_test(opts: TestOpts) -> anyhow::Result<RunResult> {
     let faults = ctx.faults.lock().unwrap().clone();
     write_history(&dir.join("history.jsonl"), &ops, &faults)?;
 
-    let mut checks = workload::check(opts.workload, &ops);
+    let mut checks = workload::check(opts.workload, &ops, &faults);
     // Liveness and crashes.
     let mut live = CheckResult::new("liveness");
     if !healthy {
@@ -603,7 +630,7 @@ pub fn recheck(dir: &std::path::Path) -> anyhow::Result<RunResult> {
     let opts: TestOpts = serde_json::from_slice(&std::fs::read(dir.join("test.json"))?)?;
     let (ops, faults) = crate::record::read_history(&dir.join("history.jsonl"))?;
     let mut r: RunResult = serde_json::from_slice(&std::fs::read(dir.join("results.json"))?)?;
-    let mut checks = workload::check(opts.workload, &ops);
+    let mut checks = workload::check(opts.workload, &ops, &faults);
     checks.extend(r.checks.iter().filter(|c| c.checker == "liveness").cloned());
     r.valid = checks.iter().fold(Valid::True, |acc, c| acc.and(c.valid));
     r.checks = checks;

@@ -1,6 +1,8 @@
 //! Workloads: what the clients do, and which checkers judge the history.
 
 pub mod append;
+pub mod lease;
+pub mod lock;
 pub mod register;
 pub mod set;
 pub mod watch;
@@ -9,7 +11,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::record::{CheckResult, Op};
+use crate::record::{CheckResult, FaultWindow, Op};
 use crate::runner::{Ctx, TestOpts, Worker};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -19,6 +21,8 @@ pub enum WorkloadKind {
     Set,
     Append,
     Watch,
+    Lease,
+    Lock,
 }
 
 impl WorkloadKind {
@@ -28,6 +32,8 @@ impl WorkloadKind {
             WorkloadKind::Set => "set",
             WorkloadKind::Append => "append",
             WorkloadKind::Watch => "watch",
+            WorkloadKind::Lease => "lease",
+            WorkloadKind::Lock => "lock",
         }
     }
 }
@@ -38,6 +44,8 @@ pub enum Workload {
     Set(Arc<set::Set>),
     Append(Arc<append::Append>),
     Watch(Arc<watch::Watch>),
+    Lease(Arc<lease::Lease>),
+    Lock(Arc<lock::Lock>),
 }
 
 impl Workload {
@@ -47,6 +55,8 @@ impl Workload {
             WorkloadKind::Set => Workload::Set(Arc::new(set::Set::new(opts))),
             WorkloadKind::Append => Workload::Append(Arc::new(append::Append::new(opts))),
             WorkloadKind::Watch => Workload::Watch(Arc::new(watch::Watch::new(opts))),
+            WorkloadKind::Lease => Workload::Lease(Arc::new(lease::Lease::new(opts))),
+            WorkloadKind::Lock => Workload::Lock(Arc::new(lock::Lock::new(opts))),
         }
     }
 
@@ -58,6 +68,8 @@ impl Workload {
             Workload::Set(x) => x.worker(ctx, w).await,
             Workload::Append(x) => x.worker(ctx, w).await,
             Workload::Watch(x) => x.worker(ctx, w).await,
+            Workload::Lease(x) => x.worker(ctx, w).await,
+            Workload::Lock(x) => x.worker(ctx, w).await,
         }
     }
 
@@ -68,16 +80,21 @@ impl Workload {
             Workload::Set(x) => x.final_phase(ctx).await,
             Workload::Append(x) => x.final_phase(ctx).await,
             Workload::Watch(x) => x.final_phase(ctx).await,
+            Workload::Lease(x) => x.final_phase(ctx).await,
+            Workload::Lock(x) => x.final_phase(ctx).await,
         }
     }
 }
 
 /// Runs the checkers of a workload over a history.
-pub fn check(kind: WorkloadKind, ops: &[Op]) -> Vec<CheckResult> {
+/// `faults` are the run's fault windows (clock skew explains some lease expiries).
+pub fn check(kind: WorkloadKind, ops: &[Op], faults: &[FaultWindow]) -> Vec<CheckResult> {
     match kind {
         WorkloadKind::Register => crate::checker::register::check(ops, 5_000_000),
         WorkloadKind::Set => vec![crate::checker::set::check(ops)],
         WorkloadKind::Append => vec![crate::checker::append::check(ops)],
         WorkloadKind::Watch => vec![crate::checker::watch::check(ops)],
+        WorkloadKind::Lease => vec![crate::checker::lease::check(ops, faults)],
+        WorkloadKind::Lock => vec![crate::checker::lock::check(ops, faults)],
     }
 }

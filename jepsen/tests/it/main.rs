@@ -759,3 +759,302 @@ fn history_round_trips_through_jsonl() {
     assert_eq!(fb, faults);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+// --- lease ---------------------------------------------------------------------------------
+
+const L1: i64 = 0x11;
+const L2: i64 = 0x22;
+
+fn lkey(lease: i64, n: u32) -> String {
+    keel_jepsen::workload::lease::key_of(lease, n)
+}
+
+fn grant(i: u64, id: i64, ttl: i64, t0: u64, t1: u64) -> Op {
+    op(
+        i,
+        0,
+        "grant",
+        json!({"ttl": ttl}),
+        json!({"id": id, "ttl": ttl}),
+        Outcome::Ok,
+        t0,
+        t1,
+    )
+}
+
+fn keepalive(i: u64, id: i64, ttl: i64, t0: u64, t1: u64) -> Op {
+    op(
+        i,
+        0,
+        "keepalive",
+        json!({"lease": id}),
+        json!({"ttl": ttl}),
+        Outcome::Ok,
+        t0,
+        t1,
+    )
+}
+
+fn lput(i: u64, id: i64, n: u32, outcome: Outcome, t0: u64, t1: u64) -> Op {
+    op(
+        i,
+        0,
+        "put",
+        json!({"key": lkey(id, n), "lease": id}),
+        json!({}),
+        outcome,
+        t0,
+        t1,
+    )
+}
+
+fn lread(i: u64, node: usize, keys: &[String], fin: bool, t0: u64, t1: u64) -> Op {
+    op(
+        i,
+        node,
+        "read",
+        if fin {
+            json!({"final": true})
+        } else {
+            json!({})
+        },
+        json!({"keys": keys}),
+        Outcome::Ok,
+        t0,
+        t1,
+    )
+}
+
+fn revoke(i: u64, id: i64, t0: u64, t1: u64) -> Op {
+    op(
+        i,
+        0,
+        "revoke",
+        json!({"lease": id}),
+        json!({}),
+        Outcome::Ok,
+        t0,
+        t1,
+    )
+}
+
+/// L1 granted with TTL 2 at 0 ms and kept alive at 1000 ms (alive until 3000 ms), then left to
+/// lapse; L2 revoked at 1500 ms.
+fn lease_history() -> Vec<Op> {
+    vec![
+        grant(0, L1, 2, 0, 10),
+        grant(1, L2, 2, 0, 10),
+        lput(2, L1, 1, Outcome::Ok, 20, 30),
+        lput(3, L2, 1, Outcome::Ok, 20, 30),
+        keepalive(4, L1, 2, 1000, 1010),
+        lread(5, 1, &[lkey(L1, 1), lkey(L2, 1)], false, 1100, 1110),
+        revoke(6, L2, 1500, 1510),
+        lread(7, 1, &[lkey(L1, 1)], false, 1600, 1610),
+        lread(8, 2, &[], false, 3600, 3610),
+        lread(9, 0, &[], true, 9000, 9010),
+        lread(10, 1, &[], true, 9000, 9010),
+    ]
+}
+
+#[test]
+fn lease_checker_accepts_a_correct_history() {
+    let r = checker::lease::check(&lease_history(), &[]);
+    assert_eq!(r.valid, Valid::True, "{:?}", r.summary);
+}
+
+#[test]
+fn lease_checker_detects_early_expiry_and_late_keys() {
+    // L1's key gone at 2500 ms although the keep-alive at 1000 ms proves it alive until 3000.
+    let mut early = lease_history();
+    early[8] = lread(8, 2, &[], false, 2400, 2500);
+    let r = checker::lease::check(&early, &[]);
+    assert!(has(&r, "early-expiry"), "{:?}", r.summary);
+    // The same during a clock-skew window is reported but explained.
+    let skew = FaultWindow {
+        kind: "clock".into(),
+        description: "clock skew n1 +10s".into(),
+        nodes: vec![0],
+        start: 2000 * MS,
+        end: 2300 * MS,
+    };
+    assert_eq!(
+        checker::lease::check(&early, std::slice::from_ref(&skew)).valid,
+        Valid::True
+    );
+    // A keep-alive saying "no such lease" before the proven lifetime ended.
+    let mut gone = lease_history();
+    gone.push(keepalive(11, L1, 0, 2000, 2010));
+    assert!(has(&checker::lease::check(&gone, &[]), "early-expiry"));
+    // A revoked lease's key still visible.
+    let mut visible = lease_history();
+    visible[7] = lread(7, 1, &[lkey(L1, 1), lkey(L2, 1)], false, 1600, 1610);
+    assert!(has(
+        &checker::lease::check(&visible, &[]),
+        "revoked-key-visible"
+    ));
+    // Keys of leases that ran out must be gone after the final wait.
+    let mut late = lease_history();
+    late[9] = lread(9, 0, &[lkey(L1, 1)], true, 9000, 9010);
+    let r = checker::lease::check(&late, &[]);
+    assert!(has(&r, "not-expired"));
+    assert!(has(&r, "key-reappeared"));
+    assert!(has(&r, "divergent-final"));
+}
+
+#[test]
+fn lease_checker_detects_renewals_and_attachments_after_the_end() {
+    let mut renew = lease_history();
+    renew.push(keepalive(11, L2, 2, 2000, 2010));
+    assert!(has(
+        &checker::lease::check(&renew, &[]),
+        "keepalive-after-revoke"
+    ));
+    // L1 observed gone at 3610 ms, then a put on it acknowledged.
+    let mut attach = lease_history();
+    attach.push(lput(11, L1, 2, Outcome::Ok, 4000, 4010));
+    assert!(has(
+        &checker::lease::check(&attach, &[]),
+        "attach-after-expiry"
+    ));
+    let mut phantom = lease_history();
+    phantom[7] = lread(7, 1, &[lkey(L1, 1), lkey(L1, 9)], false, 1600, 1610);
+    assert!(has(&checker::lease::check(&phantom, &[]), "phantom-key"));
+    let mut leases = lease_history();
+    leases.push(op(
+        11,
+        0,
+        "leases",
+        json!({"final": true}),
+        json!({"leases": [L1]}),
+        Outcome::Ok,
+        9000,
+        9010,
+    ));
+    assert!(has(
+        &checker::lease::check(&leases, &[]),
+        "lease-not-expired"
+    ));
+}
+
+// --- lock ----------------------------------------------------------------------------------
+
+fn acquire(i: u64, lease: i64, hold: u64, token: i64, t0: u64, t1: u64) -> Op {
+    op(
+        i,
+        0,
+        "acquire",
+        json!({"lock": "k/0", "lease": lease, "hold": hold}),
+        json!({"key": format!("k/0/{lease:x}"), "token": token}),
+        Outcome::Ok,
+        t0,
+        t1,
+    )
+}
+
+fn unlock(i: u64, hold: u64, t0: u64, t1: u64) -> Op {
+    op(
+        i,
+        0,
+        "unlock",
+        json!({"lock": "k/0", "hold": hold}),
+        json!({}),
+        Outcome::Ok,
+        t0,
+        t1,
+    )
+}
+
+fn fenced(i: u64, hold: u64, token: i64, outcome: Outcome, t0: u64, t1: u64) -> Op {
+    op(
+        i,
+        0,
+        "write",
+        json!({"lock": "k/0", "token": token, "hold": hold, "stalled": false}),
+        json!({}),
+        outcome,
+        t0,
+        t1,
+    )
+}
+
+fn fences(i: u64, fence: i64) -> Op {
+    op(
+        i,
+        0,
+        "fences",
+        json!({"final": true}),
+        json!({"fences": {"f/0": fence}}),
+        Outcome::Ok,
+        9000,
+        9010,
+    )
+}
+
+/// Two sessions (leases 1 and 2, TTL 3 s) take the lock in turn.
+fn lock_history() -> Vec<Op> {
+    vec![
+        grant(0, 1, 3, 0, 10),
+        grant(1, 2, 3, 0, 10),
+        acquire(2, 1, 1, 5, 20, 30),
+        fenced(3, 1, 5, Outcome::Ok, 40, 50),
+        unlock(4, 1, 60, 70),
+        acquire(5, 2, 2, 9, 25, 80),
+        fenced(6, 2, 9, Outcome::Ok, 90, 100),
+        unlock(7, 2, 110, 120),
+        fences(8, 9),
+    ]
+}
+
+#[test]
+fn lock_checker_accepts_a_correct_history() {
+    let r = checker::lock::check(&lock_history(), &[]);
+    assert_eq!(r.valid, Valid::True, "{:?}", r.summary);
+}
+
+#[test]
+fn lock_checker_reports_overlaps_and_token_order() {
+    // Session 2 acquires at 80 ms while session 1 (lease alive until 3000 ms) still holds.
+    let mut overlap = lock_history();
+    overlap[4] = unlock(4, 1, 200, 210);
+    let r = checker::lock::check(&overlap, &[]);
+    assert!(has(&r, "unexplained-overlap"), "{:?}", r.summary);
+    // Explained when session 1's lease could have run out (acquired after 3000 ms).
+    let mut expired = vec![
+        grant(0, 1, 3, 0, 10),
+        grant(1, 2, 3, 0, 10),
+        acquire(2, 1, 1, 5, 20, 30),
+        acquire(3, 2, 2, 9, 25, 3500),
+        unlock(4, 1, 4000, 4010),
+        fenced(5, 1, 5, Outcome::Fail, 3900, 3910),
+        unlock(6, 2, 3600, 3610),
+        fences(7, 0),
+    ];
+    let r = checker::lock::check(&expired, &[]);
+    assert_eq!(r.valid, Valid::True, "{:?}", r.summary);
+    assert!(r.summary.iter().any(|s| s.contains("running out: 1")));
+    // ... but the stale holder's fenced write must have been refused.
+    expired[5] = fenced(5, 1, 5, Outcome::Ok, 3900, 3910);
+    let r = checker::lock::check(&expired, &[]);
+    assert!(has(&r, "stale-fenced-write"), "{:?}", r.summary);
+    // Tokens must grow in acquisition order, and never repeat.
+    let mut order = lock_history();
+    order[5] = acquire(5, 2, 2, 3, 75, 80);
+    order[6] = fenced(6, 2, 3, Outcome::Fail, 90, 100);
+    order[8] = fences(8, 5);
+    assert!(has(&checker::lock::check(&order, &[]), "token-order"));
+    let mut dup = lock_history();
+    dup[5] = acquire(5, 2, 2, 5, 75, 80);
+    dup[6] = fenced(6, 2, 5, Outcome::Ok, 90, 100);
+    dup[8] = fences(8, 5);
+    assert!(has(&checker::lock::check(&dup, &[]), "duplicate-token"));
+    // Fenced writes never go backwards, and the last one is not lost.
+    let mut regress = lock_history();
+    regress[3] = fenced(3, 1, 5, Outcome::Ok, 105, 108);
+    assert!(has(
+        &checker::lock::check(&regress, &[]),
+        "fence-regression"
+    ));
+    let mut lost = lock_history();
+    lost[8] = fences(8, 5);
+    assert!(has(&checker::lock::check(&lost, &[]), "lost-fence-write"));
+}
