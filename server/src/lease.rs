@@ -27,6 +27,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::ServerError;
 use crate::node::KeelNode;
+use openraft::async_runtime::WatchReceiver as _;
 
 /// Revocations proposed at once by the expiry loop.
 const REVOKE_BATCH: usize = 256;
@@ -159,7 +160,7 @@ impl Lessor {
         if !self.is_leader() {
             return Err(ServerError::NotLeader);
         }
-        let term = self.node.raft.metrics().borrow().current_term;
+        let term = self.node.raft.metrics().borrow_watched().current_term;
         if guard.as_ref().is_none_or(|(t, _)| *t != term) {
             *guard = Some((term, Self::promoted(&self.node, Instant::now())));
         }

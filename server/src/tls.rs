@@ -32,7 +32,9 @@ fn server_config(
     flags: &str,
 ) -> anyhow::Result<ServerTlsConfig> {
     let (Some(cert), Some(key)) = (cert, key) else {
-        anyhow::bail!("https:// {flags} URLs need a certificate and a key (--{flags}cert-file, --{flags}key-file)");
+        anyhow::bail!(
+            "https:// {flags} URLs need a certificate and a key (--{flags}cert-file, --{flags}key-file)"
+        );
     };
     let mut cfg = ServerTlsConfig::new().identity(Identity::from_pem(
         read(cert, "certificate")?,
@@ -103,68 +105,29 @@ pub fn common_name_http(ext: &tonic::codegen::http::Extensions) -> Option<String
     common_name(certs.first()?.as_ref())
 }
 
-/// One DER element: (tag, contents, rest).
-fn der(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let (&tag, rest) = input.split_first()?;
-    let (&first, rest) = rest.split_first()?;
-    let (len, rest) = if first < 0x80 {
-        (first as usize, rest)
-    } else {
-        let n = (first & 0x7f) as usize;
-        if n == 0 || n > 4 || rest.len() < n {
-            return None;
-        }
-        let len = rest[..n]
-            .iter()
-            .fold(0usize, |acc, b| (acc << 8) | *b as usize);
-        (len, &rest[n..])
-    };
-    if rest.len() < len {
-        return None;
-    }
-    Some((tag, &rest[..len], &rest[len..]))
+/// The subject common name of a DER X.509 certificate (its first CN attribute).
+pub fn common_name(cert: &[u8]) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
+    let cn = parsed.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_string)
 }
 
-/// The subject common name (OID 2.5.4.3) of a DER X.509 certificate.
-pub fn common_name(cert: &[u8]) -> Option<String> {
-    const SEQUENCE: u8 = 0x30;
-    const SET: u8 = 0x31;
-    const OID_CN: &[u8] = &[0x55, 0x04, 0x03];
-    let (SEQUENCE, cert, _) = der(cert)? else {
-        return None;
-    };
-    let (SEQUENCE, tbs, _) = der(cert)? else {
-        return None;
-    };
-    let mut rest = tbs;
-    // Optional explicit version [0].
-    if rest.first() == Some(&0xa0) {
-        rest = der(rest)?.2;
+#[cfg(test)]
+mod tests {
+    use super::common_name;
+
+    #[test]
+    fn common_name_of_a_certificate() {
+        let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::OrganizationName, "keel");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "alice");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        assert_eq!(common_name(cert.der()).as_deref(), Some("alice"));
+        assert_eq!(common_name(b"not a certificate"), None);
     }
-    // serialNumber, signature, issuer, validity, then subject.
-    for _ in 0..4 {
-        rest = der(rest)?.2;
-    }
-    let (SEQUENCE, mut subject, _) = der(rest)? else {
-        return None;
-    };
-    while !subject.is_empty() {
-        let (tag, mut set, next) = der(subject)?;
-        subject = next;
-        if tag != SET {
-            continue;
-        }
-        while !set.is_empty() {
-            let (_, attr, next) = der(set)?;
-            set = next;
-            let (0x06, oid, value) = der(attr)? else {
-                continue;
-            };
-            if oid == OID_CN {
-                let (_, text, _) = der(value)?;
-                return String::from_utf8(text.to_vec()).ok();
-            }
-        }
-    }
-    None
 }
