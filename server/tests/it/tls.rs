@@ -5,9 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-};
+use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
 
 use crate::cluster::{Member, free_port};
 
@@ -35,7 +33,11 @@ fn make_pki(dir: &Path) -> Pki {
     };
     let (ca_cert, ca_key) = ca("keel-test-ca");
     write("ca.pem", ca_cert.pem());
-    let leaf = |name: &str, cn: &str, sans: Vec<String>, usages, signer: (&rcgen::Certificate, &KeyPair)| {
+    let leaf = |name: &str,
+                cn: &str,
+                sans: Vec<String>,
+                usages,
+                signer: (&rcgen::Certificate, &KeyPair)| {
         let mut p = CertificateParams::new(sans).unwrap();
         p.distinguished_name.push(DnType::CommonName, cn);
         p.extended_key_usages = usages;
@@ -149,7 +151,12 @@ async fn mutual_tls_cluster_with_etcdctl() {
     // The members find each other over peer TLS and elect a leader.
     let deadline = Instant::now() + Duration::from_secs(40);
     loop {
-        let (ok, out) = etcdctl(&pki, &eps[..1], Some("alice"), &["put", "greeting", "hello"]);
+        let (ok, out) = etcdctl(
+            &pki,
+            &eps[..1],
+            Some("alice"),
+            &["put", "greeting", "hello"],
+        );
         if ok {
             assert_eq!(out, "OK\n");
             break;
@@ -171,7 +178,10 @@ async fn mutual_tls_cluster_with_etcdctl() {
         assert!(ok && out == "hello\n", "{ep}: {out}");
     }
     let (ok, out) = etcdctl(&pki, &eps, Some("alice"), &["member", "list"]);
-    assert!(ok && out.matches("https://127.0.0.1:").count() == 6, "{out}");
+    assert!(
+        ok && out.matches("https://127.0.0.1:").count() == 6,
+        "{out}"
+    );
 
     // Without a client certificate, or with one from another CA: refused.
     let (ok, out) = etcdctl(&pki, &eps[..1], None, &["get", "greeting"]);
