@@ -12,8 +12,11 @@ echo ">> building (target dir: $CARGO_TARGET_DIR)"
 cargo build --release --workspace --all-targets
 
 echo ">> cargo test"
-cargo test --release --workspace 2>&1 | tee /tmp/keel-cargo-test.log
+# Every test binary runs even when one fails, and the compatibility cases run afterwards.
+set +e
+cargo test --release --workspace --no-fail-fast 2>&1 | tee /tmp/keel-cargo-test.log
 cargo_status=${PIPESTATUS[0]}
+set -e
 
 echo ">> etcdctl compatibility cases (real etcd vs keel)"
 shared_cases=()
