@@ -8,6 +8,7 @@
 //!   `?serializable=true` checks only this member (no leader or quorum needed).
 //! - `GET /version`: `{"etcdserver":"3.5.16","etcdcluster":"3.5.0","keel":"<Keel's version>"}`.
 //! - `GET /metrics`: Prometheus text ([`crate::metrics`]).
+//! - `POST /v3/...`: etcd's JSON gateway ([`crate::gateway`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -165,8 +166,15 @@ async fn unimplemented(headers: axum::http::HeaderMap) -> Response {
     Response::from_parts(parts, axum::body::Body::empty())
 }
 
-/// The HTTP routes, as the base of the client port's router (gRPC services are added on top).
-pub fn routes(node: Arc<KeelNode>, hub: Arc<WatchHub>) -> tonic::service::Routes {
+/// The client port's router: the HTTP endpoints, the JSON gateway and the gRPC services
+/// (`grpc`, which the gateway calls too).
+pub fn routes(
+    node: Arc<KeelNode>,
+    hub: Arc<WatchHub>,
+    grpc: tonic::service::Routes,
+) -> anyhow::Result<tonic::service::Routes> {
+    let max_body = gateway_body_limit(node.config.max_request_bytes);
+    let gateway = crate::gateway::router(grpc.clone(), max_body)?;
     let health_node = node.clone();
     let router = axum::Router::new()
         .route(
@@ -175,8 +183,16 @@ pub fn routes(node: Arc<KeelNode>, hub: Arc<WatchHub>) -> tonic::service::Routes
         )
         .route("/version", get(version))
         .route("/metrics", get(move || metrics(node.clone(), hub.clone())))
+        .merge(gateway)
+        .merge(grpc.into_axum_router())
         .fallback(unimplemented);
-    tonic::service::Routes::from(router)
+    Ok(tonic::service::Routes::from(router))
+}
+
+/// The largest JSON body the gateway reads: a request of `--max-request-bytes` with its bytes
+/// in base64 (4/3) and JSON's own overhead.
+fn gateway_body_limit(max_request_bytes: usize) -> usize {
+    max_request_bytes.saturating_mul(2).saturating_add(1 << 20)
 }
 
 /// Counts gRPC calls by service and method (`grpc_server_started_total`), as a layer on the

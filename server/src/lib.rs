@@ -16,6 +16,7 @@
 //! - [`corruption`]: the leader's periodic HashKV comparison across members (CORRUPT alarm).
 //! - [`compactor`]: auto-compaction (periodic and revision modes).
 //! - [`http`]: `/health`, `/version` and `/metrics` on the client port; [`metrics`]: the metrics.
+//! - [`gateway`]: etcd's JSON gateway (`POST /v3/kv/range`, ...) on the client port.
 //! - [`cluster`]: `etcdserverpb.Cluster` — membership changes.
 //! - [`error`]: the one table mapping errors to gRPC status codes and etcd's messages.
 //! - [`snapshot`]: backups — the `Maintenance.Snapshot` stream and `keel snapshot restore`.
@@ -32,6 +33,7 @@ pub mod config;
 pub mod corruption;
 pub mod election;
 pub mod error;
+pub mod gateway;
 pub mod http;
 pub mod kv;
 pub mod lease;

@@ -156,6 +156,48 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         tracing::info!(%url, "serving peer traffic");
     }
 
+    // The client gRPC services, served on every client URL and called by the JSON gateway.
+    let grpc_routes = tonic::service::Routes::from(axum::Router::new())
+        .add_service(
+            KvServer::new(KvService::new(node.clone())).max_decoding_message_size(max_recv),
+        )
+        .add_service(
+            WatchServer::new(WatchService::new(node.clone(), hub.clone()))
+                .max_decoding_message_size(max_recv),
+        )
+        .add_service(
+            LeaseServer::new(LeaseService::new(node.clone(), lessor.clone()))
+                .max_decoding_message_size(max_recv),
+        )
+        .add_service(AdminGate::new(
+            MaintenanceServer::new(MaintenanceService::new(node.clone()))
+                .max_decoding_message_size(max_recv),
+            node.clone(),
+            MAINTENANCE_ADMIN,
+        ))
+        .add_service(AdminGate::new(
+            ClusterServer::new(ClusterService::new(node.clone()))
+                .max_decoding_message_size(max_recv),
+            node.clone(),
+            CLUSTER_ADMIN,
+        ))
+        .add_service(
+            AuthServer::new(AuthService::new(node.clone())).max_decoding_message_size(max_recv),
+        )
+        .add_service(
+            LockServer::new(LockService::new(node.clone(), hub.clone(), lessor.clone()))
+                .max_decoding_message_size(max_recv),
+        )
+        .add_service(
+            ElectionServer::new(ElectionService::new(
+                node.clone(),
+                hub.clone(),
+                lessor.clone(),
+            ))
+            .max_decoding_message_size(max_recv),
+        );
+    let client_routes = crate::http::routes(node.clone(), hub.clone(), grpc_routes)?;
+
     for url in &config.listen_client_urls {
         let parsed = parse_url(url).map_err(anyhow::Error::msg)?;
         let addr = parsed.socket_addr().map_err(anyhow::Error::msg)?;
@@ -170,7 +212,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         let router = builder
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
-            // HTTP/1.1 too, for /health, /version and /metrics (crate::http).
+            // HTTP/1.1 too, for /health, /version, /metrics and the JSON gateway (crate::http).
             .accept_http1(true)
             .layer(tower::util::MapRequestLayer::new(
                 move |req: axum::http::Request<tonic::body::Body>| {
@@ -178,45 +220,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
                     req
                 },
             ))
-            .add_routes(crate::http::routes(node.clone(), hub.clone()))
-            .add_service(
-                KvServer::new(KvService::new(node.clone())).max_decoding_message_size(max_recv),
-            )
-            .add_service(
-                WatchServer::new(WatchService::new(node.clone(), hub.clone()))
-                    .max_decoding_message_size(max_recv),
-            )
-            .add_service(
-                LeaseServer::new(LeaseService::new(node.clone(), lessor.clone()))
-                    .max_decoding_message_size(max_recv),
-            )
-            .add_service(AdminGate::new(
-                MaintenanceServer::new(MaintenanceService::new(node.clone()))
-                    .max_decoding_message_size(max_recv),
-                node.clone(),
-                MAINTENANCE_ADMIN,
-            ))
-            .add_service(AdminGate::new(
-                ClusterServer::new(ClusterService::new(node.clone()))
-                    .max_decoding_message_size(max_recv),
-                node.clone(),
-                CLUSTER_ADMIN,
-            ))
-            .add_service(
-                AuthServer::new(AuthService::new(node.clone())).max_decoding_message_size(max_recv),
-            )
-            .add_service(
-                LockServer::new(LockService::new(node.clone(), hub.clone(), lessor.clone()))
-                    .max_decoding_message_size(max_recv),
-            )
-            .add_service(
-                ElectionServer::new(ElectionService::new(
-                    node.clone(),
-                    hub.clone(),
-                    lessor.clone(),
-                ))
-                .max_decoding_message_size(max_recv),
-            );
+            .add_routes(client_routes.clone());
         let stop = async move {
             let _ = rx.wait_for(|s| *s).await;
         };

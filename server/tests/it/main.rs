@@ -4,6 +4,7 @@
 mod auth;
 mod cluster;
 mod etcdctl;
+mod gateway;
 mod kv;
 mod lease;
 mod lock;
