@@ -201,13 +201,17 @@ impl Cluster {
             cmd.arg("--initial-cluster-state").arg("existing");
         }
         if let Some(lib) = &self.opts.faketime {
-            // The offset file is re-read at most once a second (FAKETIME_NO_CACHE=1 would
-            // open and read it on every clock_gettime, which slows the member down a lot).
+            // The offset file is re-read at most once a second (FAKETIME_NO_CACHE=1, with
+            // $KEEL_JEPSEN_FAKETIME_NO_CACHE set, re-reads it on every clock_gettime).
             // CLOCK_MONOTONIC is faked too (libfaketime's default), so the skew reaches
             // the timers that Raft elections, heartbeats and lease deadlines run on.
             cmd.env("LD_PRELOAD", lib)
-                .env("FAKETIME_TIMESTAMP_FILE", &m.clock_file)
-                .env("FAKETIME_CACHE_DURATION", "1");
+                .env("FAKETIME_TIMESTAMP_FILE", &m.clock_file);
+            if std::env::var_os("KEEL_JEPSEN_FAKETIME_NO_CACHE").is_some() {
+                cmd.env("FAKETIME_NO_CACHE", "1");
+            } else {
+                cmd.env("FAKETIME_CACHE_DURATION", "1");
+            }
         }
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)

@@ -72,7 +72,16 @@ impl Op {
             self.outcome
         );
         if !self.result.is_null() {
-            s.push_str(&format!(" -> {}", self.result));
+            let r = self.result.to_string();
+            if r.len() > 300 {
+                let cut = (0..=300)
+                    .rev()
+                    .find(|&i| r.is_char_boundary(i))
+                    .unwrap_or(0);
+                s.push_str(&format!(" -> {}… ({} bytes)", &r[..cut], r.len()));
+            } else {
+                s.push_str(&format!(" -> {r}"));
+            }
         }
         if let Some(e) = &self.error {
             s.push_str(&format!(" ({e})"));

@@ -295,7 +295,7 @@ pub fn check(ops: &[Op], faults: &[FaultWindow]) -> CheckResult {
     res.summary.insert(
         1,
         format!(
-            "overlapping holds explained by a lease running out: {explained} ({explained_stalled} with a stalled holder); by clock skew: {skew_explained}"
+            "overlapping pairs of holds explained by a lease running out: {explained} ({explained_stalled} with a stalled holder); by clock skew: {skew_explained}"
         ),
     );
     res.summary.extend(examples);
