@@ -1,0 +1,123 @@
+//! Component benchmarks of the server's hot paths that are not in `keel-store`'s benchmarks:
+//! the watch hub's fan-out of one applied revision to many watchers, and encoding/decoding the
+//! etcd messages every request and event goes through.
+//!
+//! `cargo bench -p keel-server --bench hotpaths` (results in docs/benchmarks.md).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use keel_proto::etcdserverpb::{PutRequest, RangeResponse, WatchResponse};
+use keel_proto::mvccpb::{Event, KeyValue};
+use keel_server::watch::WatchHub;
+use keel_store::engine::memory::MemoryEngine;
+use keel_store::mvcc::MvccStore;
+use keel_store::raft::state_machine::{AppliedChunk, AppliedState};
+use prost::Message;
+
+fn kv(key: &[u8], rev: i64) -> KeyValue {
+    KeyValue {
+        key: key.to_vec(),
+        create_revision: 2,
+        mod_revision: rev,
+        version: rev - 1,
+        value: vec![b'v'; 256],
+        lease: 0,
+    }
+}
+
+/// One revision with one Put event on `key`, as the state machine hands it to the hub.
+fn chunk(key: &[u8], rev: i64) -> AppliedChunk {
+    AppliedChunk {
+        applied: AppliedState {
+            index: rev as u64,
+            revision: rev,
+        },
+        events: vec![Event {
+            r#type: 0,
+            kv: Some(kv(key, rev)),
+            prev_kv: None,
+        }],
+    }
+}
+
+fn watch_fanout(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut group = c.benchmark_group("watch");
+    for watchers in [1usize, 100, 1000] {
+        let hub = WatchHub::new(1_572_864, Duration::from_secs(600));
+        let mvcc = Arc::new(MvccStore::open(Arc::new(MemoryEngine::new())).expect("store"));
+        let _guard = rt.enter();
+        hub.attach(mvcc);
+        let mut streams: Vec<_> = (0..watchers)
+            .map(|_| hub.watch_internal(b"/registry/pods/a", b"", 0))
+            .collect();
+        let mut rev = 1i64;
+        group.throughput(Throughput::Elements(watchers as u64));
+        group.bench_function(format!("fanout_one_put_to_{watchers}_watchers"), |b| {
+            b.iter(|| {
+                rev += 1;
+                hub.on_applied(&chunk(b"/registry/pods/a", rev));
+                rt.block_on(async {
+                    for w in streams.iter_mut() {
+                        let r = w.next().await.expect("event");
+                        assert_eq!(r.events.len(), 1);
+                    }
+                });
+            })
+        });
+    }
+    group.finish();
+}
+
+fn proto_codec(c: &mut Criterion) {
+    let mut group = c.benchmark_group("proto");
+    let put = PutRequest {
+        key: b"/registry/pods/ns-001/pod-00000042".to_vec(),
+        value: vec![b'v'; 1024],
+        lease: 0,
+        prev_kv: false,
+        ignore_value: false,
+        ignore_lease: false,
+    };
+    group.bench_function("put_request_encode_1k", |b| b.iter(|| put.encode_to_vec()));
+    let bytes = put.encode_to_vec();
+    group.bench_function("put_request_decode_1k", |b| {
+        b.iter(|| PutRequest::decode(bytes.as_slice()).expect("decode"))
+    });
+    let range = RangeResponse {
+        kvs: (0..100)
+            .map(|i| kv(format!("/registry/pods/{i:012}").as_bytes(), 10))
+            .collect(),
+        count: 100,
+        ..Default::default()
+    };
+    group.bench_function("range_response_encode_100_kvs", |b| {
+        b.iter(|| range.encode_to_vec())
+    });
+    let watch = WatchResponse {
+        watch_id: 7,
+        events: vec![Event {
+            r#type: 0,
+            kv: Some(kv(b"/registry/pods/a", 10)),
+            prev_kv: Some(kv(b"/registry/pods/a", 9)),
+        }],
+        ..Default::default()
+    };
+    group.bench_function("watch_response_encode_1_event_prev_kv", |b| {
+        b.iter_batched(
+            || watch.clone(),
+            |w| w.encode_to_vec(),
+            BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
+criterion_group!(benches, watch_fanout, proto_codec);
+criterion_main!(benches);
