@@ -922,7 +922,13 @@ impl Watch for WatchService {
         let auth_node = self.node.clone();
         tokio::spawn(async move {
             while let Some(msg) = incoming.next().await {
-                let Ok(msg) = msg else { break };
+                let Ok(msg) = msg else {
+                    // The client's side broke: end the stream.
+                    recv_queue.closed.store(true, Ordering::Relaxed);
+                    recv_queue.notify.notify_one();
+                    hub.close_stream(stream_id);
+                    return;
+                };
                 match msg.request_union {
                     Some(RequestUnion::CreateRequest(c)) => {
                         match watch_permitted(&auth_node, &caller, &c).await {
@@ -935,9 +941,8 @@ impl Watch for WatchService {
                     None => {}
                 }
             }
-            recv_queue.closed.store(true, Ordering::Relaxed);
-            recv_queue.notify.notify_one();
-            hub.close_stream(stream_id);
+            // The client closed its sending side (half-close): as with etcd, its watchers keep
+            // delivering until it cancels the call or goes away (the sender below notices).
         });
 
         // Hub → client, filling in the header fields the hub leaves out.
@@ -950,7 +955,14 @@ impl Watch for WatchService {
                     if queue.closed.load(Ordering::Relaxed) {
                         break;
                     }
-                    queue.notify.notified().await;
+                    tokio::select! {
+                        _ = queue.notify.notified() => {}
+                        // The client cancelled the call or disconnected.
+                        _ = tx.closed() => {
+                            hub.close_stream(stream_id);
+                            return;
+                        }
+                    }
                     continue;
                 }
                 let term = node.term();

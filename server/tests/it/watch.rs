@@ -346,3 +346,50 @@ async fn watchers_on_followers_survive_a_leader_kill() {
         "the follower's watcher missed events across the leader change"
     );
 }
+
+/// A client that closes its sending side (half-close) keeps receiving events, as with etcd;
+/// only cancelling the call ends the stream.
+#[tokio::test]
+async fn half_closed_stream_keeps_delivering() {
+    use keel_proto::etcdserverpb::watch_client::WatchClient;
+    use keel_proto::etcdserverpb::watch_request::RequestUnion;
+    use keel_proto::etcdserverpb::{WatchCreateRequest, WatchRequest};
+
+    let cluster = Cluster::start(1).await;
+    let endpoint = cluster.members[0].endpoint();
+    let mut c = client(&endpoint).await.unwrap();
+    let mut wc = WatchClient::connect(format!("http://{endpoint}"))
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(WatchRequest {
+        request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+            key: b"hc".to_vec(),
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    let mut responses = wc
+        .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(next_response(&mut responses).await.created);
+    drop(tx); // ends the request stream: the client half-closes
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.put("hc", "after-close", None).await.unwrap();
+    let got = next_response(&mut responses).await;
+    assert_eq!(got.events.len(), 1);
+    assert_eq!(got.events[0].kv.as_ref().unwrap().value, b"after-close");
+}
+
+async fn next_response(
+    r: &mut tonic::Streaming<keel_proto::etcdserverpb::WatchResponse>,
+) -> keel_proto::etcdserverpb::WatchResponse {
+    tokio::time::timeout(Duration::from_secs(10), r.message())
+        .await
+        .expect("watch timed out")
+        .unwrap()
+        .expect("stream ended")
+}
