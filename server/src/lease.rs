@@ -5,8 +5,12 @@
 //!   it keeps an in-memory deadline per lease, renews it on keep-alive, and proposes a
 //!   `LeaseRevoke` when it passes. Followers never expire leases, and applying the log never
 //!   reads a clock.
-//! - On becoming leader it gives every lease its full TTL again (etcd's "renew on promotion"),
-//!   so a leader change can only extend a lease, never expire it early.
+//! - On becoming leader it gives every lease its full TTL again plus an election timeout
+//!   (etcd's "renew on promotion"), so a leader change can only extend a lease, never expire it
+//!   early.
+//! - A keep-alive is acknowledged only after the leader confirmed with a quorum that it still
+//!   leads, so a deposed or paused leader cannot promise a lifetime the real leader does not
+//!   know of (a TTL > 0 in a keep-alive answer means the lease is really alive).
 //! - Keep-alives and TTL queries that reach a follower are forwarded to the leader.
 //! - Expired leases are revoked in bounded batches of concurrent proposals, so thousands of
 //!   expiries at once do not monopolise the proposal path.
@@ -35,6 +39,8 @@ const TICK: Duration = Duration::from_millis(250);
 /// How long a keep-alive or TTL query waits for a leader that can answer it.
 const ON_LEADER_PATIENCE: Duration = Duration::from_secs(5);
 const LEADER_RETRY: Duration = Duration::from_millis(100);
+/// Keep-alives of one stream renewed together at most.
+const KEEPALIVE_BATCH: usize = 256;
 
 /// Leader-side lease deadlines.
 pub struct Lessor {
@@ -142,11 +148,19 @@ impl Lessor {
 
     /// Deadlines of a member that just became leader: every lease gets its full TTL again, so a
     /// leader change can only extend a lease (etcd's renew-on-promotion).
+    /// The extra election timeout covers renewals the previous leader acknowledged in its last
+    /// moments (etcd's `Promote(extend)`).
     fn promoted(node: &KeelNode, now: Instant) -> BTreeMap<i64, Instant> {
+        let extend = Duration::from_millis(node.config.election_timeout);
         node.mvcc
             .leases()
             .into_iter()
-            .map(|l| (l.id, now + Duration::from_secs(l.ttl.max(0) as u64)))
+            .map(|l| {
+                (
+                    l.id,
+                    now + Duration::from_secs(l.ttl.max(0) as u64) + extend,
+                )
+            })
             .collect()
     }
 
@@ -170,8 +184,20 @@ impl Lessor {
         }
     }
 
-    /// Renews a lease on the leader; `Ok(0)` when it does not exist.
-    pub fn renew_local(&self, id: i64) -> Result<i64, ServerError> {
+    /// Renews a lease on the leader after confirming with a quorum that this member still
+    /// leads (one ReadIndex round, shared by concurrent calls). Without the confirmation a
+    /// leader cut off from the others, or paused and resumed, would keep acknowledging
+    /// keep-alives that the real leader never hears of, and the lease could expire while the
+    /// client was told it is alive (found by keel-jepsen's lease workload; etcd's
+    /// `ensureLeadership`). `Ok(0)` when the lease does not exist.
+    pub async fn renew_confirmed(&self, id: i64) -> Result<i64, ServerError> {
+        self.node.read_index_local().await?;
+        self.renew_local(id)
+    }
+
+    /// Renews a lease on the leader without confirming leadership; `Ok(0)` when it does not
+    /// exist. Use [`Self::renew_confirmed`] for client keep-alives.
+    fn renew_local(&self, id: i64) -> Result<i64, ServerError> {
         let mut guard = self.lock();
         let deadlines = self.leader_deadlines(&mut guard)?;
         let Some(info) = self.node.mvcc.lease(id) else {
@@ -198,20 +224,26 @@ impl Lessor {
                 .ceil() as i64,
             None => info.ttl,
         };
-        Ok(remaining.max(0))
+        // A lease carried over a leader change runs up to an election timeout longer than its
+        // TTL; report at most the TTL (never more than a client was granted).
+        Ok(remaining.clamp(0, info.ttl.max(0)))
     }
 
-    /// Runs `local` on the leader: here if this member leads, otherwise through the leader's
-    /// peer service. Retries while leadership is moving (up to [`ON_LEADER_PATIENCE`]), so a
-    /// keep-alive sent during an election is answered by the new leader rather than failed.
-    async fn on_leader<F>(&self, id: i64, local: F, renew: bool) -> Result<i64, ServerError>
-    where
-        F: Fn(&Self, i64) -> Result<i64, ServerError>,
-    {
+    /// Renews (`renew`) or reads the remaining TTL of lease `id` on the leader: here if this
+    /// member leads, otherwise through the leader's peer service. Retries while leadership is
+    /// moving (up to [`ON_LEADER_PATIENCE`]), so a keep-alive sent during an election is answered
+    /// by the new leader rather than failed.
+    async fn on_leader(&self, id: i64, renew: bool) -> Result<i64, ServerError> {
         let deadline = Instant::now() + ON_LEADER_PATIENCE;
         loop {
             let result = match self.node.leader() {
-                Some((leader, _)) if leader == self.node.member_id() => local(self, id),
+                Some((leader, _)) if leader == self.node.member_id() => {
+                    if renew {
+                        self.renew_confirmed(id).await
+                    } else {
+                        self.remaining_local(id)
+                    }
+                }
                 Some((leader, Some(node))) => self.ask_leader(leader, &node, id, renew).await,
                 _ => Err(ServerError::NoLeader),
             };
@@ -251,11 +283,11 @@ impl Lessor {
     }
 
     pub async fn renew(&self, id: i64) -> Result<i64, ServerError> {
-        self.on_leader(id, Self::renew_local, true).await
+        self.on_leader(id, true).await
     }
 
     pub async fn remaining(&self, id: i64) -> Result<i64, ServerError> {
-        self.on_leader(id, Self::remaining_local, false).await
+        self.on_leader(id, false).await
     }
 }
 
@@ -362,18 +394,33 @@ impl Lease for LeaseService {
         let lessor = self.lessor.clone();
         let node = self.node.clone();
         tokio::spawn(async move {
-            while let Some(Ok(msg)) = incoming.next().await {
-                let reply = match lessor.renew(msg.id).await {
-                    Ok(ttl) => Ok(LeaseKeepAliveResponse {
-                        header: Some(node.header()),
-                        id: msg.id,
-                        ttl,
-                    }),
-                    Err(e) => Err(Status::from(e)),
-                };
-                let failed = reply.is_err();
-                if tx.send(reply).await.is_err() || failed {
-                    break;
+            // Keep-alives that arrived together are renewed together: concurrently, so they
+            // share the leader's quorum confirmation round instead of paying one each.
+            let mut batches = (&mut incoming).ready_chunks(KEEPALIVE_BATCH);
+            while let Some(batch) = batches.next().await {
+                let ids: Vec<i64> = batch
+                    .iter()
+                    .map_while(|m| m.as_ref().ok().map(|m| m.id))
+                    .collect();
+                let broken = ids.len() < batch.len();
+                let results =
+                    futures::future::join_all(ids.iter().map(|id| lessor.renew(*id))).await;
+                for (id, result) in ids.into_iter().zip(results) {
+                    let reply = match result {
+                        Ok(ttl) => Ok(LeaseKeepAliveResponse {
+                            header: Some(node.header()),
+                            id,
+                            ttl,
+                        }),
+                        Err(e) => Err(Status::from(e)),
+                    };
+                    let failed = reply.is_err();
+                    if tx.send(reply).await.is_err() || failed {
+                        return;
+                    }
+                }
+                if broken {
+                    return;
                 }
             }
         });

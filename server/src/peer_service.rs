@@ -250,7 +250,7 @@ impl RaftPeer for PeerService {
 
     async fn lease_renew(&self, req: Request<LeaseQuery>) -> Result<Response<LeaseAnswer>, Status> {
         self.check_target(&req)?;
-        let ttl = self.lessor.renew_local(req.into_inner().id)?;
+        let ttl = self.lessor.renew_confirmed(req.into_inner().id).await?;
         Ok(Response::new(LeaseAnswer { ttl }))
     }
 
