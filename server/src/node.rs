@@ -490,6 +490,9 @@ pub(crate) fn status_to_error(status: &tonic::Status) -> ServerError {
         tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
             NoLeader
         }
+        // The connection to the leader broke mid-request: the request may or may not have been
+        // applied, which is what etcd's `request timed out` (Unavailable) tells clients.
+        tonic::Code::Unknown if status.message().contains("transport error") => Timeout,
         _ => Internal(status.message().to_string()),
     }
 }
