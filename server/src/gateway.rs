@@ -360,9 +360,12 @@ async fn feed_requests(
     failure: RequestFailure,
 ) {
     let fail = |s: Status| {
-        if let Ok(mut f) = failure.lock() {
+        if let Ok(mut f) = failure.status.lock() {
             *f = Some(s);
         }
+        // The call itself may stay open (a watch outlives its request stream, as in etcd):
+        // tell the response to end with the error now.
+        failure.failed.notify_one();
     };
     let mut body = body.into_data_stream();
     let mut buf: Vec<u8> = Vec::new();
@@ -405,7 +408,17 @@ async fn feed_requests(
 type JsonStream = Pin<Box<dyn Stream<Item = Result<Bytes, std::convert::Infallible>> + Send>>;
 
 /// The error of a malformed request object in a client stream, for the response to report.
-type RequestFailure = Arc<Mutex<Option<Status>>>;
+type RequestFailure = Arc<FailureSlot>;
+
+/// How long a failed client stream waits for the responses to its earlier objects.
+const FAILURE_DRAIN: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Where the request feeder leaves the error of a malformed request object.
+#[derive(Default)]
+struct FailureSlot {
+    status: Mutex<Option<Status>>,
+    failed: tokio::sync::Notify,
+}
 
 /// Held by a client-streaming response: dropping it tells the request feeder the client is gone.
 type StreamGuard = (tokio::sync::oneshot::Sender<()>, RequestFailure);
@@ -430,7 +443,32 @@ fn stream_response(
                     if done {
                         return None;
                     }
-                    let item = match upstream.next().await {
+                    // Once a malformed request object was reported, the responses to the
+                    // objects before it still go out (they are usually already on their way);
+                    // the stream ends with the error when none follows for a moment.
+                    let failed_now = guard
+                        .as_ref()
+                        .is_some_and(|(_, f)| f.status.lock().is_ok_and(|s| s.is_some()));
+                    let next = if failed_now {
+                        tokio::time::timeout(FAILURE_DRAIN, upstream.next())
+                            .await
+                            .unwrap_or(None)
+                    } else {
+                        let failed = async {
+                            match guard.as_ref() {
+                                Some((_, f)) => f.failed.notified().await,
+                                None => futures::future::pending().await,
+                            }
+                        };
+                        tokio::select! {
+                            biased;
+                            m = upstream.next() => m,
+                            _ = failed => tokio::time::timeout(FAILURE_DRAIN, upstream.next())
+                                .await
+                                .unwrap_or(None),
+                        }
+                    };
+                    let item = match next {
                         Some(Ok(msg)) => match to_json(&msg) {
                             Ok(json) => {
                                 let mut line = Vec::with_capacity(json.len() + 12);
@@ -445,7 +483,7 @@ fn stream_response(
                         None => {
                             let bad_request = guard
                                 .as_ref()
-                                .and_then(|(_, f)| f.lock().ok().and_then(|mut f| f.take()));
+                                .and_then(|(_, f)| f.status.lock().ok().and_then(|mut f| f.take()));
                             match bad_request {
                                 Some(status) => stream_error(&status),
                                 None => return None,
