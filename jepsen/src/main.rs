@@ -79,7 +79,7 @@ enum Command {
         common: Common,
     },
     /// The CI profile (about 4 minutes): register/partition, set/kill, watch/pause, append/all,
-    /// lease/kill, lock/pause, and the negative control (register/partition with unsafe
+    /// lease/partition, lock/pause, and the negative control (register/partition with unsafe
     /// local reads), which must be reported invalid. Exit status 0 only when all of that holds.
     Ci {
         #[arg(long, default_value_t = 1)]
