@@ -279,7 +279,9 @@ fn parse_one(desc: &MessageDescriptor, body: &[u8]) -> Result<DynamicMessage, St
 }
 
 /// A message from its JSON: unknown fields are dropped first (etcd's gateway ignores them),
-/// everything else must be valid, unknown enum names included.
+/// everything else must be valid, unknown enum names included. (prost-reflect's
+/// `deny_unknown_fields(false)` would also accept unknown enum names, which etcd refuses; the
+/// `requests_accept_etcds_spellings` test checks both.)
 fn from_value(
     desc: &MessageDescriptor,
     mut v: serde_json::Value,
