@@ -153,6 +153,31 @@ impl Ctx {
         self.record(op.clone());
         op
     }
+
+    /// The final phase's read on every member: runs `read(client of member)` as operation `f`
+    /// (with `value`) on each, and fails unless at least one of them succeeded.
+    pub async fn read_on_every_member<F, Fut>(
+        &self,
+        f: &str,
+        value: Value,
+        read: F,
+    ) -> anyhow::Result<()>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = Done>,
+    {
+        let mut ok = 0;
+        for node in 0..self.cluster.n() {
+            let op = self
+                .run_op(node, f, value.clone(), read(self.client(node)))
+                .await;
+            if op.outcome == Outcome::Ok {
+                ok += 1;
+            }
+        }
+        anyhow::ensure!(ok > 0, "no final read succeeded");
+        Ok(())
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
