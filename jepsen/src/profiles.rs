@@ -55,16 +55,11 @@ pub fn long_matrix() -> Vec<(WorkloadKind, NemesisKind)> {
         WorkloadKind::Lease,
         WorkloadKind::Lock,
     ] {
-        for nem in [
-            NemesisKind::Kill,
-            NemesisKind::Pause,
-            NemesisKind::Partition,
-            NemesisKind::Latency,
-            NemesisKind::Member,
-            NemesisKind::Compact,
-            NemesisKind::Clock,
-            NemesisKind::All,
-        ] {
+        // Every single fault `all` draws from, then `all` itself.
+        for nem in crate::nemesis::all_kinds(&[])
+            .into_iter()
+            .chain([NemesisKind::All])
+        {
             if w == WorkloadKind::Watch && nem == NemesisKind::Compact {
                 continue;
             }
