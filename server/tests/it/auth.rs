@@ -2,7 +2,6 @@
 //! raw gRPC calls for tokens (forged, expired, revoked), wrong passwords, permission edges and
 //! changes that take effect at once.
 
-use std::process::Command;
 use std::time::Duration;
 
 use keel_proto::authpb::{Permission, permission::Type as PermType};
@@ -18,21 +17,7 @@ use tonic::{Code, Request};
 use crate::cluster::Cluster;
 
 fn etcdctl(endpoints: &[String], args: &[&str]) -> (bool, String) {
-    let out = Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .arg(format!("--endpoints={}", endpoints.join(",")))
-        .args(args)
-        .output()
-        .expect("etcdctl is installed by scripts/test.sh (Debian package etcd-client)");
-    let stderr: String = String::from_utf8_lossy(&out.stderr)
-        .lines()
-        .filter(|l| !l.starts_with('{'))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    (
-        out.status.success(),
-        format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr),
-    )
+    crate::cluster::etcdctl_with(endpoints, &[], args)
 }
 
 async fn channel(endpoint: &str) -> Channel {

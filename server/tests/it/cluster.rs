@@ -208,3 +208,25 @@ pub fn status_code(e: &etcd_client::Error) -> Option<tonic::Code> {
         _ => None,
     }
 }
+
+/// Runs real `etcdctl` (v3 API; Debian's etcd-client, installed by scripts/test.sh) against
+/// `endpoints` with `flags` (TLS files, timeouts) and then `args`. Returns whether it succeeded,
+/// and its stdout followed by its stderr without etcdctl's JSON log lines.
+pub fn etcdctl_with(endpoints: &[String], flags: &[String], args: &[&str]) -> (bool, String) {
+    let out = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={}", endpoints.join(",")))
+        .args(flags)
+        .args(args)
+        .output()
+        .expect("etcdctl is installed by scripts/test.sh (Debian package etcd-client)");
+    let stderr: String = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| !l.starts_with('{'))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    (
+        out.status.success(),
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr),
+    )
+}

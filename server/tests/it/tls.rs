@@ -77,26 +77,16 @@ fn make_pki(dir: &Path) -> Pki {
 }
 
 fn etcdctl(pki: &Pki, endpoints: &[String], cert: Option<&str>, args: &[&str]) -> (bool, String) {
-    let mut cmd = Command::new("etcdctl");
-    cmd.env("ETCDCTL_API", "3")
-        .arg(format!("--endpoints={}", endpoints.join(",")))
-        .arg("--dial-timeout=3s")
-        .arg("--command-timeout=5s")
-        .arg(format!("--cacert={}", pki.path("ca.pem")));
+    let mut flags = vec![
+        "--dial-timeout=3s".to_string(),
+        "--command-timeout=5s".to_string(),
+        format!("--cacert={}", pki.path("ca.pem")),
+    ];
     if let Some(c) = cert {
-        cmd.arg(format!("--cert={}", pki.path(&format!("{c}.pem"))))
-            .arg(format!("--key={}", pki.path(&format!("{c}.key"))));
+        flags.push(format!("--cert={}", pki.path(&format!("{c}.pem"))));
+        flags.push(format!("--key={}", pki.path(&format!("{c}.key"))));
     }
-    let out = cmd.args(args).output().expect("etcdctl");
-    let stderr: String = String::from_utf8_lossy(&out.stderr)
-        .lines()
-        .filter(|l| !l.starts_with('{'))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    (
-        out.status.success(),
-        format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr),
-    )
+    crate::cluster::etcdctl_with(endpoints, &flags, args)
 }
 
 #[tokio::test]
@@ -177,11 +167,17 @@ async fn mutual_tls_cluster_with_etcdctl() {
         );
         assert!(ok && out == "hello\n", "{ep}: {out}");
     }
-    let (ok, out) = etcdctl(&pki, &eps, Some("alice"), &["member", "list"]);
-    assert!(
-        ok && out.matches("https://127.0.0.1:").count() == 6,
-        "{out}"
-    );
+    // Each member publishes its client URLs once it runs (one membership change at a time, so
+    // the three publishes may take a few rounds): wait for all six URLs.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (ok, out) = etcdctl(&pki, &eps, Some("alice"), &["member", "list"]);
+        if ok && out.matches("https://127.0.0.1:").count() == 6 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{out}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 
     // Without a client certificate, or with one from another CA: refused.
     let (ok, out) = etcdctl(&pki, &eps[..1], None, &["get", "greeting"]);
