@@ -71,11 +71,13 @@ impl Lessor {
         self.deadlines.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn is_leader(&self) -> bool {
-        self.node
-            .leader()
-            .is_some_and(|(id, _)| id == self.node.member_id())
-            && self.node.raft.is_leader()
+    /// The term this member leads in, if it is the leader (one read of the Raft metrics, no
+    /// copy: this runs for every keep-alive).
+    fn leader_term(&self) -> Option<u64> {
+        let rx = self.node.raft.metrics();
+        let m = rx.borrow_watched();
+        (m.state.is_leader() && m.current_leader == Some(self.node.member_id()))
+            .then_some(m.current_term)
     }
 
     /// The smallest TTL a lease gets (etcd: 1.5 election timeouts, in whole seconds).
@@ -171,10 +173,7 @@ impl Lessor {
         &self,
         guard: &'a mut Option<(u64, BTreeMap<i64, Instant>)>,
     ) -> Result<&'a mut BTreeMap<i64, Instant>, ServerError> {
-        if !self.is_leader() {
-            return Err(ServerError::NotLeader);
-        }
-        let term = self.node.raft.metrics().borrow_watched().current_term;
+        let term = self.leader_term().ok_or(ServerError::NotLeader)?;
         if guard.as_ref().is_none_or(|(t, _)| *t != term) {
             *guard = Some((term, Self::promoted(&self.node, Instant::now())));
         }

@@ -233,8 +233,11 @@ impl KeelNode {
         }
     }
 
+    /// The leader this member knows of, with its address. Runs on every request: it reads the
+    /// Raft metrics in place rather than copying them.
     pub fn leader(&self) -> Option<(NodeId, Option<MemberNode>)> {
-        let m = self.raft.metrics().borrow_watched().clone();
+        let rx = self.raft.metrics();
+        let m = rx.borrow_watched();
         let leader = m.current_leader?;
         let node = m.membership_config.membership().get_node(&leader).cloned();
         Some((leader, node))
