@@ -441,6 +441,10 @@ impl Lease for LeaseService {
             None
         };
         let ttl = self.lessor.remaining(r.id).await?;
+        // The granted TTL and keys come from this member's state: bring it up to the leader's
+        // commit index first, so keys attached just before (perhaps through another member) are
+        // listed, as etcd (which answers on the leader) lists them.
+        self.node.read_barrier().await?;
         let info = self.node.mvcc.lease(r.id);
         crate::auth::check_unchanged(&self.node, &checked)?;
         Ok(Response::new(LeaseTimeToLiveResponse {
