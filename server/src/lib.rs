@@ -4,6 +4,8 @@
 //! - [`config`]: flags and `KEEL_*` environment variables, named after etcd's.
 //! - [`node`]: a member's identity, storage and Raft node; the proposal path (with forwarding to
 //!   the leader) and the linearizable read barrier.
+//! - [`forwarding`]: a follower's writes pipelined to the leader on one stream, and its
+//!   read-index calls coalesced.
 //! - [`network`]: the openraft network client (tonic, one channel per peer, streamed appends).
 //! - [`peer_service`]: the member-to-member gRPC service.
 //! - [`kv`]: `etcdserverpb.KV`; [`validate`]: etcd's request checks.
@@ -33,6 +35,7 @@ pub mod config;
 pub mod corruption;
 pub mod election;
 pub mod error;
+pub mod forwarding;
 pub mod gateway;
 pub mod http;
 pub mod kv;

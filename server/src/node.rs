@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keel_proto::etcdserverpb::ResponseHeader;
-use keel_proto::keelpb::{ForwardRequest, RaftRequest, RaftResponse, ReadIndexRequest};
+use keel_proto::keelpb::{RaftRequest, RaftResponse};
 use keel_store::ApplyError;
 use keel_store::engine::Engine;
 use keel_store::engine::rocks::RocksEngine;
@@ -28,7 +28,7 @@ use crate::error::ServerError;
 use crate::network::{NetworkFactory, Peers};
 
 /// How long a proposal or read barrier may take before the client gets "request timed out".
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(7);
+pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(7);
 
 /// What a data directory remembers about its member, so a restart needs no bootstrap flags.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -79,6 +79,10 @@ pub struct KeelNode {
     pub data_dir: PathBuf,
     pub snapshot_dir: PathBuf,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Forwarded writes, pipelined on one stream per leader.
+    write_pipes: crate::forwarding::WritePipes,
+    /// Coalesced read-index calls to the leader.
+    read_batcher: Arc<crate::forwarding::ReadIndexBatcher>,
 }
 
 impl KeelNode {
@@ -208,6 +212,8 @@ impl KeelNode {
             data_dir,
             snapshot_dir,
             metrics,
+            write_pipes: Default::default(),
+            read_batcher: Default::default(),
         }))
     }
 
@@ -315,23 +321,9 @@ impl KeelNode {
         node: &MemberNode,
         req: RaftRequest,
     ) -> Result<RaftResponse, ServerError> {
-        let mut client = self
-            .peers
-            .client(leader, node)
-            .map_err(|_| ServerError::NoLeader)?;
-        let reply = client
-            .forward(
-                self.peers
-                    .request(leader, ForwardRequest { request: Some(req) }),
-            )
-            .await;
-        match reply {
-            Ok(r) => r
-                .into_inner()
-                .response
-                .ok_or_else(|| ServerError::Internal("empty forwarded response".into())),
-            Err(status) => Err(status_to_error(&status)),
-        }
+        self.write_pipes
+            .forward(&self.peers, leader, node, req)
+            .await
     }
 
     /// Waits until this member may serve a linearizable read: the read index is confirmed by a
@@ -349,20 +341,9 @@ impl KeelNode {
     async fn read_barrier_inner(&self) -> Result<(), ServerError> {
         let index = match self.leader() {
             Some((leader, Some(node))) if leader != self.member_id() => {
-                let mut client = self
-                    .peers
-                    .client(leader, &node)
-                    .map_err(|_| ServerError::NoLeader)?;
-                let reply = client
-                    .read_index(self.peers.request(leader, ReadIndexRequest {}))
-                    .await
-                    .map_err(|s| status_to_error(&s))?;
-                let data = reply.into_inner().data;
-                let bytes: [u8; 8] = data
-                    .as_slice()
-                    .try_into()
-                    .map_err(|_| ServerError::Internal("bad read index".into()))?;
-                u64::from_be_bytes(bytes)
+                self.read_batcher
+                    .read_index(&self.peers, leader, &node)
+                    .await?
             }
             Some(_) => self.read_index_local().await?,
             None => return Err(ServerError::NoLeader),

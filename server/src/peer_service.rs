@@ -8,9 +8,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use futures::{Stream, StreamExt};
 use keel_proto::keelpb::raft_peer_server::RaftPeer;
 use keel_proto::keelpb::{
-    ForwardRequest, ForwardResponse, LeaseAnswer, LeaseQuery, MemberChangeRequest,
-    MemberChangeResponse, MemberIdentity, RaftBytes, ReadIndexRequest, ReadIndexResponse,
-    SnapshotChunk, snapshot_chunk,
+    ForwardEnvelope, ForwardReply, ForwardRequest, ForwardResponse, LeaseAnswer, LeaseQuery,
+    MemberChangeRequest, MemberChangeResponse, MemberIdentity, RaftBytes, ReadIndexRequest,
+    ReadIndexResponse, SnapshotChunk, snapshot_chunk,
 };
 use keel_store::raft::TypeConfig;
 use keel_store::raft::snapshot::SnapshotFile;
@@ -217,24 +217,53 @@ impl RaftPeer for PeerService {
             .into_inner()
             .request
             .ok_or_else(|| bad("forward without a request"))?;
-        // Proposed here or rejected: never forwarded again, so requests cannot loop.
-        match self
-            .node
-            .raft
-            .client_write(keel_store::raft::Command(request))
-            .await
-        {
-            Ok(resp) => Ok(Response::new(ForwardResponse {
-                response: Some(resp.data.0),
-            })),
-            Err(openraft::error::RaftError::APIError(
-                openraft::error::ClientWriteError::ForwardToLeader(_),
-            )) => Err(crate::error::ServerError::LeaderChanged.into()),
-            Err(openraft::error::RaftError::APIError(
-                openraft::error::ClientWriteError::LogEntryDiscarded(_),
-            )) => Err(crate::error::ServerError::LeaderChanged.into()),
-            Err(e) => Err(crate::error::ServerError::Internal(e.to_string()).into()),
-        }
+        let response = propose_forwarded(&self.node, request).await?;
+        Ok(Response::new(ForwardResponse {
+            response: Some(response),
+        }))
+    }
+
+    type ForwardStreamStream = Pin<Box<dyn Stream<Item = Result<ForwardReply, Status>> + Send>>;
+
+    async fn forward_stream(
+        &self,
+        req: Request<Streaming<ForwardEnvelope>>,
+    ) -> Result<Response<Self::ForwardStreamStream>, Status> {
+        self.check_target(&req)?;
+        let mut inbound = req.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Result<ForwardReply, Status>>();
+        let node = self.node.clone();
+        // Every envelope is proposed concurrently; its reply goes out when its proposal
+        // completes. The stream ends when the follower closes its side and every reply is sent.
+        tokio::spawn(async move {
+            while let Some(Ok(envelope)) = inbound.next().await {
+                let (node, tx) = (node.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let id = envelope.id;
+                    let result = match envelope.request {
+                        Some(request) => propose_forwarded(&node, request).await,
+                        None => Err(bad("forward without a request")),
+                    };
+                    let reply = match result {
+                        Ok(response) => ForwardReply {
+                            id,
+                            response: Some(response),
+                            ..Default::default()
+                        },
+                        Err(status) => ForwardReply {
+                            id,
+                            response: None,
+                            code: status.code() as i32,
+                            message: status.message().to_string(),
+                        },
+                    };
+                    let _ = tx.send(Ok(reply));
+                });
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
+        )))
     }
 
     async fn read_index(
@@ -311,5 +340,25 @@ impl RaftPeer for PeerService {
                     caller.membership_index,
                 ),
         }))
+    }
+}
+
+/// Proposes a write a follower forwarded. Never forwarded again (so requests cannot loop) and
+/// bounded by the request timeout, so every forwarded write gets an answer.
+async fn propose_forwarded(
+    node: &KeelNode,
+    request: keel_proto::keelpb::RaftRequest,
+) -> Result<keel_proto::keelpb::RaftResponse, Status> {
+    use crate::error::ServerError;
+    use openraft::error::{ClientWriteError, RaftError};
+    let write = node.raft.client_write(keel_store::raft::Command(request));
+    match tokio::time::timeout(crate::node::REQUEST_TIMEOUT, write).await {
+        Ok(Ok(resp)) => Ok(resp.data.0),
+        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))))
+        | Ok(Err(RaftError::APIError(ClientWriteError::LogEntryDiscarded(_)))) => {
+            Err(ServerError::LeaderChanged.into())
+        }
+        Ok(Err(e)) => Err(ServerError::Internal(e.to_string()).into()),
+        Err(_) => Err(ServerError::Timeout.into()),
     }
 }

@@ -1,0 +1,265 @@
+//! How a follower hands work to the leader without one RPC per client request.
+//!
+//! - **Writes** ([`WritePipes`]): one long-lived `ForwardStream` per leader carries every
+//!   forwarded write. Each write gets an id; the leader proposes the writes concurrently and
+//!   answers each one when its proposal completes, in any order. A unary call per write cost an
+//!   HTTP/2 stream (headers, trailers, flow-control window updates) on both members; on the
+//!   stream a write is one DATA frame each way.
+//! - **Read indexes** ([`ReadIndexBatcher`]): linearizable reads arriving while a `ReadIndex`
+//!   call to the leader is in flight wait for the *next* call, which answers all of them.
+//!   Linearizable because every read is answered by a call the leader received after the
+//!   read arrived (etcd's follower read loop works the same way).
+//!
+//! When a forwarding stream breaks, the writes in flight on it fail with "request timed out"
+//! (they may or may not have been applied, as with a broken unary call); the next write opens
+//! a new stream.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use keel_proto::keelpb::{ForwardEnvelope, ForwardReply, RaftRequest, RaftResponse};
+use keel_store::raft::{MemberNode, NodeId};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::ServerError;
+use crate::network::Peers;
+use crate::node::status_to_error;
+
+type WriteReply = oneshot::Sender<Result<RaftResponse, ServerError>>;
+
+/// The forwarding streams of one member, one per leader it has forwarded to.
+#[derive(Default)]
+pub struct WritePipes {
+    pipes: Mutex<BTreeMap<NodeId, (String, mpsc::UnboundedSender<(RaftRequest, WriteReply)>)>>,
+}
+
+impl WritePipes {
+    /// Forwards `req` to `leader` on its stream and waits for the leader's answer.
+    pub async fn forward(
+        &self,
+        peers: &Arc<Peers>,
+        leader: NodeId,
+        node: &MemberNode,
+        req: RaftRequest,
+    ) -> Result<RaftResponse, ServerError> {
+        let url = node.peer_urls.first().cloned().unwrap_or_default();
+        let (reply_tx, reply_rx) = oneshot::channel();
+        let mut item = (req, reply_tx);
+        // A pipe whose task has ended (its peer client could not be built) is replaced once.
+        for _ in 0..2 {
+            let sender = self.pipe(peers, leader, node, &url)?;
+            match sender.send(item) {
+                Ok(()) => {
+                    return reply_rx.await.unwrap_or(Err(ServerError::Timeout));
+                }
+                Err(mpsc::error::SendError(back)) => {
+                    item = back;
+                    if let Ok(mut pipes) = self.pipes.lock() {
+                        pipes.remove(&leader);
+                    }
+                }
+            }
+        }
+        Err(ServerError::NoLeader)
+    }
+
+    fn pipe(
+        &self,
+        peers: &Arc<Peers>,
+        leader: NodeId,
+        node: &MemberNode,
+        url: &str,
+    ) -> Result<mpsc::UnboundedSender<(RaftRequest, WriteReply)>, ServerError> {
+        let mut pipes = self
+            .pipes
+            .lock()
+            .map_err(|_| ServerError::Internal("forwarding pipes poisoned".into()))?;
+        if let Some((known, tx)) = pipes.get(&leader)
+            && known == url
+            && !tx.is_closed()
+        {
+            return Ok(tx.clone());
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run_pipe(peers.clone(), leader, node.clone(), rx));
+        pipes.insert(leader, (url.to_string(), tx.clone()));
+        Ok(tx)
+    }
+}
+
+/// Owns one leader's forwarding stream: opens it when a write is waiting, sends writes, matches
+/// replies to their waiters, and fails the waiters of a stream that breaks.
+async fn run_pipe(
+    peers: Arc<Peers>,
+    leader: NodeId,
+    node: MemberNode,
+    mut writes: mpsc::UnboundedReceiver<(RaftRequest, WriteReply)>,
+) {
+    let mut next_id: u64 = 0;
+    while let Some(first) = writes.recv().await {
+        let mut client = match peers.client(leader, &node) {
+            Ok(c) => c,
+            Err(_) => {
+                let _ = first.1.send(Err(ServerError::NoLeader));
+                return;
+            }
+        };
+        let (out_tx, out_rx) = mpsc::unbounded_channel::<ForwardEnvelope>();
+        let mut waiting: HashMap<u64, WriteReply> = HashMap::new();
+        next_id += 1;
+        waiting.insert(next_id, first.1);
+        let _ = out_tx.send(ForwardEnvelope {
+            id: next_id,
+            request: Some(first.0),
+        });
+        let opened = client
+            .forward_stream(peers.request(
+                leader,
+                tokio_stream::wrappers::UnboundedReceiverStream::new(out_rx),
+            ))
+            .await;
+        let mut replies = match opened {
+            Ok(r) => r.into_inner(),
+            Err(status) => {
+                let e = status_to_error(&status);
+                for (_, w) in waiting.drain() {
+                    let _ = w.send(Err(e.clone()));
+                }
+                continue;
+            }
+        };
+        let broken = loop {
+            tokio::select! {
+                write = writes.recv() => match write {
+                    Some((req, reply)) => {
+                        next_id += 1;
+                        waiting.insert(next_id, reply);
+                        let _ = out_tx.send(ForwardEnvelope { id: next_id, request: Some(req) });
+                    }
+                    // Nobody can forward through this pipe any more; answer what is in flight.
+                    None if waiting.is_empty() => return,
+                    None => {
+                        while let Ok(Some(reply)) = replies.message().await {
+                            deliver(&mut waiting, reply);
+                            if waiting.is_empty() {
+                                return;
+                            }
+                        }
+                        break ServerError::Timeout;
+                    }
+                },
+                reply = replies.message() => match reply {
+                    Ok(Some(reply)) => deliver(&mut waiting, reply),
+                    Ok(None) => break ServerError::Timeout,
+                    Err(status) => break match status_to_error(&status) {
+                        ServerError::NoLeader => ServerError::Timeout,
+                        e => e,
+                    },
+                },
+            }
+        };
+        tracing::debug!(leader = %format!("{leader:x}"), in_flight = waiting.len(), "forwarding stream ended: {broken}");
+        for (_, w) in waiting.drain() {
+            let _ = w.send(Err(broken.clone()));
+        }
+    }
+}
+
+fn deliver(waiting: &mut HashMap<u64, WriteReply>, reply: ForwardReply) {
+    let Some(waiter) = waiting.remove(&reply.id) else {
+        return;
+    };
+    let result = if reply.code == 0 {
+        reply
+            .response
+            .ok_or_else(|| ServerError::Internal("empty forwarded response".into()))
+    } else {
+        Err(status_to_error(&tonic::Status::new(
+            tonic::Code::from_i32(reply.code),
+            reply.message,
+        )))
+    };
+    let _ = waiter.send(result);
+}
+
+type IndexReply = oneshot::Sender<Result<u64, ServerError>>;
+
+/// Coalesces a follower's read-index calls to the leader (see the module docs).
+#[derive(Default)]
+pub struct ReadIndexBatcher {
+    state: Mutex<BatchState>,
+}
+
+#[derive(Default)]
+struct BatchState {
+    in_flight: bool,
+    waiting: Vec<IndexReply>,
+    /// The leader as the latest waiter saw it (a call goes to whoever leads when it starts).
+    leader: Option<(NodeId, MemberNode)>,
+}
+
+impl ReadIndexBatcher {
+    /// The leader's read index, from a call the leader receives after this one started.
+    pub async fn read_index(
+        self: &Arc<Self>,
+        peers: &Arc<Peers>,
+        leader: NodeId,
+        node: &MemberNode,
+    ) -> Result<u64, ServerError> {
+        let (tx, rx) = oneshot::channel();
+        let start = {
+            let mut st = self
+                .state
+                .lock()
+                .map_err(|_| ServerError::Internal("read index batcher poisoned".into()))?;
+            st.waiting.push(tx);
+            st.leader = Some((leader, node.clone()));
+            !std::mem::replace(&mut st.in_flight, true)
+        };
+        if start {
+            tokio::spawn(self.clone().run(peers.clone()));
+        }
+        rx.await.unwrap_or(Err(ServerError::Stopped))
+    }
+
+    /// Issues calls until nobody is waiting; each call answers the reads queued before it.
+    async fn run(self: Arc<Self>, peers: Arc<Peers>) {
+        loop {
+            let (batch, target) = match self.state.lock() {
+                Ok(mut st) if st.waiting.is_empty() => {
+                    st.in_flight = false;
+                    return;
+                }
+                Ok(mut st) => (std::mem::take(&mut st.waiting), st.leader.clone()),
+                Err(_) => return,
+            };
+            let result = match target {
+                Some((leader, node)) => fetch_read_index(&peers, leader, &node).await,
+                None => Err(ServerError::NoLeader),
+            };
+            for w in batch {
+                let _ = w.send(result.clone());
+            }
+        }
+    }
+}
+
+async fn fetch_read_index(
+    peers: &Peers,
+    leader: NodeId,
+    node: &MemberNode,
+) -> Result<u64, ServerError> {
+    let mut client = peers
+        .client(leader, node)
+        .map_err(|_| ServerError::NoLeader)?;
+    let reply = client
+        .read_index(peers.request(leader, keel_proto::keelpb::ReadIndexRequest {}))
+        .await
+        .map_err(|s| status_to_error(&s))?;
+    let data = reply.into_inner().data;
+    let bytes: [u8; 8] = data
+        .as_slice()
+        .try_into()
+        .map_err(|_| ServerError::Internal("bad read index".into()))?;
+    Ok(u64::from_be_bytes(bytes))
+}
