@@ -26,11 +26,13 @@ use crate::network::Peers;
 use crate::node::status_to_error;
 
 type WriteReply = oneshot::Sender<Result<RaftResponse, ServerError>>;
+/// The queue of a leader's forwarding stream.
+type WriteQueue = mpsc::UnboundedSender<(RaftRequest, WriteReply)>;
 
 /// The forwarding streams of one member, one per leader it has forwarded to.
 #[derive(Default)]
 pub struct WritePipes {
-    pipes: Mutex<BTreeMap<NodeId, (String, mpsc::UnboundedSender<(RaftRequest, WriteReply)>)>>,
+    pipes: Mutex<BTreeMap<NodeId, (String, WriteQueue)>>,
 }
 
 impl WritePipes {
@@ -69,7 +71,7 @@ impl WritePipes {
         leader: NodeId,
         node: &MemberNode,
         url: &str,
-    ) -> Result<mpsc::UnboundedSender<(RaftRequest, WriteReply)>, ServerError> {
+    ) -> Result<WriteQueue, ServerError> {
         let mut pipes = self
             .pipes
             .lock()

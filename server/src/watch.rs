@@ -118,12 +118,20 @@ impl Watcher {
             .is_some_and(|kv| kv.mod_revision >= self.next_rev && self.range.contains(&kv.key))
     }
 
-    fn shape(&self, ev: &Event) -> Event {
-        let mut ev = ev.clone();
-        if !self.prev_kv {
-            ev.prev_kv = None;
+    /// The event as this watcher receives it: `with_prev` (the event with its `prev_kv`
+    /// filled in) is built on first use and shared by every watcher that asked for prev_kv.
+    fn shape(&self, ev: &Event, with_prev: &mut Option<Event>, hub: &WatchHub) -> Event {
+        if self.prev_kv {
+            with_prev
+                .get_or_insert_with(|| hub.with_prev_kv(ev))
+                .clone()
+        } else {
+            Event {
+                r#type: ev.r#type,
+                kv: ev.kv.clone(),
+                prev_kv: None,
+            }
         }
-        ev
     }
 }
 
@@ -356,13 +364,15 @@ impl WatchHub {
         let mut per_watcher: BTreeMap<u64, Vec<Event>> = BTreeMap::new();
         for ev in &chunk.events {
             let Some(kv) = ev.kv.as_ref() else { continue };
+            let mut with_prev = None;
             if let Some(keys) = st.singles.get(&kv.key) {
                 for k in keys {
                     if let Some(w) = st.watchers.get(k)
                         && w.synced
                         && w.wants(ev)
                     {
-                        per_watcher.entry(*k).or_default().push(w.shape(ev));
+                        let shaped = w.shape(ev, &mut with_prev, self);
+                        per_watcher.entry(*k).or_default().push(shaped);
                     }
                 }
             }
@@ -371,7 +381,8 @@ impl WatchHub {
                     && w.synced
                     && w.wants(ev)
                 {
-                    per_watcher.entry(*k).or_default().push(w.shape(ev));
+                    let shaped = w.shape(ev, &mut with_prev, self);
+                    per_watcher.entry(*k).or_default().push(shaped);
                 }
             }
         }
@@ -413,6 +424,24 @@ impl WatchHub {
                 w.next_rev = dispatched + 1;
             }
         }
+    }
+
+    /// `ev` with its `prev_kv`: applied events leave it empty unless the write read it, so it
+    /// is read here (once per event, for the watchers that asked) as etcd's watch does.
+    fn with_prev_kv(&self, ev: &Event) -> Event {
+        let mut out = ev.clone();
+        if out.prev_kv.is_some() {
+            return out;
+        }
+        let (Some(kv), Some(mvcc)) = (ev.kv.as_ref(), self.mvcc.get()) else {
+            return out;
+        };
+        let is_delete = ev.r#type == EventType::Delete as i32;
+        match mvcc.replaced_version(kv, is_delete) {
+            Ok(prev) => out.prev_kv = prev,
+            Err(e) => tracing::warn!("watch: reading an event's prev_kv failed: {e}"),
+        }
+        out
     }
 
     fn open_stream(&self) -> (u64, Arc<StreamQueue>) {
@@ -667,12 +696,10 @@ impl WatchHub {
                 Ok(batch) => {
                     let done = batch.next_revision > upto;
                     let header_rev = if done { upto } else { batch.next_revision - 1 };
-                    let events: Vec<Event> = batch
-                        .events
-                        .iter()
-                        .filter(|ev| w.wants(ev))
-                        .map(|ev| w.shape(ev))
-                        .collect();
+                    // History was read with this watcher's prev_kv choice already.
+                    let next_revision = batch.next_revision;
+                    let events: Vec<Event> =
+                        batch.events.into_iter().filter(|ev| w.wants(ev)).collect();
                     let resps = if events.is_empty() {
                         Vec::new()
                     } else {
@@ -687,7 +714,7 @@ impl WatchHub {
                     if resps.is_empty() || queue.try_push_events(resps) {
                         let current = st.dispatched_rev;
                         if let Some(w) = st.watchers.get_mut(&key) {
-                            w.next_rev = batch.next_revision.max(next_rev);
+                            w.next_rev = next_revision.max(next_rev);
                             if w.next_rev > upto {
                                 w.next_rev = w.next_rev.max(upto + 1);
                             }

@@ -121,14 +121,14 @@ impl std::ops::Deref for AuthView<'_> {
 }
 
 impl View for ApplyBatch<'_> {
-    fn live(&self, span: &KeySpan<'_>, at: i64) -> Vec<(Vec<u8>, Revision)> {
+    fn live(&self, span: &KeySpan<'_>, at: i64) -> Vec<(Vec<u8>, IndexEntry)> {
         let mut m = BTreeMap::new();
         live_in_index(&self.store.inner.read_index(), span, at, &mut m);
         if let Some(bounds) = span.bounds() {
             for (k, entries) in self.index.range::<[u8], _>(bounds) {
                 // Pending entries are newer than every committed one.
                 if let Some(last) = entries.iter().rev().find(|e| e.rev.main <= at) {
-                    m.insert(k.clone(), (!last.tombstone).then_some(last.rev));
+                    m.insert(k.clone(), (!last.tombstone).then_some(*last));
                 }
             }
         }
@@ -432,16 +432,23 @@ impl<'a> ApplyBatch<'a> {
 
     // ----- reads through the overlay -----
 
-    fn latest(&mut self, key: &[u8]) -> Option<KeyValue> {
-        let rev = match self.index.get(key).and_then(|e| e.last()) {
-            Some(e) => (!e.tombstone).then_some(e.rev),
+    /// The index entry of `key`'s live version, if it has one.
+    fn latest_entry(&self, key: &[u8]) -> Option<IndexEntry> {
+        match self.index.get(key).and_then(|e| e.last()) {
+            Some(e) => (!e.tombstone).then_some(*e),
             None => self
                 .store
                 .inner
                 .read_index()
                 .get(key)
                 .and_then(|e| visible_at(e, i64::MAX)),
-        }?;
+        }
+    }
+
+    /// `key`'s live version with its value (a read from the `kv` table unless written in this
+    /// batch).
+    fn latest(&mut self, key: &[u8]) -> Option<KeyValue> {
+        let rev = self.latest_entry(key)?.rev;
         match self.load(rev) {
             Ok(kv) => kv,
             Err(e) => {
@@ -504,7 +511,7 @@ impl<'a> ApplyBatch<'a> {
         self.index
             .entry(kv.key.clone())
             .or_default()
-            .push(IndexEntry { rev, tombstone });
+            .push(IndexEntry::of(rev, tombstone, &kv));
         self.kvs.insert(rev, kv);
     }
 
@@ -512,7 +519,7 @@ impl<'a> ApplyBatch<'a> {
         if p.lease != 0 && !p.ignore_lease && !self.lease_exists(p.lease) {
             return Err(ApplyError::new(ApplyErrorKind::LeaseNotFound));
         }
-        if (p.ignore_value || p.ignore_lease) && self.latest(&p.key).is_none() {
+        if (p.ignore_value || p.ignore_lease) && self.latest_entry(&p.key).is_none() {
             return Err(ApplyError::new(ApplyErrorKind::KeyNotFound));
         }
         Ok(())
@@ -532,26 +539,37 @@ impl<'a> ApplyBatch<'a> {
         Ok(resp)
     }
 
+    /// A put needs the previous version's create revision, version and lease, all in the
+    /// index; its value is read only for `prev_kv` or `ignore_value`. The event carries the
+    /// previous version only when it was read (the watch hub reads it for watchers that ask).
     fn put(&mut self, w: &mut WriteCtx, p: &PutRequest) -> PutResponse {
-        let prev = self.latest(&p.key);
+        let prev_entry = self.latest_entry(&p.key);
+        let prev = if p.prev_kv || p.ignore_value {
+            self.latest(&p.key)
+        } else {
+            None
+        };
         let value = match (&prev, p.ignore_value) {
             (Some(prev), true) => prev.value.clone(),
             _ => p.value.clone(),
         };
-        let lease = match (&prev, p.ignore_lease) {
+        let lease = match (&prev_entry, p.ignore_lease) {
             (Some(prev), true) => prev.lease,
             _ => p.lease,
         };
         let rev = w.next();
         let kv = KeyValue {
             key: p.key.clone(),
-            create_revision: prev.as_ref().map(|k| k.create_revision).unwrap_or(w.main),
+            create_revision: prev_entry
+                .as_ref()
+                .map(|e| e.create_revision)
+                .unwrap_or(w.main),
             mod_revision: w.main,
-            version: prev.as_ref().map(|k| k.version + 1).unwrap_or(1),
+            version: prev_entry.as_ref().map(|e| e.version + 1).unwrap_or(1),
             value,
             lease,
         };
-        let old_lease = prev.as_ref().map(|k| k.lease).unwrap_or(0);
+        let old_lease = prev_entry.as_ref().map(|e| e.lease).unwrap_or(0);
         if old_lease != 0 && old_lease != lease {
             self.lease_keys.push((old_lease, p.key.clone(), false));
         }
@@ -592,16 +610,22 @@ impl<'a> ApplyBatch<'a> {
         let live = self.live(&KeySpan::new(key, end), i64::MAX);
         let mut prev_kvs = Vec::new();
         let deleted = live.len() as i64;
-        for (k, rev) in live {
-            let prev = match self.load(rev) {
-                Ok(p) => p,
-                Err(e) => {
-                    self.fail_storage(e);
-                    None
+        for (k, entry) in live {
+            // The deleted value is read only for the response (the watch hub reads it for
+            // watchers that ask for prev_kv).
+            let prev = if want_prev {
+                match self.load(entry.rev) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        self.fail_storage(e);
+                        None
+                    }
                 }
+            } else {
+                None
             };
-            if let Some(l) = prev.as_ref().map(|p| p.lease).filter(|l| *l != 0) {
-                self.lease_keys.push((l, k.clone(), false));
+            if entry.lease != 0 {
+                self.lease_keys.push((entry.lease, k.clone(), false));
             }
             let trev = w.next();
             let tomb = KeyValue {
@@ -645,11 +669,17 @@ impl<'a> ApplyBatch<'a> {
     // ----- txn -----
 
     fn compare(&self, c: &Compare) -> bool {
-        let kvs: Vec<KeyValue> = self
-            .live(&KeySpan::new(&c.key, &c.range_end), i64::MAX)
-            .into_iter()
-            .filter_map(|(_, rev)| self.load(rev).ok().flatten())
-            .collect();
+        let live = self.live(&KeySpan::new(&c.key, &c.range_end), i64::MAX);
+        // Only a value compare needs the values; the rest is in the index.
+        let kvs: Vec<KeyValue> = if c.target == compare::CompareTarget::Value as i32 {
+            live.into_iter()
+                .filter_map(|(_, e)| self.load(e.rev).ok().flatten())
+                .collect()
+        } else {
+            live.into_iter()
+                .map(|(k, e)| e.key_value_without_value(&k))
+                .collect()
+        };
         if kvs.is_empty() {
             if c.target == compare::CompareTarget::Value as i32 {
                 return false;

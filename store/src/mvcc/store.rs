@@ -144,7 +144,8 @@ pub(crate) type Index = BTreeMap<Vec<u8>, Vec<IndexEntry>>;
 
 /// A read view: what keys are live at a revision, and the value at a revision.
 pub(crate) trait View {
-    fn live(&self, span: &KeySpan<'_>, at: i64) -> Vec<(Vec<u8>, Revision)>;
+    /// The keys live at `at` in the span, with their index entries, in key order.
+    fn live(&self, span: &KeySpan<'_>, at: i64) -> Vec<(Vec<u8>, IndexEntry)>;
     fn load(&self, rev: Revision) -> Result<Option<KeyValue>, StoreError>;
 }
 
@@ -152,7 +153,7 @@ pub(crate) fn live_in_index(
     index: &Index,
     span: &KeySpan<'_>,
     at: i64,
-    out: &mut BTreeMap<Vec<u8>, Option<Revision>>,
+    out: &mut BTreeMap<Vec<u8>, Option<IndexEntry>>,
 ) {
     let Some(bounds) = span.bounds() else { return };
     for (k, entries) in index.range::<[u8], _>(bounds) {
@@ -201,7 +202,7 @@ impl Inner {
 struct CommittedView<'a>(&'a Inner);
 
 impl View for CommittedView<'_> {
-    fn live(&self, span: &KeySpan<'_>, at: i64) -> Vec<(Vec<u8>, Revision)> {
+    fn live(&self, span: &KeySpan<'_>, at: i64) -> Vec<(Vec<u8>, IndexEntry)> {
         let mut m = BTreeMap::new();
         live_in_index(&self.0.read_index(), span, at, &mut m);
         m.into_iter()
@@ -258,7 +259,13 @@ pub(crate) fn range_view(
         live.len()
     };
     let mut kvs = Vec::with_capacity(fetch);
-    for (_, rev) in live.into_iter().take(fetch) {
+    for (key, entry) in live.into_iter().take(fetch) {
+        if r.keys_only && sort_target != range_request::SortTarget::Value {
+            // Everything but the value is in the index.
+            kvs.push(entry.key_value_without_value(&key));
+            continue;
+        }
+        let rev = entry.rev;
         match view.load(rev).map_err(other)? {
             Some(kv) => kvs.push(kv),
             None if at < compacted || rev.main < compacted => {
@@ -394,10 +401,8 @@ impl MvccStore {
                 Ok(kv) => {
                     max_rev = max_rev.max(rev.main);
                     latest_lease.insert(kv.key.clone(), if tombstone { 0 } else { kv.lease });
-                    index
-                        .entry(kv.key)
-                        .or_default()
-                        .push(IndexEntry { rev, tombstone });
+                    let entry = IndexEntry::of(rev, tombstone, &kv);
+                    index.entry(kv.key).or_default().push(entry);
                     ScanControl::Continue
                 }
                 Err(e) => {
@@ -602,6 +607,22 @@ impl MvccStore {
         Ok(batch)
     }
 
+    /// The version an applied event replaced (its `prev_kv`): none for a put that created the
+    /// key (version 1), else the key's previous entry in the index, read from the `kv` table.
+    /// (Writes no longer read the previous value, so their events leave `prev_kv` empty.)
+    pub fn replaced_version(
+        &self,
+        kv: &KeyValue,
+        is_delete: bool,
+    ) -> Result<Option<KeyValue>, StoreError> {
+        if !is_delete && kv.version == 1 {
+            return Ok(None);
+        }
+        // A key is written at most once per revision, so its previous entry is the last one
+        // before sub-revision 0 of the event's revision.
+        self.prev_version(&kv.key, Revision::new(kv.mod_revision, 0))
+    }
+
     fn prev_version(&self, key: &[u8], rev: Revision) -> Result<Option<KeyValue>, StoreError> {
         let prev = {
             let index = self.inner.read_index();
@@ -692,7 +713,7 @@ impl MvccStore {
             let index = self.inner.read_index();
             index
                 .values()
-                .filter_map(|entries| visible_at(entries, compacted))
+                .filter_map(|entries| visible_at(entries, compacted).map(|e| e.rev))
                 .collect()
         };
         let mut hasher = crc32fast::Hasher::new();

@@ -7,6 +7,7 @@ use keel_proto::etcdserverpb::request_op::Request as Op;
 use keel_proto::etcdserverpb::*;
 use keel_proto::keelpb::raft_request::Request as Cmd;
 use keel_proto::keelpb::{LeaseCheckpoint, LeaseCheckpointBatch};
+use keel_proto::mvccpb::KeyValue;
 use keel_proto::mvccpb::event::EventType;
 use keel_store::ApplyErrorKind;
 use keel_store::engine::Engine;
@@ -493,7 +494,15 @@ fn events_and_history_with_prev_kv() {
                 ..Default::default()
             }),
         );
-        assert_eq!(ev[0].prev_kv.as_ref().unwrap().value, b"2", "{name}");
+        // Applied events do not read the replaced value; replaced_version reads it on demand.
+        assert_eq!(ev[0].prev_kv, None, "{name}");
+        let deleted = ev[0].kv.as_ref().unwrap();
+        let replaced = s.replaced_version(deleted, true).unwrap().unwrap();
+        assert_eq!(
+            (replaced.value.as_slice(), replaced.mod_revision),
+            (&b"2"[..], 3),
+            "{name}"
+        );
         let h = s
             .history(&HistoryRequest {
                 start_revision: 3,
@@ -535,6 +544,25 @@ fn events_and_history_with_prev_kv() {
             })
             .unwrap();
         assert_eq!((h.events.len(), h.next_revision), (1, 3));
+        let (_, ev) = apply(
+            s,
+            Cmd::Put(PutRequest {
+                key: "w/a".into(),
+                value: "4".into(),
+                ..Default::default()
+            }),
+        );
+        let updated = ev[0].kv.as_ref().unwrap();
+        assert_eq!(updated.version, 3, "{name}");
+        let replaced = s.replaced_version(updated, false).unwrap().unwrap();
+        assert_eq!(replaced.value, b"3", "{name}");
+        let created = KeyValue {
+            key: "w/new".into(),
+            mod_revision: updated.mod_revision,
+            version: 1,
+            ..Default::default()
+        };
+        assert_eq!(s.replaced_version(&created, false).unwrap(), None, "{name}");
     });
 }
 
@@ -697,4 +725,87 @@ fn index_bytes_per_key_report() {
         st.keys
     );
     assert!(per_key < 150, "index too large: {per_key} bytes/key");
+}
+
+/// Puts, non-value compares and keys-only reads take create revision, version and lease from the
+/// index; the index is rebuilt from the `kv` table on open, so they survive a restart.
+#[test]
+fn index_metadata_serves_puts_compares_and_keys_only_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let rocks: Arc<dyn Engine> = Arc::new(RocksEngine::open(dir.path()).unwrap());
+        let s = MvccStore::open(rocks).unwrap();
+        put(&s, "m", "a"); // rev 2: create 2, version 1
+        put(&s, "m", "bb"); // rev 3: version 2
+    }
+    let rocks: Arc<dyn Engine> = Arc::new(RocksEngine::open(dir.path()).unwrap());
+    let s = MvccStore::open(rocks).unwrap();
+    let rev = put(&s, "m", "ccc");
+    let kv = get(&s, "m", "", 0).unwrap().kvs.remove(0);
+    assert_eq!(
+        (
+            kv.create_revision,
+            kv.mod_revision,
+            kv.version,
+            kv.value.as_slice()
+        ),
+        (2, rev, 3, &b"ccc"[..])
+    );
+    let keys_only = s
+        .range(&RangeRequest {
+            key: "m".into(),
+            keys_only: true,
+            ..Default::default()
+        })
+        .unwrap();
+    let k = &keys_only.kvs[0];
+    assert_eq!(
+        (
+            k.key.as_slice(),
+            k.create_revision,
+            k.mod_revision,
+            k.version,
+            k.value.len()
+        ),
+        (&b"m"[..], 2, rev, 3, 0)
+    );
+    let cmp = |target: CompareTarget, union: TargetUnion| Compare {
+        key: "m".into(),
+        target: target as i32,
+        result: CompareResult::Equal as i32,
+        target_union: Some(union),
+        ..Default::default()
+    };
+    for (c, want) in [
+        (cmp(CompareTarget::Version, TargetUnion::Version(3)), true),
+        (
+            cmp(CompareTarget::Create, TargetUnion::CreateRevision(2)),
+            true,
+        ),
+        (cmp(CompareTarget::Mod, TargetUnion::ModRevision(rev)), true),
+        (
+            cmp(CompareTarget::Mod, TargetUnion::ModRevision(rev - 1)),
+            false,
+        ),
+        (
+            cmp(CompareTarget::Value, TargetUnion::Value(b"ccc".to_vec())),
+            true,
+        ),
+        (
+            cmp(CompareTarget::Value, TargetUnion::Value(b"bb".to_vec())),
+            false,
+        ),
+    ] {
+        let (r, _) = apply(
+            &s,
+            Cmd::Txn(TxnRequest {
+                compare: vec![c.clone()],
+                ..Default::default()
+            }),
+        );
+        let keel_proto::keelpb::raft_response::Response::Txn(t) = r.response.unwrap() else {
+            panic!("not a txn response")
+        };
+        assert_eq!(t.succeeded, want, "{c:?}");
+    }
 }
