@@ -134,6 +134,9 @@ pub enum ScanControl {
     Stop,
 }
 
+/// The callback of [`Engine::multi_get`]: the key's position and its value.
+pub type MultiGetVisitor<'a> = dyn FnMut(usize, Option<&[u8]>) -> Result<(), EngineError> + 'a;
+
 /// The callback of [`Engine::scan_consistent`]: table, key, value.
 pub type ConsistentVisitor<'a> = dyn FnMut(Table, &[u8], &[u8]) -> Result<(), EngineError> + 'a;
 
@@ -144,6 +147,21 @@ pub type ConsistentVisitor<'a> = dyn FnMut(Table, &[u8], &[u8]) -> Result<(), En
 /// `sync_wal()` (or the next synced write). Writes are durable in the order they were made.
 pub trait Engine: Send + Sync + 'static {
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError>;
+
+    /// Point reads of `keys` (any order): `visit(i, value)` for each `keys[i]`, in order.
+    /// RocksDB batches the lookups (MultiGet) and lends the values without copying them.
+    fn multi_get(
+        &self,
+        table: Table,
+        keys: &[&[u8]],
+        visit: &mut MultiGetVisitor<'_>,
+    ) -> Result<(), EngineError> {
+        for (i, key) in keys.iter().enumerate() {
+            let value = self.get(table, key)?;
+            visit(i, value.as_deref())?;
+        }
+        Ok(())
+    }
 
     /// Visits keys in `[start, end)` (`end = None`: to the end of the table) in `direction`
     /// order until the callback returns [`ScanControl::Stop`].

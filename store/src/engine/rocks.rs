@@ -61,6 +61,23 @@ impl Engine for RocksEngine {
         self.db.get_cf(self.cf(table)?, key).map_err(backend)
     }
 
+    fn multi_get(
+        &self,
+        table: Table,
+        keys: &[&[u8]],
+        visit: &mut super::MultiGetVisitor<'_>,
+    ) -> Result<(), EngineError> {
+        let cf = self.cf(table)?;
+        let values = self
+            .db
+            .batched_multi_get_cf(cf, keys.iter().copied(), false);
+        for (i, value) in values.into_iter().enumerate() {
+            let value = value.map_err(backend)?;
+            visit(i, value.as_deref())?;
+        }
+        Ok(())
+    }
+
     fn scan(
         &self,
         table: Table,

@@ -147,6 +147,10 @@ pub(crate) trait View {
     /// The keys live at `at` in the span, with their index entries, in key order.
     fn live(&self, span: &KeySpan<'_>, at: i64) -> Vec<(Vec<u8>, IndexEntry)>;
     fn load(&self, rev: Revision) -> Result<Option<KeyValue>, StoreError>;
+    /// [`View::load`] of many revisions, in order.
+    fn load_many(&self, revs: &[Revision]) -> Result<Vec<Option<KeyValue>>, StoreError> {
+        revs.iter().map(|r| self.load(*r)).collect()
+    }
 }
 
 pub(crate) fn live_in_index(
@@ -203,14 +207,42 @@ struct CommittedView<'a>(&'a Inner);
 
 impl View for CommittedView<'_> {
     fn live(&self, span: &KeySpan<'_>, at: i64) -> Vec<(Vec<u8>, IndexEntry)> {
-        let mut m = BTreeMap::new();
-        live_in_index(&self.0.read_index(), span, at, &mut m);
-        m.into_iter()
-            .filter_map(|(k, r)| r.map(|r| (k, r)))
+        let Some(bounds) = span.bounds() else {
+            return Vec::new();
+        };
+        let index = self.0.read_index();
+        index
+            .range::<[u8], _>(bounds)
+            .filter_map(|(k, entries)| visible_at(entries, at).map(|e| (k.clone(), e)))
             .collect()
     }
     fn load(&self, rev: Revision) -> Result<Option<KeyValue>, StoreError> {
         load_kv(self.0.engine.as_ref(), rev)
+    }
+    fn load_many(&self, revs: &[Revision]) -> Result<Vec<Option<KeyValue>>, StoreError> {
+        let keys: Vec<[u8; 17]> = revs.iter().map(|r| r.encode(false)).collect();
+        let key_refs: Vec<&[u8]> = keys.iter().map(|k| &k[..]).collect();
+        let mut out: Vec<Option<KeyValue>> = Vec::with_capacity(revs.len());
+        let mut failure = None;
+        self.0
+            .engine
+            .multi_get(Table::Kv, &key_refs, &mut |_, value| {
+                match value.map(KeyValue::decode).transpose() {
+                    Ok(kv) => out.push(kv),
+                    Err(e) => {
+                        failure.get_or_insert(StoreError::Corrupt {
+                            table: "kv",
+                            detail: e.to_string(),
+                        });
+                        out.push(None);
+                    }
+                }
+                Ok(())
+            })?;
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
     }
 }
 
@@ -259,14 +291,19 @@ pub(crate) fn range_view(
         live.len()
     };
     let mut kvs = Vec::with_capacity(fetch);
-    for (key, entry) in live.into_iter().take(fetch) {
-        if r.keys_only && sort_target != range_request::SortTarget::Value {
-            // Everything but the value is in the index.
-            kvs.push(entry.key_value_without_value(&key));
-            continue;
-        }
+    let live = &live[..fetch];
+    let loaded = if r.keys_only && sort_target != range_request::SortTarget::Value {
+        // Everything but the value is in the index.
+        live.iter()
+            .map(|(key, entry)| Some(entry.key_value_without_value(key)))
+            .collect()
+    } else {
+        let revs: Vec<Revision> = live.iter().map(|(_, e)| e.rev).collect();
+        view.load_many(&revs).map_err(other)?
+    };
+    for ((_, entry), kv) in live.iter().zip(loaded) {
         let rev = entry.rev;
-        match view.load(rev).map_err(other)? {
+        match kv {
             Some(kv) => kvs.push(kv),
             None if at < compacted || rev.main < compacted => {
                 return Err(ApplyError::new(ApplyErrorKind::Compacted));
