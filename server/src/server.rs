@@ -23,7 +23,6 @@ use crate::node::KeelNode;
 use crate::peer_service::PeerService;
 use crate::watch::{WatchHub, WatchService};
 use keel_proto::etcdserverpb::lease_server::LeaseServer;
-use keel_proto::etcdserverpb::watch_server::WatchServer;
 use keel_proto::v3electionpb::election_server::ElectionServer;
 use keel_proto::v3lockpb::lock_server::LockServer;
 
@@ -161,10 +160,10 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         .add_service(
             KvServer::new(KvService::new(node.clone())).max_decoding_message_size(max_recv),
         )
-        .add_service(
-            WatchServer::new(WatchService::new(node.clone(), hub.clone()))
-                .max_decoding_message_size(max_recv),
-        )
+        .add_service(crate::watch_wire::WatchServer::new(
+            WatchService::new(node.clone(), hub.clone()),
+            max_recv,
+        ))
         .add_service(
             LeaseServer::new(LeaseService::new(node.clone(), lessor.clone()))
                 .max_decoding_message_size(max_recv),

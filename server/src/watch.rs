@@ -26,7 +26,6 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use keel_proto::etcdserverpb::watch_request::RequestUnion;
-use keel_proto::etcdserverpb::watch_server::Watch;
 use keel_proto::etcdserverpb::{
     ResponseHeader, WatchCreateRequest, WatchRequest, WatchResponse, watch_create_request,
 };
@@ -118,18 +117,131 @@ impl Watcher {
             .is_some_and(|kv| kv.mod_revision >= self.next_rev && self.range.contains(&kv.key))
     }
 
-    /// The event as this watcher receives it: `with_prev` (the event with its `prev_kv`
-    /// filled in) is built on first use and shared by every watcher that asked for prev_kv.
-    fn shape(&self, ev: &Event, with_prev: &mut Option<Event>, hub: &WatchHub) -> Event {
+    /// The event as this watcher receives it. An event has two shapes (with and without
+    /// `prev_kv`); each is built and encoded on first use and shared by every watcher that
+    /// receives it, so fanning an event out to a watcher costs a reference count.
+    fn shape(&self, ev: &Event, shapes: &mut EventShapes, hub: &WatchHub) -> Arc<SharedEvent> {
         if self.prev_kv {
-            with_prev
-                .get_or_insert_with(|| hub.with_prev_kv(ev))
+            shapes
+                .with_prev
+                .get_or_insert_with(|| Arc::new(SharedEvent::new(hub.with_prev_kv(ev))))
                 .clone()
         } else {
-            Event {
-                r#type: ev.r#type,
-                kv: ev.kv.clone(),
-                prev_kv: None,
+            shapes
+                .plain
+                .get_or_insert_with(|| {
+                    Arc::new(SharedEvent::new(Event {
+                        r#type: ev.r#type,
+                        kv: ev.kv.clone(),
+                        prev_kv: None,
+                    }))
+                })
+                .clone()
+        }
+    }
+}
+
+/// An event as watchers receive it, with its protobuf encoding made once for all of them.
+#[derive(Debug)]
+pub struct SharedEvent {
+    pub event: Event,
+    pub encoded: Vec<u8>,
+}
+
+impl SharedEvent {
+    pub fn new(event: Event) -> SharedEvent {
+        let encoded = event.encode_to_vec();
+        SharedEvent { event, encoded }
+    }
+}
+
+/// The shapes of one event built so far during a dispatch.
+#[derive(Default)]
+struct EventShapes {
+    plain: Option<Arc<SharedEvent>>,
+    with_prev: Option<Arc<SharedEvent>>,
+}
+
+/// One queued response of a watch stream.
+#[derive(Debug)]
+pub enum Outgoing {
+    /// A response built whole (created, canceled, progress).
+    Response(WatchResponse),
+    /// A watcher's events: encoded on the wire from the shared encodings.
+    Events {
+        watch_id: i64,
+        header_rev: i64,
+        fragment: bool,
+        events: EventList,
+    },
+}
+
+/// A response's events; most responses carry one.
+pub type EventList = smallvec::SmallVec<[Arc<SharedEvent>; 2]>;
+
+impl Outgoing {
+    /// The response as a message (for in-process watchers and tests); the header carries only
+    /// the revision, as queued.
+    pub fn into_response(self) -> WatchResponse {
+        match self {
+            Outgoing::Response(r) => r,
+            Outgoing::Events {
+                watch_id,
+                header_rev,
+                fragment,
+                events,
+            } => WatchResponse {
+                header: Some(rev_header(header_rev)),
+                watch_id,
+                fragment,
+                events: events.iter().map(|e| e.event.clone()).collect(),
+                ..Default::default()
+            },
+        }
+    }
+
+    /// The response's wire encoding (a `WatchResponse`), with `header`'s member fields and the
+    /// queued revision.
+    pub fn encode(self, header: &ResponseHeader) -> Vec<u8> {
+        let mut buf = Vec::new();
+        self.encode_to(header, &mut buf);
+        buf
+    }
+
+    /// [`Outgoing::encode`] into `buf`: event encodings are copied, not re-encoded.
+    pub fn encode_to(self, header: &ResponseHeader, buf: &mut impl bytes::BufMut) {
+        use prost::encoding::{WireType, encode_key, encode_varint};
+        match self {
+            Outgoing::Response(mut r) => {
+                if let Some(h) = r.header.as_mut() {
+                    h.cluster_id = header.cluster_id;
+                    h.member_id = header.member_id;
+                    h.raft_term = header.raft_term;
+                }
+                r.encode_raw(buf);
+            }
+            Outgoing::Events {
+                watch_id,
+                header_rev,
+                fragment,
+                events,
+            } => {
+                let header = ResponseHeader {
+                    revision: header_rev,
+                    ..header.clone()
+                };
+                prost::encoding::message::encode(1, &header, buf);
+                if watch_id != 0 {
+                    prost::encoding::int64::encode(2, &watch_id, buf);
+                }
+                if fragment {
+                    prost::encoding::bool::encode(7, &fragment, buf);
+                }
+                for e in &events {
+                    encode_key(11, WireType::LengthDelimited, buf);
+                    encode_varint(e.encoded.len() as u64, buf);
+                    buf.put_slice(&e.encoded);
+                }
             }
         }
     }
@@ -138,22 +250,22 @@ impl Watcher {
 /// A stream's outgoing responses. Control responses are always queued; event responses only
 /// while the queue is below capacity.
 pub struct StreamQueue {
-    queue: Mutex<VecDeque<WatchResponse>>,
+    queue: Mutex<VecDeque<Outgoing>>,
     notify: Notify,
     closed: AtomicBool,
 }
 
 impl StreamQueue {
-    fn lock(&self) -> MutexGuard<'_, VecDeque<WatchResponse>> {
+    fn lock(&self) -> MutexGuard<'_, VecDeque<Outgoing>> {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn push(&self, resp: WatchResponse) {
-        self.lock().push_back(resp);
+        self.lock().push_back(Outgoing::Response(resp));
         self.notify.notify_one();
     }
 
-    fn try_push_events(&self, resps: Vec<WatchResponse>) -> bool {
+    fn try_push_events(&self, resps: Vec<Outgoing>) -> bool {
         let mut q = self.lock();
         if q.len() + resps.len() > STREAM_QUEUE_CAPACITY {
             return false;
@@ -241,47 +353,41 @@ fn rev_header(revision: i64) -> ResponseHeader {
     }
 }
 
-/// Splits `events` into responses no larger than `limit` bytes when fragmenting is allowed.
+/// A watcher's events as responses: one, or (when the watcher allows fragmenting and they do
+/// not fit in `limit` bytes) several, all but the last marked `fragment`.
 fn event_responses(
     watch_id: i64,
     header_rev: i64,
-    events: Vec<Event>,
+    events: EventList,
     fragment: bool,
     limit: usize,
-) -> Vec<WatchResponse> {
-    let whole = WatchResponse {
-        header: Some(rev_header(header_rev)),
+) -> Vec<Outgoing> {
+    // Tag and length of each event, plus the header and watch ID.
+    const OVERHEAD: usize = 64;
+    let size = |e: &SharedEvent| e.encoded.len() + 8;
+    let whole: usize = OVERHEAD + events.iter().map(|e| size(e)).sum::<usize>();
+    let batch = |events, fragment| Outgoing::Events {
         watch_id,
+        header_rev,
+        fragment,
         events,
-        ..Default::default()
     };
-    if !fragment || whole.encoded_len() <= limit {
-        return vec![whole];
+    if !fragment || whole <= limit {
+        return vec![batch(events, false)];
     }
     let mut out = Vec::new();
-    let mut current: Vec<Event> = Vec::new();
-    let mut size = 0;
-    for ev in whole.events {
-        let len = ev.encoded_len() + 8;
-        if !current.is_empty() && size + len > limit {
-            out.push(WatchResponse {
-                header: Some(rev_header(header_rev)),
-                watch_id,
-                events: std::mem::take(&mut current),
-                fragment: true,
-                ..Default::default()
-            });
-            size = 0;
+    let mut current = EventList::new();
+    let mut used = OVERHEAD;
+    for ev in events {
+        let len = size(&ev);
+        if !current.is_empty() && used + len > limit {
+            out.push(batch(std::mem::take(&mut current), true));
+            used = OVERHEAD;
         }
-        size += len;
+        used += len;
         current.push(ev);
     }
-    out.push(WatchResponse {
-        header: Some(rev_header(header_rev)),
-        watch_id,
-        events: current,
-        ..Default::default()
-    });
+    out.push(batch(current, false));
     out
 }
 
@@ -360,19 +466,18 @@ impl WatchHub {
     }
 
     fn dispatch(&self, st: &mut HubState, chunk: &AppliedChunk) {
-        // Collect, per synced watcher, its events in order.
-        let mut per_watcher: BTreeMap<u64, Vec<Event>> = BTreeMap::new();
+        // (watcher, event) for every delivery, in event order; grouped per watcher below.
+        let mut deliveries: Vec<(u64, Arc<SharedEvent>)> = Vec::new();
         for ev in &chunk.events {
             let Some(kv) = ev.kv.as_ref() else { continue };
-            let mut with_prev = None;
+            let mut shapes = EventShapes::default();
             if let Some(keys) = st.singles.get(&kv.key) {
                 for k in keys {
                     if let Some(w) = st.watchers.get(k)
                         && w.synced
                         && w.wants(ev)
                     {
-                        let shaped = w.shape(ev, &mut with_prev, self);
-                        per_watcher.entry(*k).or_default().push(shaped);
+                        deliveries.push((*k, w.shape(ev, &mut shapes, self)));
                     }
                 }
             }
@@ -381,19 +486,25 @@ impl WatchHub {
                     && w.synced
                     && w.wants(ev)
                 {
-                    let shaped = w.shape(ev, &mut with_prev, self);
-                    per_watcher.entry(*k).or_default().push(shaped);
+                    deliveries.push((*k, w.shape(ev, &mut shapes, self)));
                 }
             }
         }
         let header_rev = chunk.applied.revision;
-        for (key, events) in per_watcher {
+        // A stable sort keeps each watcher's events in revision order.
+        deliveries.sort_by_key(|(k, _)| *k);
+        let mut deliveries = deliveries.into_iter().peekable();
+        while let Some((key, first)) = deliveries.next() {
+            let mut events: EventList = smallvec::smallvec![first];
+            while let Some((_, e)) = deliveries.next_if(|(k, _)| *k == key) {
+                events.push(e);
+            }
             let Some(w) = st.watchers.get_mut(&key) else {
                 continue;
             };
             let first = events
                 .first()
-                .and_then(|e| e.kv.as_ref())
+                .and_then(|e| e.event.kv.as_ref())
                 .map(|kv| kv.mod_revision)
                 .unwrap_or(header_rev);
             let resps = event_responses(
@@ -698,8 +809,12 @@ impl WatchHub {
                     let header_rev = if done { upto } else { batch.next_revision - 1 };
                     // History was read with this watcher's prev_kv choice already.
                     let next_revision = batch.next_revision;
-                    let events: Vec<Event> =
-                        batch.events.into_iter().filter(|ev| w.wants(ev)).collect();
+                    let events: EventList = batch
+                        .events
+                        .into_iter()
+                        .filter(|ev| w.wants(ev))
+                        .map(|ev| Arc::new(SharedEvent::new(ev)))
+                        .collect();
                     let resps = if events.is_empty() {
                         Vec::new()
                     } else {
@@ -831,7 +946,7 @@ impl InternalWatch {
     /// `None` once the watcher is gone.
     pub async fn next(&mut self) -> Option<WatchResponse> {
         loop {
-            let popped = self.queue.lock().pop_front();
+            let popped = self.queue.lock().pop_front().map(Outgoing::into_response);
             match popped {
                 Some(r) if r.created && !r.canceled => continue,
                 Some(r) => return Some(r),
@@ -919,17 +1034,24 @@ impl WatchService {
     }
 }
 
-type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Send>>;
+/// A queued response and the member's header fields, encoded straight into the gRPC frame
+/// (see [`crate::watch_wire`]).
+pub struct WireResponse {
+    pub out: Outgoing,
+    pub header: ResponseHeader,
+}
 
-#[tonic::async_trait]
-impl Watch for WatchService {
-    type WatchStream = WatchStream;
+/// A watch call's responses.
+pub type EncodedWatchStream =
+    Pin<Box<dyn Stream<Item = Result<WireResponse, Status>> + Send + 'static>>;
 
+impl WatchService {
+    /// `etcdserverpb.Watch/Watch` (served by [`crate::watch_wire::WatchServer`]).
     #[tracing::instrument(level = "debug", skip_all)]
-    async fn watch(
+    pub async fn watch(
         &self,
         req: Request<Streaming<WatchRequest>>,
-    ) -> Result<Response<Self::WatchStream>, Status> {
+    ) -> Result<Response<EncodedWatchStream>, Status> {
         let require_leader = req
             .metadata()
             .get("hasleader")
@@ -941,7 +1063,7 @@ impl Watch for WatchService {
         let caller = crate::auth::Caller::of(&req);
         let mut incoming = req.into_inner();
         let (stream_id, queue) = self.hub.open_stream();
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<WatchResponse, Status>>(64);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<WireResponse, Status>>(64);
 
         // Client requests → hub.
         let hub = self.hub.clone();
@@ -977,7 +1099,7 @@ impl Watch for WatchService {
         let node = self.node.clone();
         tokio::spawn(async move {
             loop {
-                let batch: Vec<WatchResponse> = queue.lock().drain(..).collect();
+                let batch: Vec<Outgoing> = queue.lock().drain(..).collect();
                 if batch.is_empty() {
                     if queue.closed.load(Ordering::Relaxed) {
                         break;
@@ -992,14 +1114,18 @@ impl Watch for WatchService {
                     }
                     continue;
                 }
-                let term = node.term();
-                for mut resp in batch {
-                    if let Some(h) = resp.header.as_mut() {
-                        h.cluster_id = node.identity.cluster_id;
-                        h.member_id = node.member_id();
-                        h.raft_term = term;
-                    }
-                    if tx.send(Ok(resp)).await.is_err() {
+                let header = ResponseHeader {
+                    cluster_id: node.identity.cluster_id,
+                    member_id: node.member_id(),
+                    raft_term: node.term(),
+                    revision: 0,
+                };
+                for out in batch {
+                    let wire = WireResponse {
+                        out,
+                        header: header.clone(),
+                    };
+                    if tx.send(Ok(wire)).await.is_err() {
                         hub.close_stream(stream_id);
                         return;
                     }
@@ -1051,12 +1177,21 @@ mod tests {
                 prev_kv: None,
             })
             .collect();
-        let whole = event_responses(1, 5, events.clone(), false, 300);
+        let shared: EventList = events
+            .iter()
+            .cloned()
+            .map(|e| Arc::new(SharedEvent::new(e)))
+            .collect();
+        let whole = event_responses(1, 5, shared.clone(), false, 300);
         assert_eq!(whole.len(), 1);
-        let parts = event_responses(1, 5, events.clone(), true, 300);
+        let parts: Vec<WatchResponse> = event_responses(1, 5, shared, true, 300)
+            .into_iter()
+            .map(Outgoing::into_response)
+            .collect();
         assert!(parts.len() > 1);
         assert!(parts[..parts.len() - 1].iter().all(|p| p.fragment));
         assert!(!parts.last().unwrap().fragment);
+        assert!(parts.iter().all(|p| p.encoded_len() <= 300));
         let rejoined: Vec<Event> = parts.into_iter().flat_map(|p| p.events).collect();
         assert_eq!(rejoined, events);
     }
