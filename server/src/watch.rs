@@ -228,7 +228,7 @@ impl Outgoing {
             } => {
                 let header = ResponseHeader {
                     revision: header_rev,
-                    ..header.clone()
+                    ..*header
                 };
                 prost::encoding::message::encode(1, &header, buf);
                 if watch_id != 0 {
@@ -1121,10 +1121,7 @@ impl WatchService {
                     revision: 0,
                 };
                 for out in batch {
-                    let wire = WireResponse {
-                        out,
-                        header: header.clone(),
-                    };
+                    let wire = WireResponse { out, header };
                     if tx.send(Ok(wire)).await.is_err() {
                         hub.close_stream(stream_id);
                         return;
