@@ -178,7 +178,7 @@ mod tests {
             let expected = WatchResponse {
                 header: Some(ResponseHeader {
                     revision: 9,
-                    ..header.clone()
+                    ..header
                 }),
                 watch_id,
                 fragment,
