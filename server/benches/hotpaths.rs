@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use keel_proto::etcdserverpb::{PutRequest, RangeResponse, WatchResponse};
+use keel_proto::etcdserverpb::{PutRequest, RangeResponse, ResponseHeader, WatchResponse};
 use keel_proto::mvccpb::{Event, KeyValue};
 use keel_server::watch::WatchHub;
 use keel_store::engine::memory::MemoryEngine;
@@ -58,15 +58,24 @@ fn watch_fanout(c: &mut Criterion) {
             .map(|_| hub.watch_internal(b"/registry/pods/a", b"", 0))
             .collect();
         let mut rev = 1i64;
+        let header = ResponseHeader {
+            cluster_id: 1,
+            member_id: 2,
+            revision: 0,
+            raft_term: 3,
+        };
         group.throughput(Throughput::Elements(watchers as u64));
         group.bench_function(format!("fanout_one_put_to_{watchers}_watchers"), |b| {
             b.iter(|| {
                 rev += 1;
                 hub.on_applied(&chunk(b"/registry/pods/a", rev));
                 rt.block_on(async {
+                    // What a gRPC stream does per watcher: take the queued response and encode
+                    // it (the event's encoding is shared, the header and watch ID are not).
                     for w in streams.iter_mut() {
-                        let r = w.next().await.expect("event");
-                        assert_eq!(r.events.len(), 1);
+                        let out = w.next_queued().await.expect("event");
+                        let wire = out.encode(&header);
+                        assert!(wire.len() > 256);
                     }
                 });
             })

@@ -945,11 +945,16 @@ impl InternalWatch {
     /// response is skipped. Header revisions are filled in, the other header fields are not.
     /// `None` once the watcher is gone.
     pub async fn next(&mut self) -> Option<WatchResponse> {
+        self.next_queued().await.map(Outgoing::into_response)
+    }
+
+    /// [`InternalWatch::next`] as queued for a gRPC stream (see [`Outgoing::encode`]).
+    pub async fn next_queued(&mut self) -> Option<Outgoing> {
         loop {
-            let popped = self.queue.lock().pop_front().map(Outgoing::into_response);
+            let popped = self.queue.lock().pop_front();
             match popped {
-                Some(r) if r.created && !r.canceled => continue,
-                Some(r) => return Some(r),
+                Some(Outgoing::Response(r)) if r.created && !r.canceled => continue,
+                Some(out) => return Some(out),
                 None if self.queue.closed.load(Ordering::Relaxed) => return None,
                 None => self.queue.notify.notified().await,
             }

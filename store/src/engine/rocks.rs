@@ -36,6 +36,15 @@ impl RocksEngine {
             if matches!(t, Table::Kv | Table::Lease | Table::Meta) {
                 bb.set_bloom_filter(10.0, false);
             }
+            if *t == Table::Kv {
+                // Values are read by exact revision key: a hash index in each data block, and
+                // a whole-key bloom filter in each memtable so a lookup skips the memtables that
+                // do not hold the revision (most of them, for older revisions).
+                bb.set_data_block_index_type(rocksdb::DataBlockIndexType::BinaryAndHash);
+                bb.set_data_block_hash_ratio(0.75);
+                o.set_memtable_whole_key_filtering(true);
+                o.set_memtable_prefix_bloom_ratio(0.05);
+            }
             o.set_block_based_table_factory(&bb);
             if *t == Table::RaftLog {
                 o.set_write_buffer_size(64 << 20);

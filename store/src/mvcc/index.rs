@@ -74,6 +74,13 @@ impl IndexEntry {
 
 /// The entry visible at revision `at`: the last one with `main <= at`, if it is not a tombstone.
 pub fn visible_at(entries: &[IndexEntry], at: i64) -> Option<IndexEntry> {
+    // Most reads are at the current revision: the last entry, without a search through a long
+    // history (one cache line instead of several).
+    if let Some(last) = entries.last()
+        && last.rev.main <= at
+    {
+        return (!last.tombstone).then_some(*last);
+    }
     let idx = entries.partition_point(|e| e.rev.main <= at);
     let e = entries.get(idx.checked_sub(1)?)?;
     (!e.tombstone).then_some(*e)
