@@ -863,7 +863,7 @@ fn errs(s: &Summary) -> String {
 fn notes(d: &Data, meta: &BTreeMap<String, String>) -> Vec<String> {
     let mut n = vec![
         "Everything shares one small machine: three members of each cluster and the load generator compete for the same CPUs (the idle cluster only heartbeats while the other is measured). Absolute figures are far below what either system does on dedicated hardware; read the ratios, and expect a few percent of run-to-run noise (more on a machine shared with other jobs).".to_string(),
-        "Both clusters are measured in the same run, workload by workload (Keel, then etcd), on the same data disk, with the same keel-bench flags; clients spread their connections over all three members, so writes sent to followers are forwarded to the leader by both systems.".to_string(),
+        "Both clusters are measured in the same run, workload by workload (Keel, then etcd), on the same data disk, with the same keel-bench flags; clients spread their connections over all three members, so writes sent to followers are forwarded to the leader by both systems. Single-connection cases (`--conns 1`) connect to each cluster's leader, so both are measured in the same role.".to_string(),
         "etcd is Debian's build (see the version above, not the newest etcd release); its defaults are kept except the heartbeat/election flags Keel also gets. Neither system is tuned for the benchmark.".to_string(),
     ];
     let reps = d.repeats();
