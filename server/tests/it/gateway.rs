@@ -464,20 +464,11 @@ async fn run_streams(addr: &str) -> Vec<(String, Value)> {
     };
     push("watch created", w.json().await);
     // The watch stays open after the request body ended.
-    assert_eq!(
-        post(addr, "/v3/kv/put", r#"{"key":"dw==","value":"MQ=="}"#)
-            .await
-            .status,
-        200
-    );
-    push("watch event 1", w.json().await);
-    assert_eq!(
-        post(addr, "/v3/kv/put", r#"{"key":"dw==","value":"Mg=="}"#)
-            .await
-            .status,
-        200
-    );
-    push("watch event 2", w.json().await);
+    for (i, value) in ["MQ==", "Mg=="].into_iter().enumerate() {
+        let body = format!(r#"{{"key":"dw==","value":"{value}"}}"#);
+        assert_eq!(post(addr, "/v3/kv/put", &body).await.status, 200);
+        push(&format!("watch event {}", i + 1), w.json().await);
+    }
     drop(w);
 
     // Two watches on one stream, one replaying history.
