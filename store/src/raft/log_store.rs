@@ -10,16 +10,24 @@
 //! openraft the entries are durable, in the order they were appended. Under load many client
 //! writes therefore share one fsync. The vote is written with a synchronous fsync before
 //! `save_vote` returns, as Raft requires.
+//!
+//! Reads: the newest entries (up to 4096, 8 MiB) are also kept in memory, changed under one
+//! lock together with the engine, because each follower's replication and the apply read every
+//! entry back right after it is appended (see `log_cache`). Older ranges come from RocksDB.
+//!
+//! The committed log id is advisory (openraft re-learns it from the leader), so it is not a
+//! write of its own on every commit: it rides in the next append's batch, and closing the store
+//! writes the last one.
 
 use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
-use std::sync::Arc;
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader};
 
+use super::log_cache::LogCache;
 use super::types::{Entry, LogId, TypeConfig, Vote, decode, encode};
 use crate::engine::{Direction, Engine, ScanControl, Table, WriteBatch};
 
@@ -35,14 +43,26 @@ fn io_err(e: impl std::fmt::Display) -> io::Error {
     io::Error::other(e.to_string())
 }
 
+/// Entries kept in memory at most, and their encoded bytes at most.
+const CACHE_MAX_ENTRIES: usize = 4096;
+const CACHE_MAX_BYTES: usize = 8 << 20;
+
 /// Reads the Raft log; cheap to clone.
 #[derive(Clone)]
 pub struct LogReader {
     engine: Arc<dyn Engine>,
+    cache: Arc<Mutex<LogCache>>,
 }
 
 impl LogReader {
+    fn cache(&self) -> MutexGuard<'_, LogCache> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn entries(&self, start: u64, end: Option<u64>) -> io::Result<Vec<Entry>> {
+        if let Some(cached) = self.cache().get(start, end) {
+            return Ok(cached);
+        }
         let mut out = Vec::new();
         let mut failure = None;
         let end_key = end.map(index_key);
@@ -106,11 +126,17 @@ pub struct LogStore {
     reader: LogReader,
     sync_queue: Option<mpsc::Sender<IOFlushed<TypeConfig>>>,
     sync_thread: Option<std::thread::JoinHandle<()>>,
+    /// The committed log id openraft last saved, until a write carries it to the engine.
+    unsaved_committed: Option<Option<LogId>>,
 }
 
 impl Drop for LogStore {
     /// Lets the sync thread finish its last fsync before the engine can go away.
     fn drop(&mut self) {
+        let mut batch = WriteBatch::new();
+        if self.take_unsaved_committed(&mut batch).is_ok() && !batch.is_empty() {
+            let _ = self.engine().write(batch, false);
+        }
         self.sync_queue.take();
         if let Some(t) = self.sync_thread.take() {
             let _ = t.join();
@@ -127,10 +153,27 @@ impl LogStore {
             .name("raft-log-sync".into())
             .spawn(move || sync_loop(sync_engine, rx))?;
         Ok(Self {
-            reader: LogReader { engine },
+            reader: LogReader {
+                engine,
+                cache: Arc::new(Mutex::new(LogCache::new(
+                    CACHE_MAX_ENTRIES,
+                    CACHE_MAX_BYTES,
+                ))),
+            },
             sync_queue: Some(tx),
             sync_thread: Some(handle),
+            unsaved_committed: None,
         })
+    }
+
+    /// Adds the committed log id openraft saved since the last write to `batch`.
+    fn take_unsaved_committed(&mut self, batch: &mut WriteBatch) -> io::Result<()> {
+        match self.unsaved_committed.take() {
+            Some(Some(c)) => batch.put(Table::RaftMeta, KEY_COMMITTED, encode(&c)?),
+            Some(None) => batch.delete(Table::RaftMeta, KEY_COMMITTED),
+            None => {}
+        }
+        Ok(())
     }
 
     fn engine(&self) -> &Arc<dyn Engine> {
@@ -204,18 +247,19 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.write_blocking(batch, true).await
     }
 
+    /// Advisory (a lost committed index only means re-learning it from the leader), so it is
+    /// not written here, on the commit path of every write: the next append's batch carries
+    /// it, and closing the store writes the last one.
     async fn save_committed(&mut self, committed: Option<LogId>) -> io::Result<()> {
-        // Advisory: a lost committed index only means re-learning it from the leader.
-        let mut batch = WriteBatch::new();
-        match committed {
-            Some(c) => batch.put(Table::RaftMeta, KEY_COMMITTED, encode(&c)?),
-            None => batch.delete(Table::RaftMeta, KEY_COMMITTED),
-        }
-        self.engine().write(batch, false).map_err(io_err)
+        self.unsaved_committed = Some(committed);
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> io::Result<Option<LogId>> {
-        self.reader.meta(KEY_COMMITTED)
+        match self.unsaved_committed {
+            Some(committed) => Ok(committed),
+            None => self.reader.meta(KEY_COMMITTED),
+        }
     }
 
     async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> io::Result<()>
@@ -224,15 +268,28 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let mut batch = WriteBatch::new();
+        self.take_unsaved_committed(&mut batch)?;
+        let mut sized = Vec::new();
+        let mut sized_entries = Vec::new();
         for entry in entries {
+            let bytes = encode(&entry)?;
+            sized.push(bytes.len());
             batch.put(
                 Table::RaftLog,
                 index_key(entry.log_id.index).to_vec(),
-                encode(&entry)?,
+                bytes,
             );
+            sized_entries.push(entry);
         }
-        // Visible now; durable once the sync thread's next fsync completes.
-        self.engine().write(batch, false).map_err(io_err)?;
+        // Visible now (in the engine and the cache together, under the cache's lock); durable
+        // once the next fsync completes.
+        {
+            let mut cache = self.reader.cache();
+            self.engine().write(batch, false).map_err(io_err)?;
+            for (entry, size) in sized_entries.into_iter().zip(sized) {
+                cache.push(entry, size);
+            }
+        }
         match &self.sync_queue {
             Some(q) => q
                 .send(callback)
@@ -247,7 +304,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         batch.delete_range(Table::RaftLog, index_key(from).to_vec(), vec![0xFF; 9]);
         // Ordered before any later append in the write-ahead log, so the next append's fsync
         // makes it durable before anything that depends on it.
-        self.engine().write(batch, false).map_err(io_err)
+        let mut cache = self.reader.cache();
+        self.engine().write(batch, false).map_err(io_err)?;
+        cache.truncate_from(from);
+        Ok(())
     }
 
     async fn purge(&mut self, log_id: LogId) -> io::Result<()> {
@@ -258,6 +318,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             index_key(0).to_vec(),
             index_key(log_id.index.saturating_add(1)).to_vec(),
         );
-        self.engine().write(batch, false).map_err(io_err)
+        let mut cache = self.reader.cache();
+        self.engine().write(batch, false).map_err(io_err)?;
+        cache.purge_through(log_id.index);
+        Ok(())
     }
 }

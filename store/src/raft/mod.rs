@@ -4,7 +4,8 @@
 //!   response wrappers, and [`MemberNode`] (what the membership config records per member).
 //! - [`log_store`]: [`LogStore`], the Raft log on the engine's `raft_log`/`raft_meta` tables with
 //!   group commit: many appends share one fsync, and openraft is told an append is durable only
-//!   after that fsync.
+//!   after that fsync. It keeps the newest entries in memory as well (`log_cache`), because
+//!   replication and apply read every entry back right after it is appended.
 //! - [`state_machine`]: [`StateMachine`], which applies committed commands to the MVCC store,
 //!   one engine write batch per applied chunk holding the data, the last applied log id and the
 //!   membership.
@@ -17,6 +18,7 @@
 //! they become durable no later than the next log fsync, and a crash can only lose a suffix of
 //! applied entries, which are replayed from the (durable) log on restart.
 
+mod log_cache;
 pub mod log_store;
 pub mod snapshot;
 pub mod state_machine;

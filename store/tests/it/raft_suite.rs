@@ -32,3 +32,102 @@ async fn openraft_storage_suite() {
         .await
         .expect("openraft storage suite");
 }
+
+fn open_log(dir: &std::path::Path) -> LogStore {
+    let engine: Arc<dyn Engine> =
+        Arc::new(RocksEngine::open(&dir.join("db")).expect("open rocksdb"));
+    LogStore::new(engine).expect("log store")
+}
+
+fn blank(term: u64, index: u64) -> keel_store::raft::types::Entry {
+    use openraft::entry::RaftEntry;
+    keel_store::raft::types::Entry::new_blank(openraft::LogId::new_term_index(term, index))
+}
+
+async fn log_ids(
+    log: &mut LogStore,
+    range: std::ops::Range<u64>,
+) -> Vec<keel_store::raft::types::LogId> {
+    use openraft::RaftLogReader;
+    use openraft::storage::RaftLogStorage;
+    let mut reader = log.get_log_reader().await;
+    reader
+        .try_get_log_entries(range)
+        .await
+        .expect("read log")
+        .into_iter()
+        .map(|e| e.log_id)
+        .collect()
+}
+
+/// The in-memory cache of recent entries serves exactly what the engine holds: after appends
+/// beyond its capacity, a truncation by a new leader, a purge, and after reopening (empty
+/// cache, every read from RocksDB). The committed log id, no longer written on its own, is
+/// carried by the next append or written when the store closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_log_reads_match_the_engine_and_committed_survives_reopen() {
+    use openraft::storage::{RaftLogStorage, RaftLogStorageExt};
+    let id = |t: u64, i: u64| openraft::LogId::new_term_index(t, i);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let expected_after_truncate: Vec<_> = (1..=4000)
+        .map(|i| id(1, i))
+        .chain((4001..=4100).map(|i| id(2, i)))
+        .collect();
+    {
+        let mut log = open_log(dir.path());
+        // More than the cache holds (4096 entries), in batches as openraft appends them.
+        for start in (1..=5000).step_by(100) {
+            log.blocking_append((start..start + 100).map(|i| blank(1, i)))
+                .await
+                .expect("append");
+        }
+        assert_eq!(
+            log_ids(&mut log, 1..5001).await,
+            (1..=5000).map(|i| id(1, i)).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            log_ids(&mut log, 4990..6000).await,
+            (4990..=5000).map(|i| id(1, i)).collect::<Vec<_>>()
+        );
+        // A new leader replaces the tail from 4001.
+        log.truncate_after(Some(id(1, 4000)))
+            .await
+            .expect("truncate");
+        assert_eq!(
+            log_ids(&mut log, 3999..4002).await,
+            vec![id(1, 3999), id(1, 4000)]
+        );
+        log.blocking_append((4001..=4100).map(|i| blank(2, i)))
+            .await
+            .expect("append");
+        assert_eq!(log_ids(&mut log, 1..10_000).await, expected_after_truncate);
+        log.save_committed(Some(id(2, 4050)))
+            .await
+            .expect("save committed");
+        assert_eq!(
+            log.read_committed().await.expect("read committed"),
+            Some(id(2, 4050))
+        );
+        log.blocking_append([blank(2, 4101)]).await.expect("append");
+        log.save_committed(Some(id(2, 4101)))
+            .await
+            .expect("save committed");
+        log.purge(id(1, 2000)).await.expect("purge");
+        assert_eq!(log_ids(&mut log, 1..2002).await, vec![id(1, 2001)]);
+        assert_eq!(
+            log_ids(&mut log, 4099..4200).await,
+            vec![id(2, 4099), id(2, 4100), id(2, 4101)]
+        );
+    }
+    let mut log = open_log(dir.path());
+    let mut expected: Vec<_> = expected_after_truncate[2000..].to_vec();
+    expected.push(id(2, 4101));
+    assert_eq!(log_ids(&mut log, 1..10_000).await, expected);
+    assert_eq!(
+        log.read_committed().await.expect("read committed"),
+        Some(id(2, 4101))
+    );
+    let state = log.get_log_state().await.expect("log state");
+    assert_eq!(state.last_log_id, Some(id(2, 4101)));
+    assert_eq!(state.last_purged_log_id, Some(id(1, 2000)));
+}
