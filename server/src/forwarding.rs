@@ -102,7 +102,14 @@ async fn run_pipe(
         let mut client = match peers.client(leader, &node) {
             Ok(c) => c,
             Err(_) => {
+                // The leader cannot be reached at the URL this member knows: every write
+                // queued here is answered "no leader" (not left to time out), and the pipe ends
+                // so that the next write builds a new one from the current membership.
                 let _ = first.1.send(Err(ServerError::NoLeader));
+                writes.close();
+                while let Ok((_, reply)) = writes.try_recv() {
+                    let _ = reply.send(Err(ServerError::NoLeader));
+                }
                 return;
             }
         };
@@ -264,4 +271,43 @@ async fn fetch_read_index(
         .try_into()
         .map_err(|_| ServerError::Internal("bad read index".into()))?;
     Ok(u64::from_be_bytes(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A leader whose peer URL cannot be used: every write already queued on its pipe is
+    /// answered "no leader" at once, none waits for a timeout.
+    #[tokio::test]
+    async fn writes_queued_for_an_unusable_leader_url_get_no_leader() {
+        let peers = Peers::new(7);
+        let node = MemberNode {
+            peer_urls: vec!["not a url".into()],
+            ..Default::default()
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut answers = Vec::new();
+        for _ in 0..3 {
+            let (reply_tx, reply_rx) = oneshot::channel();
+            tx.send((RaftRequest::default(), reply_tx))
+                .map_err(|_| "pipe closed")
+                .expect("queue a write");
+            answers.push(reply_rx);
+        }
+        let pipe = tokio::spawn(run_pipe(peers, 2, node, rx));
+        for answer in answers {
+            let got = tokio::time::timeout(std::time::Duration::from_secs(5), answer)
+                .await
+                .expect("answered without waiting for a timeout")
+                .expect("answered, not dropped");
+            assert!(matches!(got, Err(ServerError::NoLeader)), "{got:?}");
+        }
+        pipe.await.expect("pipe task ends");
+        let (reply_tx, _reply_rx) = oneshot::channel();
+        assert!(
+            tx.send((RaftRequest::default(), reply_tx)).is_err(),
+            "the ended pipe takes no more writes"
+        );
+    }
 }
