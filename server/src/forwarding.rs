@@ -1,10 +1,12 @@
 //! How a follower hands work to the leader without one RPC per client request.
 //!
-//! - **Writes** ([`WritePipes`]): one long-lived `ForwardStream` per leader carries every
-//!   forwarded write. Each write gets an id; the leader proposes the writes concurrently and
-//!   answers each one when its proposal completes, in any order. A unary call per write cost an
-//!   HTTP/2 stream (headers, trailers, flow-control window updates) on both members; on the
-//!   stream a write is one DATA frame each way.
+//! - **Writes and lease keep-alives** ([`WritePipes`]): one long-lived `ForwardStream` per
+//!   leader carries every forwarded write and every keep-alive that reached this member. Each
+//!   gets an id; the leader handles them concurrently and answers each one when it completes,
+//!   in any order. A unary call per request cost an HTTP/2 stream (headers, trailers,
+//!   flow-control window updates) on both members; on the stream a request is one DATA frame
+//!   each way. (A leader that predates keep-alives on the stream rejects them; the lessor then
+//!   uses the unary `LeaseRenew`.)
 //! - **Read indexes** ([`ReadIndexBatcher`]): linearizable reads arriving while a `ReadIndex`
 //!   call to the leader is in flight wait for the *next* call, which answers all of them.
 //!   Linearizable because every read is answered by a call the leader received after the
@@ -26,8 +28,66 @@ use crate::network::Peers;
 use crate::node::status_to_error;
 
 type WriteReply = oneshot::Sender<Result<RaftResponse, ServerError>>;
+/// `Ok(None)`: the leader does not take keep-alives on the stream.
+type RenewReply = oneshot::Sender<Result<Option<i64>, ServerError>>;
+
+/// What a follower hands to the leader on its forwarding stream.
+enum Forwarded {
+    Write(RaftRequest, WriteReply),
+    /// A keep-alive of this lease.
+    Renew(i64, RenewReply),
+}
+
+/// Who waits for the reply to one envelope.
+enum Waiter {
+    Write(WriteReply),
+    Renew(RenewReply),
+}
+
+impl Forwarded {
+    fn into_parts(self, id: u64) -> (ForwardEnvelope, Waiter) {
+        match self {
+            Forwarded::Write(request, reply) => (
+                ForwardEnvelope {
+                    id,
+                    request: Some(request),
+                    lease_renew: 0,
+                },
+                Waiter::Write(reply),
+            ),
+            Forwarded::Renew(lease, reply) => (
+                ForwardEnvelope {
+                    id,
+                    request: None,
+                    lease_renew: lease,
+                },
+                Waiter::Renew(reply),
+            ),
+        }
+    }
+
+    fn fail(self, e: ServerError) {
+        match self {
+            Forwarded::Write(_, reply) => drop(reply.send(Err(e))),
+            Forwarded::Renew(_, reply) => drop(reply.send(Err(e))),
+        }
+    }
+}
+
+impl Waiter {
+    /// Answers a request whose stream broke or could not be opened. A write may or may not
+    /// have been applied, so it gets `e`; a keep-alive can safely be sent again, so it gets
+    /// "no leader", which the lessor retries (on the next leader).
+    fn fail(self, e: ServerError) {
+        match self {
+            Waiter::Write(reply) => drop(reply.send(Err(e))),
+            Waiter::Renew(reply) => drop(reply.send(Err(ServerError::NoLeader))),
+        }
+    }
+}
+
 /// The queue of a leader's forwarding stream.
-type WriteQueue = mpsc::UnboundedSender<(RaftRequest, WriteReply)>;
+type WriteQueue = mpsc::UnboundedSender<Forwarded>;
 
 /// The forwarding streams of one member, one per leader it has forwarded to.
 #[derive(Default)]
@@ -44,16 +104,38 @@ impl WritePipes {
         node: &MemberNode,
         req: RaftRequest,
     ) -> Result<RaftResponse, ServerError> {
-        let url = node.peer_urls.first().cloned().unwrap_or_default();
         let (reply_tx, reply_rx) = oneshot::channel();
-        let mut item = (req, reply_tx);
+        self.submit(peers, leader, node, Forwarded::Write(req, reply_tx))?;
+        reply_rx.await.unwrap_or(Err(ServerError::Timeout))
+    }
+
+    /// Sends a keep-alive of `lease` to `leader` on its stream; the lease's TTL (0: no such
+    /// lease), or `None` if this leader does not take keep-alives on the stream.
+    pub async fn renew(
+        &self,
+        peers: &Arc<Peers>,
+        leader: NodeId,
+        node: &MemberNode,
+        lease: i64,
+    ) -> Result<Option<i64>, ServerError> {
+        let (reply_tx, reply_rx) = oneshot::channel();
+        self.submit(peers, leader, node, Forwarded::Renew(lease, reply_tx))?;
+        reply_rx.await.unwrap_or(Err(ServerError::Timeout))
+    }
+
+    fn submit(
+        &self,
+        peers: &Arc<Peers>,
+        leader: NodeId,
+        node: &MemberNode,
+        mut item: Forwarded,
+    ) -> Result<(), ServerError> {
+        let url = node.peer_urls.first().cloned().unwrap_or_default();
         // A pipe whose task has ended (its peer client could not be built) is replaced once.
         for _ in 0..2 {
             let sender = self.pipe(peers, leader, node, &url)?;
             match sender.send(item) {
-                Ok(()) => {
-                    return reply_rx.await.unwrap_or(Err(ServerError::Timeout));
-                }
+                Ok(()) => return Ok(()),
                 Err(mpsc::error::SendError(back)) => {
                     item = back;
                     if let Ok(mut pipes) = self.pipes.lock() {
@@ -95,32 +177,30 @@ async fn run_pipe(
     peers: Arc<Peers>,
     leader: NodeId,
     node: MemberNode,
-    mut writes: mpsc::UnboundedReceiver<(RaftRequest, WriteReply)>,
+    mut writes: mpsc::UnboundedReceiver<Forwarded>,
 ) {
     let mut next_id: u64 = 0;
     while let Some(first) = writes.recv().await {
         let mut client = match peers.client(leader, &node) {
             Ok(c) => c,
             Err(_) => {
-                // The leader cannot be reached at the URL this member knows: every write
+                // The leader cannot be reached at the URL this member knows: everything
                 // queued here is answered "no leader" (not left to time out), and the pipe ends
-                // so that the next write builds a new one from the current membership.
-                let _ = first.1.send(Err(ServerError::NoLeader));
+                // so that the next request builds a new one from the current membership.
+                first.fail(ServerError::NoLeader);
                 writes.close();
-                while let Ok((_, reply)) = writes.try_recv() {
-                    let _ = reply.send(Err(ServerError::NoLeader));
+                while let Ok(item) = writes.try_recv() {
+                    item.fail(ServerError::NoLeader);
                 }
                 return;
             }
         };
         let (out_tx, out_rx) = mpsc::unbounded_channel::<ForwardEnvelope>();
-        let mut waiting: HashMap<u64, WriteReply> = HashMap::new();
+        let mut waiting: HashMap<u64, Waiter> = HashMap::new();
         next_id += 1;
-        waiting.insert(next_id, first.1);
-        let _ = out_tx.send(ForwardEnvelope {
-            id: next_id,
-            request: Some(first.0),
-        });
+        let (envelope, waiter) = first.into_parts(next_id);
+        waiting.insert(next_id, waiter);
+        let _ = out_tx.send(envelope);
         let opened = client
             .forward_stream(peers.request(
                 leader,
@@ -132,7 +212,7 @@ async fn run_pipe(
             Err(status) => {
                 let e = status_to_error(&status);
                 for (_, w) in waiting.drain() {
-                    let _ = w.send(Err(e.clone()));
+                    w.fail(e.clone());
                 }
                 continue;
             }
@@ -140,10 +220,11 @@ async fn run_pipe(
         let broken = loop {
             tokio::select! {
                 write = writes.recv() => match write {
-                    Some((req, reply)) => {
+                    Some(item) => {
                         next_id += 1;
-                        waiting.insert(next_id, reply);
-                        let _ = out_tx.send(ForwardEnvelope { id: next_id, request: Some(req) });
+                        let (envelope, waiter) = item.into_parts(next_id);
+                        waiting.insert(next_id, waiter);
+                        let _ = out_tx.send(envelope);
                     }
                     // Nobody can forward through this pipe any more; answer what is in flight.
                     None if waiting.is_empty() => return,
@@ -169,26 +250,49 @@ async fn run_pipe(
         };
         tracing::debug!(leader = %format!("{leader:x}"), in_flight = waiting.len(), "forwarding stream ended: {broken}");
         for (_, w) in waiting.drain() {
-            let _ = w.send(Err(broken.clone()));
+            w.fail(broken.clone());
         }
     }
 }
 
-fn deliver(waiting: &mut HashMap<u64, WriteReply>, reply: ForwardReply) {
+/// What a leader that predates keep-alives on the stream answers one.
+pub(crate) const NOT_A_REQUEST: &str = "forward without a request";
+
+fn deliver(waiting: &mut HashMap<u64, Waiter>, reply: ForwardReply) {
     let Some(waiter) = waiting.remove(&reply.id) else {
         return;
     };
-    let result = if reply.code == 0 {
-        reply
-            .response
-            .ok_or_else(|| ServerError::Internal("empty forwarded response".into()))
-    } else {
-        Err(status_to_error(&tonic::Status::new(
+    let failure = || {
+        status_to_error(&tonic::Status::new(
             tonic::Code::from_i32(reply.code),
-            reply.message,
-        )))
+            reply.message.clone(),
+        ))
     };
-    let _ = waiter.send(result);
+    match waiter {
+        Waiter::Write(w) => {
+            let result = if reply.code == 0 {
+                reply
+                    .response
+                    .clone()
+                    .ok_or_else(|| ServerError::Internal("empty forwarded response".into()))
+            } else {
+                Err(failure())
+            };
+            let _ = w.send(result);
+        }
+        Waiter::Renew(w) => {
+            let result = if reply.code == 0 {
+                Ok(Some(reply.ttl))
+            } else if reply.code == tonic::Code::InvalidArgument as i32
+                && reply.message == NOT_A_REQUEST
+            {
+                Ok(None)
+            } else {
+                Err(failure())
+            };
+            let _ = w.send(result);
+        }
+    }
 }
 
 type IndexReply = oneshot::Sender<Result<u64, ServerError>>;
@@ -290,7 +394,7 @@ mod tests {
         let mut answers = Vec::new();
         for _ in 0..3 {
             let (reply_tx, reply_rx) = oneshot::channel();
-            tx.send((RaftRequest::default(), reply_tx))
+            tx.send(Forwarded::Write(RaftRequest::default(), reply_tx))
                 .map_err(|_| "pipe closed")
                 .expect("queue a write");
             answers.push(reply_rx);
@@ -306,7 +410,8 @@ mod tests {
         pipe.await.expect("pipe task ends");
         let (reply_tx, _reply_rx) = oneshot::channel();
         assert!(
-            tx.send((RaftRequest::default(), reply_tx)).is_err(),
+            tx.send(Forwarded::Write(RaftRequest::default(), reply_tx))
+                .is_err(),
             "the ended pipe takes no more writes"
         );
     }

@@ -265,6 +265,12 @@ impl Lessor {
         id: i64,
         renew: bool,
     ) -> Result<i64, ServerError> {
+        if renew {
+            // On the forwarding stream; unary only if the leader does not take it there.
+            if let Some(ttl) = self.node.renew_on_stream(leader, node, id).await? {
+                return Ok(ttl);
+            }
+        }
         let mut client = self
             .node
             .peers

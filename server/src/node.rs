@@ -326,6 +326,19 @@ impl KeelNode {
             .await
     }
 
+    /// Sends a keep-alive of `lease` to `leader` on the forwarding stream (see
+    /// [`crate::forwarding`]); `None` if the leader does not take keep-alives there.
+    pub(crate) async fn renew_on_stream(
+        &self,
+        leader: NodeId,
+        node: &MemberNode,
+        lease: i64,
+    ) -> Result<Option<i64>, ServerError> {
+        self.write_pipes
+            .renew(&self.peers, leader, node, lease)
+            .await
+    }
+
     /// Waits until this member may serve a linearizable read: the read index is confirmed by a
     /// quorum (on the leader, or fetched from it) and applied locally.
     pub async fn read_barrier(&self) -> Result<(), ServerError> {

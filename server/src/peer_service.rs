@@ -232,31 +232,42 @@ impl RaftPeer for PeerService {
         self.check_target(&req)?;
         let mut inbound = req.into_inner();
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Result<ForwardReply, Status>>();
-        let node = self.node.clone();
-        // Every envelope is proposed concurrently; its reply goes out when its proposal
-        // completes. The stream ends when the follower closes its side and every reply is sent.
+        let (node, lessor) = (self.node.clone(), self.lessor.clone());
+        // Every envelope is handled concurrently; its reply goes out when its proposal (or
+        // keep-alive) completes. The stream ends when the follower closes its side and every
+        // reply is sent.
         tokio::spawn(async move {
             while let Some(Ok(envelope)) = inbound.next().await {
-                let (node, tx) = (node.clone(), tx.clone());
+                let (node, lessor, tx) = (node.clone(), lessor.clone(), tx.clone());
                 tokio::spawn(async move {
                     let id = envelope.id;
-                    let result = match envelope.request {
-                        Some(request) => propose_forwarded(&node, request).await,
-                        None => Err(bad("forward without a request")),
+                    let result = match (envelope.request, envelope.lease_renew) {
+                        (Some(request), _) => {
+                            propose_forwarded(&node, request)
+                                .await
+                                .map(|response| ForwardReply {
+                                    id,
+                                    response: Some(response),
+                                    ..Default::default()
+                                })
+                        }
+                        (None, lease) if lease != 0 => lessor
+                            .renew_confirmed(lease)
+                            .await
+                            .map(|ttl| ForwardReply {
+                                id,
+                                ttl,
+                                ..Default::default()
+                            })
+                            .map_err(Status::from),
+                        (None, _) => Err(bad(crate::forwarding::NOT_A_REQUEST)),
                     };
-                    let reply = match result {
-                        Ok(response) => ForwardReply {
-                            id,
-                            response: Some(response),
-                            ..Default::default()
-                        },
-                        Err(status) => ForwardReply {
-                            id,
-                            response: None,
-                            code: status.code() as i32,
-                            message: status.message().to_string(),
-                        },
-                    };
+                    let reply = result.unwrap_or_else(|status| ForwardReply {
+                        id,
+                        code: status.code() as i32,
+                        message: status.message().to_string(),
+                        ..Default::default()
+                    });
                     let _ = tx.send(Ok(reply));
                 });
             }

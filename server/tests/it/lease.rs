@@ -174,3 +174,85 @@ async fn leases_survive_a_leader_kill_and_keepalives_reach_the_leader() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+/// Keep-alives that reach a follower go to the leader on the follower's forwarding stream,
+/// many at once: each is answered with its own lease's TTL (0 for a lease that does not
+/// exist). After the leader is killed the next leader answers them, and no lease expired in
+/// between.
+#[tokio::test]
+async fn pipelined_follower_keepalives_survive_a_leader_kill() {
+    let mut cluster = Cluster::start(3).await;
+    let leader = cluster.leader().await;
+    let follower = (leader + 1) % 3;
+    let endpoint = cluster.members[follower].endpoint();
+    let mut fc = client(&endpoint).await.unwrap();
+    let mut leases = Vec::new();
+    for i in 0..16i64 {
+        let ttl = 8 + i % 3;
+        let g = fc.lease_grant(ttl, None).await.unwrap();
+        fc.put(
+            format!("held/{i}"),
+            "1",
+            Some(PutOptions::new().with_lease(g.id())),
+        )
+        .await
+        .unwrap();
+        leases.push((g.id(), ttl));
+    }
+    let missing = leases.iter().map(|(id, _)| id).max().unwrap() + 1000;
+
+    // Every lease's stream sends 20 keep-alives back to back, all streams at once.
+    let mut tasks = tokio::task::JoinSet::new();
+    for &(id, ttl) in &leases {
+        let endpoint = endpoint.clone();
+        tasks.spawn(async move {
+            let mut c = client(&endpoint).await.unwrap();
+            let (mut keeper, mut stream) = c.lease_keep_alive(id).await.unwrap();
+            for _ in 0..20 {
+                keeper.keep_alive().await.unwrap();
+                let m = stream.message().await.unwrap().unwrap();
+                assert_eq!((m.id(), m.ttl()), (id, ttl), "answer of lease {id:x}");
+            }
+        });
+    }
+    // The client opens a keep-alive stream with one keep-alive and takes TTL 0 (etcd's answer
+    // for an unknown lease) as "lease not found".
+    let unknown = fc.lease_keep_alive(missing).await;
+    assert!(
+        matches!(unknown, Err(etcd_client::Error::LeaseKeepAliveError(ref m)) if m == "lease not found"),
+        "{:?}",
+        unknown.map(|_| ())
+    );
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+
+    cluster.members[leader].kill();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for &(id, ttl) in &leases {
+        loop {
+            if let Ok((mut k, mut s)) = fc.lease_keep_alive(id).await
+                && k.keep_alive().await.is_ok()
+                && let Ok(Some(m)) = s.message().await
+                && m.ttl() > 0
+            {
+                assert_eq!(m.ttl(), ttl);
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no keep-alive of {id:x} after the leader change"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let held = fc
+        .get("held/", Some(etcd_client::GetOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    assert_eq!(
+        held.kvs().len(),
+        leases.len(),
+        "a lease expired across the leader change"
+    );
+}
