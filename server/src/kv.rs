@@ -42,6 +42,25 @@ fn unexpected() -> Status {
     ServerError::Internal("unexpected apply response".into()).into()
 }
 
+/// How long a `physical` compaction request waits for this member's store to finish removing
+/// the compacted revisions.
+const PHYSICAL_COMPACTION_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl KvService {
+    /// etcd's `physical`: the request returns once this member has removed the revisions up to
+    /// `revision` from its store (compaction is otherwise finished in the background).
+    async fn wait_physical_compaction(&self, revision: i64) -> Result<(), ServerError> {
+        let mut done = self.node.mvcc.compaction_progress();
+        match tokio::time::timeout(PHYSICAL_COMPACTION_WAIT, done.wait_for(|d| *d >= revision))
+            .await
+        {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(ServerError::Stopped),
+            Err(_) => Err(ServerError::Timeout),
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl Kv for KvService {
     #[tracing::instrument(level = "debug", skip_all)]
@@ -135,8 +154,12 @@ impl Kv for KvService {
     ) -> Result<Response<CompactionResponse>, Status> {
         let caller = Caller::of(&req);
         let r = req.into_inner();
+        let (physical, revision) = (r.physical, r.revision);
         match self.propose(&caller, Cmd::Compaction(r)).await? {
             (Res::Compaction(mut c), rev) => {
+                if physical {
+                    self.wait_physical_compaction(revision).await?;
+                }
                 c.header = Some(self.node.header_at(rev));
                 Ok(Response::new(c))
             }

@@ -160,7 +160,14 @@ async fn quota_alarm_round_trip() {
         .header()
         .unwrap()
         .revision();
-    c.compact(rev, None).await.unwrap();
+    // Physical: returns once the compacted revisions are removed from the store, so the
+    // defragmentation after it finds them gone (without it, removal runs in the background).
+    c.compact(
+        rev,
+        Some(etcd_client::CompactionOptions::new().with_physical()),
+    )
+    .await
+    .unwrap();
     c.defragment().await.unwrap();
     let status = c.status().await.unwrap();
     assert!(
