@@ -39,6 +39,8 @@ const TICK: Duration = Duration::from_millis(250);
 /// How long a keep-alive or TTL query waits for a leader that can answer it.
 const ON_LEADER_PATIENCE: Duration = Duration::from_secs(5);
 const LEADER_RETRY: Duration = Duration::from_millis(100);
+/// How long one keep-alive forwarded to the leader may take before it is sent again.
+const RENEW_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Keep-alives of one stream renewed together at most.
 const KEEPALIVE_BATCH: usize = 256;
 
@@ -266,9 +268,16 @@ impl Lessor {
         renew: bool,
     ) -> Result<i64, ServerError> {
         if renew {
-            // On the forwarding stream; unary only if the leader does not take it there.
-            if let Some(ttl) = self.node.renew_on_stream(leader, node, id).await? {
-                return Ok(ttl);
+            // On the forwarding stream; unary only if the leader does not take it there. A
+            // leader that does not answer in time (paused, or cut off without the connection
+            // breaking) is treated as gone: the caller retries on whoever leads next, instead
+            // of waiting for HTTP/2 keepalive to notice (15 s, longer than many leases' TTL).
+            let attempt = self.node.renew_on_stream(leader, node, id);
+            match tokio::time::timeout(RENEW_ATTEMPT_TIMEOUT, attempt).await {
+                Ok(Ok(Some(ttl))) => return Ok(ttl),
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(ServerError::NoLeader),
             }
         }
         let mut client = self

@@ -256,3 +256,48 @@ async fn pipelined_follower_keepalives_survive_a_leader_kill() {
         "a lease expired across the leader change"
     );
 }
+
+/// A keep-alive sent to a follower while the leader is paused (SIGSTOP: its connections stay
+/// open, nothing answers) is answered by the next leader within seconds, not after the
+/// follower's HTTP/2 keepalive gives up on the old one (15 s, longer than the lease).
+#[tokio::test]
+async fn follower_keepalive_moves_on_from_a_paused_leader() {
+    let cluster = Cluster::start(3).await;
+    let leader = cluster.leader().await;
+    let follower = (leader + 1) % 3;
+    let mut fc = client(&cluster.members[follower].endpoint()).await.unwrap();
+    let g = fc.lease_grant(6, None).await.unwrap();
+    fc.put(
+        "paused/held",
+        "1",
+        Some(PutOptions::new().with_lease(g.id())),
+    )
+    .await
+    .unwrap();
+    let (mut keeper, mut stream) = fc.lease_keep_alive(g.id()).await.unwrap();
+
+    cluster.members[leader].signal("STOP");
+    let started = Instant::now();
+    keeper.keep_alive().await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(6), stream.message()).await;
+    cluster.members[leader].signal("CONT");
+    let m = answer
+        .expect("keep-alive answered while the old leader is paused")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (m.id(), m.ttl()),
+        (g.id(), 6),
+        "after {:?}",
+        started.elapsed()
+    );
+    let held = fc
+        .get(
+            "paused/held",
+            Some(etcd_client::GetOptions::new().with_serializable()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(held.kvs().len(), 1, "the lease expired");
+    drop(cluster);
+}
