@@ -66,11 +66,9 @@ impl Forwarded {
         }
     }
 
+    /// Answers a request that never reached a stream (see [`Waiter::fail`]).
     fn fail(self, e: ServerError) {
-        match self {
-            Forwarded::Write(_, reply) => drop(reply.send(Err(e))),
-            Forwarded::Renew(_, reply) => drop(reply.send(Err(e))),
-        }
+        self.into_parts(0).1.fail(e)
     }
 }
 
@@ -120,7 +118,9 @@ impl WritePipes {
     ) -> Result<Option<i64>, ServerError> {
         let (reply_tx, reply_rx) = oneshot::channel();
         self.submit(peers, leader, node, Forwarded::Renew(lease, reply_tx))?;
-        reply_rx.await.unwrap_or(Err(ServerError::Timeout))
+        // A keep-alive can be sent again: a pipe that went away without answering is
+        // "no leader", which the lessor retries.
+        reply_rx.await.unwrap_or(Err(ServerError::NoLeader))
     }
 
     fn submit(
@@ -259,39 +259,29 @@ async fn run_pipe(
 pub(crate) const NOT_A_REQUEST: &str = "forward without a request";
 
 fn deliver(waiting: &mut HashMap<u64, Waiter>, reply: ForwardReply) {
-    let Some(waiter) = waiting.remove(&reply.id) else {
+    let ForwardReply {
+        id,
+        response,
+        code,
+        message,
+        ttl,
+    } = reply;
+    let Some(waiter) = waiting.remove(&id) else {
         return;
     };
-    let failure = || {
-        status_to_error(&tonic::Status::new(
-            tonic::Code::from_i32(reply.code),
-            reply.message.clone(),
-        ))
-    };
-    match waiter {
-        Waiter::Write(w) => {
-            let result = if reply.code == 0 {
-                reply
-                    .response
-                    .clone()
-                    .ok_or_else(|| ServerError::Internal("empty forwarded response".into()))
-            } else {
-                Err(failure())
-            };
-            let _ = w.send(result);
+    let failed = (code != 0).then(|| tonic::Status::new(tonic::Code::from_i32(code), message));
+    match (waiter, failed) {
+        (Waiter::Write(w), None) => drop(w.send(
+            response.ok_or_else(|| ServerError::Internal("empty forwarded response".into())),
+        )),
+        (Waiter::Renew(w), None) => drop(w.send(Ok(Some(ttl)))),
+        (Waiter::Renew(w), Some(s))
+            if s.code() == tonic::Code::InvalidArgument && s.message() == NOT_A_REQUEST =>
+        {
+            drop(w.send(Ok(None)))
         }
-        Waiter::Renew(w) => {
-            let result = if reply.code == 0 {
-                Ok(Some(reply.ttl))
-            } else if reply.code == tonic::Code::InvalidArgument as i32
-                && reply.message == NOT_A_REQUEST
-            {
-                Ok(None)
-            } else {
-                Err(failure())
-            };
-            let _ = w.send(result);
-        }
+        (Waiter::Write(w), Some(s)) => drop(w.send(Err(status_to_error(&s)))),
+        (Waiter::Renew(w), Some(s)) => drop(w.send(Err(status_to_error(&s)))),
     }
 }
 

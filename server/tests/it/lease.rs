@@ -299,5 +299,4 @@ async fn follower_keepalive_moves_on_from_a_paused_leader() {
         .await
         .unwrap();
     assert_eq!(held.kvs().len(), 1, "the lease expired");
-    drop(cluster);
 }

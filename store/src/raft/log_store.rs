@@ -131,7 +131,8 @@ pub struct LogStore {
 }
 
 impl Drop for LogStore {
-    /// Lets the sync thread finish its last fsync before the engine can go away.
+    /// Writes the last committed log id openraft saved, and lets the sync thread finish its
+    /// last fsync before the engine can go away.
     fn drop(&mut self) {
         let mut batch = WriteBatch::new();
         if self.take_unsaved_committed(&mut batch).is_ok() && !batch.is_empty() {
@@ -270,23 +271,22 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut batch = WriteBatch::new();
         self.take_unsaved_committed(&mut batch)?;
         let mut sized = Vec::new();
-        let mut sized_entries = Vec::new();
         for entry in entries {
             let bytes = encode(&entry)?;
-            sized.push(bytes.len());
+            let size = bytes.len();
             batch.put(
                 Table::RaftLog,
                 index_key(entry.log_id.index).to_vec(),
                 bytes,
             );
-            sized_entries.push(entry);
+            sized.push((entry, size));
         }
         // Visible now (in the engine and the cache together, under the cache's lock); durable
         // once the next fsync completes.
         {
             let mut cache = self.reader.cache();
             self.engine().write(batch, false).map_err(io_err)?;
-            for (entry, size) in sized_entries.into_iter().zip(sized) {
+            for (entry, size) in sized {
                 cache.push(entry, size);
             }
         }
