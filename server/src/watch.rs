@@ -18,12 +18,13 @@
 //!   Raft snapshot was installed) is detected and synced watchers fall back to history rather
 //!   than silently miss events.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
+use futures::task::AtomicWaker;
 use futures::{Stream, StreamExt};
 use keel_proto::etcdserverpb::watch_request::RequestUnion;
 use keel_proto::etcdserverpb::{
@@ -251,7 +252,10 @@ impl Outgoing {
 /// while the queue is below capacity.
 pub struct StreamQueue {
     queue: Mutex<VecDeque<Outgoing>>,
+    /// Wakes an in-process consumer ([`InternalWatch`]).
     notify: Notify,
+    /// Wakes a gRPC stream's [`QueueStream`].
+    waker: AtomicWaker,
     closed: AtomicBool,
 }
 
@@ -260,9 +264,24 @@ impl StreamQueue {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn new() -> StreamQueue {
+        StreamQueue {
+            queue: Mutex::new(VecDeque::new()),
+            notify: Notify::new(),
+            waker: AtomicWaker::new(),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    /// Tells the consumer that responses were queued (or the queue closed).
+    fn wake(&self) {
+        self.notify.notify_one();
+        self.waker.wake();
+    }
+
     fn push(&self, resp: WatchResponse) {
         self.lock().push_back(Outgoing::Response(resp));
-        self.notify.notify_one();
+        self.wake();
     }
 
     fn try_push_events(&self, resps: Vec<Outgoing>) -> bool {
@@ -272,8 +291,18 @@ impl StreamQueue {
         }
         q.extend(resps);
         drop(q);
-        self.notify.notify_one();
+        self.wake();
         true
+    }
+
+    /// Ends the stream once what is queued has been sent.
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.wake();
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
     }
 }
 
@@ -353,6 +382,14 @@ fn rev_header(revision: i64) -> ResponseHeader {
     }
 }
 
+/// An upper bound of a response's bytes besides its events (header, watch ID, flags).
+const RESPONSE_OVERHEAD: usize = 64;
+
+/// An upper bound of the bytes an event adds to a response (its encoding, tag and length).
+fn event_wire_size(e: &Arc<SharedEvent>) -> usize {
+    e.encoded.len() + 8
+}
+
 /// A watcher's events as responses: one, or (when the watcher allows fragmenting and they do
 /// not fit in `limit` bytes) several, all but the last marked `fragment`.
 fn event_responses(
@@ -362,9 +399,8 @@ fn event_responses(
     fragment: bool,
     limit: usize,
 ) -> Vec<Outgoing> {
-    // Tag and length of each event, plus the header and watch ID.
-    const OVERHEAD: usize = 64;
-    let size = |e: &SharedEvent| e.encoded.len() + 8;
+    const OVERHEAD: usize = RESPONSE_OVERHEAD;
+    let size = event_wire_size;
     let whole: usize = OVERHEAD + events.iter().map(|e| size(e)).sum::<usize>();
     let batch = |events, fragment| Outgoing::Events {
         watch_id,
@@ -388,6 +424,75 @@ fn event_responses(
         current.push(ev);
     }
     out.push(batch(current, false));
+    out
+}
+
+/// A stream's drained responses with each watcher's event responses merged: between two
+/// control responses (created, canceled, progress), the event responses of one watcher become
+/// one response carrying their events in order (whole revisions, so a revision is never split)
+/// and the last one's header revision, as long as it stays within `limit` bytes. Watchers are
+/// independent, so a merged response may move ahead of other watchers' responses; it never
+/// moves past a control response. Parts of a fragmented revision are left as they are.
+///
+/// A watcher behind by several revisions then costs one response (one header, one gRPC
+/// message, one decode at the client) instead of one per revision; etcd sends its catch-up
+/// batches the same way.
+fn coalesce(batch: Vec<Outgoing>, limit: usize) -> Vec<Outgoing> {
+    if batch.len() < 2 {
+        return batch;
+    }
+    let mut out: Vec<Outgoing> = Vec::with_capacity(batch.len());
+    // Watch ID → (index in `out` of its response that can still take events, its size).
+    let mut open: HashMap<i64, (usize, usize)> = HashMap::new();
+    // Watchers whose last response was a fragment: their next one ends that revision.
+    let mut fragmenting: HashSet<i64> = HashSet::new();
+    for item in batch {
+        let Outgoing::Events {
+            watch_id,
+            header_rev,
+            fragment,
+            events,
+        } = item
+        else {
+            open.clear();
+            out.push(item);
+            continue;
+        };
+        let size: usize = events.iter().map(|e| event_wire_size(e)).sum();
+        if fragment || fragmenting.remove(&watch_id) {
+            if fragment {
+                fragmenting.insert(watch_id);
+            }
+            open.remove(&watch_id);
+            out.push(Outgoing::Events {
+                watch_id,
+                header_rev,
+                fragment,
+                events,
+            });
+            continue;
+        }
+        if let Some((index, used)) = open.get_mut(&watch_id)
+            && *used + size <= limit
+            && let Some(Outgoing::Events {
+                header_rev: merged_rev,
+                events: merged,
+                ..
+            }) = out.get_mut(*index)
+        {
+            merged.extend(events);
+            *merged_rev = header_rev;
+            *used += size;
+            continue;
+        }
+        open.insert(watch_id, (out.len(), RESPONSE_OVERHEAD + size));
+        out.push(Outgoing::Events {
+            watch_id,
+            header_rev,
+            fragment,
+            events,
+        });
+    }
     out
 }
 
@@ -493,13 +598,16 @@ impl WatchHub {
         let header_rev = chunk.applied.revision;
         // A stable sort keeps each watcher's events in revision order.
         deliveries.sort_by_key(|(k, _)| *k);
+        // Each stream's responses, pushed under one lock and with one wake-up per stream, so
+        // its consumer finds the whole revision queued: (watcher, first revision, responses).
+        let mut per_stream: BTreeMap<u64, Vec<(u64, i64, Vec<Outgoing>)>> = BTreeMap::new();
         let mut deliveries = deliveries.into_iter().peekable();
         while let Some((key, first)) = deliveries.next() {
             let mut events: EventList = smallvec::smallvec![first];
             while let Some((_, e)) = deliveries.next_if(|(k, _)| *k == key) {
                 events.push(e);
             }
-            let Some(w) = st.watchers.get_mut(&key) else {
+            let Some(w) = st.watchers.get(&key) else {
                 continue;
             };
             let first = events
@@ -514,18 +622,47 @@ impl WatchHub {
                 w.fragment,
                 self.max_response_bytes,
             );
-            let delivered = st
-                .streams
-                .get(&w.stream)
-                .is_some_and(|s| s.queue.try_push_events(resps));
-            if delivered {
-                w.next_rev = header_rev + 1;
-                w.sent_since_tick = true;
-            } else {
-                // A slow consumer: it will catch up from history, nobody waits for it.
-                w.next_rev = first;
-                self.victims.fetch_add(1, Ordering::Relaxed);
-                st.mark_unsynced(key);
+            per_stream
+                .entry(w.stream)
+                .or_default()
+                .push((key, first, resps));
+        }
+        let HubState {
+            watchers,
+            streams,
+            unsynced,
+            ..
+        } = &mut *st;
+        for (stream, batch) in per_stream {
+            let queue = streams.get(&stream).map(|s| &s.queue);
+            let mut queued = queue.map(|q| q.lock());
+            let mut pushed = false;
+            for (key, first, resps) in batch {
+                let delivered = match queued.as_mut() {
+                    Some(q) if q.len() + resps.len() <= STREAM_QUEUE_CAPACITY => {
+                        q.extend(resps);
+                        true
+                    }
+                    _ => false,
+                };
+                pushed |= delivered;
+                let Some(w) = watchers.get_mut(&key) else {
+                    continue;
+                };
+                if delivered {
+                    w.next_rev = header_rev + 1;
+                    w.sent_since_tick = true;
+                } else {
+                    // A slow consumer: it will catch up from history, nobody waits for it.
+                    w.next_rev = first;
+                    w.synced = false;
+                    unsynced.insert(key);
+                    self.victims.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            drop(queued);
+            if pushed && let Some(q) = queue {
+                q.wake();
             }
         }
         // Synced watchers that had nothing to receive have still seen everything.
@@ -559,11 +696,7 @@ impl WatchHub {
         let mut st = self.lock();
         st.next_stream += 1;
         let id = st.next_stream;
-        let queue = Arc::new(StreamQueue {
-            queue: Mutex::new(VecDeque::new()),
-            notify: Notify::new(),
-            closed: AtomicBool::new(false),
-        });
+        let queue = Arc::new(StreamQueue::new());
         st.streams.insert(
             id,
             StreamEntry {
@@ -579,7 +712,7 @@ impl WatchHub {
     fn close_stream(&self, stream: u64) {
         let mut st = self.lock();
         if let Some(entry) = st.streams.remove(&stream) {
-            entry.queue.closed.store(true, Ordering::Relaxed);
+            entry.queue.close();
             for k in entry.watchers {
                 st.remove_watcher(k);
             }
@@ -955,7 +1088,7 @@ impl InternalWatch {
             match popped {
                 Some(Outgoing::Response(r)) if r.created && !r.canceled => continue,
                 Some(out) => return Some(out),
-                None if self.queue.closed.load(Ordering::Relaxed) => return None,
+                None if self.queue.is_closed() => return None,
                 None => self.queue.notify.notified().await,
             }
         }
@@ -1068,7 +1201,6 @@ impl WatchService {
         let caller = crate::auth::Caller::of(&req);
         let mut incoming = req.into_inner();
         let (stream_id, queue) = self.hub.open_stream();
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<WireResponse, Status>>(64);
 
         // Client requests → hub.
         let hub = self.hub.clone();
@@ -1078,8 +1210,7 @@ impl WatchService {
             while let Some(msg) = incoming.next().await {
                 let Ok(msg) = msg else {
                     // The client's side broke: end the stream.
-                    recv_queue.closed.store(true, Ordering::Relaxed);
-                    recv_queue.notify.notify_one();
+                    recv_queue.close();
                     hub.close_stream(stream_id);
                     return;
                 };
@@ -1099,44 +1230,91 @@ impl WatchService {
             // delivering until it cancels the call or goes away (the sender below notices).
         });
 
-        // Hub → client, filling in the header fields the hub leaves out.
-        let hub = self.hub.clone();
-        let node = self.node.clone();
-        tokio::spawn(async move {
-            loop {
-                let batch: Vec<Outgoing> = queue.lock().drain(..).collect();
-                if batch.is_empty() {
-                    if queue.closed.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    tokio::select! {
-                        _ = queue.notify.notified() => {}
-                        // The client cancelled the call or disconnected.
-                        _ = tx.closed() => {
-                            hub.close_stream(stream_id);
-                            return;
-                        }
-                    }
-                    continue;
-                }
-                let header = ResponseHeader {
-                    cluster_id: node.identity.cluster_id,
-                    member_id: node.member_id(),
-                    raft_term: node.term(),
-                    revision: 0,
-                };
-                for out in batch {
-                    let wire = WireResponse { out, header };
-                    if tx.send(Ok(wire)).await.is_err() {
-                        hub.close_stream(stream_id);
-                        return;
-                    }
-                }
+        // Hub → client: tonic polls the queue directly and encodes whatever it finds into one
+        // write, so a revision seen by many watchers of this stream goes out as one chunk.
+        let responses = QueueStream {
+            hub: self.hub.clone(),
+            node: self.node.clone(),
+            stream_id,
+            queue,
+            ready: VecDeque::new(),
+            header: ResponseHeader::default(),
+        };
+        Ok(Response::new(Box::pin(responses)))
+    }
+}
+
+/// A gRPC watch stream's responses, taken from its [`StreamQueue`] in bulk (and coalesced) and
+/// handed to tonic's encoder one by one with the member's header fields. Dropping it (the
+/// client cancelled the call or went away) closes the stream's watchers.
+struct QueueStream {
+    hub: Arc<WatchHub>,
+    node: Arc<KeelNode>,
+    stream_id: u64,
+    queue: Arc<StreamQueue>,
+    /// Taken from the queue, not yet handed to tonic.
+    ready: VecDeque<Outgoing>,
+    /// The member's header fields as of the last time the queue was drained.
+    header: ResponseHeader,
+}
+
+impl QueueStream {
+    /// Moves everything queued to `ready`; false if nothing was queued.
+    fn refill(&mut self) -> bool {
+        let batch: Vec<Outgoing> = self.queue.lock().drain(..).collect();
+        if batch.is_empty() {
+            return false;
+        }
+        self.header = ResponseHeader {
+            cluster_id: self.node.identity.cluster_id,
+            member_id: self.node.member_id(),
+            raft_term: self.node.term(),
+            revision: 0,
+        };
+        self.ready = coalesce(batch, self.hub.max_response_bytes).into();
+        true
+    }
+}
+
+impl Stream for QueueStream {
+    type Item = Result<WireResponse, Status>;
+
+    fn poll_next(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        loop {
+            if let Some(out) = this.ready.pop_front() {
+                return Poll::Ready(Some(Ok(WireResponse {
+                    out,
+                    header: this.header,
+                })));
             }
-        });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+            if this.refill() {
+                continue;
+            }
+            if this.queue.is_closed() {
+                return Poll::Ready(None);
+            }
+            // Register, then look again: a push between the first look and the registration
+            // would otherwise be missed.
+            this.queue.waker.register(cx.waker());
+            if this.refill() {
+                continue;
+            }
+            if this.queue.is_closed() {
+                return Poll::Ready(None);
+            }
+            return Poll::Pending;
+        }
+    }
+}
+
+impl Drop for QueueStream {
+    fn drop(&mut self) {
+        self.hub.close_stream(self.stream_id);
     }
 }
 
@@ -1162,6 +1340,113 @@ mod tests {
             KeyRange::from_request(b"m", b"\0")
                 .unwrap()
                 .contains(b"zzz")
+        );
+    }
+
+    fn put_event(key: &[u8], rev: i64, value_len: usize) -> Arc<SharedEvent> {
+        Arc::new(SharedEvent::new(Event {
+            r#type: 0,
+            kv: Some(keel_proto::mvccpb::KeyValue {
+                key: key.to_vec(),
+                value: vec![0; value_len],
+                mod_revision: rev,
+                ..Default::default()
+            }),
+            prev_kv: None,
+        }))
+    }
+
+    fn events_of(watch_id: i64, rev: i64, fragment: bool, value_len: usize) -> Outgoing {
+        Outgoing::Events {
+            watch_id,
+            header_rev: rev,
+            fragment,
+            events: smallvec::smallvec![put_event(b"k", rev, value_len)],
+        }
+    }
+
+    /// (watch ID, header revision, fragment, revisions of the events) of each response, or
+    /// `None` for a control response.
+    fn shape_of(out: &[Outgoing]) -> Vec<Option<(i64, i64, bool, Vec<i64>)>> {
+        out.iter()
+            .map(|o| match o {
+                Outgoing::Response(_) => None,
+                Outgoing::Events {
+                    watch_id,
+                    header_rev,
+                    fragment,
+                    events,
+                } => Some((
+                    *watch_id,
+                    *header_rev,
+                    *fragment,
+                    events
+                        .iter()
+                        .map(|e| e.event.kv.as_ref().map_or(0, |kv| kv.mod_revision))
+                        .collect(),
+                )),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn coalescing_merges_a_watchers_revisions_but_not_across_control_responses() {
+        let progress = Outgoing::Response(WatchResponse {
+            header: Some(rev_header(12)),
+            watch_id: INVALID_WATCH_ID,
+            ..Default::default()
+        });
+        let batch = vec![
+            events_of(1, 10, false, 10),
+            events_of(2, 10, false, 10),
+            events_of(1, 11, false, 10),
+            events_of(2, 11, false, 10),
+            events_of(1, 12, false, 10),
+            progress,
+            events_of(1, 13, false, 10),
+            events_of(2, 13, false, 10),
+            events_of(1, 14, false, 10),
+        ];
+        assert_eq!(
+            shape_of(&coalesce(batch, 1 << 20)),
+            vec![
+                Some((1, 12, false, vec![10, 11, 12])),
+                Some((2, 11, false, vec![10, 11])),
+                None,
+                Some((1, 14, false, vec![13, 14])),
+                Some((2, 13, false, vec![13])),
+            ]
+        );
+    }
+
+    #[test]
+    fn coalescing_respects_the_size_limit_and_fragments() {
+        // Each event is about 100 bytes: two fit in 300 with the overhead, three do not.
+        let batch: Vec<Outgoing> = (1..=5).map(|r| events_of(7, r, false, 80)).collect();
+        assert_eq!(
+            shape_of(&coalesce(batch, 300)),
+            vec![
+                Some((7, 2, false, vec![1, 2])),
+                Some((7, 4, false, vec![3, 4])),
+                Some((7, 5, false, vec![5])),
+            ]
+        );
+        // A fragmented revision 2 (two parts) stays as it was; revision 3 starts a new response.
+        let batch = vec![
+            events_of(7, 1, false, 10),
+            events_of(7, 2, true, 10),
+            events_of(7, 2, false, 10),
+            events_of(7, 3, false, 10),
+            events_of(7, 4, false, 10),
+        ];
+        assert_eq!(
+            shape_of(&coalesce(batch, 1 << 20)),
+            vec![
+                Some((7, 1, false, vec![1])),
+                Some((7, 2, true, vec![2])),
+                Some((7, 2, false, vec![2])),
+                Some((7, 4, false, vec![3, 4])),
+            ]
         );
     }
 

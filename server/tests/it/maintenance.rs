@@ -11,7 +11,7 @@ use etcd_client::{AlarmAction, AlarmOptions, AlarmType, Compare, CompareOp, Txn,
 use crate::cluster::{Cluster, client, status_code, status_message};
 
 /// A plain HTTP/1.1 GET (or another method): status code and body.
-fn http(port: u16, method: &str, path: &str) -> (u16, String) {
+pub(crate) fn http(port: u16, method: &str, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(10))).ok();
     write!(

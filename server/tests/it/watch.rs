@@ -384,6 +384,68 @@ async fn half_closed_stream_keeps_delivering() {
     assert_eq!(got.events[0].kv.as_ref().unwrap().value, b"after-close");
 }
 
+/// The member's `etcd_debugging_mvcc_watcher_total`.
+fn watcher_total(port: u16) -> i64 {
+    let (code, body) = crate::maintenance::http(port, "GET", "/metrics");
+    assert_eq!(code, 200);
+    body.lines()
+        .find_map(|l| l.strip_prefix("etcd_debugging_mvcc_watcher_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("watcher gauge in /metrics")
+}
+
+#[tokio::test]
+async fn cancelling_the_call_removes_its_watchers() {
+    use keel_proto::etcdserverpb::watch_client::WatchClient;
+    use keel_proto::etcdserverpb::watch_request::RequestUnion;
+    use keel_proto::etcdserverpb::{WatchCreateRequest, WatchRequest};
+
+    let cluster = Cluster::start(1).await;
+    let endpoint = cluster.members[0].endpoint();
+    let port = cluster.members[0].client_port;
+    let mut c = client(&endpoint).await.unwrap();
+    let mut wc = WatchClient::connect(format!("http://{endpoint}"))
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    for i in 0..20 {
+        tx.send(WatchRequest {
+            request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+                key: format!("gone/{i}").into_bytes(),
+                ..Default::default()
+            })),
+        })
+        .await
+        .unwrap();
+    }
+    let mut responses = wc
+        .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    for _ in 0..20 {
+        assert!(next_response(&mut responses).await.created);
+    }
+    c.put("gone/3", "v", None).await.unwrap();
+    assert_eq!(next_response(&mut responses).await.events.len(), 1);
+    assert_eq!(watcher_total(port), 20);
+    // Dropping both halves cancels the call (RST_STREAM), as a client whose context ends does;
+    // dropping only the request side would be a half-close, which keeps the watchers.
+    drop(responses);
+    drop(tx);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while watcher_total(port) != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "watchers of a cancelled call still registered: {}",
+            watcher_total(port)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The member still serves new watchers and writes.
+    c.put("gone/3", "w", None).await.unwrap();
+}
+
 async fn next_response(
     r: &mut tonic::Streaming<keel_proto::etcdserverpb::WatchResponse>,
 ) -> keel_proto::etcdserverpb::WatchResponse {
