@@ -401,7 +401,7 @@ fn event_responses(
 ) -> Vec<Outgoing> {
     const OVERHEAD: usize = RESPONSE_OVERHEAD;
     let size = event_wire_size;
-    let whole: usize = OVERHEAD + events.iter().map(|e| size(e)).sum::<usize>();
+    let whole: usize = OVERHEAD + events.iter().map(size).sum::<usize>();
     let batch = |events, fragment| Outgoing::Events {
         watch_id,
         header_rev,
@@ -458,7 +458,7 @@ fn coalesce(batch: Vec<Outgoing>, limit: usize) -> Vec<Outgoing> {
             out.push(item);
             continue;
         };
-        let size: usize = events.iter().map(|e| event_wire_size(e)).sum();
+        let size: usize = events.iter().map(event_wire_size).sum();
         if fragment || fragmenting.remove(&watch_id) {
             if fragment {
                 fragmenting.insert(watch_id);
@@ -1365,9 +1365,11 @@ mod tests {
         }
     }
 
-    /// (watch ID, header revision, fragment, revisions of the events) of each response, or
-    /// `None` for a control response.
-    fn shape_of(out: &[Outgoing]) -> Vec<Option<(i64, i64, bool, Vec<i64>)>> {
+    /// (watch ID, header revision, fragment, revisions of the events) of a response.
+    type Shape = (i64, i64, bool, Vec<i64>);
+
+    /// The [`Shape`] of each response, or `None` for a control response.
+    fn shape_of(out: &[Outgoing]) -> Vec<Option<Shape>> {
         out.iter()
             .map(|o| match o {
                 Outgoing::Response(_) => None,
