@@ -187,8 +187,9 @@ run_case() { # case args... : REPEAT runs per system in the order keel etcd etcd
     [ "$REPEAT" -ge 3 ] && order=(keel etcd etcd keel keel etcd)
     for kind in "${order[@]}"; do
         rep=$((rep + 1))
-        # A single connection goes to the leader of both systems (same role, same path).
-        if [[ " $* " == *" --conns 1 "* ]]; then
+        # A single connection, or a single writer (watch cases: the writer uses the first
+        # endpoint), goes to the leader of both systems (same role, same path).
+        if [[ " $* " == *" --conns 1 "* ]] || [[ " $* " == *" watch "*" --clients 1 "* ]]; then
             eps=$(leader_first "$kind")
         else
             eps=$(endpoints "$kind")
@@ -243,7 +244,10 @@ run_case txn-cas txn-cas --clients 256 --conns 16
 run_case lease-grant-revoke lease --mode grant-revoke --clients 32 --conns 8
 run_case lease-keepalive lease --mode keepalive --leases 10000 --streams 10 --clients 100 --conns 8
 # --- watch: fan-out (one prefix) and many keys; zero lost/duplicate events is required ---
-# saturation (8 writers as fast as they can), then at fixed rates (200 000 events/s) for latency
+# one writer as fast as it can go (issue 4's fan-out benchmark), saturation (8 writers), then
+# fixed rates (200 000 events/s) for latency
+run_case watch-fanout-1k-1w watch --watchers 1000 --streams 10 --clients 1 --conns 4
+run_case watch-fanout-10k-1w watch --watchers 10000 --streams 100 --clients 1 --conns 4
 run_case watch-fanout-1k watch --watchers 1000 --streams 10 --clients 8 --conns 4
 run_case watch-fanout-1k-rate watch --watchers 1000 --streams 10 --clients 1 --rate 200 --conns 4
 run_case watch-fanout-10k-rate watch --watchers 10000 --streams 100 --clients 1 --rate 20 --conns 4

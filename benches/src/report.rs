@@ -378,9 +378,13 @@ pub fn targets(d: &Data) -> Vec<Target> {
                 clean(k) && k.p99_ms < e.p99_ms,
             )
         } else {
+            let writers = match k.clients {
+                1 => "1 writer".to_string(),
+                n => format!("{n} writers"),
+            };
             (
                 format!(
-                    "`{case}` ({watchers} watchers, writers unthrottled): events/s ≥ 2× with zero lost"
+                    "`{case}` ({watchers} watchers, {writers} unthrottled): events/s ≥ 2× with zero lost"
                 ),
                 clean(k) && r >= 2.0,
             )
@@ -604,7 +608,7 @@ pub fn section(d: &Data, meta: &BTreeMap<String, String>, svg_link: &str) -> Str
         let _ = writeln!(s, "\n### Watch\n");
         let _ = writeln!(
             s,
-            "A writer puts values carrying its send time; every watcher must receive every event exactly once, in revision order (lost = expected − received, duplicate = a revision received twice by a watcher). events/s = events delivered from the first put to the last event; latency is put-to-event (the put's own commit included), ms. Cases ending in `-rate` write at a fixed rate (so both systems deliver the same events/s and the latency is what differs); the others let the writers go as fast as the cluster takes them (saturation).\n"
+            "A writer puts values carrying its send time; every watcher must receive every event exactly once, in revision order (lost = expected − received, duplicate = a revision received twice by a watcher). events/s = events delivered from the first put to the last event; latency is put-to-event (the put's own commit included), ms. Cases ending in `-rate` write at a fixed rate (so both systems deliver the same events/s and the latency is what differs); the others let the writers go as fast as the cluster takes them: cases ending in `-1w` have one writer, connected to the leader of both systems (each put waits for the previous one, so events/s is the watchers × the puts the cluster acknowledges per second while it delivers their events), the others 8 or more (saturation).\n"
         );
         let _ = writeln!(
             s,
@@ -1206,6 +1210,11 @@ mod tests {
             .find(|t| t.what.starts_with("`watch-fanout-1k`"))
             .unwrap();
         assert_eq!(watch.met, Some(true));
+        assert!(
+            watch.what.contains("1 writer unthrottled"),
+            "{}",
+            watch.what
+        );
         let rss = t.iter().find(|t| t.what.starts_with("RSS")).unwrap();
         assert_eq!(rss.met, Some(true));
         let cas = t.iter().find(|t| t.what.starts_with("txn-cas")).unwrap();
