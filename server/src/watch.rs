@@ -438,7 +438,13 @@ fn event_responses(
 /// message, one decode at the client) instead of one per revision; etcd sends its catch-up
 /// batches the same way.
 fn coalesce(batch: Vec<Outgoing>, limit: usize) -> Vec<Outgoing> {
-    if batch.len() < 2 {
+    // One revision's responses (the common case when watchers keep up): no watcher has two.
+    let mut revisions = batch.iter().filter_map(|o| match o {
+        Outgoing::Events { header_rev, .. } => Some(*header_rev),
+        Outgoing::Response(_) => None,
+    });
+    let first = revisions.next();
+    if batch.len() < 2 || revisions.all(|r| Some(r) == first) {
         return batch;
     }
     let mut out: Vec<Outgoing> = Vec::with_capacity(batch.len());
