@@ -18,6 +18,8 @@ pub enum LogFormat {
 }
 
 /// Keel: a Raft-replicated key-value store that speaks the etcd v3 API.
+// The field docs are the `--help` text, where `<name>` is a placeholder, not HTML.
+#[allow(rustdoc::invalid_html_tags)]
 #[derive(Debug, Clone, Parser)]
 #[command(name = "keel", version, about)]
 pub struct Config {

@@ -214,7 +214,7 @@ impl Metrics {
         }));
     }
 
-    /// The database size, measured at most every [`DB_SIZE_TTL`].
+    /// The database size, measured at most every `DB_SIZE_TTL`.
     pub fn db_size(&self, engine: &dyn Engine) -> (u64, u64) {
         let now = self.epoch.elapsed().as_millis() as i64;
         let at = self.db_cache.2.load(Ordering::Acquire);

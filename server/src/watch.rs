@@ -14,10 +14,10 @@
 //!   of a revision travel in one response (unless the watcher asked for fragmentation), and a
 //!   progress response is queued only when every watcher of the stream is synced — so its header
 //!   revision never claims a revision whose events are still undelivered.
-//! - tonic's encoder takes everything a stream has queued at once ([`QueueStream`]), so a
+//! - tonic's encoder takes everything a stream has queued at once (`QueueStream`), so a
 //!   revision's responses for many watchers of one stream go out in one write; a watcher that
 //!   has several revisions queued gets them merged into one response (whole revisions, never
-//!   past a control response; see [`coalesce`]).
+//!   past a control response; see `coalesce`).
 //! - Every revision bump produces at least one event, so a chunk that skips revisions (after a
 //!   Raft snapshot was installed) is detected and synced watchers fall back to history rather
 //!   than silently miss events.

@@ -1,6 +1,6 @@
 //! lease: short leases with keys attached; some kept alive, some left to lapse, some revoked.
 //!
-//! Each worker keeps up to [`LIVE_LEASES`] leases of its own. A lease is granted with a TTL of
+//! Each worker keeps up to `LIVE_LEASES` leases of its own. A lease is granted with a TTL of
 //! 2–3 s (the server may raise it to its minimum; the granted TTL is recorded) and gets one of
 //! three fates, drawn at grant time:
 //! - `keep`: kept alive (one keep-alive on a fresh stream every TTL/3) for 3–8 s, then left to
