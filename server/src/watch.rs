@@ -170,8 +170,9 @@ struct EventShapes {
 /// One queued response of a watch stream.
 #[derive(Debug)]
 pub enum Outgoing {
-    /// A response built whole (created, canceled, progress).
-    Response(WatchResponse),
+    /// A response built whole (created, canceled, progress); boxed, as these are rare and
+    /// much larger than an event response.
+    Response(Box<WatchResponse>),
     /// A watcher's events: encoded on the wire from the shared encodings.
     Events {
         watch_id: i64,
@@ -184,12 +185,15 @@ pub enum Outgoing {
 /// A response's events; most responses carry one.
 pub type EventList = smallvec::SmallVec<[Arc<SharedEvent>; 2]>;
 
+/// A watcher's responses for one revision or catch-up step; one unless fragmented.
+type Responses = smallvec::SmallVec<[Outgoing; 1]>;
+
 impl Outgoing {
     /// The response as a message (for in-process watchers and tests); the header carries only
     /// the revision, as queued.
     pub fn into_response(self) -> WatchResponse {
         match self {
-            Outgoing::Response(r) => r,
+            Outgoing::Response(r) => *r,
             Outgoing::Events {
                 watch_id,
                 header_rev,
@@ -256,11 +260,19 @@ impl Outgoing {
 /// while the queue is below capacity.
 pub struct StreamQueue {
     queue: Mutex<VecDeque<Outgoing>>,
+    consumer: Consumer,
     /// Wakes an in-process consumer ([`InternalWatch`]).
     notify: Notify,
-    /// Wakes a gRPC stream's [`QueueStream`].
+    /// Wakes a gRPC stream's `QueueStream`.
     waker: AtomicWaker,
     closed: AtomicBool,
+}
+
+/// Who reads a stream's queue, and so which of its wake-ups to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Consumer {
+    Grpc,
+    InProcess,
 }
 
 impl StreamQueue {
@@ -268,9 +280,10 @@ impl StreamQueue {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn new() -> StreamQueue {
+    fn new(consumer: Consumer) -> StreamQueue {
         StreamQueue {
             queue: Mutex::new(VecDeque::new()),
+            consumer,
             notify: Notify::new(),
             waker: AtomicWaker::new(),
             closed: AtomicBool::new(false),
@@ -279,16 +292,18 @@ impl StreamQueue {
 
     /// Tells the consumer that responses were queued (or the queue closed).
     fn wake(&self) {
-        self.notify.notify_one();
-        self.waker.wake();
+        match self.consumer {
+            Consumer::Grpc => self.waker.wake(),
+            Consumer::InProcess => self.notify.notify_one(),
+        }
     }
 
     fn push(&self, resp: WatchResponse) {
-        self.lock().push_back(Outgoing::Response(resp));
+        self.lock().push_back(Outgoing::Response(Box::new(resp)));
         self.wake();
     }
 
-    fn try_push_events(&self, resps: Vec<Outgoing>) -> bool {
+    fn try_push_events(&self, resps: Responses) -> bool {
         let mut q = self.lock();
         if q.len() + resps.len() > STREAM_QUEUE_CAPACITY {
             return false;
@@ -402,7 +417,7 @@ fn event_responses(
     events: EventList,
     fragment: bool,
     limit: usize,
-) -> Vec<Outgoing> {
+) -> Responses {
     const OVERHEAD: usize = RESPONSE_OVERHEAD;
     let size = event_wire_size;
     let whole: usize = OVERHEAD + events.iter().map(size).sum::<usize>();
@@ -413,9 +428,9 @@ fn event_responses(
         events,
     };
     if !fragment || whole <= limit {
-        return vec![batch(events, false)];
+        return smallvec::smallvec![batch(events, false)];
     }
-    let mut out = Vec::new();
+    let mut out = Responses::new();
     let mut current = EventList::new();
     let mut used = OVERHEAD;
     for ev in events {
@@ -581,8 +596,9 @@ impl WatchHub {
     }
 
     fn dispatch(&self, st: &mut HubState, chunk: &AppliedChunk) {
-        // (watcher, event) for every delivery, in event order; grouped per watcher below.
-        let mut deliveries: Vec<(u64, Arc<SharedEvent>)> = Vec::new();
+        // (stream, watcher, event) for every delivery, in event order; grouped per stream and
+        // watcher below.
+        let mut deliveries: Vec<(u64, u64, Arc<SharedEvent>)> = Vec::new();
         for ev in &chunk.events {
             let Some(kv) = ev.kv.as_ref() else { continue };
             let mut shapes = EventShapes::default();
@@ -592,7 +608,7 @@ impl WatchHub {
                         && w.synced
                         && w.wants(ev)
                     {
-                        deliveries.push((*k, w.shape(ev, &mut shapes, self)));
+                        deliveries.push((w.stream, *k, w.shape(ev, &mut shapes, self)));
                     }
                 }
             }
@@ -601,53 +617,48 @@ impl WatchHub {
                     && w.synced
                     && w.wants(ev)
                 {
-                    deliveries.push((*k, w.shape(ev, &mut shapes, self)));
+                    deliveries.push((w.stream, *k, w.shape(ev, &mut shapes, self)));
                 }
             }
         }
         let header_rev = chunk.applied.revision;
         // A stable sort keeps each watcher's events in revision order.
-        deliveries.sort_by_key(|(k, _)| *k);
-        // Each stream's responses, pushed under one lock and with one wake-up per stream, so
-        // its consumer finds the whole revision queued: (watcher, first revision, responses).
-        let mut per_stream: BTreeMap<u64, Vec<(u64, i64, Vec<Outgoing>)>> = BTreeMap::new();
-        let mut deliveries = deliveries.into_iter().peekable();
-        while let Some((key, first)) = deliveries.next() {
-            let mut events: EventList = smallvec::smallvec![first];
-            while let Some((_, e)) = deliveries.next_if(|(k, _)| *k == key) {
-                events.push(e);
-            }
-            let Some(w) = st.watchers.get(&key) else {
-                continue;
-            };
-            let first = events
-                .first()
-                .and_then(|e| e.event.kv.as_ref())
-                .map(|kv| kv.mod_revision)
-                .unwrap_or(header_rev);
-            let resps = event_responses(
-                w.watch_id,
-                header_rev,
-                events,
-                w.fragment,
-                self.max_response_bytes,
-            );
-            per_stream
-                .entry(w.stream)
-                .or_default()
-                .push((key, first, resps));
-        }
+        deliveries.sort_by_key(|(stream, key, _)| (*stream, *key));
         let HubState {
             watchers,
             streams,
             unsynced,
             ..
         } = &mut *st;
-        for (stream, batch) in per_stream {
+        let mut deliveries = deliveries.into_iter().peekable();
+        while let Some(&(stream, _, _)) = deliveries.peek() {
+            // A stream's responses are pushed under one lock and with one wake-up, so its
+            // consumer finds the whole revision queued.
             let queue = streams.get(&stream).map(|s| &s.queue);
             let mut queued = queue.map(|q| q.lock());
             let mut pushed = false;
-            for (key, first, resps) in batch {
+            while let Some((_, key, first)) = deliveries.next_if(|(s, _, _)| *s == stream) {
+                let mut events: EventList = smallvec::smallvec![first];
+                while let Some((_, _, e)) =
+                    deliveries.next_if(|(s, k, _)| *s == stream && *k == key)
+                {
+                    events.push(e);
+                }
+                let Some(w) = watchers.get_mut(&key) else {
+                    continue;
+                };
+                let first = events
+                    .first()
+                    .and_then(|e| e.event.kv.as_ref())
+                    .map(|kv| kv.mod_revision)
+                    .unwrap_or(header_rev);
+                let resps = event_responses(
+                    w.watch_id,
+                    header_rev,
+                    events,
+                    w.fragment,
+                    self.max_response_bytes,
+                );
                 let delivered = match queued.as_mut() {
                     Some(q) if q.len() + resps.len() <= STREAM_QUEUE_CAPACITY => {
                         q.extend(resps);
@@ -656,9 +667,6 @@ impl WatchHub {
                     _ => false,
                 };
                 pushed |= delivered;
-                let Some(w) = watchers.get_mut(&key) else {
-                    continue;
-                };
                 if delivered {
                     w.next_rev = header_rev + 1;
                     w.sent_since_tick = true;
@@ -702,11 +710,11 @@ impl WatchHub {
         out
     }
 
-    fn open_stream(&self) -> (u64, Arc<StreamQueue>) {
+    fn open_stream(&self, consumer: Consumer) -> (u64, Arc<StreamQueue>) {
         let mut st = self.lock();
         st.next_stream += 1;
         let id = st.next_stream;
-        let queue = Arc::new(StreamQueue::new());
+        let queue = Arc::new(StreamQueue::new(consumer));
         st.streams.insert(
             id,
             StreamEntry {
@@ -959,7 +967,7 @@ impl WatchHub {
                         .map(|ev| Arc::new(SharedEvent::new(ev)))
                         .collect();
                     let resps = if events.is_empty() {
-                        Vec::new()
+                        Responses::new()
                     } else {
                         event_responses(
                             w.watch_id,
@@ -1065,7 +1073,7 @@ impl WatchHub {
         range_end: &[u8],
         start_revision: i64,
     ) -> InternalWatch {
-        let (stream, queue) = self.open_stream();
+        let (stream, queue) = self.open_stream(Consumer::InProcess);
         self.create(
             stream,
             WatchCreateRequest {
@@ -1210,7 +1218,7 @@ impl WatchService {
         }
         let caller = crate::auth::Caller::of(&req);
         let mut incoming = req.into_inner();
-        let (stream_id, queue) = self.hub.open_stream();
+        let (stream_id, queue) = self.hub.open_stream(Consumer::Grpc);
 
         // Client requests → hub.
         let hub = self.hub.clone();
@@ -1403,11 +1411,11 @@ mod tests {
 
     #[test]
     fn coalescing_merges_a_watchers_revisions_but_not_across_control_responses() {
-        let progress = Outgoing::Response(WatchResponse {
+        let progress = Outgoing::Response(Box::new(WatchResponse {
             header: Some(rev_header(12)),
             watch_id: INVALID_WATCH_ID,
             ..Default::default()
-        });
+        }));
         let batch = vec![
             events_of(1, 10, false, 10),
             events_of(2, 10, false, 10),

@@ -198,7 +198,7 @@ mod tests {
             revision: 0,
             raft_term: 3,
         };
-        let out = Outgoing::Response(WatchResponse {
+        let out = Outgoing::Response(Box::new(WatchResponse {
             header: Some(ResponseHeader {
                 revision: 42,
                 ..Default::default()
@@ -206,7 +206,7 @@ mod tests {
             watch_id: 7,
             created: true,
             ..Default::default()
-        });
+        }));
         let decoded = WatchResponse::decode(out.encode(&header).as_slice()).unwrap();
         assert_eq!(
             decoded.header,
