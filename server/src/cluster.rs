@@ -31,7 +31,7 @@ use keel_proto::keelpb::{
 use keel_store::raft::{MemberNode, NodeId};
 use openraft::ChangeMembers;
 use openraft::async_runtime::WatchReceiver as _;
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
 use tonic::{Request, Response, Status};
 
 use crate::error::ServerError;
@@ -111,8 +111,14 @@ pub async fn change(
     }
 }
 
+/// How a change refused because another one is not committed yet is reported (also from a
+/// leader to the follower that forwarded the change); such a change is retried until the
+/// deadline.
+const IN_PROGRESS: &str = "membership change in progress";
+
 fn is_in_progress(msg: &str) -> bool {
-    msg.contains("in progress") || msg.contains("InProgress")
+    // The second form is openraft's own message, as a leader of an older version reports it.
+    msg.contains(IN_PROGRESS) || msg.contains("undergoing a configuration change")
 }
 
 fn raft_err(
@@ -121,6 +127,9 @@ fn raft_err(
     match e {
         RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => ServerError::NotLeader,
         RaftError::APIError(ClientWriteError::LogEntryDiscarded(_)) => ServerError::LeaderChanged,
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(
+            ChangeMembershipError::InProgress(p),
+        )) => ServerError::Internal(format!("{IN_PROGRESS}: {p}")),
         RaftError::APIError(e) => ServerError::Internal(e.to_string()),
         RaftError::Fatal(_) => ServerError::Stopped,
     }
@@ -513,5 +522,32 @@ impl Cluster for ClusterService {
             header: Some(self.node.header()),
             members: resp.members,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A change refused because another is not committed yet is retried by [`change`]: the
+    /// error openraft gives it must be recognised, also as a forwarding leader reports it.
+    #[test]
+    fn a_change_behind_an_uncommitted_one_is_retried() {
+        let id = |i| openraft::LogId::new_term_index(1, i);
+        let refused = RaftError::APIError(ClientWriteError::ChangeMembershipError(
+            ChangeMembershipError::InProgress(openraft::error::InProgress {
+                committed: Some(id(704)),
+                membership_log_id: Some(id(1162)),
+            }),
+        ));
+        let ServerError::Internal(msg) = raft_err(refused) else {
+            panic!("an in-progress refusal is an internal error until the retries give up");
+        };
+        assert!(is_in_progress(&msg), "{msg}");
+        // openraft's own wording, from a leader that reports it unchanged.
+        assert!(is_in_progress(
+            "the cluster is already undergoing a configuration change at log Some(..)"
+        ));
+        assert!(!is_in_progress("etcdserver: member not found"));
     }
 }
