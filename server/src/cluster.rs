@@ -165,6 +165,8 @@ pub async fn execute(
             .any(|(id, n)| Some(*id) != except && n.peer_urls.iter().any(|u| urls.contains(u)))
     };
     let mut added: Option<Member> = None;
+    // The log id of the membership this request wrote, if any.
+    let mut written = None;
     match req.change {
         Some(Change::Add(add)) => {
             validate_urls(&add.peer_ur_ls)?;
@@ -189,10 +191,12 @@ pub async fn execute(
                 promote: !add.is_learner,
             };
             tracing::info!(member = %format!("{id:x}"), urls = ?add.peer_ur_ls, learner = add.is_learner, "adding member");
-            node.raft
+            let response = node
+                .raft
                 .add_learner(id, new.clone(), false)
                 .await
                 .map_err(raft_err)?;
+            written = Some(response.log_id);
             added = Some(to_member(id, &new, false));
         }
         Some(Change::Remove(rm)) => {
@@ -205,15 +209,19 @@ pub async fn execute(
                 if voters.len() == 1 {
                     return Err(ServerError::NotEnoughStartedMembers);
                 }
-                node.raft
+                let response = node
+                    .raft
                     .change_membership(ChangeMembers::RemoveVoters(ids), false)
                     .await
                     .map_err(raft_err)?;
+                written = Some(response.log_id);
             } else {
-                node.raft
+                let response = node
+                    .raft
                     .change_membership(ChangeMembers::RemoveNodes(ids), false)
                     .await
                     .map_err(raft_err)?;
+                written = Some(response.log_id);
             }
         }
         Some(Change::Update(up)) => {
@@ -227,10 +235,12 @@ pub async fn execute(
             let mut updated = current.clone();
             updated.peer_urls = up.peer_ur_ls.clone();
             tracing::info!(member = %format!("{:x}", up.id), urls = ?up.peer_ur_ls, "updating member peer URLs");
-            node.raft
+            let response = node
+                .raft
                 .change_membership(ChangeMembers::SetNodes([(up.id, updated)].into()), true)
                 .await
                 .map_err(raft_err)?;
+            written = Some(response.log_id);
         }
         Some(Change::Promote(p)) => {
             if !nodes.contains_key(&p.id) {
@@ -243,10 +253,12 @@ pub async fn execute(
                 return Err(ServerError::LearnerNotReady);
             }
             tracing::info!(member = %format!("{:x}", p.id), "promoting learner");
-            node.raft
+            let response = node
+                .raft
                 .change_membership(ChangeMembers::AddVoterIds([p.id].into()), true)
                 .await
                 .map_err(raft_err)?;
+            written = Some(response.log_id);
         }
         Some(Change::Publish(publish)) => {
             let Some(current) = nodes.get(&publish.id) else {
@@ -257,21 +269,44 @@ pub async fn execute(
                 let mut updated = current.clone();
                 updated.name = publish.name.clone();
                 updated.client_urls = publish.client_urls.clone();
-                node.raft
+                let response = node
+                    .raft
                     .change_membership(
                         ChangeMembers::SetNodes([(publish.id, updated)].into()),
                         true,
                     )
                     .await
                     .map_err(raft_err)?;
+                written = Some(response.log_id);
             }
         }
         None => return Err(ServerError::Internal("empty membership change".into())),
+    }
+    if let Some(log_id) = written {
+        await_membership_visible(node, log_id).await;
     }
     Ok(MemberChangeResponse {
         members: member_list(node),
         member: added,
     })
+}
+
+/// Waits (at most 2 s) until this member's Raft metrics show the membership written at
+/// `log_id`. openraft publishes its metrics after the change is committed, and the next
+/// request (and this reply's member list) reads the membership from them: without the wait, a
+/// promote right after adding a learner could find no such member.
+async fn await_membership_visible(node: &KeelNode, log_id: keel_store::raft::types::LogId) {
+    let mut metrics = node.raft.metrics();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        if *metrics.borrow_watched().membership_config.log_id() >= Some(log_id) {
+            return;
+        }
+        match tokio::time::timeout_at(deadline, metrics.changed()).await {
+            Ok(Ok(())) => {}
+            _ => return,
+        }
+    }
 }
 
 /// Whether the leader has replicated at least 90% of its log to `id`.
