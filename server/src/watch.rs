@@ -418,9 +418,7 @@ fn event_responses(
     fragment: bool,
     limit: usize,
 ) -> Responses {
-    const OVERHEAD: usize = RESPONSE_OVERHEAD;
-    let size = event_wire_size;
-    let whole: usize = OVERHEAD + events.iter().map(size).sum::<usize>();
+    let whole: usize = RESPONSE_OVERHEAD + events.iter().map(event_wire_size).sum::<usize>();
     let batch = |events, fragment| Outgoing::Events {
         watch_id,
         header_rev,
@@ -432,12 +430,12 @@ fn event_responses(
     }
     let mut out = Responses::new();
     let mut current = EventList::new();
-    let mut used = OVERHEAD;
+    let mut used = RESPONSE_OVERHEAD;
     for ev in events {
-        let len = size(&ev);
+        let len = event_wire_size(&ev);
         if !current.is_empty() && used + len > limit {
             out.push(batch(std::mem::take(&mut current), true));
-            used = OVERHEAD;
+            used = RESPONSE_OVERHEAD;
         }
         used += len;
         current.push(ev);

@@ -349,32 +349,47 @@ async fn watchers_on_followers_survive_a_leader_kill() {
 
 /// A client that closes its sending side (half-close) keeps receiving events, as with etcd;
 /// only cancelling the call ends the stream.
-#[tokio::test]
-async fn half_closed_stream_keeps_delivering() {
+/// A raw Watch call on `endpoint` (the generated client, so the test controls both halves of
+/// the stream) that has sent one create request per key: its request sender and responses.
+async fn raw_watch(
+    endpoint: &str,
+    keys: &[Vec<u8>],
+) -> (
+    tokio::sync::mpsc::Sender<keel_proto::etcdserverpb::WatchRequest>,
+    tonic::Streaming<keel_proto::etcdserverpb::WatchResponse>,
+) {
     use keel_proto::etcdserverpb::watch_client::WatchClient;
     use keel_proto::etcdserverpb::watch_request::RequestUnion;
     use keel_proto::etcdserverpb::{WatchCreateRequest, WatchRequest};
 
-    let cluster = Cluster::start(1).await;
-    let endpoint = cluster.members[0].endpoint();
-    let mut c = client(&endpoint).await.unwrap();
     let mut wc = WatchClient::connect(format!("http://{endpoint}"))
         .await
         .unwrap();
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(WatchRequest {
-        request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
-            key: b"hc".to_vec(),
-            ..Default::default()
-        })),
-    })
-    .await
-    .unwrap();
-    let mut responses = wc
+    let (tx, rx) = tokio::sync::mpsc::channel(keys.len().max(1));
+    for key in keys {
+        tx.send(WatchRequest {
+            request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+                key: key.clone(),
+                ..Default::default()
+            })),
+        })
+        .await
+        .unwrap();
+    }
+    let responses = wc
         .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
         .unwrap()
         .into_inner();
+    (tx, responses)
+}
+
+#[tokio::test]
+async fn half_closed_stream_keeps_delivering() {
+    let cluster = Cluster::start(1).await;
+    let endpoint = cluster.members[0].endpoint();
+    let mut c = client(&endpoint).await.unwrap();
+    let (tx, mut responses) = raw_watch(&endpoint, &[b"hc".to_vec()]).await;
     assert!(next_response(&mut responses).await.created);
     drop(tx); // ends the request stream: the client half-closes
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -396,33 +411,12 @@ fn watcher_total(port: u16) -> i64 {
 
 #[tokio::test]
 async fn cancelling_the_call_removes_its_watchers() {
-    use keel_proto::etcdserverpb::watch_client::WatchClient;
-    use keel_proto::etcdserverpb::watch_request::RequestUnion;
-    use keel_proto::etcdserverpb::{WatchCreateRequest, WatchRequest};
-
     let cluster = Cluster::start(1).await;
     let endpoint = cluster.members[0].endpoint();
     let port = cluster.members[0].client_port;
     let mut c = client(&endpoint).await.unwrap();
-    let mut wc = WatchClient::connect(format!("http://{endpoint}"))
-        .await
-        .unwrap();
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    for i in 0..20 {
-        tx.send(WatchRequest {
-            request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
-                key: format!("gone/{i}").into_bytes(),
-                ..Default::default()
-            })),
-        })
-        .await
-        .unwrap();
-    }
-    let mut responses = wc
-        .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let keys: Vec<Vec<u8>> = (0..20).map(|i| format!("gone/{i}").into_bytes()).collect();
+    let (tx, mut responses) = raw_watch(&endpoint, &keys).await;
     for _ in 0..20 {
         assert!(next_response(&mut responses).await.created);
     }
@@ -442,7 +436,7 @@ async fn cancelling_the_call_removes_its_watchers() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // The member still serves new watchers and writes.
+    // The member still serves writes.
     c.put("gone/3", "w", None).await.unwrap();
 }
 
