@@ -19,7 +19,8 @@
 # Each case runs REPEAT times per system in the order Keel, etcd, etcd, Keel (the report keeps
 # each system's better run: interference from other jobs only ever slows a run down).
 # Environment: KEEL_BIN (a keel binary to use instead of building one), KEEL_BENCH_DURATION (seconds per run, default 6), KEEL_BENCH_REPEAT (default 2),
-# KEEL_BENCH_MEM_KEYS (default 1000000), KEEP_WORK=1 keeps the work directory (data dirs, logs,
+# KEEL_BENCH_MEM_KEYS (default 1000000), KEEL_BENCH_WARMUP (seconds of puts before anything is
+# measured, default 20), KEEP_WORK=1 keeps the work directory (data dirs, logs,
 # results).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,11 +32,12 @@ ensure_test_deps
 DUR=${KEEL_BENCH_DURATION:-6}
 REPEAT=${KEEL_BENCH_REPEAT:-2}
 MEM_KEYS=${KEEL_BENCH_MEM_KEYS:-1000000}
+WARMUP=${KEEL_BENCH_WARMUP:-20}
 REPORT=1
 ONLY=""
 while [ $# -gt 0 ]; do
     case $1 in
-        --quick) DUR=2; REPEAT=1; MEM_KEYS=100000; REPORT=0; KEEP_WORK=1 ;;
+        --quick) DUR=2; REPEAT=1; MEM_KEYS=100000; WARMUP=2; REPORT=0; KEEP_WORK=1 ;;
         --no-report) REPORT=0; KEEP_WORK=1 ;;
         --only) ONLY=$2; REPORT=0; KEEP_WORK=1; shift ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
@@ -229,6 +231,24 @@ if [ -z "$ONLY" ] || [[ memory =~ $ONLY ]]; then
     done
 fi
 
+# --- warm-up: both systems into their steady state before anything is measured ---
+# A freshly created member differs from one that has been running: Keel's write-ahead log
+# starts reusing retired files (an fsync into a reused file does not grow it) once the first
+# ones are retired, after ~130 MB of writes; etcd preallocates its WAL segments from the start.
+# So both clusters take WARMUP seconds of puts, then are compacted to their current revision
+# (the warm-up's history is not left behind to weigh on later cases). Not recorded.
+for kind in keel etcd; do
+    [ "$WARMUP" -gt 0 ] || break
+    eps=$(endpoints "$kind")
+    echo ">> $kind: warm-up, ${WARMUP}s of puts (64 clients), then compaction" >&2
+    bench put --clients 64 --conns 8 --duration "$WARMUP" --quiet --endpoints "$eps" --json \
+        || echo "!! $kind: warm-up failed; continuing" >&2
+    rev=$(ETCDCTL_API=3 etcdctl --endpoints "$eps" endpoint status -w json \
+        | python3 -c 'import json,sys; print(max(e["Status"]["header"]["revision"] for e in json.load(sys.stdin)))')
+    ETCDCTL_API=3 etcdctl --endpoints "$eps" compaction --physical "$rev" >&2 \
+        || echo "!! $kind: compaction failed; continuing" >&2
+done
+
 # --- request workloads (10 000 keys of 8 B, 256 B values unless said otherwise) ---
 run_case put put --clients 1 --conns 1
 run_case put put --clients 32 --conns 8
@@ -317,6 +337,7 @@ json.dump({
     "other_procs": "$OTHER_COUNT",
     "elapsed": "$ELAPSED",
     "duration": "$DUR",
+    "warmup": "$WARMUP",
     "repeat": "$REPEAT",
 }, open(sys.argv[1], "w"), indent=1)
 PY

@@ -870,6 +870,11 @@ fn notes(d: &Data, meta: &BTreeMap<String, String>) -> Vec<String> {
         "Both clusters are measured in the same run, workload by workload (Keel, then etcd), on the same data disk, with the same keel-bench flags; clients spread their connections over all three members, so writes sent to followers are forwarded to the leader by both systems. Single-connection cases (`--conns 1`) connect to each cluster's leader, so both are measured in the same role.".to_string(),
         "etcd is Debian's build (see the version above, not the newest etcd release); its defaults are kept except the heartbeat/election flags Keel also gets. Neither system is tuned for the benchmark.".to_string(),
     ];
+    if let Some(w) = meta.get("warmup").filter(|w| w.as_str() != "0") {
+        n.push(format!(
+            "Before the first request workload both clusters take {w} s of puts (64 clients) and are compacted to their current revision (not recorded; `KEEL_BENCH_WARMUP` sets the seconds), so both are measured in their steady state: Keel's write-ahead log reuses retired files once it has written about 130 MB (an fsync into a reused file does not grow it, and costs less), while etcd preallocates its WAL segments from the start."
+        ));
+    }
     let reps = d.repeats();
     if reps > 1 {
         n.push(format!(
