@@ -297,12 +297,13 @@ impl KeelNode {
 
     /// Proposes on this member, forwarding once if it turns out not to be the leader.
     pub async fn propose_local(&self, req: RaftRequest) -> Result<RaftResponse, ServerError> {
+        let req = Arc::new(req);
         match self.raft.client_write(Command(req.clone())).await {
             Ok(resp) => Ok(resp.data.0),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                 match (f.leader_id, f.leader_node) {
                     (Some(id), Some(node)) if id != self.member_id() => {
-                        self.forward(id, &node, req).await
+                        self.forward(id, &node, Arc::unwrap_or_clone(req)).await
                     }
                     _ => Err(ServerError::NoLeader),
                 }

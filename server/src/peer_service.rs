@@ -362,7 +362,9 @@ async fn propose_forwarded(
 ) -> Result<keel_proto::keelpb::RaftResponse, Status> {
     use crate::error::ServerError;
     use openraft::error::{ClientWriteError, RaftError};
-    let write = node.raft.client_write(keel_store::raft::Command(request));
+    let write = node
+        .raft
+        .client_write(keel_store::raft::Command(request.into()));
     match tokio::time::timeout(crate::node::REQUEST_TIMEOUT, write).await {
         Ok(Ok(resp)) => Ok(resp.data.0),
         Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))))

@@ -1,6 +1,7 @@
 //! The openraft type configuration and the values that travel through the Raft log.
 
 use std::fmt;
+use std::sync::Arc;
 
 use keel_proto::keelpb::{RaftRequest, RaftResponse};
 use prost::Message;
@@ -28,9 +29,11 @@ impl fmt::Display for MemberNode {
     }
 }
 
-/// One command in the Raft log: a protobuf `keelpb.RaftRequest`.
+/// One command in the Raft log: a protobuf `keelpb.RaftRequest`, shared: openraft clones an
+/// entry for every follower it replicates to and for the apply, and those clones only count a
+/// reference.
 #[derive(Debug, Clone, PartialEq, Default)]
-pub struct Command(pub RaftRequest);
+pub struct Command(pub Arc<RaftRequest>);
 
 /// The result of applying one [`Command`]: a protobuf `keelpb.RaftResponse`.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -69,7 +72,7 @@ macro_rules! serde_as_protobuf {
             fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
                 let bytes: serde_bytes_buf::ByteBuf = Deserialize::deserialize(deserializer)?;
                 <$inner>::decode(bytes.0.as_slice())
-                    .map($wrapper)
+                    .map(|inner| $wrapper(inner.into()))
                     .map_err(serde::de::Error::custom)
             }
         }
