@@ -6,8 +6,12 @@ use keel_jepsen::linearizable::{Verdict, check};
 
 #[test]
 fn reproduces_every_shared_verdict() {
-    let dir =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/histories/etcd-register");
+    // The crate's directory as cargo reports it when running the test, not as compiled in: a
+    // target directory shared by clones at different paths can reuse a binary built elsewhere.
+    let crate_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    let dir = crate_dir.join("../../shared/histories/etcd-register");
     let verdicts = std::fs::read_to_string(dir.join("verdicts.tsv")).unwrap_or_else(|e| {
         panic!(
             "the shared histories are required beside the clone ({}): {e}",
