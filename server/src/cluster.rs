@@ -166,8 +166,7 @@ pub async fn execute(
     };
     let mut added: Option<Member> = None;
     // The log id of the membership this request wrote, if any.
-    let mut written = None;
-    match req.change {
+    let written = match req.change {
         Some(Change::Add(add)) => {
             validate_urls(&add.peer_ur_ls)?;
             if url_taken(&add.peer_ur_ls, None) {
@@ -196,8 +195,8 @@ pub async fn execute(
                 .add_learner(id, new.clone(), false)
                 .await
                 .map_err(raft_err)?;
-            written = Some(response.log_id);
             added = Some(to_member(id, &new, false));
+            Some(response.log_id)
         }
         Some(Change::Remove(rm)) => {
             if !nodes.contains_key(&rm.id) {
@@ -205,24 +204,15 @@ pub async fn execute(
             }
             tracing::info!(member = %format!("{:x}", rm.id), "removing member");
             let ids: BTreeSet<NodeId> = [rm.id].into();
-            if voters.contains(&rm.id) {
+            let changes = if voters.contains(&rm.id) {
                 if voters.len() == 1 {
                     return Err(ServerError::NotEnoughStartedMembers);
                 }
-                let response = node
-                    .raft
-                    .change_membership(ChangeMembers::RemoveVoters(ids), false)
-                    .await
-                    .map_err(raft_err)?;
-                written = Some(response.log_id);
+                ChangeMembers::RemoveVoters(ids)
             } else {
-                let response = node
-                    .raft
-                    .change_membership(ChangeMembers::RemoveNodes(ids), false)
-                    .await
-                    .map_err(raft_err)?;
-                written = Some(response.log_id);
-            }
+                ChangeMembers::RemoveNodes(ids)
+            };
+            Some(change_membership(node, changes, false).await?)
         }
         Some(Change::Update(up)) => {
             let Some(current) = nodes.get(&up.id) else {
@@ -235,12 +225,8 @@ pub async fn execute(
             let mut updated = current.clone();
             updated.peer_urls = up.peer_ur_ls.clone();
             tracing::info!(member = %format!("{:x}", up.id), urls = ?up.peer_ur_ls, "updating member peer URLs");
-            let response = node
-                .raft
-                .change_membership(ChangeMembers::SetNodes([(up.id, updated)].into()), true)
-                .await
-                .map_err(raft_err)?;
-            written = Some(response.log_id);
+            let changes = ChangeMembers::SetNodes([(up.id, updated)].into());
+            Some(change_membership(node, changes, true).await?)
         }
         Some(Change::Promote(p)) => {
             if !nodes.contains_key(&p.id) {
@@ -253,12 +239,8 @@ pub async fn execute(
                 return Err(ServerError::LearnerNotReady);
             }
             tracing::info!(member = %format!("{:x}", p.id), "promoting learner");
-            let response = node
-                .raft
-                .change_membership(ChangeMembers::AddVoterIds([p.id].into()), true)
-                .await
-                .map_err(raft_err)?;
-            written = Some(response.log_id);
+            let changes = ChangeMembers::AddVoterIds([p.id].into());
+            Some(change_membership(node, changes, true).await?)
         }
         Some(Change::Publish(publish)) => {
             let Some(current) = nodes.get(&publish.id) else {
@@ -269,19 +251,14 @@ pub async fn execute(
                 let mut updated = current.clone();
                 updated.name = publish.name.clone();
                 updated.client_urls = publish.client_urls.clone();
-                let response = node
-                    .raft
-                    .change_membership(
-                        ChangeMembers::SetNodes([(publish.id, updated)].into()),
-                        true,
-                    )
-                    .await
-                    .map_err(raft_err)?;
-                written = Some(response.log_id);
+                let changes = ChangeMembers::SetNodes([(publish.id, updated)].into());
+                Some(change_membership(node, changes, true).await?)
+            } else {
+                None
             }
         }
         None => return Err(ServerError::Internal("empty membership change".into())),
-    }
+    };
     if let Some(log_id) = written {
         await_membership_visible(node, log_id).await;
     }
@@ -289,6 +266,20 @@ pub async fn execute(
         members: member_list(node),
         member: added,
     })
+}
+
+/// Proposes a membership change; the log id of the membership it wrote.
+async fn change_membership(
+    node: &KeelNode,
+    changes: ChangeMembers<NodeId, MemberNode>,
+    retain: bool,
+) -> Result<keel_store::raft::types::LogId, ServerError> {
+    let response = node
+        .raft
+        .change_membership(changes, retain)
+        .await
+        .map_err(raft_err)?;
+    Ok(response.log_id)
 }
 
 /// Waits (at most 2 s) until this member's Raft metrics show the membership written at

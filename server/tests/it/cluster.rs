@@ -162,6 +162,14 @@ impl Cluster {
         }
     }
 
+    /// Kills member `i` with SIGKILL (only what was fsynced survives), starts it again on the
+    /// same data directory and waits until every running member serves reads.
+    pub async fn kill_and_restart(&mut self, i: usize) {
+        self.members[i].kill();
+        self.members[i].start();
+        self.wait_ready(Duration::from_secs(30)).await;
+    }
+
     /// Index of the member every running member agrees is leader.
     pub async fn leader(&self) -> usize {
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -185,6 +193,12 @@ impl Cluster {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// The store's current revision, as a linearizable read of any key reports it.
+pub async fn current_revision(c: &mut Client) -> i64 {
+    let got = c.get("revision-probe", None).await.unwrap();
+    got.header().map(|h| h.revision()).unwrap_or(0)
 }
 
 pub async fn client(endpoint: &str) -> Result<Client, etcd_client::Error> {

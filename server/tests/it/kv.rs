@@ -3,7 +3,7 @@
 use etcd_client::{Compare, CompareOp, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp};
 use tonic::Code;
 
-use crate::cluster::{Cluster, client, status_code, status_message};
+use crate::cluster::{Cluster, client, current_revision, status_code, status_message};
 
 #[tokio::test]
 async fn put_get_delete_and_revisions() {
@@ -271,17 +271,9 @@ async fn restart_keeps_data_and_revision() {
             .await
             .unwrap();
     }
-    let rev = c
-        .get("key00", None)
-        .await
-        .unwrap()
-        .header()
-        .unwrap()
-        .revision();
-    // SIGKILL: only what was fsynced survives, and everything acknowledged was.
-    cluster.members[0].kill();
-    cluster.members[0].start();
-    cluster.wait_ready(std::time::Duration::from_secs(30)).await;
+    let rev = current_revision(&mut c).await;
+    // Only what was fsynced survives a SIGKILL, and everything acknowledged was.
+    cluster.kill_and_restart(0).await;
     let mut c = client(&ep).await.unwrap();
     let all = c
         .get("key", Some(GetOptions::new().with_prefix()))
@@ -317,22 +309,14 @@ async fn restart_after_log_files_are_reused_keeps_acknowledged_writes() {
             .unwrap();
         last[i % KEYS] = i;
     }
-    let rev = c
-        .get("key00", None)
-        .await
-        .unwrap()
-        .header()
-        .unwrap()
-        .revision();
+    let rev = current_revision(&mut c).await;
     let rocks_log = std::fs::read_to_string(cluster.members[0].data_dir.join("db/LOG")).unwrap();
     assert!(
         rocks_log.contains("reusing log"),
         "the test wrote too little for a log file to be reused"
     );
 
-    cluster.members[0].kill();
-    cluster.members[0].start();
-    cluster.wait_ready(std::time::Duration::from_secs(30)).await;
+    cluster.kill_and_restart(0).await;
     let mut c = client(&ep).await.unwrap();
     for (k, &i) in last.iter().enumerate() {
         let got = c.get(format!("key{k:02}"), None).await.unwrap();

@@ -347,8 +347,6 @@ async fn watchers_on_followers_survive_a_leader_kill() {
     );
 }
 
-/// A client that closes its sending side (half-close) keeps receiving events, as with etcd;
-/// only cancelling the call ends the stream.
 /// A raw Watch call on `endpoint` (the generated client, so the test controls both halves of
 /// the stream) that has sent one create request per key: its request sender and responses.
 async fn raw_watch(
@@ -384,6 +382,8 @@ async fn raw_watch(
     (tx, responses)
 }
 
+/// A client that closes its sending side (half-close) keeps receiving events, as with etcd;
+/// only cancelling the call ends the stream.
 #[tokio::test]
 async fn half_closed_stream_keeps_delivering() {
     let cluster = Cluster::start(1).await;

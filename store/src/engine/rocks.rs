@@ -31,9 +31,10 @@ impl RocksEngine {
         // The write-ahead log is fsynced for every Raft append, so its fsync is on the latency
         // of every write. An fsync that grows the file also commits the file's new size to the
         // filesystem journal; one into a recycled file (overwritten in place, size unchanged)
-        // does not, and measured 20-30% cheaper here. Recycling needs retired log files, so
-        // the total log is capped: past 64 MiB the column families holding the oldest log are
-        // flushed and that file is retired (this also bounds the replay on restart).
+        // does not, and measured 10-30% cheaper here (docs/benchmarks.md, change 9).
+        // Recycling needs retired log files, so the total log is capped: past 64 MiB the
+        // column families holding the oldest log are flushed and that file is retired (this
+        // also bounds the replay on restart).
         db_opts.set_recycle_log_file_num(4);
         db_opts.set_max_total_wal_size(64 << 20);
         let cfs = Table::ALL.iter().map(|t| {
