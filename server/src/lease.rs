@@ -11,6 +11,9 @@
 //! - A keep-alive is acknowledged only after the leader confirmed with a quorum that it still
 //!   leads, so a deposed or paused leader cannot promise a lifetime the real leader does not
 //!   know of (a TTL > 0 in a keep-alive answer means the lease is really alive).
+//! - A keep-alive of a lease whose deadline has passed does not renew it: it waits for the
+//!   revocation and answers TTL 0 (etcd's lessor does the same), so a revocation already on
+//!   its way cannot delete the keys of a lease a client was just told is alive.
 //! - Keep-alives and TTL queries that reach a follower are forwarded to the leader.
 //! - Expired leases are revoked in bounded batches of concurrent proposals, so thousands of
 //!   expiries at once do not monopolise the proposal path.
@@ -43,6 +46,18 @@ const LEADER_RETRY: Duration = Duration::from_millis(100);
 const RENEW_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Keep-alives of one stream renewed together at most.
 const KEEPALIVE_BATCH: usize = 256;
+/// How long a keep-alive of an expired lease waits for its revocation before failing.
+const EXPIRED_RENEWAL_PATIENCE: Duration = Duration::from_millis(1500);
+
+/// What renewing a lease on the leader found.
+enum Renewal {
+    /// Renewed for this many seconds.
+    Renewed(i64),
+    /// No such lease (never granted, or revoked).
+    NotFound,
+    /// Its deadline has passed: it is being revoked.
+    Expired,
+}
 
 /// Leader-side lease deadlines.
 pub struct Lessor {
@@ -191,24 +206,50 @@ impl Lessor {
     /// keep-alives that the real leader never hears of, and the lease could expire while the
     /// client was told it is alive (found by keel-jepsen's lease workload; etcd's
     /// `ensureLeadership`). `Ok(0)` when the lease does not exist.
+    ///
+    /// A lease whose deadline has passed is not renewed: its revocation is proposed, or about
+    /// to be, and would delete the keys of a lease the client was just told is alive (found by
+    /// keel-jepsen's lease workload under a partition: revocations proposed when the leader
+    /// could commit again raced with keep-alives arriving at the same moment). The renewal
+    /// waits for the revocation and answers `Ok(0)`, as etcd's lessor does for an expired
+    /// lease; if this member stops leading meanwhile, the caller retries on the next leader,
+    /// which gives every lease its full TTL again.
     pub async fn renew_confirmed(&self, id: i64) -> Result<i64, ServerError> {
-        self.node.read_index_local().await?;
-        self.renew_local(id)
+        let read_index = self.node.read_index_local().await?;
+        // A revocation committed before the confirmation must be seen by the check below.
+        self.node.wait_applied(read_index).await?;
+        let give_up = Instant::now() + EXPIRED_RENEWAL_PATIENCE;
+        let mut applied = self.node.applied.clone();
+        loop {
+            match self.renew_local(id)? {
+                Renewal::Renewed(ttl) => return Ok(ttl),
+                Renewal::NotFound => return Ok(0),
+                Renewal::Expired if Instant::now() >= give_up => {
+                    return Err(ServerError::Timeout);
+                }
+                Renewal::Expired => {
+                    // Woken by every applied chunk (the revocation's among them), and at least
+                    // every tick to notice a lost leadership.
+                    let _ = tokio::time::timeout(TICK, applied.changed()).await;
+                }
+            }
+        }
     }
 
-    /// Renews a lease on the leader without confirming leadership; `Ok(0)` when it does not
-    /// exist. Use [`Self::renew_confirmed`] for client keep-alives.
-    fn renew_local(&self, id: i64) -> Result<i64, ServerError> {
+    /// Renews a lease on the leader without confirming leadership. Use
+    /// [`Self::renew_confirmed`] for client keep-alives.
+    fn renew_local(&self, id: i64) -> Result<Renewal, ServerError> {
         let mut guard = self.lock();
         let deadlines = self.leader_deadlines(&mut guard)?;
         let Some(info) = self.node.mvcc.lease(id) else {
-            return Ok(0);
+            return Ok(Renewal::NotFound);
         };
-        deadlines.insert(
-            id,
-            Instant::now() + Duration::from_secs(info.ttl.max(0) as u64),
-        );
-        Ok(info.ttl)
+        let now = Instant::now();
+        if deadlines.get(&id).is_some_and(|d| *d <= now) {
+            return Ok(Renewal::Expired);
+        }
+        deadlines.insert(id, now + Duration::from_secs(info.ttl.max(0) as u64));
+        Ok(Renewal::Renewed(info.ttl))
     }
 
     /// Remaining seconds on the leader; `Ok(-1)` when the lease does not exist.
