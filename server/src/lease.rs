@@ -216,22 +216,29 @@ impl Lessor {
     /// which gives every lease its full TTL again.
     pub async fn renew_confirmed(&self, id: i64) -> Result<i64, ServerError> {
         let read_index = self.node.read_index_local().await?;
-        // A revocation committed before the confirmation must be seen by the check below.
-        self.node.wait_applied(read_index).await?;
+        // A revocation committed before the confirmation must be seen by the check below (on
+        // the leader the index is almost always applied already: one borrow, no wait).
+        if self.node.applied.borrow().index < read_index {
+            self.node.wait_applied(read_index).await?;
+        }
+        match self.renew_local(id)? {
+            Renewal::Renewed(ttl) => return Ok(ttl),
+            Renewal::NotFound => return Ok(0),
+            Renewal::Expired => {}
+        }
         let give_up = Instant::now() + EXPIRED_RENEWAL_PATIENCE;
         let mut applied = self.node.applied.clone();
         loop {
+            if Instant::now() >= give_up {
+                return Err(ServerError::Timeout);
+            }
+            // Woken by every applied chunk (the revocation's among them), and at least every
+            // tick to notice a lost leadership.
+            let _ = tokio::time::timeout(TICK, applied.changed()).await;
             match self.renew_local(id)? {
                 Renewal::Renewed(ttl) => return Ok(ttl),
                 Renewal::NotFound => return Ok(0),
-                Renewal::Expired if Instant::now() >= give_up => {
-                    return Err(ServerError::Timeout);
-                }
-                Renewal::Expired => {
-                    // Woken by every applied chunk (the revocation's among them), and at least
-                    // every tick to notice a lost leadership.
-                    let _ = tokio::time::timeout(TICK, applied.changed()).await;
-                }
+                Renewal::Expired => {}
             }
         }
     }
