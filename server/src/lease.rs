@@ -16,7 +16,9 @@
 //!   its way cannot delete the keys of a lease a client was just told is alive.
 //! - Keep-alives and TTL queries that reach a follower are forwarded to the leader.
 //! - Expired leases are revoked in bounded batches of concurrent proposals, so thousands of
-//!   expiries at once do not monopolise the proposal path.
+//!   expiries at once do not monopolise the proposal path. A revocation is this member's own
+//!   Raft write, never forwarded: a deposed leader (e.g. one resumed after a pause) must not
+//!   push its expiry decisions onto the leader that replaced it.
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -75,6 +77,8 @@ impl Lessor {
         let weak = Arc::downgrade(&lessor);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(TICK);
+            // A member resumed after a pause runs one tick, not one per missed period.
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
                 let Some(l) = weak.upgrade() else { return };
@@ -144,7 +148,7 @@ impl Lessor {
             async move {
                 (
                     id,
-                    node.propose(RaftRequest {
+                    node.propose_as_leader(RaftRequest {
                         request: Some(Cmd::LeaseRevoke(LeaseRevokeRequest { id })),
                     })
                     .await,
@@ -157,6 +161,11 @@ impl Lessor {
                     if let Some((_, d)) = self.lock().as_mut() {
                         d.remove(&id);
                     }
+                }
+                Err(ServerError::NotLeader) => {
+                    // Deposed: the next leader decides this lease's expiry from its own
+                    // deadlines.
+                    tracing::info!(lease = id, "not leader any more; expiry left to the leader");
                 }
                 Err(e) => {
                     tracing::warn!(lease = id, error = %e, "lease revocation failed; will retry")

@@ -295,6 +295,36 @@ impl KeelNode {
         }
     }
 
+    /// Proposes `req` as this member's own Raft write, never forwarding it: for decisions a
+    /// leader makes from its own clocks (lease expiry). A member that stopped leading (or was
+    /// paused and has not yet noticed it was replaced) gets [`ServerError::NotLeader`] and its
+    /// decision is dropped; pushing it onto the new leader would revoke a lease that leader
+    /// keeps alive. An entry this member still appends in its old term cannot commit once
+    /// another leader was elected.
+    pub async fn propose_as_leader(&self, req: RaftRequest) -> Result<RaftResponse, ServerError> {
+        let lease_op = crate::metrics::LeaseOp::of(&req);
+        let write = self.raft.client_write(Command(Arc::new(req)));
+        let resp = match tokio::time::timeout(REQUEST_TIMEOUT, write).await {
+            Err(_) => return Err(ServerError::Timeout),
+            Ok(Ok(resp)) => resp.data.0,
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
+                return Err(ServerError::NotLeader);
+            }
+            Ok(Err(RaftError::APIError(ClientWriteError::LogEntryDiscarded(_)))) => {
+                return Err(ServerError::LeaderChanged);
+            }
+            Ok(Err(RaftError::APIError(e))) => return Err(ServerError::Internal(e.to_string())),
+            Ok(Err(RaftError::Fatal(_))) => return Err(ServerError::Stopped),
+        };
+        match &resp.error {
+            Some(e) => Err(ApplyError::from_proto(e).into()),
+            None => {
+                self.metrics.proposed(lease_op);
+                Ok(resp)
+            }
+        }
+    }
+
     /// Proposes on this member, forwarding once if it turns out not to be the leader.
     pub async fn propose_local(&self, req: RaftRequest) -> Result<RaftResponse, ServerError> {
         let req = Arc::new(req);

@@ -363,3 +363,49 @@ async fn keepalive_after_the_deadline_waits_for_the_revocation() {
         assert!(held.kvs().is_empty(), "TTL 0 answered but the key is there");
     }
 }
+
+/// A leader paused past a lease's deadline must not revoke the lease when it resumes: while it
+/// was paused another member became leader and renewed the lease (and keeps renewing it on
+/// keep-alives), and the resumed member's expiry loop, still believing itself leader for a
+/// moment, proposed the revocation and forwarded it to the new leader, which applied it (found
+/// by keel-jepsen's lease workload under pauses). Expiry is the decision of the member that
+/// leads now; a deposed leader's revocation is dropped, never forwarded.
+#[tokio::test]
+async fn resumed_old_leader_does_not_revoke_a_lease_the_new_leader_keeps() {
+    let cluster = Cluster::start(3).await;
+    let old_leader = cluster.leader().await;
+    let survivor = (old_leader + 1) % 3;
+    let mut c = client(&cluster.members[survivor].endpoint()).await.unwrap();
+    let g = c.lease_grant(2, None).await.unwrap();
+    c.put("kept/held", "1", Some(PutOptions::new().with_lease(g.id())))
+        .await
+        .unwrap();
+    let (mut keeper, mut stream) = c.lease_keep_alive(g.id()).await.unwrap();
+    keeper.keep_alive().await.unwrap();
+    stream.message().await.unwrap().unwrap();
+
+    cluster.members[old_leader].signal("STOP");
+    // Past the lease's deadline on the paused leader; meanwhile the others elect a leader,
+    // which renews the lease and then hears keep-alives from us.
+    let pause_until = Instant::now() + Duration::from_millis(3000);
+    while Instant::now() < pause_until {
+        let _ = keeper.keep_alive().await;
+        let _ = tokio::time::timeout(Duration::from_millis(500), stream.message()).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    cluster.members[old_leader].signal("CONT");
+    let watch_until = Instant::now() + Duration::from_millis(2500);
+    let mut last_ttl = 0;
+    while Instant::now() < watch_until {
+        keeper.keep_alive().await.unwrap();
+        if let Ok(Ok(Some(m))) =
+            tokio::time::timeout(Duration::from_secs(2), stream.message()).await
+        {
+            last_ttl = m.ttl();
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(last_ttl, g.ttl(), "the kept-alive lease is gone");
+    let held = c.get("kept/held", None).await.unwrap();
+    assert_eq!(held.kvs().len(), 1, "the kept-alive lease's key is gone");
+}
