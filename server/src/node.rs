@@ -295,7 +295,27 @@ impl KeelNode {
         }
     }
 
-    /// Proposes `req` as this member's own Raft write, never forwarding it: for decisions a
+    /// Writes `req` into this member's Raft log, never forwarding it, bounded by the request
+    /// timeout; the applied response as it is, its `error` included. A member that is not the
+    /// leader gets [`ServerError::NotLeader`]. For writes that must not travel on: those a
+    /// follower forwarded here (so requests cannot loop) and the leader's own decisions.
+    pub async fn write_here(&self, req: RaftRequest) -> Result<RaftResponse, ServerError> {
+        let write = self.raft.client_write(Command(Arc::new(req)));
+        match tokio::time::timeout(REQUEST_TIMEOUT, write).await {
+            Err(_) => Err(ServerError::Timeout),
+            Ok(Ok(resp)) => Ok(resp.data.0),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
+                Err(ServerError::NotLeader)
+            }
+            Ok(Err(RaftError::APIError(ClientWriteError::LogEntryDiscarded(_)))) => {
+                Err(ServerError::LeaderChanged)
+            }
+            Ok(Err(RaftError::APIError(e))) => Err(ServerError::Internal(e.to_string())),
+            Ok(Err(RaftError::Fatal(_))) => Err(ServerError::Stopped),
+        }
+    }
+
+    /// Proposes `req` as this member's own Raft write ([`Self::write_here`]): for decisions a
     /// leader makes from its own clocks (lease expiry). A member that stopped leading (or was
     /// paused and has not yet noticed it was replaced) gets [`ServerError::NotLeader`] and its
     /// decision is dropped; pushing it onto the new leader would revoke a lease that leader
@@ -303,19 +323,7 @@ impl KeelNode {
     /// another leader was elected.
     pub async fn propose_as_leader(&self, req: RaftRequest) -> Result<RaftResponse, ServerError> {
         let lease_op = crate::metrics::LeaseOp::of(&req);
-        let write = self.raft.client_write(Command(Arc::new(req)));
-        let resp = match tokio::time::timeout(REQUEST_TIMEOUT, write).await {
-            Err(_) => return Err(ServerError::Timeout),
-            Ok(Ok(resp)) => resp.data.0,
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
-                return Err(ServerError::NotLeader);
-            }
-            Ok(Err(RaftError::APIError(ClientWriteError::LogEntryDiscarded(_)))) => {
-                return Err(ServerError::LeaderChanged);
-            }
-            Ok(Err(RaftError::APIError(e))) => return Err(ServerError::Internal(e.to_string())),
-            Ok(Err(RaftError::Fatal(_))) => return Err(ServerError::Stopped),
-        };
+        let resp = self.write_here(req).await?;
         match &resp.error {
             Some(e) => Err(ApplyError::from_proto(e).into()),
             None => {

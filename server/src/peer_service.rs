@@ -355,23 +355,15 @@ impl RaftPeer for PeerService {
 }
 
 /// Proposes a write a follower forwarded. Never forwarded again (so requests cannot loop) and
-/// bounded by the request timeout, so every forwarded write gets an answer.
+/// bounded by the request timeout, so every forwarded write gets an answer; a member that is no
+/// longer leader answers "leader changed".
 async fn propose_forwarded(
     node: &KeelNode,
     request: keel_proto::keelpb::RaftRequest,
 ) -> Result<keel_proto::keelpb::RaftResponse, Status> {
     use crate::error::ServerError;
-    use openraft::error::{ClientWriteError, RaftError};
-    let write = node
-        .raft
-        .client_write(keel_store::raft::Command(request.into()));
-    match tokio::time::timeout(crate::node::REQUEST_TIMEOUT, write).await {
-        Ok(Ok(resp)) => Ok(resp.data.0),
-        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))))
-        | Ok(Err(RaftError::APIError(ClientWriteError::LogEntryDiscarded(_)))) => {
-            Err(ServerError::LeaderChanged.into())
-        }
-        Ok(Err(e)) => Err(ServerError::Internal(e.to_string()).into()),
-        Err(_) => Err(ServerError::Timeout.into()),
-    }
+    node.write_here(request).await.map_err(|e| match e {
+        ServerError::NotLeader => ServerError::LeaderChanged.into(),
+        e => e.into(),
+    })
 }

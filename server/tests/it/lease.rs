@@ -3,9 +3,31 @@
 
 use std::time::{Duration, Instant};
 
-use etcd_client::{EventType, LeaseTimeToLiveOptions, PutOptions, WatchOptions};
+use etcd_client::{
+    Client, EventType, LeaseKeepAliveStream, LeaseKeeper, LeaseTimeToLiveOptions, PutOptions,
+    WatchOptions,
+};
 
 use crate::cluster::{Cluster, client, status_message};
+
+/// A lease granted with `ttl` seconds, `key` attached to it and a keep-alive stream opened for
+/// it: the granted lease and the stream's two halves.
+async fn leased_key(
+    c: &mut Client,
+    ttl: i64,
+    key: &str,
+) -> (
+    etcd_client::LeaseGrantResponse,
+    LeaseKeeper,
+    LeaseKeepAliveStream,
+) {
+    let g = c.lease_grant(ttl, None).await.unwrap();
+    c.put(key, "1", Some(PutOptions::new().with_lease(g.id())))
+        .await
+        .unwrap();
+    let (keeper, stream) = c.lease_keep_alive(g.id()).await.unwrap();
+    (g, keeper, stream)
+}
 
 #[tokio::test]
 async fn grant_keepalive_ttl_revoke() {
@@ -119,12 +141,8 @@ async fn leases_survive_a_leader_kill_and_keepalives_reach_the_leader() {
     let leader = cluster.leader().await;
     let follower = (leader + 1) % 3;
     let mut fc = client(&cluster.members[follower].endpoint()).await.unwrap();
-    let g = fc.lease_grant(6, None).await.unwrap();
-    fc.put("owned", "1", Some(PutOptions::new().with_lease(g.id())))
-        .await
-        .unwrap();
     // Keep-alive sent to a follower is answered by the leader.
-    let (mut keeper, mut stream) = fc.lease_keep_alive(g.id()).await.unwrap();
+    let (g, mut keeper, mut stream) = leased_key(&mut fc, 6, "owned").await;
     keeper.keep_alive().await.unwrap();
     assert_eq!(stream.message().await.unwrap().unwrap().ttl(), 6);
     drop(keeper);
@@ -266,15 +284,7 @@ async fn follower_keepalive_moves_on_from_a_paused_leader() {
     let leader = cluster.leader().await;
     let follower = (leader + 1) % 3;
     let mut fc = client(&cluster.members[follower].endpoint()).await.unwrap();
-    let g = fc.lease_grant(6, None).await.unwrap();
-    fc.put(
-        "paused/held",
-        "1",
-        Some(PutOptions::new().with_lease(g.id())),
-    )
-    .await
-    .unwrap();
-    let (mut keeper, mut stream) = fc.lease_keep_alive(g.id()).await.unwrap();
+    let (g, mut keeper, mut stream) = leased_key(&mut fc, 6, "paused/held").await;
 
     cluster.members[leader].signal("STOP");
     let started = Instant::now();
@@ -313,15 +323,7 @@ async fn keepalive_after_the_deadline_waits_for_the_revocation() {
     let cluster = Cluster::start(3).await;
     let leader = cluster.leader().await;
     let mut c = client(&cluster.members[leader].endpoint()).await.unwrap();
-    let g = c.lease_grant(1, None).await.unwrap();
-    c.put(
-        "expired/held",
-        "1",
-        Some(PutOptions::new().with_lease(g.id())),
-    )
-    .await
-    .unwrap();
-    let (mut keeper, mut stream) = c.lease_keep_alive(g.id()).await.unwrap();
+    let (g, mut keeper, mut stream) = leased_key(&mut c, 1, "expired/held").await;
     let followers: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
     for &f in &followers {
         cluster.members[f].signal("STOP");
@@ -376,11 +378,7 @@ async fn resumed_old_leader_does_not_revoke_a_lease_the_new_leader_keeps() {
     let old_leader = cluster.leader().await;
     let survivor = (old_leader + 1) % 3;
     let mut c = client(&cluster.members[survivor].endpoint()).await.unwrap();
-    let g = c.lease_grant(2, None).await.unwrap();
-    c.put("kept/held", "1", Some(PutOptions::new().with_lease(g.id())))
-        .await
-        .unwrap();
-    let (mut keeper, mut stream) = c.lease_keep_alive(g.id()).await.unwrap();
+    let (g, mut keeper, mut stream) = leased_key(&mut c, 2, "kept/held").await;
     keeper.keep_alive().await.unwrap();
     stream.message().await.unwrap().unwrap();
 
