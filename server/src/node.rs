@@ -85,6 +85,22 @@ pub struct KeelNode {
     read_batcher: Arc<crate::forwarding::ReadIndexBatcher>,
 }
 
+/// openraft's `(election_timeout_min, election_timeout_max)` for `--election-timeout` E.
+///
+/// etcd's followers campaign after a randomized E..2E without hearing from the leader. An
+/// openraft follower waits longer: it first lets the leader's lease run out
+/// (`election_timeout_max`, during which it also refuses to vote for anyone) and only then its
+/// randomized timeout (`min..max`). Mapping E to `E..2E` made a fail-over take 3–4 s with
+/// E = 1 s (etcd: 1–2 s). With `E/4..3E/4` a follower campaigns after 1–1.5 E of silence, and a
+/// candidate that lost retries after E/4..3E/4 (the minimum is kept above the heartbeat
+/// interval, as openraft requires). E is at least three heartbeats.
+fn raft_election_timeouts(config: &Config) -> (u64, u64) {
+    let election = config.election_timeout.max(config.heartbeat_interval * 3);
+    // openraft refuses a minimum below the heartbeat interval.
+    let min = election.div_ceil(4).max(config.heartbeat_interval + 1);
+    (min, (election * 3).div_ceil(4).max(min + 1))
+}
+
 impl KeelNode {
     /// Opens (or creates) the data directory and starts the Raft node.
     pub async fn start(
@@ -150,12 +166,12 @@ impl KeelNode {
         let state_machine = StateMachine::open(mvcc.clone(), &snapshot_dir, listener)?;
         let applied = state_machine.applied_watch();
 
-        let election = config.election_timeout.max(config.heartbeat_interval * 3);
+        let (election_timeout_min, election_timeout_max) = raft_election_timeouts(&config);
         let raft_config = openraft::Config {
             cluster_name: config.initial_cluster_token.clone(),
             heartbeat_interval: config.heartbeat_interval,
-            election_timeout_min: election,
-            election_timeout_max: election * 2,
+            election_timeout_min,
+            election_timeout_max,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_count),
             max_in_snapshot_log_to_keep: 5_000,
             purge_batch_size: 1_000,
@@ -536,6 +552,51 @@ pub(crate) fn status_to_error(status: &tonic::Status) -> ServerError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An openraft follower campaigns `election_timeout_max` (the leader's lease) plus a
+    /// timeout drawn from `min..max` after it last heard from the leader; like etcd's E..2E, that
+    /// must never be sooner than E nor later than 2E, and openraft must accept the pair.
+    #[test]
+    fn a_follower_campaigns_between_one_and_two_election_timeouts() {
+        use clap::Parser;
+        for (heartbeat, election) in [
+            (100, 1000),
+            (100, 300),
+            (100, 500),
+            (2, 6),
+            (10, 50),
+            (1, 1),
+            (50, 5000),
+        ] {
+            let config = Config::parse_from([
+                "keel".to_string(),
+                format!("--heartbeat-interval={heartbeat}"),
+                format!("--election-timeout={election}"),
+            ]);
+            let e = election.max(heartbeat * 3);
+            let (min, max) = raft_election_timeouts(&config);
+            assert!(
+                max + min >= e,
+                "{heartbeat}/{election}: first campaign before E"
+            );
+            assert!(
+                max + max <= 2 * e,
+                "{heartbeat}/{election}: first campaign after 2E"
+            );
+            assert!(
+                max > heartbeat,
+                "{heartbeat}/{election}: lease within one heartbeat"
+            );
+            let validated = openraft::Config {
+                heartbeat_interval: heartbeat,
+                election_timeout_min: min,
+                election_timeout_max: max,
+                ..Default::default()
+            }
+            .validate();
+            assert!(validated.is_ok(), "{heartbeat}/{election}: {validated:?}");
+        }
+    }
 
     #[test]
     fn ids_are_stable_and_distinct() {
