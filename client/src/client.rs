@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use keel_proto::etcdserverpb::AuthenticateRequest;
@@ -297,7 +297,13 @@ impl Client {
                 }],
                 preferred: AtomicUsize::new(0),
                 opts: self.inner.opts.clone(),
-                token: RwLock::new(self.inner.token.read().expect("token lock").clone()),
+                token: RwLock::new(
+                    self.inner
+                        .token
+                        .read()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .clone(),
+                ),
                 auth_lock: tokio::sync::Mutex::new(0),
                 token_generation: AtomicUsize::new(0),
             }),
@@ -316,7 +322,7 @@ impl Client {
             let down = *self.inner.endpoints[i]
                 .down_until
                 .lock()
-                .expect("endpoint lock");
+                .unwrap_or_else(PoisonError::into_inner);
             match down {
                 Some(t) if t > now => {
                     if best.is_none_or(|(_, b)| t < b) {
@@ -341,7 +347,8 @@ impl Client {
         *self.inner.endpoints[i]
             .down_until
             .lock()
-            .expect("endpoint lock") = Some(Instant::now() + self.inner.opts.unhealthy_for);
+            .unwrap_or_else(PoisonError::into_inner) =
+            Some(Instant::now() + self.inner.opts.unhealthy_for);
         let _ = self.inner.preferred.compare_exchange(
             i,
             (i + 1) % n,
@@ -355,7 +362,7 @@ impl Client {
         let mut d = self.inner.endpoints[i]
             .down_until
             .lock()
-            .expect("endpoint lock");
+            .unwrap_or_else(PoisonError::into_inner);
         if d.is_some() {
             *d = None;
         }
@@ -364,7 +371,13 @@ impl Client {
     /// Wraps `msg` with the auth token and, when `timeout` is set, a `grpc-timeout`.
     pub(crate) fn request<M>(&self, msg: M, timeout: bool) -> Request<M> {
         let mut req = Request::new(msg);
-        if let Some(t) = self.inner.token.read().expect("token lock").clone() {
+        if let Some(t) = self
+            .inner
+            .token
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+        {
             req.metadata_mut().insert("token", t);
         }
         if timeout {
@@ -417,7 +430,11 @@ impl Client {
             .await?;
         let token = AsciiMetadataValue::try_from(resp.token.as_str())
             .map_err(|e| Error::Unauthenticated(format!("unusable token: {e}")))?;
-        *self.inner.token.write().expect("token lock") = Some(token);
+        *self
+            .inner
+            .token
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some(token);
         self.inner.token_generation.fetch_add(1, Ordering::AcqRel);
         Ok(())
     }

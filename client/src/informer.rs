@@ -27,7 +27,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -91,7 +91,7 @@ impl Store {
     pub fn get(&self, key: impl AsRef<[u8]>) -> Option<KeyValue> {
         self.map
             .read()
-            .expect("store lock")
+            .unwrap_or_else(PoisonError::into_inner)
             .get(key.as_ref())
             .cloned()
     }
@@ -99,7 +99,7 @@ impl Store {
     pub fn list(&self) -> Vec<KeyValue> {
         self.map
             .read()
-            .expect("store lock")
+            .unwrap_or_else(PoisonError::into_inner)
             .values()
             .cloned()
             .collect()
@@ -109,7 +109,7 @@ impl Store {
         let p = prefix.as_ref();
         self.map
             .read()
-            .expect("store lock")
+            .unwrap_or_else(PoisonError::into_inner)
             .range(p.to_vec()..)
             .take_while(|(k, _)| k.starts_with(p))
             .map(|(_, v)| v.clone())
@@ -117,7 +117,10 @@ impl Store {
     }
     /// Number of keys.
     pub fn len(&self) -> usize {
-        self.map.read().expect("store lock").len()
+        self.map
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
     /// True when empty.
     pub fn is_empty(&self) -> bool {
@@ -239,7 +242,10 @@ async fn run(
         };
         let fresh: BTreeMap<Vec<u8>, KeyValue> =
             kvs.into_iter().map(|kv| (kv.key.clone(), kv)).collect();
-        let old = std::mem::replace(&mut *store.map.write().expect("store lock"), fresh.clone());
+        let old = std::mem::replace(
+            &mut *store.map.write().unwrap_or_else(PoisonError::into_inner),
+            fresh.clone(),
+        );
         store.revision.store(revision, Ordering::Release);
         for (k, new) in &fresh {
             match old.get(k) {
@@ -300,7 +306,7 @@ async fn run(
                                     let prev = store
                                         .map
                                         .write()
-                                        .expect("store lock")
+                                        .unwrap_or_else(PoisonError::into_inner)
                                         .insert(e.kv.key.clone(), e.kv.clone());
                                     store.revision.store(rev, Ordering::Release);
                                     handler.handle(match prev {
@@ -309,7 +315,7 @@ async fn run(
                                     });
                                 }
                                 EventKind::Delete => {
-                                    let prev = store.map.write().expect("store lock").remove(&e.kv.key);
+                                    let prev = store.map.write().unwrap_or_else(PoisonError::into_inner).remove(&e.kv.key);
                                     store.revision.store(rev, Ordering::Release);
                                     if let Some(old) = prev {
                                         handler.handle(InformerEvent::Deleted(old));

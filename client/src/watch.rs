@@ -22,8 +22,8 @@
 //! ```
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, PoisonError};
 use std::task::{Context, Poll};
 
 use futures::Stream;
@@ -177,7 +177,10 @@ impl Watcher {
 
     /// The endpoint the watch stream currently uses (or last tried).
     pub fn endpoint(&self) -> String {
-        self.endpoint.lock().expect("endpoint lock").clone()
+        self.endpoint
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Stops the watch.
@@ -282,7 +285,7 @@ async fn run(
     let mut failures = 0u32;
     loop {
         let (idx, ch) = client.pick();
-        *endpoint.lock().expect("endpoint lock") = client.endpoint_url(idx);
+        *endpoint.lock().unwrap_or_else(PoisonError::into_inner) = client.endpoint_url(idx);
         let end = one_stream(
             &client,
             ch,
