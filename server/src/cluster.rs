@@ -151,6 +151,7 @@ pub async fn execute(
     node: &KeelNode,
     req: MemberChangeRequest,
 ) -> Result<MemberChangeResponse, ServerError> {
+    let _one_at_a_time = one_change_at_a_time(node).await;
     let metrics = node.raft.metrics().borrow_watched().clone();
     if metrics.current_leader != Some(node.member_id()) {
         return Err(ServerError::NotLeader);
@@ -268,7 +269,8 @@ pub async fn execute(
     })
 }
 
-/// Proposes a membership change; the log id of the membership it wrote.
+/// Proposes a membership change; the log id of the membership it wrote. The caller holds
+/// [`one_change_at_a_time`].
 async fn change_membership(
     node: &KeelNode,
     changes: ChangeMembers<NodeId, MemberNode>,
@@ -280,6 +282,40 @@ async fn change_membership(
         .await
         .map_err(raft_err)?;
     Ok(response.log_id)
+}
+
+/// Serialises the membership changes made through this member (as leader).
+///
+/// openraft refuses a change while an earlier membership is not yet committed (another change,
+/// or a new leader's first entries), logging an error. Each change made here holds this guard
+/// from its validation to its commit, and first waits (at most 2 s) for the current membership
+/// to commit, so the members publishing their attributes at start-up, a promotion and
+/// concurrent `member add` calls queue instead of failing, and each is validated against the
+/// membership the one before it left.
+async fn one_change_at_a_time(node: &KeelNode) -> tokio::sync::MutexGuard<'_, ()> {
+    let guard = node.membership_changes.lock().await;
+    await_membership_committed(node).await;
+    guard
+}
+
+/// Waits (at most 2 s) until the membership in this member's Raft metrics has been applied.
+async fn await_membership_committed(node: &KeelNode) {
+    let mut metrics = node.raft.metrics();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let committed = {
+            let m = metrics.borrow_watched();
+            let index = m.membership_config.log_id().as_ref().map(|l| l.index);
+            index <= m.last_applied.as_ref().map(|l| l.index)
+        };
+        if committed {
+            return;
+        }
+        match tokio::time::timeout_at(deadline, metrics.changed()).await {
+            Ok(Ok(())) => {}
+            _ => return,
+        }
+    }
 }
 
 /// Waits (at most 2 s) until this member's Raft metrics show the membership written at
@@ -382,10 +418,9 @@ async fn promote_loop(node: Arc<KeelNode>) {
             .collect();
         for id in ready {
             tracing::info!(member = %format!("{id:x}"), "member caught up; promoting it to voter");
-            if let Err(e) = node
-                .raft
-                .change_membership(ChangeMembers::AddVoterIds([id].into()), true)
-                .await
+            let _one_at_a_time = one_change_at_a_time(&node).await;
+            if let Err(e) =
+                change_membership(&node, ChangeMembers::AddVoterIds([id].into()), true).await
             {
                 tracing::debug!(error = %e, "promotion deferred");
             }

@@ -83,6 +83,10 @@ pub struct KeelNode {
     write_pipes: crate::forwarding::WritePipes,
     /// Coalesced read-index calls to the leader.
     read_batcher: Arc<crate::forwarding::ReadIndexBatcher>,
+    /// Held while this member (as leader) validates and makes a membership change: openraft
+    /// refuses a change while another is in flight, so concurrent ones queue here (see
+    /// `cluster::one_change_at_a_time`).
+    pub membership_changes: tokio::sync::Mutex<()>,
 }
 
 /// openraft's `(election_timeout_min, election_timeout_max)` for `--election-timeout` E.
@@ -230,6 +234,7 @@ impl KeelNode {
             metrics,
             write_pipes: Default::default(),
             read_batcher: Default::default(),
+            membership_changes: tokio::sync::Mutex::new(()),
         }))
     }
 
