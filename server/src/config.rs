@@ -91,7 +91,9 @@ pub struct Config {
     #[arg(long, env = "KEEL_HEARTBEAT_INTERVAL", default_value_t = 100)]
     pub heartbeat_interval: u64,
 
-    /// Time (in milliseconds) for an election to timeout.
+    /// Time (in milliseconds) for an election to timeout. A follower that hears nothing from
+    /// the leader for 1 to 1.5 times this long starts an election (a value below three heartbeat
+    /// intervals counts as three).
     #[arg(long, env = "KEEL_ELECTION_TIMEOUT", default_value_t = 1000)]
     pub election_timeout: u64,
 
