@@ -300,22 +300,11 @@ async fn one_change_at_a_time(node: &KeelNode) -> tokio::sync::MutexGuard<'_, ()
 
 /// Waits (at most 2 s) until the membership in this member's Raft metrics has been applied.
 async fn await_membership_committed(node: &KeelNode) {
-    let mut metrics = node.raft.metrics();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-    loop {
-        let committed = {
-            let m = metrics.borrow_watched();
-            let index = m.membership_config.log_id().as_ref().map(|l| l.index);
-            index <= m.last_applied.as_ref().map(|l| l.index)
-        };
-        if committed {
-            return;
-        }
-        match tokio::time::timeout_at(deadline, metrics.changed()).await {
-            Ok(Ok(())) => {}
-            _ => return,
-        }
-    }
+    await_metrics(node, |m| {
+        m.membership_config.log_id().as_ref().map(|l| l.index)
+            <= m.last_applied.as_ref().map(|l| l.index)
+    })
+    .await
 }
 
 /// Waits (at most 2 s) until this member's Raft metrics show the membership written at
@@ -323,12 +312,18 @@ async fn await_membership_committed(node: &KeelNode) {
 /// request (and this reply's member list) reads the membership from them: without the wait, a
 /// promote right after adding a learner could find no such member.
 async fn await_membership_visible(node: &KeelNode, log_id: keel_store::raft::types::LogId) {
+    await_metrics(node, |m| *m.membership_config.log_id() >= Some(log_id)).await
+}
+
+/// Waits until `ready` holds for this member's Raft metrics, at most 2 s (then returns anyway:
+/// the caller proceeds and openraft decides).
+async fn await_metrics(
+    node: &KeelNode,
+    ready: impl Fn(&openraft::RaftMetrics<keel_store::raft::TypeConfig>) -> bool,
+) {
     let mut metrics = node.raft.metrics();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-    loop {
-        if *metrics.borrow_watched().membership_config.log_id() >= Some(log_id) {
-            return;
-        }
+    while !ready(&metrics.borrow_watched()) {
         match tokio::time::timeout_at(deadline, metrics.changed()).await {
             Ok(Ok(())) => {}
             _ => return,
