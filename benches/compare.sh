@@ -65,6 +65,8 @@ WORK=$(mktemp -d /tmp/keel-compare.XXXXXX)
 # A private copy: a rebuild by someone else during the run cannot swap the binary under the
 # restart step.
 cp "$KEEL_BIN" "$WORK/keel"
+KEEL_MEMBER_BIN=$WORK/keel
+source benches/loopback.sh
 RESULTS=$WORK/results.jsonl
 : > "$RESULTS"
 T_START=$(date +%s)
@@ -90,20 +92,6 @@ OTHERS=$(pgrep -a -f '(^|/)(keel|etcd) ' || true)
 [ -n "$OTHERS" ] && echo "$OTHERS" | sed 's/^/   /' >&2
 OTHER_COUNT=$(printf '%s' "$OTHERS" | grep -c . || true)
 
-port_free() { ! (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null; }
-
-member_cmd() { # kind i -> the member's command line in MEMBER_ARGS
-    local kind=$1 i=$2 base cl="" j
-    base=24000; [ "$kind" = etcd ] && base=25000
-    for j in 1 2 3; do cl+="${cl:+,}n$j=http://127.0.0.1:$((base + j * 10 + 1))"; done
-    local c=$((base + i * 10)) p=$((base + i * 10 + 1)) bin=etcd
-    [ "$kind" = keel ] && bin="$WORK/keel"
-    MEMBER_ARGS=("$bin" --name "n$i" --data-dir "$WORK/$kind-n$i"
-        --listen-client-urls "http://127.0.0.1:$c" --advertise-client-urls "http://127.0.0.1:$c"
-        --listen-peer-urls "http://127.0.0.1:$p" --initial-advertise-peer-urls "http://127.0.0.1:$p"
-        --initial-cluster "$cl" --heartbeat-interval 100 --election-timeout 1000)
-}
-
 start_member() { # kind i
     member_cmd "$1" "$2"
     "${MEMBER_ARGS[@]}" >> "$WORK/$1-n$2.log" 2>&1 &
@@ -111,20 +99,10 @@ start_member() { # kind i
     MEMBER_PID[$1$2]=$!
 }
 
-endpoints() { # kind
-    local base=24000; [ "$1" = etcd ] && base=25000
-    echo "127.0.0.1:$((base + 10)),127.0.0.1:$((base + 20)),127.0.0.1:$((base + 30))"
-}
-
 start_cluster() { # kind
-    local kind=$1 i base=24000
-    [ "$kind" = etcd ] && base=25000
-    for i in 1 2 3; do
-        for port in $((base + i * 10)) $((base + i * 10 + 1)); do
-            port_free "$port" || { echo "port $port is in use; is another compare.sh running?" >&2; exit 1; }
-        done
-    done
-    for i in 1 2 3; do start_member "$kind" "$i"; done
+    local i
+    require_free_ports "$1"
+    for i in 1 2 3; do start_member "$1" "$i"; done
 }
 
 wait_cluster() { # kind

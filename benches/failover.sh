@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fail-over time, Keel against real etcd: how long writes stop when the leader dies.
 #
-# Starts a 3-member cluster of each system on loopback (same flags as benches/compare.sh:
+# Starts a 3-member cluster of each system on loopback (benches/loopback.sh, as compare.sh:
 # --heartbeat-interval 100 --election-timeout 1000), then, ROUNDS times: finds the leader,
 # kills it (SIGKILL) or freezes it (SIGSTOP), and puts a key through the two other members with
 # `etcdctl --command-timeout 100ms` in a loop until one put succeeds. The time from the signal
@@ -42,30 +42,20 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-now_ms() { echo $(($(date +%s%N) / 1000000)); }
-port_free() { ! (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null; }
+KEEL_MEMBER_BIN=$KEEL_BIN
+source benches/loopback.sh
 
-start_member() { # kind i state
-    local kind=$1 i=$2 state=$3 base=24000 bin=$KEEL_BIN cl="" j
-    [ "$kind" = etcd ] && base=25000 bin=etcd
-    for j in 1 2 3; do cl+="${cl:+,}n$j=http://127.0.0.1:$((base + j * 10 + 1))"; done
-    local c=$((base + i * 10)) p=$((base + i * 10 + 1))
-    "$bin" --name "n$i" --data-dir "$WORK/$kind-n$i" \
-        --listen-client-urls "http://127.0.0.1:$c" --advertise-client-urls "http://127.0.0.1:$c" \
-        --listen-peer-urls "http://127.0.0.1:$p" --initial-advertise-peer-urls "http://127.0.0.1:$p" \
-        --initial-cluster "$cl" --initial-cluster-state "$state" \
-        --heartbeat-interval 100 --election-timeout 1000 >> "$WORK/$kind-n$i.log" 2>&1 &
-    PID[$kind$i]=$!
+now_ms() { echo $(($(date +%s%N) / 1000000)); }
+
+start_member() { # kind i
+    member_cmd "$1" "$2"
+    "${MEMBER_ARGS[@]}" >> "$WORK/$1-n$2.log" 2>&1 &
+    PID[$1$2]=$!
     disown "$!" # no "Killed" job notices; gone() waits for the process instead
 }
 
 gone() { # pid: until the process has exited
     while kill -0 "$1" 2>/dev/null; do sleep 0.05; done
-}
-
-endpoint() { # kind i
-    local base=24000; [ "$1" = etcd ] && base=25000
-    echo "127.0.0.1:$((base + $2 * 10))"
 }
 
 leader_of() { # kind -> the index (1..3) of the member that says it leads
@@ -88,17 +78,11 @@ wait_serving() { # kind i: until the member answers a serializable get
 }
 
 measure() { # kind -> one line per round on stderr, the times (ms) in $WORK/kind.times
-    local kind=$1 base=24000 i r l survivors t0 tries
-    [ "$kind" = etcd ] && base=25000
-    for i in 1 2 3; do
-        for port in $((base + i * 10)) $((base + i * 10 + 1)); do
-            port_free "$port" || { echo "port $port is in use" >&2; exit 1; }
-        done
-    done
-    for i in 1 2 3; do start_member "$kind" "$i" new; done
-    local all; all="$(endpoint "$kind" 1),$(endpoint "$kind" 2),$(endpoint "$kind" 3)"
+    local kind=$1 i r l survivors t0 tries
+    require_free_ports "$kind"
+    for i in 1 2 3; do start_member "$kind" "$i"; done
     local deadline=$((SECONDS + 60))
-    until etcdctl --endpoints "$all" --command-timeout=2s put /failover/ready 1 >/dev/null 2>&1; do
+    until etcdctl --endpoints "$(endpoints "$kind")" --command-timeout=2s put /failover/ready 1 >/dev/null 2>&1; do
         [ $SECONDS -lt $deadline ] || { echo "$kind cluster did not come up; logs in $WORK" >&2; trap - EXIT; exit 1; }
         sleep 0.2
     done
@@ -119,7 +103,7 @@ measure() { # kind -> one line per round on stderr, the times (ms) in $WORK/kind
         echo "$took" >> "$WORK/$kind.times"
         if [ "$SIGNAL" = KILL ]; then
             gone "${PID[$kind$l]}"
-            start_member "$kind" "$l" existing
+            start_member "$kind" "$l"
         else
             kill -CONT "${PID[$kind$l]}"
         fi

@@ -1,0 +1,40 @@
+# Sourced by benches/compare.sh and benches/failover.sh: 3-member clusters of Keel (client ports
+# 24010, 24020, 24030, each peer port one above) or real etcd (25010, ...) on 127.0.0.1, started
+# with the same flags. The caller sets WORK (member I of KIND keeps its data in $WORK/KIND-nI)
+# and KEEL_MEMBER_BIN (the keel binary to run).
+
+port_free() { ! (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null; }
+
+port_base() { # kind
+    if [ "$1" = etcd ]; then echo 25000; else echo 24000; fi
+}
+
+member_cmd() { # kind i -> the member's command line in MEMBER_ARGS
+    local kind=$1 i=$2 base cl="" j bin=etcd
+    base=$(port_base "$kind")
+    for j in 1 2 3; do cl+="${cl:+,}n$j=http://127.0.0.1:$((base + j * 10 + 1))"; done
+    local c=$((base + i * 10)) p=$((base + i * 10 + 1))
+    [ "$kind" = keel ] && bin=$KEEL_MEMBER_BIN
+    MEMBER_ARGS=("$bin" --name "n$i" --data-dir "$WORK/$kind-n$i"
+        --listen-client-urls "http://127.0.0.1:$c" --advertise-client-urls "http://127.0.0.1:$c"
+        --listen-peer-urls "http://127.0.0.1:$p" --initial-advertise-peer-urls "http://127.0.0.1:$p"
+        --initial-cluster "$cl" --heartbeat-interval 100 --election-timeout 1000)
+}
+
+endpoint() { # kind i -> the member's client address
+    echo "127.0.0.1:$(($(port_base "$1") + $2 * 10))"
+}
+
+endpoints() { # kind -> the three client addresses, comma-separated
+    echo "$(endpoint "$1" 1),$(endpoint "$1" 2),$(endpoint "$1" 3)"
+}
+
+require_free_ports() { # kind: exits when a port of that cluster is taken
+    local base i port
+    base=$(port_base "$1")
+    for i in 1 2 3; do
+        for port in $((base + i * 10)) $((base + i * 10 + 1)); do
+            port_free "$port" || { echo "port $port is in use; is another benchmark running?" >&2; exit 1; }
+        done
+    done
+}
