@@ -111,6 +111,12 @@ pub struct Config {
     #[arg(long, env = "KEEL_QUOTA_BACKEND_BYTES", default_value_t = 0)]
     pub quota_backend_bytes: u64,
 
+    /// Bytes of the newest writes' values kept in memory, so reads of recently written keys
+    /// skip the storage engine (about 64 bytes of bookkeeping per value counted); 0 turns the
+    /// cache off.
+    #[arg(long, env = "KEEL_VALUE_CACHE_BYTES", default_value_t = keel_store::mvcc::recent::DEFAULT_BUDGET_BYTES)]
+    pub value_cache_bytes: usize,
+
     /// Auto-compaction mode: `periodic` (retention is a duration, e.g. 1h or a bare number of
     /// hours) or `revision` (retention is a number of revisions).
     #[arg(long, env = "KEEL_AUTO_COMPACTION_MODE", default_value = "periodic")]

@@ -164,7 +164,10 @@ impl KeelNode {
         }
 
         let engine: Arc<dyn Engine> = Arc::new(RocksEngine::open(&data_dir.join("db"))?);
-        let mvcc = Arc::new(MvccStore::open(engine.clone())?);
+        let mvcc = Arc::new(MvccStore::open_with(
+            engine.clone(),
+            config.value_cache_bytes,
+        )?);
         let snapshot_dir = data_dir.join("snapshots");
         let log_store = LogStore::new(engine.clone())?;
         let state_machine = StateMachine::open(mvcc.clone(), &snapshot_dir, listener)?;

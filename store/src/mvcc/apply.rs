@@ -35,7 +35,7 @@ use super::index::{IndexEntry, visible_at};
 use super::revision::Revision;
 use super::store::{
     KeySpan, LeaseState, META_ALARMS, META_COMPACT, META_REV, MvccStore, View, live_in_index,
-    load_kv, range_view,
+    range_view,
 };
 use crate::auth::{Access, AuthInfo, AuthState, TokenOp};
 use crate::engine::{Table, WriteBatch};
@@ -91,6 +91,8 @@ pub struct ApplyBatch<'a> {
     new_compaction: Option<i64>,
     index: BTreeMap<Vec<u8>, Vec<IndexEntry>>,
     kvs: BTreeMap<Revision, KeyValue>,
+    /// Encoded values of this batch's puts, in revision order, for the recent-values cache.
+    recent: Vec<(Revision, std::sync::Arc<[u8]>)>,
     /// Granted (Some) or revoked (None) in this batch.
     leases: BTreeMap<i64, Option<LeaseState>>,
     /// Key attachments in order: (lease, key, attach?).
@@ -140,7 +142,7 @@ impl View for ApplyBatch<'_> {
     fn load(&self, rev: Revision) -> Result<Option<KeyValue>, StoreError> {
         match self.kvs.get(&rev) {
             Some(kv) => Ok(Some(kv.clone())),
-            None => load_kv(self.store.inner.engine.as_ref(), rev),
+            None => self.store.inner.load_kv(rev),
         }
     }
 }
@@ -157,6 +159,7 @@ impl<'a> ApplyBatch<'a> {
             new_compaction: None,
             index: BTreeMap::new(),
             kvs: BTreeMap::new(),
+            recent: Vec::new(),
             leases: BTreeMap::new(),
             lease_keys: Vec::new(),
             alarms: None,
@@ -412,6 +415,7 @@ impl<'a> ApplyBatch<'a> {
         if let Some(auth) = self.auth.take() {
             *inner.auth.write().unwrap_or_else(|p| p.into_inner()) = std::sync::Arc::new(auth);
         }
+        inner.recent.insert(std::mem::take(&mut self.recent));
         inner.tokens.apply(std::mem::take(&mut self.token_ops));
         inner.compacted.store(self.compacted, Ordering::Release);
         inner.current.store(self.rev, Ordering::Release);
@@ -503,11 +507,12 @@ impl<'a> ApplyBatch<'a> {
     // ----- writes -----
 
     fn write_kv(&mut self, rev: Revision, kv: KeyValue, tombstone: bool) {
-        self.wb.put(
-            Table::Kv,
-            rev.encode(tombstone).to_vec(),
-            kv.encode_to_vec(),
-        );
+        let encoded = kv.encode_to_vec();
+        if !tombstone && self.store.inner.recent.budget() > 0 {
+            self.recent.push((rev, encoded.as_slice().into()));
+        }
+        self.wb
+            .put(Table::Kv, rev.encode(tombstone).to_vec(), encoded);
         self.index
             .entry(kv.key.clone())
             .or_default()

@@ -3,6 +3,8 @@
 //! Module map:
 //! - [`revision`]: `(main, sub)` revisions and their byte encoding (the `kv` table's keys).
 //! - [`index`]: the in-memory key index (key → revisions written), with a worked example.
+//! - [`recent`]: [`recent::RecentValues`] — the values of the newest writes in memory, by
+//!   revision, so reads of recently written keys skip RocksDB (worked example inside).
 //! - [`store`]: [`MvccStore`] — published state, range / history / hash reads, reload, and the
 //!   background physical compaction.
 //! - [`apply`]: [`ApplyBatch`] — deterministic application of Raft commands (put, delete, txn,
@@ -12,6 +14,7 @@
 
 pub mod apply;
 pub mod index;
+pub mod recent;
 pub mod revision;
 pub mod store;
 

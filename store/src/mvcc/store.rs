@@ -13,6 +13,7 @@ use prost::Message;
 
 use super::apply::ApplyBatch;
 use super::index::{IndexEntry, compact_entries, visible_at};
+use super::recent::{DEFAULT_BUDGET_BYTES, RecentValues};
 use super::revision::Revision;
 use crate::auth::{AuthState, TokenTable};
 use crate::engine::{Direction, Engine, ScanControl, Table, WriteBatch};
@@ -146,6 +147,10 @@ pub(crate) type Index = BTreeMap<Vec<u8>, Vec<IndexEntry>>;
 pub(crate) trait View {
     /// The keys live at `at` in the span, with their index entries, in key order.
     fn live(&self, span: &KeySpan<'_>, at: i64) -> Vec<(Vec<u8>, IndexEntry)>;
+    /// The index entries of [`View::live`] without the keys (nothing copied per key).
+    fn live_entries(&self, span: &KeySpan<'_>, at: i64) -> Vec<IndexEntry> {
+        self.live(span, at).into_iter().map(|(_, e)| e).collect()
+    }
     fn load(&self, rev: Revision) -> Result<Option<KeyValue>, StoreError>;
     /// [`View::load`] of many revisions, in order.
     fn load_many(&self, revs: &[Revision]) -> Result<Vec<Option<KeyValue>>, StoreError> {
@@ -165,16 +170,11 @@ pub(crate) fn live_in_index(
     }
 }
 
-pub(crate) fn load_kv(engine: &dyn Engine, rev: Revision) -> Result<Option<KeyValue>, StoreError> {
-    let Some(bytes) = engine.get(Table::Kv, &rev.encode(false))? else {
-        return Ok(None);
-    };
-    KeyValue::decode(bytes.as_slice())
-        .map(Some)
-        .map_err(|e| StoreError::Corrupt {
-            table: "kv",
-            detail: e.to_string(),
-        })
+pub(crate) fn decode_kv(bytes: &[u8]) -> Result<KeyValue, StoreError> {
+    KeyValue::decode(bytes).map_err(|e| StoreError::Corrupt {
+        table: "kv",
+        detail: e.to_string(),
+    })
 }
 
 pub(crate) struct Inner {
@@ -186,6 +186,8 @@ pub(crate) struct Inner {
     pub auth: RwLock<Arc<AuthState>>,
     /// Simple tokens (in memory only).
     pub tokens: TokenTable,
+    /// The values of the newest writes (see [`RecentValues`]).
+    pub recent: RecentValues,
     pub current: AtomicI64,
     pub compacted: AtomicI64,
     pub compact_done: tokio::sync::watch::Sender<i64>,
@@ -198,6 +200,68 @@ impl Inner {
     pub fn write_index(&self) -> std::sync::RwLockWriteGuard<'_, Index> {
         self.index.write().unwrap_or_else(|p| p.into_inner())
     }
+    /// The `KeyValue` written at `rev`: from the recent values, else the `kv` table.
+    pub fn load_kv(&self, rev: Revision) -> Result<Option<KeyValue>, StoreError> {
+        if let Some(bytes) = self.recent.get(rev) {
+            return decode_kv(&bytes).map(Some);
+        }
+        match self.engine.get(Table::Kv, &rev.encode(false))? {
+            Some(bytes) => {
+                let kv = decode_kv(&bytes)?;
+                if self.recent.budget() > 0 {
+                    self.recent.insert(vec![(rev, bytes.as_slice().into())]);
+                }
+                Ok(Some(kv))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// [`Inner::load_kv`] of many revisions, in order; the misses read with one multi-get.
+    pub fn load_many(&self, revs: &[Revision]) -> Result<Vec<Option<KeyValue>>, StoreError> {
+        let mut out: Vec<Option<KeyValue>> = Vec::with_capacity(revs.len());
+        let mut missing: Vec<usize> = Vec::new();
+        self.recent.read_many(revs, |i, bytes| {
+            match bytes {
+                Some(b) => out.push(Some(decode_kv(b)?)),
+                None => {
+                    missing.push(i);
+                    out.push(None);
+                }
+            }
+            Ok::<(), StoreError>(())
+        })?;
+        if missing.is_empty() {
+            return Ok(out);
+        }
+        let keys: Vec<[u8; 17]> = missing.iter().map(|i| revs[*i].encode(false)).collect();
+        let key_refs: Vec<&[u8]> = keys.iter().map(|k| &k[..]).collect();
+        let mut failure = None;
+        let keep = self.recent.budget() > 0;
+        let mut fetched: Vec<(Revision, Arc<[u8]>)> = Vec::new();
+        self.engine
+            .multi_get(Table::Kv, &key_refs, &mut |n, value| {
+                let Some(bytes) = value else { return Ok(()) };
+                match decode_kv(bytes) {
+                    Ok(kv) => {
+                        out[missing[n]] = Some(kv);
+                        if keep {
+                            fetched.push((revs[missing[n]], bytes.into()));
+                        }
+                    }
+                    Err(e) => {
+                        failure.get_or_insert(e);
+                    }
+                }
+                Ok(())
+            })?;
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        self.recent.insert(fetched);
+        Ok(out)
+    }
+
     pub fn read_leases(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<i64, LeaseState>> {
         self.leases.read().unwrap_or_else(|p| p.into_inner())
     }
@@ -216,33 +280,21 @@ impl View for CommittedView<'_> {
             .filter_map(|(k, entries)| visible_at(entries, at).map(|e| (k.clone(), e)))
             .collect()
     }
+    fn live_entries(&self, span: &KeySpan<'_>, at: i64) -> Vec<IndexEntry> {
+        let Some(bounds) = span.bounds() else {
+            return Vec::new();
+        };
+        let index = self.0.read_index();
+        index
+            .range::<[u8], _>(bounds)
+            .filter_map(|(_, entries)| visible_at(entries, at))
+            .collect()
+    }
     fn load(&self, rev: Revision) -> Result<Option<KeyValue>, StoreError> {
-        load_kv(self.0.engine.as_ref(), rev)
+        self.0.load_kv(rev)
     }
     fn load_many(&self, revs: &[Revision]) -> Result<Vec<Option<KeyValue>>, StoreError> {
-        let keys: Vec<[u8; 17]> = revs.iter().map(|r| r.encode(false)).collect();
-        let key_refs: Vec<&[u8]> = keys.iter().map(|k| &k[..]).collect();
-        let mut out: Vec<Option<KeyValue>> = Vec::with_capacity(revs.len());
-        let mut failure = None;
-        self.0
-            .engine
-            .multi_get(Table::Kv, &key_refs, &mut |_, value| {
-                match value.map(KeyValue::decode).transpose() {
-                    Ok(kv) => out.push(kv),
-                    Err(e) => {
-                        failure.get_or_insert(StoreError::Corrupt {
-                            table: "kv",
-                            detail: e.to_string(),
-                        });
-                        out.push(None);
-                    }
-                }
-                Ok(())
-            })?;
-        match failure {
-            Some(e) => Err(e),
-            None => Ok(out),
-        }
+        self.0.load_many(revs)
     }
 }
 
@@ -261,12 +313,18 @@ pub(crate) fn range_view(
     compacted: i64,
 ) -> Result<RangeResponse, ApplyError> {
     let span = KeySpan::new(&r.key, &r.range_end);
-    let live = view.live(&span, at);
-    let count = live.len() as i64;
     let sort_order =
         range_request::SortOrder::try_from(r.sort_order).unwrap_or(range_request::SortOrder::None);
     let sort_target = range_request::SortTarget::try_from(r.sort_target)
         .unwrap_or(range_request::SortTarget::Key);
+    // Only a keys-only response takes its keys from the index; values carry their own.
+    let keys_only = r.keys_only && !r.count_only && sort_target != range_request::SortTarget::Value;
+    let (keys, live): (Vec<Vec<u8>>, Vec<IndexEntry>) = if keys_only {
+        view.live(&span, at).into_iter().unzip()
+    } else {
+        (Vec::new(), view.live_entries(&span, at))
+    };
+    let count = live.len() as i64;
     let filtered = r.min_mod_revision != 0
         || r.max_mod_revision != 0
         || r.min_create_revision != 0
@@ -292,16 +350,17 @@ pub(crate) fn range_view(
     };
     let mut kvs = Vec::with_capacity(fetch);
     let live = &live[..fetch];
-    let loaded = if r.keys_only && sort_target != range_request::SortTarget::Value {
+    let loaded = if keys_only {
         // Everything but the value is in the index.
-        live.iter()
+        keys.iter()
+            .zip(live)
             .map(|(key, entry)| Some(entry.key_value_without_value(key)))
             .collect()
     } else {
-        let revs: Vec<Revision> = live.iter().map(|(_, e)| e.rev).collect();
+        let revs: Vec<Revision> = live.iter().map(|e| e.rev).collect();
         view.load_many(&revs).map_err(other)?
     };
-    for ((_, entry), kv) in live.iter().zip(loaded) {
+    for (entry, kv) in live.iter().zip(loaded) {
         let rev = entry.rev;
         match kv {
             Some(kv) => kvs.push(kv),
@@ -382,7 +441,17 @@ impl Drop for MvccStore {
 }
 
 impl MvccStore {
+    /// Opens the store with the default budget of recent values in memory.
     pub fn open(engine: Arc<dyn Engine>) -> Result<MvccStore, StoreError> {
+        Self::open_with(engine, DEFAULT_BUDGET_BYTES)
+    }
+
+    /// Opens the store keeping up to `recent_values_bytes` of the newest writes' values in
+    /// memory (0: none; see [`RecentValues`]).
+    pub fn open_with(
+        engine: Arc<dyn Engine>,
+        recent_values_bytes: usize,
+    ) -> Result<MvccStore, StoreError> {
         let (done_tx, _) = tokio::sync::watch::channel(0);
         let inner = Arc::new(Inner {
             engine,
@@ -391,6 +460,7 @@ impl MvccStore {
             alarms: RwLock::new(Vec::new()),
             auth: RwLock::new(Arc::new(AuthState::default())),
             tokens: TokenTable::default(),
+            recent: RecentValues::new(recent_values_bytes),
             current: AtomicI64::new(1),
             compacted: AtomicI64::new(0),
             compact_done: done_tx,
@@ -421,6 +491,7 @@ impl MvccStore {
     /// snapshot replaced the tables).
     pub fn reload(&self) -> Result<(), StoreError> {
         let _apply = self.apply_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.inner.recent.clear();
         let engine = self.inner.engine.clone();
         let mut index: Index = BTreeMap::new();
         let mut latest_lease: BTreeMap<Vec<u8>, i64> = BTreeMap::new();
@@ -668,7 +739,7 @@ impl MvccStore {
                 .and_then(|entries| super::index::before(entries, rev))
         };
         match prev {
-            Some(e) if !e.tombstone => load_kv(self.inner.engine.as_ref(), e.rev),
+            Some(e) if !e.tombstone => self.inner.load_kv(e.rev),
             _ => Ok(None),
         }
     }

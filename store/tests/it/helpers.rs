@@ -10,13 +10,23 @@ use keel_store::engine::rocks::RocksEngine;
 use keel_store::mvcc::MvccStore;
 use keel_store::{ApplyError, ApplyErrorKind};
 
-/// Runs `f` on a store over each engine.
+/// Runs `f` on a store over each engine: in memory with the default cache of recent values,
+/// in memory without the cache, and on RocksDB with a cache of a few hundred bytes (so values
+/// are dropped from it and read back through it all the time).
 pub fn on_engines(f: impl Fn(&str, &MvccStore)) {
     let mem: Arc<dyn Engine> = Arc::new(MemoryEngine::new());
     f("memory", &MvccStore::open(mem).unwrap());
+    let mem: Arc<dyn Engine> = Arc::new(MemoryEngine::new());
+    f(
+        "memory, no value cache",
+        &MvccStore::open_with(mem, 0).unwrap(),
+    );
     let dir = tempfile::tempdir().unwrap();
     let rocks: Arc<dyn Engine> = Arc::new(RocksEngine::open(dir.path()).unwrap());
-    f("rocksdb", &MvccStore::open(rocks).unwrap());
+    f(
+        "rocksdb, tiny value cache",
+        &MvccStore::open_with(rocks, 400).unwrap(),
+    );
 }
 
 pub fn apply(store: &MvccStore, cmd: Cmd) -> (RaftResponse, Vec<Event>) {
