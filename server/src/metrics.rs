@@ -67,6 +67,10 @@ pub struct Metrics {
     db_total: IntGauge,
     db_in_use: IntGauge,
     keys_total: IntGauge,
+    value_cache_bytes: IntGauge,
+    value_cache_entries: IntGauge,
+    value_cache_hits: IntCounter,
+    value_cache_misses: IntCounter,
     watchers: IntGauge,
     slow_watchers: IntGauge,
     pub lease_granted: IntCounter,
@@ -172,6 +176,22 @@ impl Metrics {
                 "Total size of the underlying database logically in use in bytes.",
             ),
             keys_total: gauge("etcd_debugging_mvcc_keys_total", "Total number of keys."),
+            value_cache_bytes: gauge(
+                "keel_value_cache_bytes",
+                "Bytes held by the cache of recent values (--value-cache-bytes bounds it).",
+            ),
+            value_cache_entries: gauge(
+                "keel_value_cache_entries",
+                "Values held by the cache of recent values.",
+            ),
+            value_cache_hits: counter(
+                "keel_value_cache_hits_total",
+                "Values reads found in the cache of recent values.",
+            ),
+            value_cache_misses: counter(
+                "keel_value_cache_misses_total",
+                "Values reads had to fetch from the storage engine.",
+            ),
             watchers: gauge(
                 "etcd_debugging_mvcc_watcher_total",
                 "Total number of watchers.",
@@ -279,6 +299,14 @@ impl Metrics {
         self.db_total.set(total as i64);
         self.db_in_use.set(in_use as i64);
         self.keys_total.set(node.mvcc.key_count() as i64);
+        let cache = node.mvcc.value_cache_stats();
+        self.value_cache_bytes.set(cache.bytes as i64);
+        self.value_cache_entries.set(cache.entries as i64);
+        // The store counts; the counters follow (they only ever grow).
+        self.value_cache_hits
+            .inc_by(cache.hits.saturating_sub(self.value_cache_hits.get()));
+        self.value_cache_misses
+            .inc_by(cache.misses.saturating_sub(self.value_cache_misses.get()));
         let (watchers, unsynced) = hub.counts();
         self.watchers.set(watchers as i64);
         self.slow_watchers.set(unsynced as i64);

@@ -408,9 +408,14 @@ async fn http_endpoints_on_the_client_port() {
         "{body}"
     );
 
+    // One value read, found in the cache of recent values (the put left it there).
+    assert_eq!(c.get("k", None).await.unwrap().kvs()[0].value(), b"v");
     let (code, body) = http(port, "GET", "/metrics");
     assert_eq!(code, 200);
     for name in [
+        "keel_value_cache_entries 1",
+        "keel_value_cache_hits_total 1",
+        "keel_value_cache_misses_total 0",
         "etcd_server_has_leader 1",
         "etcd_server_is_leader 1",
         "etcd_server_leader_changes_seen_total 1",

@@ -23,6 +23,7 @@
 //! write to the shared values.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use rustc_hash::FxHashMap;
@@ -55,6 +56,19 @@ impl Held {
 pub struct RecentValues {
     budget: usize,
     held: RwLock<Held>,
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+/// What the cache holds and how reads fared (for `/metrics`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RecentValuesStats {
+    pub budget_bytes: usize,
+    pub entries: usize,
+    pub bytes: usize,
+    /// Values found in the cache, and values that had to be read from the engine.
+    pub hits: u64,
+    pub misses: u64,
 }
 
 impl RecentValues {
@@ -63,6 +77,8 @@ impl RecentValues {
         RecentValues {
             budget,
             held: RwLock::new(Held::default()),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
         }
     }
 
@@ -103,7 +119,17 @@ impl RecentValues {
     /// The encoded `KeyValue` written at `rev`, if held.
     pub fn get(&self, rev: Revision) -> Option<Arc<[u8]>> {
         let held = self.held.read().unwrap_or_else(|p| p.into_inner());
-        held.values.get(&rev).cloned()
+        let found = held.values.get(&rev).cloned();
+        self.count(usize::from(found.is_some()), 1);
+        found
+    }
+
+    fn count(&self, hits: usize, lookups: usize) {
+        if self.budget > 0 {
+            self.hits.fetch_add(hits as u64, Ordering::Relaxed);
+            self.misses
+                .fetch_add((lookups - hits) as u64, Ordering::Relaxed);
+        }
     }
 
     /// Calls `visit(i, value)` for each `revs[i]` under one read lock, `None` when not held.
@@ -113,9 +139,13 @@ impl RecentValues {
         mut visit: impl FnMut(usize, Option<&[u8]>) -> Result<(), E>,
     ) -> Result<(), E> {
         let held = self.held.read().unwrap_or_else(|p| p.into_inner());
+        let mut hits = 0;
         for (i, rev) in revs.iter().enumerate() {
-            visit(i, held.values.get(rev).map(|v| &v[..]))?;
+            let found = held.values.get(rev).map(|v| &v[..]);
+            hits += usize::from(found.is_some());
+            visit(i, found)?;
         }
+        self.count(hits, revs.len());
         Ok(())
     }
 
@@ -129,6 +159,17 @@ impl RecentValues {
     pub fn usage(&self) -> (usize, usize) {
         let held = self.held.read().unwrap_or_else(|p| p.into_inner());
         (held.values.len(), held.bytes)
+    }
+
+    pub fn stats(&self) -> RecentValuesStats {
+        let (entries, bytes) = self.usage();
+        RecentValuesStats {
+            budget_bytes: self.budget,
+            entries,
+            bytes,
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+        }
     }
 }
 
@@ -156,6 +197,8 @@ mod tests {
         assert!(cache.get(rev(3)).is_some());
         assert!(cache.get(rev(8)).is_none());
         assert_eq!(cache.usage(), (2, 2 * (100 + ENTRY_OVERHEAD)));
+        let stats = cache.stats();
+        assert_eq!((stats.hits, stats.misses), (3, 2), "{stats:?}");
     }
 
     #[test]

@@ -581,6 +581,11 @@ impl MvccStore {
         &self.inner.engine
     }
 
+    /// The cache of recent values: what it holds and its hits and misses.
+    pub fn value_cache_stats(&self) -> super::recent::RecentValuesStats {
+        self.inner.recent.stats()
+    }
+
     pub fn current_revision(&self) -> i64 {
         self.inner.current.load(Ordering::Acquire)
     }
