@@ -63,7 +63,6 @@ pub struct RecentValues {
 /// What the cache holds and how reads fared (for `/metrics`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct RecentValuesStats {
-    pub budget_bytes: usize,
     pub entries: usize,
     pub bytes: usize,
     /// Values found in the cache, and values that had to be read from the engine.
@@ -116,14 +115,6 @@ impl RecentValues {
         }
     }
 
-    /// The encoded `KeyValue` written at `rev`, if held.
-    pub fn get(&self, rev: Revision) -> Option<Arc<[u8]>> {
-        let held = self.held.read().unwrap_or_else(|p| p.into_inner());
-        let found = held.values.get(&rev).cloned();
-        self.count(usize::from(found.is_some()), 1);
-        found
-    }
-
     fn count(&self, hits: usize, lookups: usize) {
         if self.budget > 0 {
             self.hits.fetch_add(hits as u64, Ordering::Relaxed);
@@ -164,7 +155,6 @@ impl RecentValues {
     pub fn stats(&self) -> RecentValuesStats {
         let (entries, bytes) = self.usage();
         RecentValuesStats {
-            budget_bytes: self.budget,
             entries,
             bytes,
             hits: self.hits.load(Ordering::Relaxed),
@@ -183,6 +173,18 @@ mod tests {
 
     fn rev(main: i64) -> Revision {
         Revision::new(main, 0)
+    }
+
+    impl RecentValues {
+        fn get(&self, rev: Revision) -> Option<Vec<u8>> {
+            let mut found = None;
+            self.read_many(&[rev], |_, v| {
+                found = v.map(<[u8]>::to_vec);
+                Ok::<(), ()>(())
+            })
+            .expect("read");
+            found
+        }
     }
 
     #[test]

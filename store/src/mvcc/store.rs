@@ -202,19 +202,7 @@ impl Inner {
     }
     /// The `KeyValue` written at `rev`: from the recent values, else the `kv` table.
     pub fn load_kv(&self, rev: Revision) -> Result<Option<KeyValue>, StoreError> {
-        if let Some(bytes) = self.recent.get(rev) {
-            return decode_kv(&bytes).map(Some);
-        }
-        match self.engine.get(Table::Kv, &rev.encode(false))? {
-            Some(bytes) => {
-                let kv = decode_kv(&bytes)?;
-                if self.recent.budget() > 0 {
-                    self.recent.insert(vec![(rev, bytes.as_slice().into())]);
-                }
-                Ok(Some(kv))
-            }
-            None => Ok(None),
-        }
+        Ok(self.load_many(&[rev])?.pop().flatten())
     }
 
     /// [`Inner::load_kv`] of many revisions, in order; the misses read with one multi-get.
@@ -269,26 +257,31 @@ impl Inner {
 
 struct CommittedView<'a>(&'a Inner);
 
-impl View for CommittedView<'_> {
-    fn live(&self, span: &KeySpan<'_>, at: i64) -> Vec<(Vec<u8>, IndexEntry)> {
+impl CommittedView<'_> {
+    /// `f(key, entry)` for every key in the span live at `at`, in key order.
+    fn visible<T>(
+        &self,
+        span: &KeySpan<'_>,
+        at: i64,
+        f: impl Fn(&Vec<u8>, IndexEntry) -> T,
+    ) -> Vec<T> {
         let Some(bounds) = span.bounds() else {
             return Vec::new();
         };
         let index = self.0.read_index();
         index
             .range::<[u8], _>(bounds)
-            .filter_map(|(k, entries)| visible_at(entries, at).map(|e| (k.clone(), e)))
+            .filter_map(|(k, entries)| visible_at(entries, at).map(|e| f(k, e)))
             .collect()
     }
+}
+
+impl View for CommittedView<'_> {
+    fn live(&self, span: &KeySpan<'_>, at: i64) -> Vec<(Vec<u8>, IndexEntry)> {
+        self.visible(span, at, |k, e| (k.clone(), e))
+    }
     fn live_entries(&self, span: &KeySpan<'_>, at: i64) -> Vec<IndexEntry> {
-        let Some(bounds) = span.bounds() else {
-            return Vec::new();
-        };
-        let index = self.0.read_index();
-        index
-            .range::<[u8], _>(bounds)
-            .filter_map(|(_, entries)| visible_at(entries, at))
-            .collect()
+        self.visible(span, at, |_, e| e)
     }
     fn load(&self, rev: Revision) -> Result<Option<KeyValue>, StoreError> {
         self.0.load_kv(rev)
