@@ -3,12 +3,13 @@
 #
 # Starts a 3-member cluster of each system on loopback (benches/loopback.sh, as compare.sh:
 # --heartbeat-interval 100 --election-timeout 1000), then, ROUNDS times: finds the leader,
-# kills it (SIGKILL) or freezes it (SIGSTOP), and puts a key through the two other members with
-# `etcdctl --command-timeout 100ms` in a loop until one put succeeds. The time from the signal
+# kills it (SIGKILL), freezes it (SIGSTOP) or stops it gracefully (SIGTERM, as a rolling
+# restart does), and puts a key through the two other members with `etcdctl
+# --command-timeout 100ms` in a loop until one put succeeds. The time from the signal
 # to that success is the fail-over time (resolution: one attempt, at most about 0.1 s). The old
 # leader is then restarted (or resumed) and must serve again before the next round.
 #
-# Usage: benches/failover.sh [--rounds N] [--signal KILL|STOP] [--only keel|etcd]
+# Usage: benches/failover.sh [--rounds N] [--signal KILL|STOP|TERM] [--only keel|etcd]
 # Environment: KEEL_BIN (a keel binary; default: build the release binary), CARGO_TARGET_DIR.
 # Needs etcd and etcdctl (Debian: etcd-server etcd-client) and python3.
 set -euo pipefail
@@ -20,10 +21,10 @@ while [ $# -gt 0 ]; do
         --rounds) ROUNDS=$2; shift 2 ;;
         --signal) SIGNAL=$2; shift 2 ;;
         --only) ONLY=$2; shift 2 ;;
-        *) sed -n '2,13p' "$0" >&2; exit 2 ;;
+        *) sed -n '2,14p' "$0" >&2; exit 2 ;;
     esac
 done
-case $SIGNAL in KILL | STOP) ;; *) echo "--signal must be KILL or STOP" >&2; exit 2 ;; esac
+case $SIGNAL in KILL | STOP | TERM) ;; *) echo "--signal must be KILL, STOP or TERM" >&2; exit 2 ;; esac
 command -v etcdctl >/dev/null || { echo "etcdctl is not installed (apt: etcd-client)" >&2; exit 1; }
 
 if [ -z "${KEEL_BIN:-}" ]; then
@@ -101,7 +102,7 @@ measure() { # kind -> one line per round on stderr, the times (ms) in $WORK/kind
         local took=$(($(now_ms) - t0))
         echo "   $kind round $r/$ROUNDS: SIG$SIGNAL to leader n$l, first write after $took ms ($tries attempts)" >&2
         echo "$took" >> "$WORK/$kind.times"
-        if [ "$SIGNAL" = KILL ]; then
+        if [ "$SIGNAL" != STOP ]; then
             gone "${PID[$kind$l]}"
             start_member "$kind" "$l"
         else

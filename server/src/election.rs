@@ -304,9 +304,9 @@ impl Election for ElectionService {
         let rest = futures::stream::unfold(observer, |mut o| async move {
             o.next().await.map(|r| (Ok(r), o))
         });
-        Ok(Response::new(Box::pin(
+        Ok(Response::new(self.recipes.node.until_stopping(Box::pin(
             futures::stream::once(async { Ok(first) }).chain(rest),
-        )))
+        ))))
     }
 
     #[tracing::instrument(level = "debug", skip_all)]

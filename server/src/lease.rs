@@ -495,9 +495,9 @@ impl Lease for LeaseService {
                 }
             }
         });
-        Ok(Response::new(Box::pin(
+        Ok(Response::new(self.node.until_stopping(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        ))))
     }
 
     async fn lease_time_to_live(

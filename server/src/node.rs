@@ -87,6 +87,38 @@ pub struct KeelNode {
     /// refuses a change while another is in flight, so concurrent ones queue here (see
     /// `cluster::one_change_at_a_time`).
     pub membership_changes: tokio::sync::Mutex<()>,
+    /// Turns `true` when the member starts shutting down (see [`KeelNode::until_stopping`]).
+    stopping: watch::Sender<bool>,
+}
+
+/// A gRPC call's stream of responses.
+pub type ResponseStream<T> =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<T, tonic::Status>> + Send>>;
+
+/// See [`KeelNode::until_stopping`].
+struct UntilStopping<T> {
+    /// `None` once ended (the inner stream is dropped then, which ends a watch's watchers).
+    inner: Option<ResponseStream<T>>,
+    stopped: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+}
+
+impl<T> futures::Stream for UntilStopping<T> {
+    type Item = Result<T, tonic::Status>;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        let Some(inner) = this.inner.as_mut() else {
+            return std::task::Poll::Ready(None);
+        };
+        if this.stopped.as_mut().poll(cx).is_ready() {
+            this.inner = None;
+            return std::task::Poll::Ready(Some(Err(ServerError::Stopped.into())));
+        }
+        inner.as_mut().poll_next(cx)
+    }
 }
 
 /// openraft's `(election_timeout_min, election_timeout_max)` for `--election-timeout` E.
@@ -238,6 +270,7 @@ impl KeelNode {
             write_pipes: Default::default(),
             read_batcher: Default::default(),
             membership_changes: tokio::sync::Mutex::new(()),
+            stopping: watch::channel(false).0,
         }))
     }
 
@@ -449,6 +482,78 @@ impl KeelNode {
             .await
             .map_err(|_| ServerError::Stopped)?;
         Ok(())
+    }
+
+    /// On the leader of a cluster with other voters: hands leadership to the voter whose log
+    /// matches most of the leader's and waits, at most `timeout`, until that voter leads. A
+    /// member stopped on purpose then costs the cluster one leadership transfer instead of an
+    /// election timeout without a leader (etcd's members do the same when they stop). Returns
+    /// the new leader if leadership moved.
+    pub async fn hand_over_leadership(&self, timeout: Duration) -> Option<NodeId> {
+        let me = self.member_id();
+        let m = self.raft.metrics().borrow_watched().clone();
+        if m.current_leader != Some(me) {
+            return None;
+        }
+        let voters: BTreeSet<NodeId> = m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .filter(|id| *id != me)
+            .collect();
+        // The most caught-up voter; among equals the lowest ID, so the choice is reproducible.
+        let target = m
+            .replication
+            .as_ref()?
+            .iter()
+            .filter(|(id, _)| voters.contains(id))
+            .max_by_key(|(id, matched)| (matched.map(|l| l.index), std::cmp::Reverse(**id)))
+            .map(|(id, _)| *id)?;
+        tracing::info!(to = %format!("{target:x}"), "handing leadership over before shutting down");
+        self.raft.trigger().transfer_leader(target).await.ok()?;
+        let mut rx = self.raft.metrics();
+        let moved = tokio::time::timeout(timeout, async {
+            loop {
+                if rx.borrow_watched().current_leader == Some(target) {
+                    return true;
+                }
+                if rx.changed().await.is_err() {
+                    return false;
+                }
+            }
+        })
+        .await;
+        if moved == Ok(true) {
+            tracing::info!(to = %format!("{target:x}"), "leadership handed over");
+            Some(target)
+        } else {
+            tracing::warn!(to = %format!("{target:x}"), "leadership hand-over did not finish; stopping anyway");
+            None
+        }
+    }
+
+    /// Marks the member as shutting down: every stream wrapped by [`KeelNode::until_stopping`]
+    /// ends.
+    pub fn begin_stopping(&self) {
+        self.stopping.send_replace(true);
+    }
+
+    /// `stream`, ended with `etcdserver: server stopped` (gRPC `Unavailable`) as soon as the
+    /// member starts shutting down. Long-lived calls (watches, lease keep-alives, election
+    /// observers, and the Raft replication and forwarding streams of peers) never end on their
+    /// own, so they would hold a graceful shutdown until its deadline; ended, their clients
+    /// reconnect to another member (etcd clients retry `Unavailable` on the next endpoint).
+    pub fn until_stopping<T: Send + 'static>(
+        &self,
+        stream: ResponseStream<T>,
+    ) -> ResponseStream<T> {
+        let mut stopping = self.stopping.subscribe();
+        Box::pin(UntilStopping {
+            inner: Some(stream),
+            stopped: Box::pin(async move {
+                let _ = stopping.wait_for(|s| *s).await;
+            }),
+        })
     }
 }
 

@@ -126,7 +126,7 @@ impl RaftPeer for PeerService {
                     .map_err(|e| Status::internal(e.to_string())),
                 Err(e) => Err(fatal(e)),
             });
-        Ok(Response::new(Box::pin(output)))
+        Ok(Response::new(self.node.until_stopping(Box::pin(output))))
     }
 
     async fn install_snapshot(
@@ -272,9 +272,9 @@ impl RaftPeer for PeerService {
                 });
             }
         });
-        Ok(Response::new(Box::pin(
+        Ok(Response::new(self.node.until_stopping(Box::pin(
             tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
-        )))
+        ))))
     }
 
     async fn read_index(

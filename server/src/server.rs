@@ -75,9 +75,14 @@ pub struct RunningServer {
 }
 
 impl RunningServer {
-    /// Stops accepting requests, lets in-flight ones finish (long-lived streams such as peer
-    /// replication and watches get a short grace period), then stops Raft.
+    /// Stops the member gracefully: a leader first hands leadership to another voter (see
+    /// [`KeelNode::hand_over_leadership`]); then the listeners stop accepting, long-lived
+    /// streams end with `etcdserver: server stopped` ([`KeelNode::until_stopping`]), in-flight
+    /// requests get at most 2 s to finish, and Raft stops.
     pub async fn shutdown(self) {
+        let election = std::time::Duration::from_millis(self.node.config.election_timeout);
+        self.node.hand_over_leadership(election * 2).await;
+        self.node.begin_stopping();
         let _ = self.shutdown.send(true);
         let grace = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
         for t in self.tasks {

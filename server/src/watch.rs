@@ -1256,7 +1256,7 @@ impl WatchService {
             ready: VecDeque::new(),
             header: ResponseHeader::default(),
         };
-        Ok(Response::new(Box::pin(responses)))
+        Ok(Response::new(self.node.until_stopping(Box::pin(responses))))
     }
 }
 

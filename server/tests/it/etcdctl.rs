@@ -1,7 +1,7 @@
 //! Real `etcdctl` (Debian's etcd-client) against a 3-node Keel cluster, and graceful shutdown.
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::cluster::Cluster;
 
@@ -56,19 +56,9 @@ async fn etcdctl_against_a_three_node_cluster() {
     // SIGTERM: the member shuts down cleanly and the others keep serving.
     let victim = (leader + 2) % 3;
     cluster.members[victim].signal("TERM");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        let child = cluster.members[victim].child.as_mut().expect("running");
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "member did not exit after SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    cluster.members[victim].child = None;
+    let status = cluster.members[victim]
+        .wait_exit(Duration::from_secs(15))
+        .await;
     assert!(status.success(), "unclean exit after SIGTERM: {status}");
     let live: Vec<String> = (0..3)
         .filter(|i| *i != victim)

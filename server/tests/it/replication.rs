@@ -286,3 +286,58 @@ async fn pipelined_forwarding_and_coalesced_reads_survive_a_leader_kill() {
         assert!(stored.contains(key), "acknowledged {key} was lost");
     }
 }
+
+/// SIGTERM on the leader (a rolling restart): it hands leadership to a follower before it
+/// stops, so the others have a new leader the moment it is gone (not an election timeout
+/// later), and its long-lived streams end with `etcdserver: server stopped` instead of holding
+/// the shutdown until its deadline.
+#[tokio::test]
+async fn sigterm_on_the_leader_hands_over_leadership_and_ends_streams() {
+    let mut cluster = Cluster::start(3).await;
+    let leader = cluster.leader().await;
+    let mut lc = client(&cluster.members[leader].endpoint()).await.unwrap();
+    let old_id = lc.status().await.unwrap().header().unwrap().member_id();
+    let mut events = lc.watch("handover", None).await.unwrap();
+
+    cluster.members[leader].signal("TERM");
+    let err = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match events.message().await {
+                Ok(Some(_created)) => continue,
+                Ok(None) => panic!("the watch stream ended without an error"),
+                Err(e) => return e,
+            }
+        }
+    })
+    .await
+    .expect("the watch stream did not end");
+    assert!(
+        status_message(&err).contains("etcdserver: server stopped"),
+        "watch ended with {err}"
+    );
+    let status = cluster.members[leader]
+        .wait_exit(Duration::from_secs(15))
+        .await;
+    assert!(status.success(), "unclean exit after SIGTERM: {status}");
+
+    // Right after the exit both survivors already follow the same new leader: with an
+    // election instead, they would still name the old one for an election timeout (500 ms).
+    let mut named = Vec::new();
+    for i in (0..3).filter(|i| *i != leader) {
+        let mut c = client(&cluster.members[i].endpoint()).await.unwrap();
+        named.push(c.status().await.unwrap().leader());
+    }
+    assert!(
+        named[0] == named[1] && named[0] != 0 && named[0] != old_id,
+        "survivors name leaders {named:x?} (old leader {old_id:x})"
+    );
+    assert!(
+        cluster.members[leader]
+            .log()
+            .contains("leadership handed over"),
+        "the old leader's log does not record the hand-over"
+    );
+    let survivor = (leader + 1) % 3;
+    let mut c = client(&cluster.members[survivor].endpoint()).await.unwrap();
+    c.put("after-handover", "1", None).await.unwrap();
+}
