@@ -344,27 +344,38 @@ impl Cluster {
         out
     }
 
-    /// Stops everything: resume paused members, kill all, stop the proxies.
+    /// SIGTERM to member `i`, then waits for it to exit; SIGKILL once `grace` has passed.
+    /// Returns how long the graceful exit took, `None` if it had to be killed (or was not
+    /// running). Blocks the calling thread.
+    pub fn stop_gracefully(&self, i: usize, grace: Duration) -> Option<Duration> {
+        self.resume(i);
+        let mut m = self.members[i].lock().unwrap();
+        let mut child = m.child.take()?;
+        m.restarts += 1;
+        let t0 = std::time::Instant::now();
+        // SAFETY: kill(2) on a child we spawned and have not reaped.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        let took = loop {
+            if let Ok(Some(_)) = child.try_wait() {
+                break Some(t0.elapsed());
+            }
+            if t0.elapsed() > grace {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        drop(m);
+        self.net.set_pid(i, None);
+        took
+    }
+
+    /// Stops everything: resume paused members, stop all (SIGTERM, then SIGKILL after 3 s),
+    /// stop the proxies.
     pub fn stop_all(&self) {
         for i in 0..self.n() {
-            self.resume(i);
-            let mut m = self.members[i].lock().unwrap();
-            if let Some(mut child) = m.child.take() {
-                // SAFETY: as above; SIGTERM for a graceful stop, then SIGKILL.
-                unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-                let deadline = std::time::Instant::now() + Duration::from_secs(3);
-                loop {
-                    if let Ok(Some(_)) = child.try_wait() {
-                        break;
-                    }
-                    if std::time::Instant::now() > deadline {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            }
+            self.stop_gracefully(i, Duration::from_secs(3));
         }
         self.net.shutdown();
     }

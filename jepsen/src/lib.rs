@@ -9,7 +9,8 @@
 //!   a Wing–Gong–Lowe linearizability search (also behind `keel-jepsen check-jepsen-log`).
 //! - [`record`]: run histories (operations, fault windows, JSON Lines) and checker results.
 //! - [`cluster`], [`proxy`]: the members as processes and the peer-link proxies.
-//! - [`nemesis`]: faults (kill, pause, partition, latency) and the seeded schedule.
+//! - [`nemesis`]: faults (kill, graceful stop, pause, partition, latency, member changes,
+//!   compaction, clock skew) and the seeded schedule.
 //! - [`client`]: a no-retry etcd client that classifies errors as definite or indeterminate.
 //! - [`workload`]: register, set, append and watch clients; [`checker`]: their checkers.
 //! - [`runner`]: one test run end to end; [`profiles`]: the `ci` and `long` profiles;

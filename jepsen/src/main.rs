@@ -87,7 +87,7 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
-    /// The long profile for nightly runs: every workload under kill, pause, partition, latency,
+    /// The long profile for nightly runs: every workload under kill, stop, pause, partition, latency,
     /// member, compact, clock and all (watch without compact), for `--seeds` seeds, plus the
     /// negative control.
     Long {

@@ -31,6 +31,8 @@ use crate::record::FaultWindow;
 pub enum NemesisKind {
     None,
     Kill,
+    /// SIGTERM: a graceful stop (a leader hands leadership over first), as in a rolling restart.
+    Stop,
     Pause,
     Partition,
     Latency,
@@ -49,6 +51,7 @@ impl NemesisKind {
         match self {
             NemesisKind::None => "none",
             NemesisKind::Kill => "kill",
+            NemesisKind::Stop => "stop",
             NemesisKind::Pause => "pause",
             NemesisKind::Partition => "partition",
             NemesisKind::Latency => "latency",
@@ -92,6 +95,11 @@ pub enum Fault {
     Kill {
         target: Target,
     },
+    /// SIGTERM to `target` (SIGKILL if a member has not exited after 5 s); restarted on its
+    /// data directory at the end of the hold.
+    Stop {
+        target: Target,
+    },
     Pause {
         target: Target,
     },
@@ -125,6 +133,7 @@ impl Fault {
     pub fn kind(&self) -> &'static str {
         match self {
             Fault::Kill { .. } => "kill",
+            Fault::Stop { .. } => "stop",
             Fault::Pause { .. } => "pause",
             Fault::Partition { .. } => "partition",
             Fault::Latency { .. } => "latency",
@@ -160,6 +169,7 @@ fn random_target(rng: &mut StdRng, n: usize) -> Target {
 pub fn all_kinds(exclude: &[NemesisKind]) -> Vec<NemesisKind> {
     [
         NemesisKind::Kill,
+        NemesisKind::Stop,
         NemesisKind::Pause,
         NemesisKind::Partition,
         NemesisKind::Latency,
@@ -192,6 +202,9 @@ fn random_fault(
     };
     Some(match kind {
         NemesisKind::Kill => Fault::Kill {
+            target: random_target(rng, n),
+        },
+        NemesisKind::Stop => Fault::Stop {
             target: random_target(rng, n),
         },
         NemesisKind::Pause => Fault::Pause {
@@ -370,6 +383,26 @@ pub async fn start(cluster: &Arc<Cluster>, fault: &Fault, now: u64) -> FaultWind
             }
             (format!("kill -9 {}", names(&nodes)), nodes)
         }
+        Fault::Stop { target } => {
+            let nodes = resolve(cluster, target).await;
+            let mut parts = Vec::new();
+            for &i in &nodes {
+                let c = cluster.clone();
+                let how = tokio::task::spawn_blocking(move || {
+                    c.stop_gracefully(i, Duration::from_secs(5))
+                })
+                .await
+                .unwrap_or(None);
+                parts.push(match how {
+                    Some(took) => format!("n{} exited after {} ms", i + 1, took.as_millis()),
+                    None => format!("n{} killed: no exit 5 s after SIGTERM", i + 1),
+                });
+            }
+            (
+                format!("SIGTERM {} ({})", names(&nodes), parts.join(", ")),
+                nodes,
+            )
+        }
         Fault::Pause { target } => {
             let nodes = resolve(cluster, target).await;
             for &i in &nodes {
@@ -431,7 +464,7 @@ pub async fn start(cluster: &Arc<Cluster>, fault: &Fault, now: u64) -> FaultWind
 /// Undoes a fault started with [`start`]; may amend the window's description.
 pub async fn stop(cluster: &Arc<Cluster>, window: &mut FaultWindow) {
     match window.kind.as_str() {
-        "kill" => {
+        "kill" | "stop" => {
             for &i in &window.nodes {
                 if let Err(e) = cluster.start(i) {
                     eprintln!("restart n{} failed: {e}", i + 1);
@@ -705,5 +738,6 @@ mod tests {
         );
         assert!(no_compact.iter().all(|s| s.fault.kind() != "compact"));
         assert!(no_compact.iter().any(|s| s.fault.kind() == "member"));
+        assert!(no_compact.iter().any(|s| s.fault.kind() == "stop"));
     }
 }

@@ -25,6 +25,7 @@ fn color(o: Outcome) -> &'static str {
 fn fault_color(kind: &str) -> &'static str {
     match kind {
         "kill" => "#e41a1c",
+        "stop" => "#b2182b",
         "pause" => "#984ea3",
         "partition" => "#ff7f00",
         "latency" => "#4daf4a",
@@ -359,11 +360,12 @@ pub fn html(opts: &TestOpts, r: &RunResult, ops: &[Op], faults: &[FaultWindow]) 
     out.push_str("</table>");
     let _ = write!(
         out,
-        r#"<h2>Timeline</h2><p class="legend"><span style="background:{}">ok</span><span style="background:{}">fail</span><span style="background:{}">info (indeterminate)</span> bands: <span style="color:{}">kill</span><span style="color:{}">pause</span><span style="color:{}">partition</span><span style="color:{}">latency</span><span style="color:{}">member</span><span style="color:{}">compact</span><span style="color:{}">clock</span>; hover for details; rows are members (lanes per concurrent operation).</p>"#,
+        r#"<h2>Timeline</h2><p class="legend"><span style="background:{}">ok</span><span style="background:{}">fail</span><span style="background:{}">info (indeterminate)</span> bands: <span style="color:{}">kill</span><span style="color:{}">stop</span><span style="color:{}">pause</span><span style="color:{}">partition</span><span style="color:{}">latency</span><span style="color:{}">member</span><span style="color:{}">compact</span><span style="color:{}">clock</span>; hover for details; rows are members (lanes per concurrent operation).</p>"#,
         color(Outcome::Ok),
         color(Outcome::Fail),
         color(Outcome::Info),
         fault_color("kill"),
+        fault_color("stop"),
         fault_color("pause"),
         fault_color("partition"),
         fault_color("latency"),

@@ -458,7 +458,7 @@ pub async fn run_test(opts: TestOpts) -> anyhow::Result<RunResult> {
                 let until = Instant::now() + Duration::from_millis(step.hold_ms);
                 while Instant::now() < until && !ctx.done() {
                     tokio::time::sleep(Duration::from_millis(50)).await;
-                    if w.kind != "kill" {
+                    if w.kind != "kill" && w.kind != "stop" {
                         note_crashes(&ctx, &crashes);
                     }
                 }
