@@ -349,19 +349,7 @@ impl Maintenance for MaintenanceService {
                 .transfer_leader(target)
                 .await
                 .map_err(|_| ServerError::Stopped)?;
-            let mut rx = self.node.raft.metrics();
-            let moved = tokio::time::timeout(MOVE_LEADER_TIMEOUT, async {
-                loop {
-                    if rx.borrow_watched().current_leader == Some(target) {
-                        return true;
-                    }
-                    if rx.changed().await.is_err() {
-                        return false;
-                    }
-                }
-            })
-            .await;
-            match moved {
+            match self.node.wait_for_leader(target, MOVE_LEADER_TIMEOUT).await {
                 Ok(true) => {
                     tracing::info!(to = %format!("{target:x}"), "leadership transferred")
                 }

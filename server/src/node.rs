@@ -511,8 +511,24 @@ impl KeelNode {
             .map(|(id, _)| *id)?;
         tracing::info!(to = %format!("{target:x}"), "handing leadership over before shutting down");
         self.raft.trigger().transfer_leader(target).await.ok()?;
+        if self.wait_for_leader(target, timeout).await == Ok(true) {
+            tracing::info!(to = %format!("{target:x}"), "leadership handed over");
+            Some(target)
+        } else {
+            tracing::warn!(to = %format!("{target:x}"), "leadership hand-over did not finish; stopping anyway");
+            None
+        }
+    }
+
+    /// Waits, at most `timeout`, until this member's Raft names `target` leader: `Ok(true)`
+    /// once it does, `Ok(false)` if Raft stopped first, `Err` on the timeout.
+    pub async fn wait_for_leader(
+        &self,
+        target: NodeId,
+        timeout: Duration,
+    ) -> Result<bool, tokio::time::error::Elapsed> {
         let mut rx = self.raft.metrics();
-        let moved = tokio::time::timeout(timeout, async {
+        tokio::time::timeout(timeout, async {
             loop {
                 if rx.borrow_watched().current_leader == Some(target) {
                     return true;
@@ -522,14 +538,7 @@ impl KeelNode {
                 }
             }
         })
-        .await;
-        if moved == Ok(true) {
-            tracing::info!(to = %format!("{target:x}"), "leadership handed over");
-            Some(target)
-        } else {
-            tracing::warn!(to = %format!("{target:x}"), "leadership hand-over did not finish; stopping anyway");
-            None
-        }
+        .await
     }
 
     /// Marks the member as shutting down: every stream wrapped by [`KeelNode::until_stopping`]
