@@ -664,9 +664,15 @@ pub(crate) fn status_to_error(status: &tonic::Status) -> ServerError {
         tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
             NoLeader
         }
-        // The connection to the leader broke mid-request: the request may or may not have been
-        // applied, which is what etcd's `request timed out` (Unavailable) tells clients.
-        tonic::Code::Unknown if status.message().contains("transport error") => Timeout,
+        // The connection to the leader broke mid-request (tonic reports the transport's or
+        // HTTP/2's failure): the request may or may not have been applied, which is what
+        // etcd's `request timed out` (Unavailable) tells clients, and they retry it.
+        _ if ["transport error", "h2 protocol error"]
+            .iter()
+            .any(|t| status.message().contains(t)) =>
+        {
+            Timeout
+        }
         _ => Internal(status.message().to_string()),
     }
 }
@@ -674,6 +680,41 @@ pub(crate) fn status_to_error(status: &tonic::Status) -> ServerError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A forward whose connection to the leader broke is "request timed out" (Unavailable,
+    /// retried by clients), whatever code tonic gave the failure; the leader's own errors come
+    /// back as themselves.
+    #[test]
+    fn broken_forwards_are_timeouts_and_leader_errors_pass_through() {
+        use tonic::{Code, Status};
+        for s in [
+            Status::new(
+                Code::Unknown,
+                "h2 protocol error: error reading a body from connection",
+            ),
+            Status::new(Code::Internal, "h2 protocol error: stream no longer needed"),
+            Status::new(Code::Unknown, "transport error"),
+        ] {
+            assert_eq!(
+                status_to_error(&s).to_string(),
+                ServerError::Timeout.to_string(),
+                "{s:?}"
+            );
+        }
+        let leader: Status = ServerError::Compacted.into();
+        assert_eq!(
+            status_to_error(&leader).to_string(),
+            ServerError::Compacted.to_string()
+        );
+        assert_eq!(
+            status_to_error(&Status::unavailable("connection refused")).to_string(),
+            ServerError::NoLeader.to_string()
+        );
+        assert!(matches!(
+            status_to_error(&Status::internal("disk full")),
+            ServerError::Internal(_)
+        ));
+    }
 
     /// An openraft follower campaigns `election_timeout_max` (the leader's lease) plus a
     /// timeout drawn from `min..max` after it last heard from the leader; like etcd's E..2E, that
