@@ -6,7 +6,8 @@
 # kills it (SIGKILL), freezes it (SIGSTOP) or stops it gracefully (SIGTERM, as a rolling
 # restart does), and puts a key through the two other members with `etcdctl
 # --command-timeout 100ms` in a loop until one put succeeds. The time from the signal
-# to that success is the fail-over time (resolution: one attempt, at most about 0.1 s). The old
+# to that success is the fail-over time (resolution: one attempt, at most about 0.1 s; with
+# TERM each round also says when the old leader exited). The old
 # leader is then restarted (or resumed) and must serve again before the next round.
 #
 # Usage: benches/failover.sh [--rounds N] [--signal KILL|STOP|TERM] [--only keel|etcd]
@@ -21,7 +22,7 @@ while [ $# -gt 0 ]; do
         --rounds) ROUNDS=$2; shift 2 ;;
         --signal) SIGNAL=$2; shift 2 ;;
         --only) ONLY=$2; shift 2 ;;
-        *) sed -n '2,14p' "$0" >&2; exit 2 ;;
+        *) sed -n '2,15p' "$0" >&2; exit 2 ;;
     esac
 done
 case $SIGNAL in KILL | STOP | TERM) ;; *) echo "--signal must be KILL, STOP or TERM" >&2; exit 2 ;; esac
@@ -99,8 +100,12 @@ measure() { # kind -> one line per round on stderr, the times (ms) in $WORK/kind
         until etcdctl --endpoints "$survivors" --command-timeout=100ms put "/failover/$r" v >/dev/null 2>&1; do
             tries=$((tries + 1))
         done
-        local took=$(($(now_ms) - t0))
-        echo "   $kind round $r/$ROUNDS: SIG$SIGNAL to leader n$l, first write after $took ms ($tries attempts)" >&2
+        local took=$(($(now_ms) - t0)) exited=""
+        if [ "$SIGNAL" = TERM ]; then
+            gone "${PID[$kind$l]}"
+            exited=", exited after $(($(now_ms) - t0)) ms"
+        fi
+        echo "   $kind round $r/$ROUNDS: SIG$SIGNAL to leader n$l, first write after $took ms ($tries attempts)$exited" >&2
         echo "$took" >> "$WORK/$kind.times"
         if [ "$SIGNAL" != STOP ]; then
             gone "${PID[$kind$l]}"

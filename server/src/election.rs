@@ -15,10 +15,9 @@
 //! - Errors reach the caller with code `Unknown`, as from etcd.
 
 use std::collections::VecDeque;
-use std::pin::Pin;
 use std::sync::Arc;
 
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
 use keel_proto::etcdserverpb::range_request::SortOrder;
 use keel_proto::etcdserverpb::{ResponseHeader, TxnRequest};
 use keel_proto::keelpb::raft_request::Request as Cmd;
@@ -231,7 +230,7 @@ impl ElectionService {
     }
 }
 
-type ObserveStream = Pin<Box<dyn Stream<Item = Result<LeaderResponse, Status>> + Send>>;
+type ObserveStream = crate::node::ResponseStream<LeaderResponse>;
 
 #[tonic::async_trait]
 impl Election for ElectionService {

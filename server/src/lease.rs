@@ -21,11 +21,10 @@
 //!   push its expiry decisions onto the leader that replaced it.
 
 use std::collections::BTreeMap;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
 use keel_proto::etcdserverpb::lease_server::Lease;
 use keel_proto::etcdserverpb::*;
 use keel_proto::keelpb::raft_request::Request as Cmd;
@@ -399,7 +398,7 @@ impl LeaseService {
     }
 }
 
-type KeepAliveStream = Pin<Box<dyn Stream<Item = Result<LeaseKeepAliveResponse, Status>> + Send>>;
+type KeepAliveStream = crate::node::ResponseStream<LeaseKeepAliveResponse>;
 
 #[tonic::async_trait]
 impl Lease for LeaseService {

@@ -14,11 +14,9 @@
 //!   member at its own pace). HashKV is the one to compare across members.
 //! - MoveLeader: must reach the leader (etcdctl finds it); waits until leadership has moved.
 
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::Stream;
 use keel_proto::etcdserverpb::maintenance_server::Maintenance;
 use keel_proto::etcdserverpb::request_op::Request as OpReq;
 use keel_proto::etcdserverpb::*;
@@ -311,7 +309,7 @@ impl Maintenance for MaintenanceService {
         Ok(Response::new(resp))
     }
 
-    type SnapshotStream = Pin<Box<dyn Stream<Item = Result<SnapshotResponse, Status>> + Send>>;
+    type SnapshotStream = crate::node::ResponseStream<SnapshotResponse>;
 
     async fn snapshot(
         &self,

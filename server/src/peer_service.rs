@@ -1,11 +1,10 @@
 //! The member-to-member gRPC service: Raft RPCs, snapshot installation, request forwarding and
 //! read-index requests from followers.
 
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
 use keel_proto::keelpb::raft_peer_server::RaftPeer;
 use keel_proto::keelpb::{
     ForwardEnvelope, ForwardReply, ForwardRequest, ForwardResponse, LeaseAnswer, LeaseQuery,
@@ -81,7 +80,7 @@ fn fatal(e: impl std::fmt::Display) -> Status {
     Status::unavailable(format!("raft stopped: {e}"))
 }
 
-type BytesStream = Pin<Box<dyn Stream<Item = Result<RaftBytes, Status>> + Send>>;
+type BytesStream = crate::node::ResponseStream<RaftBytes>;
 
 #[tonic::async_trait]
 impl RaftPeer for PeerService {
@@ -223,7 +222,7 @@ impl RaftPeer for PeerService {
         }))
     }
 
-    type ForwardStreamStream = Pin<Box<dyn Stream<Item = Result<ForwardReply, Status>> + Send>>;
+    type ForwardStreamStream = crate::node::ResponseStream<ForwardReply>;
 
     async fn forward_stream(
         &self,

@@ -1196,8 +1196,7 @@ pub struct WireResponse {
 }
 
 /// A watch call's responses.
-pub type EncodedWatchStream =
-    Pin<Box<dyn Stream<Item = Result<WireResponse, Status>> + Send + 'static>>;
+pub type EncodedWatchStream = crate::node::ResponseStream<WireResponse>;
 
 impl WatchService {
     /// `etcdserverpb.Watch/Watch` (served by [`crate::watch_wire::WatchServer`]).
