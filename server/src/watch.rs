@@ -100,7 +100,12 @@ struct Watcher {
     stream: u64,
     watch_id: i64,
     range: KeyRange,
-    /// The first revision this watcher has not been sent yet.
+    /// The first revision this watcher has not been sent yet. While the watcher is synced
+    /// this is only a lower bound, kept current when it receives events: every revision up to
+    /// the hub's `dispatched_rev` has been offered to it, and the revisions between its
+    /// `next_rev` and `dispatched_rev` held nothing it wanted. (Dispatch does not walk every
+    /// watcher to advance it, which cost O(watchers) per applied chunk; the bound is made
+    /// exact when the watcher leaves the synced set, in `HubState::mark_unsynced`.)
     next_rev: i64,
     prev_kv: bool,
     no_put: bool,
@@ -327,7 +332,8 @@ impl StreamQueue {
 
 struct StreamEntry {
     queue: Arc<StreamQueue>,
-    watchers: BTreeSet<u64>,
+    /// The stream's watchers: watch id → the hub's key of the watcher.
+    watchers: BTreeMap<i64, u64>,
     next_watch_id: i64,
     pending_progress: bool,
 }
@@ -346,7 +352,13 @@ struct HubState {
 
 impl HubState {
     fn mark_unsynced(&mut self, key: u64) {
+        let dispatched = self.dispatched_rev;
         if let Some(w) = self.watchers.get_mut(&key) {
+            if w.synced {
+                // A synced watcher has seen every dispatched revision, whatever its
+                // `next_rev` still says (see `Watcher::next_rev`).
+                w.next_rev = w.next_rev.max(dispatched + 1);
+            }
             w.synced = false;
             self.unsynced.insert(key);
         }
@@ -366,7 +378,7 @@ impl HubState {
         }
         self.unsynced.remove(&key);
         if let Some(s) = self.streams.get_mut(&w.stream) {
-            s.watchers.remove(&key);
+            s.watchers.remove(&w.watch_id);
         }
         Some(w)
     }
@@ -374,7 +386,7 @@ impl HubState {
     fn stream_all_synced(&self, stream: u64) -> bool {
         self.streams
             .get(&stream)
-            .is_some_and(|s| s.watchers.iter().all(|k| !self.unsynced.contains(k)))
+            .is_some_and(|s| s.watchers.values().all(|k| !self.unsynced.contains(k)))
     }
 
     /// Whether a stream's queue can take a catch-up batch (a consumer that is not reading is
@@ -599,6 +611,10 @@ impl WatchHub {
         let mut deliveries: Vec<(u64, u64, Arc<SharedEvent>)> = Vec::new();
         for ev in &chunk.events {
             let Some(kv) = ev.kv.as_ref() else { continue };
+            if kv.mod_revision <= st.dispatched_rev {
+                // Synced watchers have been offered it already.
+                continue;
+            }
             let mut shapes = EventShapes::default();
             if let Some(keys) = st.singles.get(&kv.key) {
                 for k in keys {
@@ -681,13 +697,6 @@ impl WatchHub {
                 q.wake();
             }
         }
-        // Synced watchers that had nothing to receive have still seen everything.
-        let dispatched = header_rev;
-        for w in st.watchers.values_mut() {
-            if w.synced && w.next_rev <= dispatched {
-                w.next_rev = dispatched + 1;
-            }
-        }
     }
 
     /// `ev` with its `prev_kv`: applied events leave it empty unless the write read it, so it
@@ -717,7 +726,7 @@ impl WatchHub {
             id,
             StreamEntry {
                 queue: queue.clone(),
-                watchers: BTreeSet::new(),
+                watchers: BTreeMap::new(),
                 next_watch_id: 0,
                 pending_progress: false,
             },
@@ -729,7 +738,7 @@ impl WatchHub {
         let mut st = self.lock();
         if let Some(entry) = st.streams.remove(&stream) {
             entry.queue.close();
-            for k in entry.watchers {
+            for k in entry.watchers.into_values() {
                 st.remove_watcher(k);
             }
         }
@@ -770,17 +779,12 @@ impl WatchHub {
             queue.push(reject("mvcc: watcher range is empty"));
             return;
         };
-        let used: BTreeSet<i64> = entry
-            .watchers
-            .iter()
-            .filter_map(|k| st_watch_id(&st.watchers, *k))
-            .collect();
         let Some(entry) = st.streams.get_mut(&stream) else {
             return;
         };
         let watch_id = if req.watch_id != 0 {
-            let taken = used.contains(&req.watch_id);
-            if taken || req.watch_id < 0 {
+            // Any other ID the client picks is its own, negative ones included (as etcd).
+            if entry.watchers.contains_key(&req.watch_id) {
                 queue.push(reject(
                     "mvcc: duplicate watch ID provided on the WatchStream",
                 ));
@@ -789,7 +793,7 @@ impl WatchHub {
             req.watch_id
         } else {
             let mut id = entry.next_watch_id;
-            while used.contains(&id) {
+            while entry.watchers.contains_key(&id) {
                 id += 1;
             }
             entry.next_watch_id = id + 1;
@@ -834,7 +838,7 @@ impl WatchHub {
             }
         }
         if let Some(entry) = st.streams.get_mut(&stream) {
-            entry.watchers.insert(key);
+            entry.watchers.insert(watch_id, key);
         }
         if !synced {
             st.unsynced.insert(key);
@@ -849,12 +853,7 @@ impl WatchHub {
             return;
         };
         let queue = entry.queue.clone();
-        let Some(key) = entry
-            .watchers
-            .iter()
-            .copied()
-            .find(|k| st_watch_id(&st.watchers, *k) == Some(watch_id))
-        else {
+        let Some(key) = entry.watchers.get(&watch_id).copied() else {
             return;
         };
         st.remove_watcher(key);
@@ -1117,10 +1116,6 @@ impl Drop for InternalWatch {
     }
 }
 
-fn st_watch_id(watchers: &BTreeMap<u64, Watcher>, key: u64) -> Option<i64> {
-    watchers.get(&key).map(|w| w.watch_id)
-}
-
 async fn syncer(hub: Weak<WatchHub>) {
     loop {
         let Some(h) = hub.upgrade() else { return };
@@ -1355,6 +1350,91 @@ mod tests {
             KeyRange::from_request(b"m", b"\0")
                 .unwrap()
                 .contains(b"zzz")
+        );
+    }
+
+    /// Applies a put of `key` to `store`; returns the chunk as the state machine hands it to
+    /// the hub.
+    fn applied_put(store: &MvccStore, key: &[u8]) -> AppliedChunk {
+        use keel_proto::etcdserverpb::PutRequest;
+        use keel_proto::keelpb::{RaftRequest, raft_request::Request};
+        let mut batch = store.begin_apply();
+        let outcome = batch.apply(&RaftRequest {
+            request: Some(Request::Put(PutRequest {
+                key: key.to_vec(),
+                value: b"v".to_vec(),
+                ..Default::default()
+            })),
+        });
+        assert!(outcome.response.error.is_none());
+        let revision = batch.revision();
+        batch.commit(false).expect("commit");
+        AppliedChunk {
+            applied: keel_store::raft::state_machine::AppliedState {
+                index: revision as u64,
+                revision,
+            },
+            events: outcome.events,
+        }
+    }
+
+    /// Revisions of the events `watch` receives until it has seen `last`.
+    async fn revisions_until(watch: &mut InternalWatch, last: i64) -> Vec<i64> {
+        let mut seen = Vec::new();
+        while seen.last() != Some(&last) {
+            let resp = tokio::time::timeout(Duration::from_secs(5), watch.next())
+                .await
+                .unwrap_or_else(|_| panic!("no answer in time; seen so far: {seen:?}"))
+                .expect("the watch is open");
+            assert!(!resp.canceled, "{resp:?}");
+            seen.extend(
+                resp.events
+                    .iter()
+                    .filter_map(|e| e.kv.as_ref())
+                    .map(|kv| kv.mod_revision),
+            );
+        }
+        seen
+    }
+
+    /// Revisions applied but never dispatched (a member installing a snapshot) are replayed
+    /// from history to every synced watcher: from the revision after the last one dispatched,
+    /// also for a watcher that received nothing for a while, with nothing twice.
+    #[tokio::test]
+    async fn revisions_skipped_by_a_snapshot_are_replayed_exactly_once() {
+        let engine = Arc::new(keel_store::engine::memory::MemoryEngine::new());
+        let store = Arc::new(MvccStore::open(engine).expect("open"));
+        let hub = WatchHub::new(1 << 20, Duration::from_secs(600));
+        hub.attach(store.clone());
+        let mut on_a = hub.watch_internal(b"a", b"", 0);
+        let mut from_a = hub.watch_internal(b"a", b"\0", 0);
+        let first = store.current_revision() + 1;
+        let rev = |n: i64| first + n - 1; // the n-th put's revision
+        hub.on_applied(&applied_put(&store, b"a")); // put 1
+        for _ in 0..4 {
+            hub.on_applied(&applied_put(&store, b"b")); // puts 2..=5
+        }
+        for key in [b"a", b"b", b"a"] {
+            applied_put(&store, key); // puts 6..=8, never dispatched
+        }
+        hub.on_applied(&applied_put(&store, b"a")); // put 9 reveals the gap
+        assert_eq!(
+            revisions_until(&mut on_a, rev(9)).await,
+            [1, 6, 8, 9].map(rev)
+        );
+        assert_eq!(
+            revisions_until(&mut from_a, rev(9)).await,
+            (1..=9).map(rev).collect::<Vec<_>>()
+        );
+        // Both are live again, and a dispatched revision is never offered twice.
+        let chunk = applied_put(&store, b"a"); // put 10
+        hub.on_applied(&chunk);
+        hub.on_applied(&chunk);
+        hub.on_applied(&applied_put(&store, b"a")); // put 11
+        assert_eq!(revisions_until(&mut on_a, rev(11)).await, [10, 11].map(rev));
+        assert_eq!(
+            revisions_until(&mut from_a, rev(11)).await,
+            [10, 11].map(rev)
         );
     }
 

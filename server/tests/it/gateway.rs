@@ -521,14 +521,14 @@ async fn run_streams(addr: &str) -> Vec<(String, Value)> {
 }
 
 /// A real etcd, for comparison (`None` when it is not installed).
-struct Etcd {
+pub(crate) struct Etcd {
     child: Child,
-    addr: String,
+    pub(crate) addr: String,
     _dir: tempfile::TempDir,
 }
 
 impl Etcd {
-    async fn start() -> Option<Etcd> {
+    pub(crate) async fn start() -> Option<Etcd> {
         let bin = ["/usr/bin/etcd", "/usr/local/bin/etcd"]
             .into_iter()
             .find(|p| std::path::Path::new(p).exists())?;

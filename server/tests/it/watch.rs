@@ -449,3 +449,135 @@ async fn next_response(
         .unwrap()
         .expect("stream ended")
 }
+
+/// Watch IDs on one stream as etcd assigns and checks them: a client-chosen ID, server-assigned
+/// IDs that skip the ones in use, a duplicate refused with etcd's reason, an ID reusable after
+/// its cancellation, an empty range refused, a negative ID accepted. Compared with a real etcd when one is installed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn watch_ids_are_assigned_and_checked_as_etcd_does() {
+    let cluster = Cluster::start(1).await;
+    let keel = watch_id_script(&cluster.members[0].endpoint()).await;
+    let expected: Vec<(i64, bool, bool, &str, Vec<&str>)> = vec![
+        (1, true, false, "", vec![]),
+        (0, true, false, "", vec![]),
+        (2, true, false, "", vec![]),
+        (
+            -1,
+            true,
+            true,
+            "mvcc: duplicate watch ID provided on the WatchStream",
+            vec![],
+        ),
+        (1, false, true, "", vec![]),
+        (1, true, false, "", vec![]),
+        (-1, true, true, "mvcc: watcher range is empty", vec![]),
+        (-5, true, false, "", vec![]),
+        (1, false, false, "", vec!["w/f"]),
+        (0, false, false, "", vec!["w/b"]),
+    ];
+    let project = |got: &[WatchIdStep]| -> Vec<(i64, bool, bool, String, Vec<String>)> {
+        got.iter()
+            .map(|s| (s.0, s.1, s.2, s.3.clone(), s.4.clone()))
+            .collect()
+    };
+    let expected: Vec<(i64, bool, bool, String, Vec<String>)> = expected
+        .into_iter()
+        .map(|(id, c, x, r, k)| {
+            (
+                id,
+                c,
+                x,
+                r.to_string(),
+                k.into_iter().map(String::from).collect(),
+            )
+        })
+        .collect();
+    assert_eq!(project(&keel), expected);
+    if let Some(etcd) = crate::gateway::Etcd::start().await {
+        let etcd_steps = watch_id_script(&etcd.addr).await;
+        assert_eq!(keel, etcd_steps, "Keel and etcd answered differently");
+    }
+}
+
+/// (watch id, created, canceled, cancel reason, event keys, header revision) of a response.
+type WatchIdStep = (i64, bool, bool, String, Vec<String>, i64);
+
+async fn watch_id_script(endpoint: &str) -> Vec<WatchIdStep> {
+    use keel_proto::etcdserverpb::watch_client::WatchClient;
+    use keel_proto::etcdserverpb::watch_request::RequestUnion;
+    use keel_proto::etcdserverpb::{
+        PutRequest, WatchCancelRequest, WatchCreateRequest, WatchRequest, kv_client::KvClient,
+    };
+
+    let mut wc = WatchClient::connect(format!("http://{endpoint}"))
+        .await
+        .unwrap();
+    let mut kv = KvClient::connect(format!("http://{endpoint}"))
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let create = |key: &str, range_end: &str, watch_id: i64| WatchRequest {
+        request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+            key: key.into(),
+            range_end: range_end.into(),
+            watch_id,
+            ..Default::default()
+        })),
+    };
+    let requests = vec![
+        create("w/a", "", 1),
+        create("w/b", "", 0),
+        create("w/c", "", 0),
+        create("w/d", "", 2),
+        WatchRequest {
+            request_union: Some(RequestUnion::CancelRequest(WatchCancelRequest {
+                watch_id: 1,
+            })),
+        },
+        create("w/f", "", 1),
+        create("w/z", "w/y", 0),
+        create("w/n", "", -5),
+    ];
+    // etcd sends the call's headers with its first response, so the first request goes out
+    // before the call is awaited.
+    let mut requests = requests.into_iter();
+    tx.send(requests.next().unwrap()).await.unwrap();
+    let mut responses = wc
+        .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut steps = Vec::new();
+    let mut record = |r: keel_proto::etcdserverpb::WatchResponse| {
+        steps.push((
+            r.watch_id,
+            r.created,
+            r.canceled,
+            r.cancel_reason,
+            r.events
+                .iter()
+                .filter_map(|e| e.kv.as_ref())
+                .map(|kv| String::from_utf8_lossy(&kv.key).into_owned())
+                .collect(),
+            r.header.map(|h| h.revision).unwrap_or_default(),
+        ));
+    };
+    record(next_response(&mut responses).await);
+    for req in requests {
+        tx.send(req).await.unwrap();
+        record(next_response(&mut responses).await);
+    }
+    // Only the watcher now holding ID 1 (on w/f) and the one on w/b see these puts.
+    for key in ["w/a", "w/f", "w/b"] {
+        kv.put(PutRequest {
+            key: key.into(),
+            value: b"v".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    record(next_response(&mut responses).await);
+    record(next_response(&mut responses).await);
+    steps
+}
