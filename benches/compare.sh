@@ -250,6 +250,7 @@ run_case watch-fanout-1k watch --watchers 1000 --streams 10 --clients 8 --conns 
 run_case watch-fanout-1k-rate watch --watchers 1000 --streams 10 --clients 1 --rate 200 --conns 4
 run_case watch-fanout-10k-rate watch --watchers 10000 --streams 100 --clients 1 --rate 20 --conns 4
 run_case watch-distinct-10k watch --distinct-keys --watchers 10000 --streams 100 --clients 32 --conns 4
+run_case watch-distinct-prefix-10k watch --distinct-prefixes --watchers 10000 --streams 100 --clients 32 --conns 4
 # --- kube-apiserver-like mix ---
 run_case kube kube --clients 32 --conns 8 --key-space 10000 --val-size 1024 --watchers 8
 

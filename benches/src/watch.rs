@@ -38,6 +38,11 @@ pub struct WatchArgs {
     /// Without it every watcher watches one prefix that every write falls in (fan-out).
     #[arg(long)]
     pub distinct_keys: bool,
+    /// Many-prefix mode with prefix watchers: as `--distinct-keys`, but each watcher watches
+    /// the prefix that is its key (a range watch, as a controller watching one object's
+    /// subtree), and no key is a prefix of another's, so each write still matches one watcher.
+    #[arg(long, conflicts_with = "distinct_keys")]
+    pub distinct_prefixes: bool,
     /// Seconds to wait, after the writers stop, for every event to arrive.
     #[arg(long, default_value_t = 30.0)]
     pub drain: f64,
@@ -358,7 +363,7 @@ pub fn run_id() -> String {
 pub async fn run(common: &Common, args: &WatchArgs) -> anyhow::Result<Summary> {
     let prefix = format!("/bench/watch/{}/", run_id());
     let n = args.watchers.max(1);
-    let distinct = args.distinct_keys || args.idle;
+    let distinct = args.distinct_keys || args.distinct_prefixes || args.idle;
     // Keys the writers cycle over: one per watcher (distinct), else the key space.
     let keys = if distinct {
         n as u64
@@ -368,9 +373,14 @@ pub async fn run(common: &Common, args: &WatchArgs) -> anyhow::Result<Summary> {
     let width = keys.to_string().len();
     let specs: Vec<WatchSpec> = if distinct {
         (0..n as u64)
-            .map(|i| WatchSpec {
-                key: key(&prefix, i, width),
-                range_end: vec![],
+            .map(|i| {
+                let key = key(&prefix, i, width);
+                let range_end = if args.distinct_prefixes {
+                    prefix_end(&key)
+                } else {
+                    vec![]
+                };
+                WatchSpec { key, range_end }
             })
             .collect()
     } else {
@@ -400,6 +410,8 @@ pub async fn run(common: &Common, args: &WatchArgs) -> anyhow::Result<Summary> {
     }
     let name = if args.idle {
         "watch-idle"
+    } else if args.distinct_prefixes {
+        "watch-distinct-prefix"
     } else if distinct {
         "watch-distinct"
     } else {

@@ -11,7 +11,8 @@
 //! - [`kv`]: `etcdserverpb.KV`; [`validate`]: etcd's request checks.
 //! - [`watch`]: `etcdserverpb.Watch` — the watch hub (synced / unsynced watchers fed from the
 //!   applied state) and the stream handler; [`watch_wire`]: the service on the wire, sending
-//!   responses assembled from events encoded once for all watchers.
+//!   responses assembled from events encoded once for all watchers; [`watch_index`]: which
+//!   watchers an event's key concerns (single keys, prefixes, other ranges).
 //! - [`lease`]: `etcdserverpb.Lease` and the leader-only [`lease::Lessor`] (deadlines, expiry).
 //! - [`lock`]: `v3lockpb.Lock`, and etcd's `concurrency` recipes run in the server.
 //! - [`election`]: `v3electionpb.Election` on the same recipes.
@@ -52,4 +53,5 @@ pub mod snapshot;
 pub mod tls;
 pub mod validate;
 pub mod watch;
+pub mod watch_index;
 pub mod watch_wire;

@@ -44,57 +44,13 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::ServerError;
 use crate::node::KeelNode;
+use crate::watch_index::{KeyRange, WatcherIndex};
 
 /// Responses a stream may have queued before its watchers become victims.
 const STREAM_QUEUE_CAPACITY: usize = 1024;
 /// Events replayed from history per catch-up step (batches end on a revision boundary).
 const CATCH_UP_EVENTS: usize = 4096;
 const INVALID_WATCH_ID: i64 = -1;
-
-/// `[start, end)`; `end = None` is "every key from start"; `Single` is one key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum KeyRange {
-    Single(Vec<u8>),
-    Range(Vec<u8>, Option<Vec<u8>>),
-}
-
-impl KeyRange {
-    /// etcd's normalisation of a watch range; `None` when the range is empty.
-    fn from_request(key: &[u8], range_end: &[u8]) -> Option<KeyRange> {
-        let key = if key.is_empty() {
-            vec![0]
-        } else {
-            key.to_vec()
-        };
-        if range_end.is_empty() {
-            return Some(KeyRange::Single(key));
-        }
-        if range_end == [0] {
-            return Some(KeyRange::Range(key, None));
-        }
-        if key.as_slice() >= range_end {
-            return None;
-        }
-        Some(KeyRange::Range(key, Some(range_end.to_vec())))
-    }
-
-    fn contains(&self, k: &[u8]) -> bool {
-        match self {
-            KeyRange::Single(s) => s.as_slice() == k,
-            KeyRange::Range(s, None) => s.as_slice() <= k,
-            KeyRange::Range(s, Some(e)) => s.as_slice() <= k && k < e.as_slice(),
-        }
-    }
-
-    /// The (key, range_end) pair the MVCC layer expects.
-    fn to_request(&self) -> (Vec<u8>, Vec<u8>) {
-        match self {
-            KeyRange::Single(k) => (k.clone(), Vec::new()),
-            KeyRange::Range(k, None) => (k.clone(), vec![0]),
-            KeyRange::Range(k, Some(e)) => (k.clone(), e.clone()),
-        }
-    }
-}
 
 struct Watcher {
     stream: u64,
@@ -344,8 +300,8 @@ struct HubState {
     next_key: u64,
     next_stream: u64,
     watchers: BTreeMap<u64, Watcher>,
-    singles: BTreeMap<Vec<u8>, BTreeSet<u64>>,
-    ranges: BTreeSet<u64>,
+    /// Watchers by key range, to find those an event concerns.
+    index: WatcherIndex,
     unsynced: BTreeSet<u64>,
     streams: BTreeMap<u64, StreamEntry>,
 }
@@ -366,16 +322,7 @@ impl HubState {
 
     fn remove_watcher(&mut self, key: u64) -> Option<Watcher> {
         let w = self.watchers.remove(&key)?;
-        if let KeyRange::Single(k) = &w.range {
-            if let Some(set) = self.singles.get_mut(k) {
-                set.remove(&key);
-                if set.is_empty() {
-                    self.singles.remove(k);
-                }
-            }
-        } else {
-            self.ranges.remove(&key);
-        }
+        self.index.remove(key, &w.range);
         self.unsynced.remove(&key);
         if let Some(s) = self.streams.get_mut(&w.stream) {
             s.watchers.remove(&w.watch_id);
@@ -616,24 +563,14 @@ impl WatchHub {
                 continue;
             }
             let mut shapes = EventShapes::default();
-            if let Some(keys) = st.singles.get(&kv.key) {
-                for k in keys {
-                    if let Some(w) = st.watchers.get(k)
-                        && w.synced
-                        && w.wants(ev)
-                    {
-                        deliveries.push((w.stream, *k, w.shape(ev, &mut shapes, self)));
-                    }
-                }
-            }
-            for k in &st.ranges {
-                if let Some(w) = st.watchers.get(k)
+            st.index.for_each_containing(&kv.key, |k| {
+                if let Some(w) = st.watchers.get(&k)
                     && w.synced
                     && w.wants(ev)
                 {
-                    deliveries.push((w.stream, *k, w.shape(ev, &mut shapes, self)));
+                    deliveries.push((w.stream, k, w.shape(ev, &mut shapes, self)));
                 }
-            }
+            });
         }
         let header_rev = chunk.applied.revision;
         // A stable sort keeps each watcher's events in revision order.
@@ -828,15 +765,8 @@ impl WatchHub {
             created: true,
             ..Default::default()
         });
+        st.index.insert(key, &range);
         st.watchers.insert(key, watcher);
-        match &range {
-            KeyRange::Single(k) => {
-                st.singles.entry(k.clone()).or_default().insert(key);
-            }
-            KeyRange::Range(..) => {
-                st.ranges.insert(key);
-            }
-        }
         if let Some(entry) = st.streams.get_mut(&stream) {
             entry.watchers.insert(watch_id, key);
         }
@@ -1331,27 +1261,6 @@ impl Drop for QueueStream {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn key_ranges_follow_etcd() {
-        assert_eq!(
-            KeyRange::from_request(b"", b""),
-            Some(KeyRange::Single(vec![0]))
-        );
-        assert_eq!(
-            KeyRange::from_request(b"a", b"\0"),
-            Some(KeyRange::Range(b"a".to_vec(), None))
-        );
-        assert_eq!(KeyRange::from_request(b"b", b"a"), None);
-        assert_eq!(KeyRange::from_request(b"a", b"a"), None);
-        let r = KeyRange::from_request(b"a/", b"a0").unwrap();
-        assert!(r.contains(b"a/x") && !r.contains(b"a0") && !r.contains(b"a"));
-        assert!(
-            KeyRange::from_request(b"m", b"\0")
-                .unwrap()
-                .contains(b"zzz")
-        );
-    }
 
     /// Applies a put of `key` to `store`; returns the chunk as the state machine hands it to
     /// the hub.
