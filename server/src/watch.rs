@@ -291,7 +291,6 @@ struct StreamEntry {
     /// The stream's watchers: watch id → the hub's key of the watcher.
     watchers: BTreeMap<i64, u64>,
     next_watch_id: i64,
-    pending_progress: bool,
 }
 
 #[derive(Default)]
@@ -304,6 +303,8 @@ struct HubState {
     index: WatcherIndex,
     unsynced: BTreeSet<u64>,
     streams: BTreeMap<u64, StreamEntry>,
+    /// Streams whose progress request waits for their watchers to be synced.
+    progress_waiting: BTreeSet<u64>,
 }
 
 impl HubState {
@@ -545,7 +546,7 @@ impl WatchHub {
             self.dispatch(&mut st, chunk);
         }
         st.dispatched_rev = st.dispatched_rev.max(chunk.applied.revision);
-        let wake = !st.unsynced.is_empty() || st.streams.values().any(|s| s.pending_progress);
+        let wake = !st.unsynced.is_empty() || !st.progress_waiting.is_empty();
         drop(st);
         if wake {
             self.sync_wanted.notify_one();
@@ -665,7 +666,6 @@ impl WatchHub {
                 queue: queue.clone(),
                 watchers: BTreeMap::new(),
                 next_watch_id: 0,
-                pending_progress: false,
             },
         );
         (id, queue)
@@ -673,6 +673,7 @@ impl WatchHub {
 
     fn close_stream(&self, stream: u64) {
         let mut st = self.lock();
+        st.progress_waiting.remove(&stream);
         if let Some(entry) = st.streams.remove(&stream) {
             entry.queue.close();
             for k in entry.watchers.into_values() {
@@ -803,8 +804,8 @@ impl WatchHub {
             if let Some(s) = st.streams.get(&stream) {
                 s.queue.push(resp);
             }
-        } else if let Some(s) = st.streams.get_mut(&stream) {
-            s.pending_progress = true;
+        } else if st.streams.contains_key(&stream) {
+            st.progress_waiting.insert(stream);
             drop(st);
             self.sync_wanted.notify_one();
         }
@@ -923,16 +924,15 @@ impl WatchHub {
         // Progress requests that were waiting for their stream to be synced.
         let mut st = self.lock();
         let ready: Vec<u64> = st
-            .streams
+            .progress_waiting
             .iter()
-            .filter(|(_, s)| s.pending_progress)
-            .map(|(id, _)| *id)
+            .copied()
             .filter(|id| st.stream_all_synced(*id))
             .collect();
         for id in ready {
+            st.progress_waiting.remove(&id);
             let resp = st.progress_response(INVALID_WATCH_ID);
-            if let Some(s) = st.streams.get_mut(&id) {
-                s.pending_progress = false;
+            if let Some(s) = st.streams.get(&id) {
                 s.queue.push(resp);
             }
         }
@@ -947,7 +947,7 @@ impl WatchHub {
             st.watchers
                 .get(k)
                 .is_some_and(|w| w.next_rev <= ready && st.stream_has_room(w.stream))
-        }) || st.streams.values().any(|s| s.pending_progress)
+        }) || !st.progress_waiting.is_empty()
     }
 
     fn progress_tick(&self) {
