@@ -74,13 +74,23 @@ struct Watcher {
 
 impl Watcher {
     fn wants(&self, ev: &Event) -> bool {
+        self.wants_in_range(ev)
+            && ev
+                .kv
+                .as_ref()
+                .is_some_and(|kv| self.range.contains(&kv.key))
+    }
+
+    /// [`Watcher::wants`] for an event already known to be in the watcher's range (found
+    /// through the hub's [`WatcherIndex`]).
+    fn wants_in_range(&self, ev: &Event) -> bool {
         let is_delete = ev.r#type == EventType::Delete as i32;
         if (is_delete && self.no_delete) || (!is_delete && self.no_put) {
             return false;
         }
         ev.kv
             .as_ref()
-            .is_some_and(|kv| kv.mod_revision >= self.next_rev && self.range.contains(&kv.key))
+            .is_some_and(|kv| kv.mod_revision >= self.next_rev)
     }
 
     /// The event as this watcher receives it. An event has two shapes (with and without
@@ -567,7 +577,7 @@ impl WatchHub {
             st.index.for_each_containing(&kv.key, |k| {
                 if let Some(w) = st.watchers.get(&k)
                     && w.synced
-                    && w.wants(ev)
+                    && w.wants_in_range(ev)
                 {
                     deliveries.push((w.stream, k, w.shape(ev, &mut shapes, self)));
                 }
@@ -575,7 +585,9 @@ impl WatchHub {
         }
         let header_rev = chunk.applied.revision;
         // A stable sort keeps each watcher's events in revision order.
-        deliveries.sort_by_key(|(stream, key, _)| (*stream, *key));
+        if !deliveries.is_sorted_by_key(|(stream, key, _)| (*stream, *key)) {
+            deliveries.sort_by_key(|(stream, key, _)| (*stream, *key));
+        }
         let HubState {
             watchers,
             streams,
