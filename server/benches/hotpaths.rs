@@ -1,5 +1,6 @@
 //! Component benchmarks of the server's hot paths that are not in `keel-store`'s benchmarks:
-//! the watch hub's fan-out of one applied revision to many watchers, and encoding/decoding the
+//! the watch hub's fan-out of one applied revision to many watchers, its dispatch of an event
+//! that concerns one watcher among many (distinct keys or prefixes), and encoding/decoding the
 //! etcd messages every request and event goes through.
 //!
 //! `cargo bench -p keel-server --bench hotpaths` (results in docs/benchmarks.md).
@@ -84,6 +85,69 @@ fn watch_fanout(c: &mut Criterion) {
     group.finish();
 }
 
+/// etcd's prefix range end: the prefix with its last byte below 0xff incremented.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+/// One put that concerns one watcher among many, each watching its own key or its own prefix:
+/// the cost should not grow with the watchers the event does not concern.
+fn watch_many_keys(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut group = c.benchmark_group("watch");
+    for (kind, watchers) in [
+        ("keys", 100usize),
+        ("keys", 10_000),
+        ("prefixes", 100),
+        ("prefixes", 10_000),
+    ] {
+        let hub = WatchHub::new(1_572_864, Duration::from_secs(600));
+        let mvcc = Arc::new(MvccStore::open(Arc::new(MemoryEngine::new())).expect("store"));
+        let _guard = rt.enter();
+        hub.attach(mvcc);
+        let keys: Vec<Vec<u8>> = (0..watchers)
+            .map(|i| format!("/registry/pods/ns/pod-{i:06}").into_bytes())
+            .collect();
+        let mut streams: Vec<_> = keys
+            .iter()
+            .map(|k| {
+                let end = if kind == "prefixes" {
+                    prefix_end(k)
+                } else {
+                    Vec::new()
+                };
+                hub.watch_internal(k, &end, 0)
+            })
+            .collect();
+        let mut rev = 1i64;
+        group.throughput(Throughput::Elements(1));
+        group.bench_function(
+            format!("one_put_among_{watchers}_watchers_on_distinct_{kind}"),
+            |b| {
+                b.iter(|| {
+                    rev += 1;
+                    let target = rev as usize % watchers;
+                    hub.on_applied(&chunk(&keys[target], rev));
+                    let out = rt.block_on(streams[target].next_queued()).expect("event");
+                    assert!(out.into_response().events.len() == 1);
+                })
+            },
+        );
+    }
+    group.finish();
+}
+
 fn proto_codec(c: &mut Criterion) {
     let mut group = c.benchmark_group("proto");
     let put = PutRequest {
@@ -128,5 +192,5 @@ fn proto_codec(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, watch_fanout, proto_codec);
+criterion_group!(benches, watch_fanout, watch_many_keys, proto_codec);
 criterion_main!(benches);
