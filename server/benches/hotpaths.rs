@@ -11,6 +11,7 @@ use std::time::Duration;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use keel_proto::etcdserverpb::{PutRequest, RangeResponse, ResponseHeader, WatchResponse};
 use keel_proto::mvccpb::{Event, KeyValue};
+use keel_server::lock::prefix_end;
 use keel_server::watch::WatchHub;
 use keel_store::engine::memory::MemoryEngine;
 use keel_store::mvcc::MvccStore;
@@ -43,18 +44,29 @@ fn chunk(key: &[u8], rev: i64) -> AppliedChunk {
     }
 }
 
-fn watch_fanout(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
+/// The runtime the hub's background tasks run on (one worker, as a member's share of a core).
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
-        .expect("runtime");
+        .expect("runtime")
+}
+
+/// A watch hub fed by an empty in-memory store, its tasks spawned on `rt`.
+fn hub_on_memory_store(rt: &tokio::runtime::Runtime) -> Arc<WatchHub> {
+    let hub = WatchHub::new(1_572_864, Duration::from_secs(600));
+    let mvcc = Arc::new(MvccStore::open(Arc::new(MemoryEngine::new())).expect("store"));
+    let _guard = rt.enter();
+    hub.attach(mvcc);
+    hub
+}
+
+fn watch_fanout(c: &mut Criterion) {
+    let rt = runtime();
     let mut group = c.benchmark_group("watch");
     for watchers in [1usize, 100, 1000] {
-        let hub = WatchHub::new(1_572_864, Duration::from_secs(600));
-        let mvcc = Arc::new(MvccStore::open(Arc::new(MemoryEngine::new())).expect("store"));
-        let _guard = rt.enter();
-        hub.attach(mvcc);
+        let hub = hub_on_memory_store(&rt);
         let mut streams: Vec<_> = (0..watchers)
             .map(|_| hub.watch_internal(b"/registry/pods/a", b"", 0))
             .collect();
@@ -85,26 +97,10 @@ fn watch_fanout(c: &mut Criterion) {
     group.finish();
 }
 
-/// etcd's prefix range end: the prefix with its last byte below 0xff incremented.
-fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0]
-}
-
 /// One put that concerns one watcher among many, each watching its own key or its own prefix:
 /// the cost should not grow with the watchers the event does not concern.
 fn watch_many_keys(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = runtime();
     let mut group = c.benchmark_group("watch");
     for (kind, watchers) in [
         ("keys", 100usize),
@@ -112,10 +108,7 @@ fn watch_many_keys(c: &mut Criterion) {
         ("prefixes", 100),
         ("prefixes", 10_000),
     ] {
-        let hub = WatchHub::new(1_572_864, Duration::from_secs(600));
-        let mvcc = Arc::new(MvccStore::open(Arc::new(MemoryEngine::new())).expect("store"));
-        let _guard = rt.enter();
-        hub.attach(mvcc);
+        let hub = hub_on_memory_store(&rt);
         let keys: Vec<Vec<u8>> = (0..watchers)
             .map(|i| format!("/registry/pods/ns/pod-{i:06}").into_bytes())
             .collect();

@@ -475,24 +475,19 @@ async fn watch_ids_are_assigned_and_checked_as_etcd_does() {
         (1, false, false, "", vec!["w/f"]),
         (0, false, false, "", vec!["w/b"]),
     ];
-    let project = |got: &[WatchIdStep]| -> Vec<(i64, bool, bool, String, Vec<String>)> {
-        got.iter()
-            .map(|s| (s.0, s.1, s.2, s.3.clone(), s.4.clone()))
-            .collect()
-    };
-    let expected: Vec<(i64, bool, bool, String, Vec<String>)> = expected
-        .into_iter()
-        .map(|(id, c, x, r, k)| {
+    let got: Vec<(i64, bool, bool, &str, Vec<&str>)> = keel
+        .iter()
+        .map(|s| {
             (
-                id,
-                c,
-                x,
-                r.to_string(),
-                k.into_iter().map(String::from).collect(),
+                s.0,
+                s.1,
+                s.2,
+                s.3.as_str(),
+                s.4.iter().map(String::as_str).collect(),
             )
         })
         .collect();
-    assert_eq!(project(&keel), expected);
+    assert_eq!(got, expected);
     if let Some(etcd) = crate::gateway::Etcd::start().await {
         let etcd_steps = watch_id_script(&etcd.addr).await;
         assert_eq!(keel, etcd_steps, "Keel and etcd answered differently");
