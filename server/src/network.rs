@@ -279,9 +279,21 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         })?;
         let meta = encode(&(vote, snapshot.meta.clone()))
             .map_err(|e| StreamingError::Network(network(e)))?;
-        let mut file = tokio::fs::File::open(&snapshot.snapshot.path)
+        // A pinned view is written to a file now (off the state machine's task); the file is
+        // unlinked once open, so it disappears when the stream ends, however it ends.
+        let written = snapshot
+            .snapshot
+            .into_file()
             .await
             .map_err(|e| StreamingError::Network(network(e)))?;
+        let path = written
+            .path()
+            .ok_or_else(|| StreamingError::Network(network("snapshot was not written")))?
+            .to_path_buf();
+        let mut file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| StreamingError::Network(network(e)))?;
+        drop(written);
         let (tx, rx) = tokio::sync::mpsc::channel::<SnapshotChunk>(4);
         let sender = async move {
             if tx

@@ -174,7 +174,7 @@ impl RaftPeer for PeerService {
                 .map_err(|e| Status::internal(e.to_string()))?;
             let snapshot = Snapshot {
                 meta,
-                snapshot: SnapshotFile { path: path.clone() },
+                snapshot: SnapshotFile::from_path(path.clone()),
             };
             let resp = self
                 .node
@@ -185,9 +185,9 @@ impl RaftPeer for PeerService {
             reply(&resp)
         }
         .await;
-        if result.is_err() {
-            let _ = tokio::fs::remove_file(&path).await;
-        }
+        // Installing moves the file away; one that was not installed (refused, or older than
+        // what this member has) is removed here.
+        let _ = tokio::fs::remove_file(&path).await;
         result
     }
 

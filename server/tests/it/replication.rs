@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use etcd_client::GetOptions;
 
-use crate::cluster::{Cluster, client, status_message};
+use crate::cluster::{Cluster, client, current_revision, status_message};
 
 #[tokio::test]
 async fn writes_to_followers_and_linearizable_reads_everywhere() {
@@ -140,6 +140,84 @@ async fn follower_restart_catches_up() {
         assert!(Instant::now() < deadline, "follower did not catch up");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// A follower that missed more than the log keeps catches up from a snapshot: the leader
+/// writes its pinned view to a file only to send it, and no snapshot file stays on either
+/// member afterwards (a member's snapshot is a view of its store, not a copy of it).
+#[tokio::test]
+async fn follower_behind_the_purged_log_catches_up_from_a_snapshot() {
+    let mut cluster = Cluster::start_with(3, &["--snapshot-count", "500"]).await;
+    let leader = cluster.leader().await;
+    let follower = (leader + 1) % 3;
+    cluster.members[follower].kill();
+    // openraft keeps 5 000 entries behind the newest snapshot: write well past that, from
+    // concurrent clients so that it does not take long.
+    let endpoint = cluster.members[leader].endpoint();
+    let mut writers = Vec::new();
+    for w in 0..16 {
+        let endpoint = endpoint.clone();
+        writers.push(tokio::spawn(async move {
+            let mut c = client(&endpoint).await.unwrap();
+            for i in 0..450 {
+                c.put(format!("s{w:02}-{i:03}"), format!("v{i}"), None)
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    let mut c = client(&endpoint).await.unwrap();
+    let rev = current_revision(&mut c).await;
+    cluster.members[follower].start();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(mut fc) = client(&cluster.members[follower].endpoint()).await
+            && let Ok(r) = fc
+                .get(
+                    "s",
+                    Some(
+                        GetOptions::new()
+                            .with_prefix()
+                            .with_serializable()
+                            .with_count_only(),
+                    ),
+                )
+                .await
+            && r.count() == 16 * 450
+            && r.header().unwrap().revision() >= rev
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "follower did not catch up");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let log = cluster.members[follower].log();
+    assert!(
+        log.contains("installed snapshot"),
+        "the follower caught up without a snapshot; the test no longer covers snapshots"
+    );
+    // The sent file is removed once the stream ends; give the leader a moment.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for m in &cluster.members {
+        let files: Vec<_> = std::fs::read_dir(m.data_dir.join("snapshots"))
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(
+            files.is_empty(),
+            "{}: snapshot files left: {files:?}",
+            m.name
+        );
+    }
+    // A value written before the snapshot reads the same on the follower.
+    let mut fc = client(&cluster.members[follower].endpoint()).await.unwrap();
+    let r = fc
+        .get("s07-123", Some(GetOptions::new().with_serializable()))
+        .await
+        .unwrap();
+    assert_eq!(r.kvs()[0].value(), b"v123");
 }
 
 #[tokio::test]

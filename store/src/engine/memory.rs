@@ -101,12 +101,16 @@ impl Engine for MemoryEngine {
         Ok(())
     }
 
-    fn scan_consistent(
+    fn scan_consistent_when(
         &self,
         tables: &[Table],
+        view_taken: &mut dyn FnMut() -> bool,
         visit: &mut super::ConsistentVisitor<'_>,
-    ) -> Result<(), EngineError> {
+    ) -> Result<bool, EngineError> {
         let snapshot = self.read()?.clone();
+        if !view_taken() {
+            return Ok(false);
+        }
         for table in tables {
             if let Some(t) = snapshot.get(table) {
                 for (k, v) in t {
@@ -114,7 +118,7 @@ impl Engine for MemoryEngine {
                 }
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     fn size_bytes(&self) -> u64 {

@@ -146,12 +146,16 @@ impl Engine for RocksEngine {
         self.db.flush_wal(true).map_err(backend)
     }
 
-    fn scan_consistent(
+    fn scan_consistent_when(
         &self,
         tables: &[Table],
+        view_taken: &mut dyn FnMut() -> bool,
         visit: &mut super::ConsistentVisitor<'_>,
-    ) -> Result<(), EngineError> {
+    ) -> Result<bool, EngineError> {
         let snapshot = self.db.snapshot();
+        if !view_taken() {
+            return Ok(false);
+        }
         for table in tables {
             let cf = self.cf(*table)?;
             let mut ro = ReadOptions::default();
@@ -161,7 +165,7 @@ impl Engine for RocksEngine {
                 visit(*table, &k, &v)?;
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     fn size_bytes(&self) -> u64 {

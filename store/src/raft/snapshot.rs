@@ -1,8 +1,14 @@
-//! Snapshot files of the replicated state machine.
+//! Snapshots of the replicated state machine.
 //!
-//! A snapshot is every entry of the state-machine tables (`kv`, `meta`, `lease`) read from one
-//! consistent engine view, written as a stream of records to a file, so building one never holds
-//! the whole database in memory and never stops the state machine from applying.
+//! A Raft snapshot here is a *pinned view*: a consistent point-in-time view of the
+//! state-machine tables (`kv`, `meta`, `lease`), taken in microseconds (a RocksDB snapshot)
+//! and written out as a file only if the snapshot is actually sent to a member that fell
+//! behind the purged log (or installed from another state machine in tests). Taking a
+//! snapshot so that the log can be purged therefore costs nothing in proportion to the
+//! database: the state machine is already durable in the engine, which is all that purging
+//! needs (etcd works the same way: its backend is the state, and a snapshot file is made only
+//! for a follower that needs one). A view nobody reads is released when its
+//! [`SnapshotFile`] is dropped.
 //!
 //! File format (all integers big-endian):
 //! ```text
@@ -10,24 +16,199 @@
 //! repeated { u8:table  u32:key_len key  u32:value_len value }
 //! u8:0xFF  u64:record_count  u32:crc32(of everything before this trailer)
 //! ```
-//! A sidecar file `<name>.meta` holds the bincode-encoded openraft `SnapshotMeta`. Files are
-//! written under a temporary name, fsynced and renamed, so a crash never leaves a half snapshot
-//! under a final name.
+//! Files are written under a temporary name, fsynced and renamed, so a crash never leaves a
+//! half snapshot under a final name. Writing one reads the view record by record, so it never
+//! holds the database in memory and never stops the state machine from applying.
 
+use std::cell::RefCell;
 use std::fs::{self, File};
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use crate::engine::Table;
+use crate::engine::{Engine, EngineError, Table};
 
 const MAGIC: &[u8; 8] = b"KEELSNAP";
 const VERSION: u32 = 1;
 const END: u8 = 0xFF;
 
-/// The data of a snapshot: a file on local disk.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Checks every record of a pinned view as it is written (e.g. that the view's applied index
+/// is the one its snapshot meta announces).
+pub type RecordCheck = Box<dyn FnMut(Table, &[u8], &[u8]) -> io::Result<()> + Send>;
+
+/// The data of a snapshot: a file on local disk, or a pinned engine view that becomes one
+/// when [`SnapshotFile::into_file`] is called.
+#[derive(Debug)]
 pub struct SnapshotFile {
-    pub path: PathBuf,
+    source: Source,
+}
+
+#[derive(Debug)]
+enum Source {
+    File(FileGuard),
+    Pinned(PinnedView),
+}
+
+/// A finished file; removed on drop if this process wrote it for a send.
+#[derive(Debug)]
+struct FileGuard {
+    path: PathBuf,
+    remove_on_drop: bool,
+}
+
+impl Drop for FileGuard {
+    fn drop(&mut self) {
+        if self.remove_on_drop {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// The handle of a view held by a blocking thread that waits for the order to write it.
+#[derive(Debug)]
+struct PinnedView {
+    /// Sending the target path starts the write; dropping the sender releases the view unread.
+    start: std::sync::mpsc::Sender<PathBuf>,
+    done: tokio::sync::oneshot::Receiver<io::Result<u64>>,
+    path: PathBuf,
+}
+
+impl SnapshotFile {
+    /// A finished snapshot file (e.g. received from the leader); never removed by this value.
+    pub fn from_path(path: PathBuf) -> Self {
+        Self {
+            source: Source::File(FileGuard {
+                path,
+                remove_on_drop: false,
+            }),
+        }
+    }
+
+    /// Pins a consistent view of the state-machine tables of `engine` now; it is written to
+    /// `path` only by [`SnapshotFile::into_file`]. `check` sees every record as it is written
+    /// and can refuse the view.
+    pub async fn pin(
+        engine: Arc<dyn Engine>,
+        path: PathBuf,
+        mut check: RecordCheck,
+    ) -> io::Result<Self> {
+        let (taken_tx, taken_rx) = tokio::sync::oneshot::channel::<()>();
+        let (start_tx, start_rx) = std::sync::mpsc::channel::<PathBuf>();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<io::Result<u64>>();
+        tokio::task::spawn_blocking(move || {
+            let mut taken_tx = Some(taken_tx);
+            // Both callbacks reach the writer: the first creates it, the second fills it.
+            let writer: RefCell<Option<(SnapshotWriter, PathBuf)>> = RefCell::new(None);
+            let mut create_error: Option<io::Error> = None;
+            let scanned = engine.scan_consistent_when(
+                &Table::STATE_MACHINE,
+                &mut || {
+                    if let Some(tx) = taken_tx.take() {
+                        let _ = tx.send(());
+                    }
+                    let Ok(path) = start_rx.recv() else {
+                        return false; // dropped unread
+                    };
+                    match SnapshotWriter::create(&path.with_extension("tmp")) {
+                        Ok(w) => {
+                            *writer.borrow_mut() = Some((w, path));
+                            true
+                        }
+                        Err(e) => {
+                            create_error = Some(e);
+                            false
+                        }
+                    }
+                },
+                &mut |table, key, value| {
+                    check(table, key, value).map_err(EngineError::Io)?;
+                    match writer.borrow_mut().as_mut() {
+                        Some((w, _)) => w.record(table, key, value).map_err(EngineError::Io),
+                        None => Ok(()),
+                    }
+                },
+            );
+            let result = match (scanned, create_error, writer.into_inner()) {
+                (Err(e), _, writer) => {
+                    if let Some((_, path)) = writer {
+                        let _ = fs::remove_file(path.with_extension("tmp"));
+                    }
+                    Err(io::Error::other(e.to_string()))
+                }
+                (Ok(_), Some(e), _) => Err(e),
+                (Ok(_), None, Some((w, path))) => {
+                    let written = w.finish(&path);
+                    if written.is_ok() && done_tx.is_closed() {
+                        // Nobody waits for the file any more (the send was cancelled).
+                        let _ = fs::remove_file(&path);
+                    }
+                    written
+                }
+                (Ok(_), None, None) => Ok(0),
+            };
+            let _ = done_tx.send(result);
+        });
+        if taken_rx.await.is_err() {
+            // The thread ended before taking the view: report why.
+            return Err(match done_rx.await {
+                Ok(Err(e)) => e,
+                _ => io::Error::other("snapshot view could not be taken"),
+            });
+        }
+        Ok(Self {
+            source: Source::Pinned(PinnedView {
+                start: start_tx,
+                done: done_rx,
+                path,
+            }),
+        })
+    }
+
+    /// The snapshot as a finished file: a file as it is, a pinned view written out now (to the
+    /// path given when it was pinned; that file is removed when the returned value is dropped,
+    /// unless [`SnapshotFile::keep`] takes it).
+    pub async fn into_file(self) -> io::Result<SnapshotFile> {
+        match self.source {
+            Source::File(guard) => Ok(Self {
+                source: Source::File(guard),
+            }),
+            Source::Pinned(view) => {
+                let PinnedView { start, done, path } = view;
+                start
+                    .send(path.clone())
+                    .map_err(|_| io::Error::other("snapshot view was released"))?;
+                drop(start);
+                done.await
+                    .map_err(|_| io::Error::other("snapshot writer ended without an answer"))??;
+                Ok(Self {
+                    source: Source::File(FileGuard {
+                        path,
+                        remove_on_drop: true,
+                    }),
+                })
+            }
+        }
+    }
+
+    /// The file's path (`None` for a view not yet written).
+    pub fn path(&self) -> Option<&Path> {
+        match &self.source {
+            Source::File(guard) => Some(&guard.path),
+            Source::Pinned(_) => None,
+        }
+    }
+
+    /// The file's path, which stays on disk after this value is gone (`None` for a view not
+    /// yet written).
+    pub fn keep(mut self) -> Option<PathBuf> {
+        match &mut self.source {
+            Source::File(guard) => {
+                guard.remove_on_drop = false;
+                Some(guard.path.clone())
+            }
+            Source::Pinned(_) => None,
+        }
+    }
 }
 
 fn table_code(t: Table) -> u8 {

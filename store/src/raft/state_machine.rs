@@ -7,6 +7,11 @@
 //!
 //! Applying never reads a clock, randomness or hash-map order: it depends only on the entries.
 //!
+//! Snapshots are pinned views of this store (see [`crate::raft::snapshot`]): building one, so
+//! that openraft can purge the log, takes a view and an fsync, whatever the size of the
+//! database; a file is written only when a snapshot is sent to a member that needs it. A
+//! received snapshot is loaded into the store and its file deleted.
+//!
 //! [`ApplyBatch`]: crate::mvcc::ApplyBatch
 
 use std::io;
@@ -20,7 +25,7 @@ use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend};
 use tokio::sync::watch;
 
-use super::snapshot::{SnapshotFile, SnapshotReader, SnapshotWriter, sync_dir};
+use super::snapshot::{RecordCheck, SnapshotFile, SnapshotReader, sync_dir};
 use super::types::{
     CommandResult, LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig, decode, encode,
 };
@@ -93,6 +98,7 @@ impl StateMachine {
             load_snapshot_into(&engine, &path)?;
             mvcc.reload().map_err(io_err)?;
         }
+        remove_stale_snapshot_files(snapshot_dir)?;
         let (last_applied, membership) = read_applied(&mvcc)?;
         let applied = AppliedState {
             index: last_applied.as_ref().map(|l| l.index).unwrap_or(0),
@@ -119,23 +125,35 @@ impl StateMachine {
         self.applied_tx.subscribe()
     }
 
-    fn latest_snapshot_files(&self) -> io::Result<Option<(PathBuf, PathBuf)>> {
-        let mut best: Option<String> = None;
-        for entry in std::fs::read_dir(&self.snapshot_dir)? {
-            let name = entry?.file_name().to_string_lossy().into_owned();
-            if let Some(stem) = name.strip_suffix(".snap")
-                && self.snapshot_dir.join(format!("{stem}.meta")).exists()
-                && best.as_deref().is_none_or(|b| stem > b)
-            {
-                best = Some(stem.to_string());
+    /// Pins a view of the state machine as it is now (no apply runs meanwhile: openraft calls
+    /// this on the state machine's task), announced with the current applied log id and
+    /// membership. The view is written to a file only if the snapshot is sent or installed.
+    async fn pin_current(&mut self) -> io::Result<Snapshot> {
+        self.snapshot_seq += 1;
+        let meta = SnapshotMeta {
+            last_log_id: self.last_applied,
+            last_membership: self.membership.clone(),
+        };
+        let index = self.last_applied.map(|l| l.index).unwrap_or(0);
+        let path = self
+            .snapshot_dir
+            .join(format!("view-{index:020}-{:06}.snap", self.snapshot_seq));
+        // The view must hold exactly what the meta announces; a file that does not is refused
+        // while it is written rather than sent.
+        let expected = encode(&self.last_applied)?;
+        let check: RecordCheck = Box::new(move |table, key, value| {
+            if table == Table::Meta && key == META_LAST_APPLIED && value != expected.as_slice() {
+                return Err(io::Error::other(
+                    "snapshot view is not at the applied index its meta announces",
+                ));
             }
-        }
-        Ok(best.map(|stem| {
-            (
-                self.snapshot_dir.join(format!("{stem}.snap")),
-                self.snapshot_dir.join(format!("{stem}.meta")),
-            )
-        }))
+            Ok(())
+        });
+        let file = SnapshotFile::pin(self.mvcc.engine().clone(), path, check).await?;
+        Ok(Snapshot {
+            meta,
+            snapshot: file,
+        })
     }
 }
 
@@ -172,93 +190,48 @@ fn load_snapshot_into(engine: &Arc<dyn Engine>, path: &Path) -> io::Result<()> {
     engine.write(batch, true).map_err(io_err)
 }
 
-/// Builds snapshot files from a consistent view of the engine.
+/// Removes every file of the snapshot directory except the one an interrupted installation
+/// still needs: views written for a send that never finished, received files that were never
+/// installed, and the snapshot files of versions that kept one per snapshot.
+fn remove_stale_snapshot_files(dir: &Path) -> io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// Completes a snapshot whose view was pinned on the state machine's task.
 pub struct SnapshotBuilder {
     engine: Arc<dyn Engine>,
-    snapshot_dir: PathBuf,
-    seq: u64,
+    snapshot: Option<io::Result<Snapshot>>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     type SnapshotData = SnapshotFile;
 
     async fn build_snapshot(&mut self) -> io::Result<Snapshot> {
+        let snapshot = self
+            .snapshot
+            .take()
+            .ok_or_else(|| io::Error::other("snapshot builder used twice"))??;
+        // openraft purges the log up to (a margin before) this snapshot once it is built, so
+        // everything applied up to it must be durable first. It is already, in practice (the
+        // state machine shares the engine's write-ahead log with the Raft log, whose later
+        // appends are fsynced); one more fsync per snapshot makes it independent of that.
         let engine = self.engine.clone();
-        let dir = self.snapshot_dir.clone();
-        let seq = self.seq;
-        tokio::task::spawn_blocking(move || build_snapshot_blocking(&engine, &dir, seq))
+        tokio::task::spawn_blocking(move || engine.sync_wal())
             .await
             .map_err(io_err)?
+            .map_err(io_err)?;
+        tracing::info!(
+            index = snapshot.meta.last_log_id.map(|l| l.index).unwrap_or(0),
+            "snapshot taken (a pinned view, written to a file only if it is sent)"
+        );
+        Ok(snapshot)
     }
-}
-
-fn build_snapshot_blocking(engine: &Arc<dyn Engine>, dir: &Path, seq: u64) -> io::Result<Snapshot> {
-    let tmp = dir.join(format!("building-{seq}.tmp"));
-    let mut writer = SnapshotWriter::create(&tmp)?;
-    let mut last_applied: Option<LogId> = None;
-    let mut membership = StoredMembership::default();
-    let mut failure: Option<io::Error> = None;
-    engine
-        .scan_consistent(&Table::STATE_MACHINE, &mut |table, key, value| {
-            if table == Table::Meta {
-                if key == META_LAST_APPLIED {
-                    match decode::<Option<LogId>>(value) {
-                        Ok(v) => last_applied = v,
-                        Err(e) => failure = Some(e),
-                    }
-                } else if key == META_MEMBERSHIP {
-                    match decode(value) {
-                        Ok(v) => membership = v,
-                        Err(e) => failure = Some(e),
-                    }
-                }
-            }
-            writer
-                .record(table, key, value)
-                .map_err(crate::engine::EngineError::Io)
-        })
-        .map_err(io_err)?;
-    if let Some(e) = failure {
-        return Err(e);
-    }
-    let (index, term) = last_applied
-        .as_ref()
-        .map(|l| (l.index, l.leader_id.term))
-        .unwrap_or((0, 0));
-    let stem = format!("{index:020}-{term:020}-{seq:06}");
-    let snap_path = dir.join(format!("{stem}.snap"));
-    writer.finish(&snap_path)?;
-    let meta = SnapshotMeta {
-        last_log_id: last_applied,
-        last_membership: membership,
-    };
-    write_meta_file(&dir.join(format!("{stem}.meta")), &meta)?;
-    remove_older_snapshots(dir, &stem)?;
-    tracing::info!(snapshot = %stem, "built snapshot");
-    Ok(Snapshot {
-        meta,
-        snapshot: SnapshotFile { path: snap_path },
-    })
-}
-
-fn write_meta_file(path: &Path, meta: &SnapshotMeta) -> io::Result<()> {
-    let tmp = path.with_extension("meta.tmp");
-    std::fs::write(&tmp, encode(meta)?)?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    sync_dir(path)
-}
-
-fn remove_older_snapshots(dir: &Path, keep_stem: &str) -> io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let stem = name.split('.').next().unwrap_or("");
-        if (name.ends_with(".snap") || name.ends_with(".meta")) && stem < keep_stem {
-            let _ = std::fs::remove_file(entry.path());
-        }
-    }
-    Ok(())
 }
 
 struct ChunkResult {
@@ -365,11 +338,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        self.snapshot_seq += 1;
+        let snapshot = self.pin_current().await;
         SnapshotBuilder {
             engine: self.mvcc.engine().clone(),
-            snapshot_dir: self.snapshot_dir.clone(),
-            seq: self.snapshot_seq,
+            snapshot: Some(snapshot),
         }
     }
 
@@ -385,29 +357,34 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .unwrap_or((0, 0));
         self.snapshot_seq += 1;
         let stem = format!("{index:020}-{term:020}-{:06}", self.snapshot_seq);
-        let final_path = self.snapshot_dir.join(format!("{stem}.snap"));
+        let installing = self.snapshot_dir.join(format!("installing-{stem}.snap"));
+        // A received file is installed as it is; a pinned view (another state machine's, in
+        // tests) is written out first.
+        let source = snapshot
+            .into_file()
+            .await?
+            .keep()
+            .ok_or_else(|| io::Error::other("snapshot has no file to install"))?;
         let engine = self.mvcc.engine().clone();
         let mvcc = self.mvcc.clone();
-        let meta_clone = meta.clone();
-        let dir = self.snapshot_dir.clone();
-        let stem_for_install = stem.clone();
         tokio::task::spawn_blocking(move || -> io::Result<()> {
-            let stem = stem_for_install;
             // Verify the whole file before touching the store.
-            let mut check = SnapshotReader::open(&snapshot.path)?;
+            let mut check = SnapshotReader::open(&source)?;
             while check.next_record()?.is_some() {}
-            std::fs::rename(&snapshot.path, &final_path)?;
-            sync_dir(&final_path)?;
+            std::fs::rename(&source, &installing)?;
+            sync_dir(&installing)?;
+            // From here a crash resumes the installation at the next start (see `open`).
             let mut marker = WriteBatch::new();
             marker.put(
                 Table::RaftMeta,
                 RAFT_META_INSTALLING,
-                final_path.to_string_lossy().as_bytes().to_vec(),
+                installing.to_string_lossy().as_bytes().to_vec(),
             );
             engine.write(marker, true).map_err(io_err)?;
-            load_snapshot_into(&engine, &final_path)?;
-            write_meta_file(&dir.join(format!("{stem}.meta")), &meta_clone)?;
-            remove_older_snapshots(&dir, &stem)?;
+            load_snapshot_into(&engine, &installing)?;
+            // The store now holds the snapshot; the file is no longer needed (a snapshot of
+            // this member is a view of its store).
+            std::fs::remove_file(&installing)?;
             mvcc.reload().map_err(io_err)
         })
         .await
@@ -423,14 +400,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok(())
     }
 
+    /// The state machine as it is now, as a pinned view: every member's store is its own
+    /// latest snapshot, so this is never older than the last one built or installed.
     async fn get_current_snapshot(&mut self) -> io::Result<Option<Snapshot>> {
-        let Some((snap, meta_path)) = self.latest_snapshot_files()? else {
+        if self.last_applied.is_none() {
             return Ok(None);
-        };
-        let meta: SnapshotMeta = decode(&std::fs::read(&meta_path)?)?;
-        Ok(Some(Snapshot {
-            meta,
-            snapshot: SnapshotFile { path: snap },
-        }))
+        }
+        self.pin_current().await.map(Some)
     }
 }

@@ -5,3 +5,4 @@ mod auth;
 mod helpers;
 mod mvcc;
 mod raft_suite;
+mod snapshot;

@@ -1,0 +1,196 @@
+//! Raft snapshots are pinned views of the store: taking one writes no file, a file is written
+//! only when a snapshot is sent, it holds the state of the moment the view was pinned (not of
+//! the moment it is written), and installing it leaves no file behind.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use keel_proto::etcdserverpb::{PutRequest, RangeRequest};
+use keel_proto::keelpb::RaftRequest;
+use keel_proto::keelpb::raft_request::Request as Cmd;
+use keel_store::engine::Engine;
+use keel_store::engine::rocks::RocksEngine;
+use keel_store::mvcc::MvccStore;
+use keel_store::raft::StateMachine;
+use keel_store::raft::types::{Command, Entry};
+use openraft::entry::RaftEntry;
+use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
+
+fn open_sm(dir: &Path) -> StateMachine {
+    let engine: Arc<dyn Engine> =
+        Arc::new(RocksEngine::open(&dir.join("db")).expect("open rocksdb"));
+    let mvcc = Arc::new(MvccStore::open(engine).expect("open mvcc"));
+    StateMachine::open(mvcc, &dir.join("snapshots"), None).expect("state machine")
+}
+
+async fn apply_put(sm: &mut StateMachine, index: u64, key: &str, value: &str) {
+    let cmd = RaftRequest {
+        request: Some(Cmd::Put(PutRequest {
+            key: key.into(),
+            value: value.into(),
+            ..Default::default()
+        })),
+    };
+    let entry = Entry::new_normal(
+        openraft::LogId::new_term_index(1, index),
+        Command(Arc::new(cmd)),
+    );
+    sm.apply(futures::stream::iter(vec![Ok((entry, None))]))
+        .await
+        .expect("apply");
+}
+
+fn value_of(sm: &StateMachine, key: &str) -> Option<Vec<u8>> {
+    let resp = sm
+        .mvcc()
+        .range(&RangeRequest {
+            key: key.into(),
+            ..Default::default()
+        })
+        .expect("range");
+    resp.kvs.first().map(|kv| kv.value.clone())
+}
+
+fn files_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("read dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_are_views_written_only_when_sent() {
+    let leader_dir = tempfile::tempdir().expect("tempdir");
+    let follower_dir = tempfile::tempdir().expect("tempdir");
+    let leader_snaps = leader_dir.path().join("snapshots");
+    let follower_snaps = follower_dir.path().join("snapshots");
+    let mut leader = open_sm(leader_dir.path());
+    let mut follower = open_sm(follower_dir.path());
+
+    // Nothing applied: no snapshot.
+    assert!(leader.get_current_snapshot().await.expect("get").is_none());
+
+    for i in 1..=100 {
+        apply_put(&mut leader, i, &format!("k{i:03}"), "v1").await;
+    }
+    // Building a snapshot (what lets openraft purge the log) writes no file.
+    let mut builder = leader.get_snapshot_builder().await;
+    let built = builder.build_snapshot().await.expect("build");
+    assert_eq!(built.meta.last_log_id.map(|l| l.index), Some(100));
+    assert!(
+        built.snapshot.path().is_none(),
+        "a built snapshot is a view"
+    );
+    drop(built);
+    assert_eq!(files_in(&leader_snaps), Vec::<String>::new());
+
+    // A view pinned now and written after more applies holds the state of when it was pinned.
+    let current = leader
+        .get_current_snapshot()
+        .await
+        .expect("get")
+        .expect("a snapshot once something is applied");
+    assert_eq!(current.meta.last_log_id.map(|l| l.index), Some(100));
+    apply_put(&mut leader, 101, "k001", "v2").await;
+    apply_put(&mut leader, 102, "new", "v2").await;
+    assert_eq!(value_of(&leader, "k001"), Some(b"v2".to_vec()));
+
+    let meta = current.meta.clone();
+    let written = current.snapshot.into_file().await.expect("write the view");
+    let path = written.path().expect("a written file").to_path_buf();
+    assert!(path.starts_with(&leader_snaps));
+    assert!(path.exists());
+    // A written file is removed when its handle goes (after it has been sent).
+    drop(written);
+    assert!(!path.exists());
+    assert_eq!(files_in(&leader_snaps), Vec::<String>::new());
+
+    // Installing a snapshot loads the pinned state and leaves no file behind.
+    let again = leader
+        .get_current_snapshot()
+        .await
+        .expect("get")
+        .expect("snapshot");
+    assert_eq!(again.meta.last_log_id.map(|l| l.index), Some(102));
+    follower
+        .install_snapshot(&meta, {
+            // The snapshot at index 100, pinned before the last two applies, as sent.
+            let dir = tempfile::tempdir().expect("tempdir");
+            let mut old = open_sm(dir.path());
+            for i in 1..=100 {
+                apply_put(&mut old, i, &format!("k{i:03}"), "v1").await;
+            }
+            let snap = old
+                .get_current_snapshot()
+                .await
+                .expect("get")
+                .expect("snap");
+            let file = snap.snapshot.into_file().await.expect("write");
+            let received = follower_snaps.join("incoming-test.tmp");
+            std::fs::copy(file.path().expect("path"), &received).expect("copy");
+            keel_store::raft::snapshot::SnapshotFile::from_path(received)
+        })
+        .await
+        .expect("install");
+    assert_eq!(files_in(&follower_snaps), Vec::<String>::new());
+    let (applied, _) = follower.applied_state().await.expect("applied state");
+    assert_eq!(applied.map(|l| l.index), Some(100));
+    assert_eq!(value_of(&follower, "k001"), Some(b"v1".to_vec()));
+    assert_eq!(value_of(&follower, "k100"), Some(b"v1".to_vec()));
+    assert_eq!(value_of(&follower, "new"), None);
+
+    // The view pinned at index 102 installs the later state, straight from the view.
+    follower
+        .install_snapshot(&again.meta, again.snapshot)
+        .await
+        .expect("install the later view");
+    assert_eq!(value_of(&follower, "k001"), Some(b"v2".to_vec()));
+    assert_eq!(value_of(&follower, "new"), Some(b"v2".to_vec()));
+    assert_eq!(files_in(&follower_snaps), Vec::<String>::new());
+    assert_eq!(files_in(&leader_snaps), Vec::<String>::new());
+}
+
+/// Files left in the snapshot directory by a crash (a view being written for a send, a
+/// received file never installed) or by older versions (one file per snapshot) are removed
+/// when the state machine opens; the state is untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_snapshot_files_are_removed_on_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let snaps = dir.path().join("snapshots");
+    {
+        let mut sm = open_sm(dir.path());
+        apply_put(&mut sm, 1, "a", "1").await;
+    }
+    for name in [
+        "00000000000000000001-00000000000000000001-000001.snap",
+        "00000000000000000001-00000000000000000001-000001.meta",
+        "building-3.tmp",
+        "view-00000000000000000001-000002.tmp",
+        "incoming-77-0.tmp",
+    ] {
+        std::fs::write(snaps.join(name), b"left over").expect("write");
+    }
+    let sm = open_sm(dir.path());
+    assert_eq!(files_in(&snaps), Vec::<String>::new());
+    assert_eq!(value_of(&sm, "a"), Some(b"1".to_vec()));
+}
+
+/// A view that is dropped unwritten releases the engine snapshot and writes nothing, even
+/// after the store moved on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_view_dropped_unwritten_leaves_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let snaps = dir.path().join("snapshots");
+    let mut sm = open_sm(dir.path());
+    apply_put(&mut sm, 1, "a", "1").await;
+    for i in 0..20 {
+        let snap = sm.get_current_snapshot().await.expect("get").expect("snap");
+        apply_put(&mut sm, 2 + i, "a", "2").await;
+        drop(snap);
+    }
+    // The writer threads end on their own; give them a moment to have written anything.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(files_in(&snaps), Vec::<String>::new());
+}
