@@ -71,6 +71,10 @@ const CASES: &[(&str, &str)] = &[
         "keep-alives of 10 000 leases on 10 streams",
     ),
     ("kube", "kube mix (see below)"),
+    (
+        "put-1m",
+        "Put of one key (10 000 keys), with 1M other keys in the store",
+    ),
 ];
 
 impl Data {

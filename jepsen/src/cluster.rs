@@ -22,6 +22,8 @@ pub struct ClusterOpts {
     pub heartbeat_ms: u64,
     pub election_ms: u64,
     pub snapshot_count: u64,
+    /// Log entries kept behind a snapshot (`--experimental-snapshot-catchup-entries`).
+    pub snapshot_catchup_entries: u64,
     pub unsafe_local_reads: bool,
     /// Extra flags for every member.
     pub extra_args: Vec<String>,
@@ -193,6 +195,8 @@ impl Cluster {
             .arg(self.opts.election_ms.to_string())
             .arg("--snapshot-count")
             .arg(self.opts.snapshot_count.to_string())
+            .arg("--experimental-snapshot-catchup-entries")
+            .arg(self.opts.snapshot_catchup_entries.to_string())
             .args(&self.opts.extra_args);
         if self.opts.unsafe_local_reads {
             cmd.arg("--debug-unsafe-local-reads");

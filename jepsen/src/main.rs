@@ -49,8 +49,12 @@ struct Common {
     #[arg(long, default_value_t = 1000)]
     election_timeout: u64,
     /// Keel's --snapshot-count (low, to exercise snapshot installation).
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 200)]
     snapshot_count: u64,
+    /// Keel's --experimental-snapshot-catchup-entries (low, so that a member that was down or
+    /// cut off for a few seconds catches up from a snapshot rather than from the log).
+    #[arg(long, default_value_t = 50)]
+    snapshot_catchup_entries: u64,
     /// register: operations per key before moving on to a fresh key.
     #[arg(long, default_value_t = 200)]
     ops_per_key: u64,
@@ -159,6 +163,7 @@ fn base_opts(c: Common) -> TestOpts {
         heartbeat_ms: c.heartbeat_interval,
         election_ms: c.election_timeout,
         snapshot_count: c.snapshot_count,
+        snapshot_catchup_entries: c.snapshot_catchup_entries,
         ops_per_key: c.ops_per_key,
         keep_data: c.keep_data,
         progress: true,

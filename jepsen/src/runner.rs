@@ -38,6 +38,7 @@ pub struct TestOpts {
     pub heartbeat_ms: u64,
     pub election_ms: u64,
     pub snapshot_count: u64,
+    pub snapshot_catchup_entries: u64,
     /// Register: operations per key before moving to a fresh key.
     pub ops_per_key: u64,
     /// Keep the members' data directories even when the run is valid.
@@ -400,6 +401,7 @@ pub async fn run_test(opts: TestOpts) -> anyhow::Result<RunResult> {
         heartbeat_ms: opts.heartbeat_ms,
         election_ms: opts.election_ms,
         snapshot_count: opts.snapshot_count,
+        snapshot_catchup_entries: opts.snapshot_catchup_entries,
         unsafe_local_reads: opts.unsafe_local_reads,
         extra_args,
         seed: opts.seed,

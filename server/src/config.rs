@@ -101,6 +101,16 @@ pub struct Config {
     #[arg(long, env = "KEEL_SNAPSHOT_COUNT", default_value_t = 100_000)]
     pub snapshot_count: u64,
 
+    /// Log entries kept behind the newest snapshot when the log is purged, so that a member
+    /// that fell a little behind catches up from the log instead of needing a snapshot (etcd's
+    /// flag of the same name; its default).
+    #[arg(
+        long,
+        env = "KEEL_EXPERIMENTAL_SNAPSHOT_CATCHUP_ENTRIES",
+        default_value_t = 5_000
+    )]
+    pub experimental_snapshot_catchup_entries: u64,
+
     /// Interval of server-side progress notifications to watchers that asked for them
     /// (e.g. 10m, 30s, 500ms).
     #[arg(long, env = "KEEL_WATCH_PROGRESS_NOTIFY_INTERVAL", default_value = "10m", value_parser = parse_duration)]

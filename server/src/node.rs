@@ -212,7 +212,7 @@ impl KeelNode {
             election_timeout_min,
             election_timeout_max,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_count),
-            max_in_snapshot_log_to_keep: 5_000,
+            max_in_snapshot_log_to_keep: config.experimental_snapshot_catchup_entries,
             purge_batch_size: 1_000,
             max_payload_entries: 1_000,
             install_snapshot_timeout: 10_000,
