@@ -138,7 +138,9 @@ impl SnapshotFile {
                 (Ok(_), Some(e), _) => Err(e),
                 (Ok(_), None, Some((w, path))) => {
                     let written = w.finish(&path);
-                    if written.is_ok() && done_tx.is_closed() {
+                    if written.is_err() {
+                        let _ = fs::remove_file(path.with_extension("tmp"));
+                    } else if done_tx.is_closed() {
                         // Nobody waits for the file any more (the send was cancelled).
                         let _ = fs::remove_file(&path);
                     }

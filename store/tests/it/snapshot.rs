@@ -194,3 +194,47 @@ async fn a_view_dropped_unwritten_leaves_nothing() {
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     assert_eq!(files_in(&snaps), Vec::<String>::new());
 }
+
+/// A view the check refuses while it is written (as a view whose applied index is not the
+/// one its meta announces would be) is not sent: writing it fails and leaves no file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_view_fails_to_write_and_leaves_no_file() {
+    use keel_store::engine::{Table, WriteBatch};
+    use keel_store::raft::snapshot::SnapshotFile;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine: Arc<dyn Engine> =
+        Arc::new(RocksEngine::open(&dir.path().join("db")).expect("open rocksdb"));
+    let mut batch = WriteBatch::new();
+    batch.put(Table::Meta, b"raft/last_applied".to_vec(), b"x".to_vec());
+    batch.put(Table::Kv, b"k".to_vec(), b"v".to_vec());
+    engine.write(batch, true).expect("write");
+    let target = dir.path().join("view.snap");
+    let refused = SnapshotFile::pin(
+        engine.clone(),
+        target.clone(),
+        Box::new(|table, _, _| {
+            if table == Table::Meta {
+                Err(std::io::Error::other("refused"))
+            } else {
+                Ok(())
+            }
+        }),
+    )
+    .await
+    .expect("pin");
+    let err = refused
+        .into_file()
+        .await
+        .expect_err("a refused view must not be written");
+    assert!(err.to_string().contains("refused"), "{err}");
+    assert_eq!(files_in(dir.path()), vec!["db".to_string()]);
+    // The same view with a check that accepts it is written.
+    let accepted = SnapshotFile::pin(engine, target.clone(), Box::new(|_, _, _| Ok(())))
+        .await
+        .expect("pin")
+        .into_file()
+        .await
+        .expect("write");
+    assert_eq!(accepted.path(), Some(target.as_path()));
+    assert!(target.exists());
+}
