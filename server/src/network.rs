@@ -286,11 +286,7 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
             .into_file()
             .await
             .map_err(|e| StreamingError::Network(network(e)))?;
-        let path = written
-            .path()
-            .ok_or_else(|| StreamingError::Network(network("snapshot was not written")))?
-            .to_path_buf();
-        let mut file = tokio::fs::File::open(&path)
+        let mut file = tokio::fs::File::open(written.path())
             .await
             .map_err(|e| StreamingError::Network(network(e)))?;
         drop(written);

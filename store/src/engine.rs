@@ -188,20 +188,18 @@ pub trait Engine: Send + Sync + 'static {
         visit: &mut ConsistentVisitor<'_>,
     ) -> Result<(), EngineError> {
         self.scan_consistent_when(tables, &mut || true, visit)
-            .map(|_| ())
     }
 
     /// Like [`Engine::scan_consistent`], but calls `view_taken` once the view exists and
     /// before anything is read from it. `view_taken` may block (writes go on meanwhile and are
-    /// not seen by the view); if it returns false the view is released unread and the result
-    /// is `Ok(false)`. This lets a caller pin the state of one moment cheaply and decide later
+    /// not seen by the view); if it returns false the view is released unread. This lets a caller pin the state of one moment cheaply and decide later
     /// whether to read it.
     fn scan_consistent_when(
         &self,
         tables: &[Table],
         view_taken: &mut dyn FnMut() -> bool,
         visit: &mut ConsistentVisitor<'_>,
-    ) -> Result<bool, EngineError>;
+    ) -> Result<(), EngineError>;
 
     /// Approximate bytes on disk (or in memory) for `Status.dbSize`.
     fn size_bytes(&self) -> u64;

@@ -104,6 +104,33 @@ async fn leader_kill_loses_no_acknowledged_write() {
     assert_eq!(r.kvs().len(), 1);
 }
 
+/// Waits until a serializable read on `endpoint` counts `count` keys under `prefix` at a
+/// revision of at least `rev` (the member has caught up), for at most `secs` seconds.
+async fn wait_caught_up(endpoint: &str, prefix: &str, count: i64, rev: i64, secs: u64) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Ok(mut c) = client(endpoint).await
+            && let Ok(r) = c
+                .get(
+                    prefix,
+                    Some(
+                        GetOptions::new()
+                            .with_prefix()
+                            .with_serializable()
+                            .with_count_only(),
+                    ),
+                )
+                .await
+            && r.count() == count
+            && r.header().unwrap().revision() >= rev
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "follower did not catch up");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test]
 async fn follower_restart_catches_up() {
     let mut cluster = Cluster::start(3).await;
@@ -123,23 +150,7 @@ async fn follower_restart_catches_up() {
         .revision();
     cluster.members[follower].start();
     // Serializable reads on the follower converge to the leader's state.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(mut fc) = client(&cluster.members[follower].endpoint()).await
-            && let Ok(r) = fc
-                .get(
-                    "r",
-                    Some(GetOptions::new().with_prefix().with_serializable()),
-                )
-                .await
-            && r.count() == 200
-            && r.header().unwrap().revision() >= rev
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "follower did not catch up");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_caught_up(&cluster.members[follower].endpoint(), "r", 200, rev, 30).await;
 }
 
 /// A follower that missed more than the log keeps catches up from a snapshot: the leader
@@ -183,28 +194,7 @@ async fn follower_behind_the_purged_log_catches_up_from_a_snapshot() {
     let mut c = client(&endpoint).await.unwrap();
     let rev = current_revision(&mut c).await;
     cluster.members[follower].start();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(mut fc) = client(&cluster.members[follower].endpoint()).await
-            && let Ok(r) = fc
-                .get(
-                    "s",
-                    Some(
-                        GetOptions::new()
-                            .with_prefix()
-                            .with_serializable()
-                            .with_count_only(),
-                    ),
-                )
-                .await
-            && r.count() == 16 * 90
-            && r.header().unwrap().revision() >= rev
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "follower did not catch up");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_caught_up(&cluster.members[follower].endpoint(), "s", 16 * 90, rev, 60).await;
     let log = cluster.members[follower].log();
     assert!(
         log.contains("installed snapshot"),

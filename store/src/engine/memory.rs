@@ -106,10 +106,10 @@ impl Engine for MemoryEngine {
         tables: &[Table],
         view_taken: &mut dyn FnMut() -> bool,
         visit: &mut super::ConsistentVisitor<'_>,
-    ) -> Result<bool, EngineError> {
+    ) -> Result<(), EngineError> {
         let snapshot = self.read()?.clone();
         if !view_taken() {
-            return Ok(false);
+            return Ok(());
         }
         for table in tables {
             if let Some(t) = snapshot.get(table) {
@@ -118,7 +118,7 @@ impl Engine for MemoryEngine {
                 }
             }
         }
-        Ok(true)
+        Ok(())
     }
 
     fn size_bytes(&self) -> u64 {

@@ -151,10 +151,10 @@ impl Engine for RocksEngine {
         tables: &[Table],
         view_taken: &mut dyn FnMut() -> bool,
         visit: &mut super::ConsistentVisitor<'_>,
-    ) -> Result<bool, EngineError> {
+    ) -> Result<(), EngineError> {
         let snapshot = self.db.snapshot();
         if !view_taken() {
-            return Ok(false);
+            return Ok(());
         }
         for table in tables {
             let cf = self.cf(*table)?;
@@ -165,7 +165,7 @@ impl Engine for RocksEngine {
                 visit(*table, &k, &v)?;
             }
         }
-        Ok(true)
+        Ok(())
     }
 
     fn size_bytes(&self) -> u64 {

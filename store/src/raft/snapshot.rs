@@ -45,18 +45,31 @@ pub struct SnapshotFile {
 
 #[derive(Debug)]
 enum Source {
-    File(FileGuard),
+    File(WrittenSnapshot),
     Pinned(PinnedView),
 }
 
-/// A finished file; removed on drop if this process wrote it for a send.
+/// A snapshot file on disk, removed on drop if it was written here from a view (for a send),
+/// unless [`WrittenSnapshot::keep`] takes it.
 #[derive(Debug)]
-struct FileGuard {
+pub struct WrittenSnapshot {
     path: PathBuf,
     remove_on_drop: bool,
 }
 
-impl Drop for FileGuard {
+impl WrittenSnapshot {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The file's path; the file stays on disk after this value is gone.
+    pub fn keep(mut self) -> PathBuf {
+        self.remove_on_drop = false;
+        std::mem::take(&mut self.path)
+    }
+}
+
+impl Drop for WrittenSnapshot {
     fn drop(&mut self) {
         if self.remove_on_drop {
             let _ = fs::remove_file(&self.path);
@@ -77,7 +90,7 @@ impl SnapshotFile {
     /// A finished snapshot file (e.g. received from the leader); never removed by this value.
     pub fn from_path(path: PathBuf) -> Self {
         Self {
-            source: Source::File(FileGuard {
+            source: Source::File(WrittenSnapshot {
                 path,
                 remove_on_drop: false,
             }),
@@ -135,8 +148,8 @@ impl SnapshotFile {
                     }
                     Err(io::Error::other(e.to_string()))
                 }
-                (Ok(_), Some(e), _) => Err(e),
-                (Ok(_), None, Some((w, path))) => {
+                (Ok(()), Some(e), _) => Err(e),
+                (Ok(()), None, Some((w, path))) => {
                     let written = w.finish(&path);
                     if written.is_err() {
                         let _ = fs::remove_file(path.with_extension("tmp"));
@@ -146,7 +159,7 @@ impl SnapshotFile {
                     }
                     written
                 }
-                (Ok(_), None, None) => Ok(0),
+                (Ok(()), None, None) => Ok(0),
             };
             let _ = done_tx.send(result);
         });
@@ -167,13 +180,10 @@ impl SnapshotFile {
     }
 
     /// The snapshot as a finished file: a file as it is, a pinned view written out now (to the
-    /// path given when it was pinned; that file is removed when the returned value is dropped,
-    /// unless [`SnapshotFile::keep`] takes it).
-    pub async fn into_file(self) -> io::Result<SnapshotFile> {
+    /// path given when it was pinned).
+    pub async fn into_file(self) -> io::Result<WrittenSnapshot> {
         match self.source {
-            Source::File(guard) => Ok(Self {
-                source: Source::File(guard),
-            }),
+            Source::File(written) => Ok(written),
             Source::Pinned(view) => {
                 let PinnedView { start, done, path } = view;
                 start
@@ -182,11 +192,9 @@ impl SnapshotFile {
                 drop(start);
                 done.await
                     .map_err(|_| io::Error::other("snapshot writer ended without an answer"))??;
-                Ok(Self {
-                    source: Source::File(FileGuard {
-                        path,
-                        remove_on_drop: true,
-                    }),
+                Ok(WrittenSnapshot {
+                    path,
+                    remove_on_drop: true,
                 })
             }
         }
@@ -195,19 +203,7 @@ impl SnapshotFile {
     /// The file's path (`None` for a view not yet written).
     pub fn path(&self) -> Option<&Path> {
         match &self.source {
-            Source::File(guard) => Some(&guard.path),
-            Source::Pinned(_) => None,
-        }
-    }
-
-    /// The file's path, which stays on disk after this value is gone (`None` for a view not
-    /// yet written).
-    pub fn keep(mut self) -> Option<PathBuf> {
-        match &mut self.source {
-            Source::File(guard) => {
-                guard.remove_on_drop = false;
-                Some(guard.path.clone())
-            }
+            Source::File(written) => Some(written.path()),
             Source::Pinned(_) => None,
         }
     }

@@ -360,11 +360,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let installing = self.snapshot_dir.join(format!("installing-{stem}.snap"));
         // A received file is installed as it is; a pinned view (another state machine's, in
         // tests) is written out first.
-        let source = snapshot
-            .into_file()
-            .await?
-            .keep()
-            .ok_or_else(|| io::Error::other("snapshot has no file to install"))?;
+        let source = snapshot.into_file().await?.keep();
         let engine = self.mvcc.engine().clone();
         let mvcc = self.mvcc.clone();
         tokio::task::spawn_blocking(move || -> io::Result<()> {

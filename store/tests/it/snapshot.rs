@@ -12,7 +12,8 @@ use keel_store::engine::Engine;
 use keel_store::engine::rocks::RocksEngine;
 use keel_store::mvcc::MvccStore;
 use keel_store::raft::StateMachine;
-use keel_store::raft::types::{Command, Entry};
+use keel_store::raft::snapshot::SnapshotFile;
+use keel_store::raft::types::{Command, Entry, Snapshot};
 use openraft::entry::RaftEntry;
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 
@@ -51,6 +52,13 @@ fn value_of(sm: &StateMachine, key: &str) -> Option<Vec<u8>> {
     resp.kvs.first().map(|kv| kv.value.clone())
 }
 
+async fn current_snapshot(sm: &mut StateMachine) -> Snapshot {
+    sm.get_current_snapshot()
+        .await
+        .expect("get")
+        .expect("a snapshot once something is applied")
+}
+
 fn files_in(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .expect("read dir")
@@ -87,11 +95,7 @@ async fn snapshots_are_views_written_only_when_sent() {
     assert_eq!(files_in(&leader_snaps), Vec::<String>::new());
 
     // A view pinned now and written after more applies holds the state of when it was pinned.
-    let current = leader
-        .get_current_snapshot()
-        .await
-        .expect("get")
-        .expect("a snapshot once something is applied");
+    let current = current_snapshot(&mut leader).await;
     assert_eq!(current.meta.last_log_id.map(|l| l.index), Some(100));
     apply_put(&mut leader, 101, "k001", "v2").await;
     apply_put(&mut leader, 102, "new", "v2").await;
@@ -99,39 +103,23 @@ async fn snapshots_are_views_written_only_when_sent() {
 
     let meta = current.meta.clone();
     let written = current.snapshot.into_file().await.expect("write the view");
-    let path = written.path().expect("a written file").to_path_buf();
+    let path = written.path().to_path_buf();
     assert!(path.starts_with(&leader_snaps));
     assert!(path.exists());
+    // What the follower receives: a copy of the file as sent.
+    let received = follower_snaps.join("incoming-test.tmp");
+    std::fs::copy(&path, &received).expect("copy");
     // A written file is removed when its handle goes (after it has been sent).
     drop(written);
     assert!(!path.exists());
     assert_eq!(files_in(&leader_snaps), Vec::<String>::new());
 
     // Installing a snapshot loads the pinned state and leaves no file behind.
-    let again = leader
-        .get_current_snapshot()
-        .await
-        .expect("get")
-        .expect("snapshot");
+    let again = current_snapshot(&mut leader).await;
     assert_eq!(again.meta.last_log_id.map(|l| l.index), Some(102));
+    // The snapshot at index 100, pinned before the last two applies, as received.
     follower
-        .install_snapshot(&meta, {
-            // The snapshot at index 100, pinned before the last two applies, as sent.
-            let dir = tempfile::tempdir().expect("tempdir");
-            let mut old = open_sm(dir.path());
-            for i in 1..=100 {
-                apply_put(&mut old, i, &format!("k{i:03}"), "v1").await;
-            }
-            let snap = old
-                .get_current_snapshot()
-                .await
-                .expect("get")
-                .expect("snap");
-            let file = snap.snapshot.into_file().await.expect("write");
-            let received = follower_snaps.join("incoming-test.tmp");
-            std::fs::copy(file.path().expect("path"), &received).expect("copy");
-            keel_store::raft::snapshot::SnapshotFile::from_path(received)
-        })
+        .install_snapshot(&meta, SnapshotFile::from_path(received))
         .await
         .expect("install");
     assert_eq!(files_in(&follower_snaps), Vec::<String>::new());
@@ -179,19 +167,63 @@ async fn stale_snapshot_files_are_removed_on_open() {
 
 /// A view that is dropped unwritten releases the engine snapshot and writes nothing, even
 /// after the store moved on.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_view_dropped_unwritten_leaves_nothing() {
+#[test]
+fn a_view_dropped_unwritten_leaves_nothing() {
+    // A runtime of its own: if a view were never released, its thread would block forever and
+    // dropping a runtime waits for such threads, so the failure would be a hang; this one is
+    // shut down with a deadline instead, and the assertion's panic is reported.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        rt.block_on(views_dropped_unwritten_leave_nothing())
+    }));
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+async fn views_dropped_unwritten_leave_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let snaps = dir.path().join("snapshots");
     let mut sm = open_sm(dir.path());
     apply_put(&mut sm, 1, "a", "1").await;
     for i in 0..20 {
-        let snap = sm.get_current_snapshot().await.expect("get").expect("snap");
+        let snap = current_snapshot(&mut sm).await;
         apply_put(&mut sm, 2 + i, "a", "2").await;
         drop(snap);
     }
     // The writer threads end on their own; give them a moment to have written anything.
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(files_in(&snaps), Vec::<String>::new());
+
+    // The thread holding a view ends when the view is dropped: its check (which the thread
+    // owns) is dropped with it.
+    let held = Arc::new(());
+    let witness = held.clone();
+    let view = SnapshotFile::pin(
+        sm.mvcc().engine().clone(),
+        snaps.join("never.snap"),
+        Box::new(move |_, _, _| {
+            let _ = &witness;
+            Ok(())
+        }),
+    )
+    .await
+    .expect("pin");
+    assert_eq!(Arc::strong_count(&held), 2, "the thread holds the view");
+    drop(view);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while Arc::strong_count(&held) > 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the view was not released"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     assert_eq!(files_in(&snaps), Vec::<String>::new());
 }
 
@@ -200,7 +232,6 @@ async fn a_view_dropped_unwritten_leaves_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_view_fails_to_write_and_leaves_no_file() {
     use keel_store::engine::{Table, WriteBatch};
-    use keel_store::raft::snapshot::SnapshotFile;
     let dir = tempfile::tempdir().expect("tempdir");
     let engine: Arc<dyn Engine> =
         Arc::new(RocksEngine::open(&dir.path().join("db")).expect("open rocksdb"));
@@ -235,6 +266,6 @@ async fn a_refused_view_fails_to_write_and_leaves_no_file() {
         .into_file()
         .await
         .expect("write");
-    assert_eq!(accepted.path(), Some(target.as_path()));
+    assert_eq!(accepted.path(), target.as_path());
     assert!(target.exists());
 }
