@@ -411,15 +411,24 @@ impl KeelNode {
         }
     }
 
+    /// Hands `req` to the leader and answers once this member has applied the entry too (the
+    /// reply names its log index), so that what this member acknowledged is what its
+    /// serializable reads and new watches see, as with etcd, whose members answer a write
+    /// from their own apply. A leader that predates the index (0) is answered at once.
     async fn forward(
         &self,
         leader: NodeId,
         node: &MemberNode,
         req: RaftRequest,
     ) -> Result<RaftResponse, ServerError> {
-        self.write_pipes
+        let resp = self
+            .write_pipes
             .forward(&self.peers, leader, node, req)
-            .await
+            .await?;
+        if resp.index > 0 {
+            self.wait_applied(resp.index).await?;
+        }
+        Ok(resp)
     }
 
     /// Sends a keep-alive of `lease` to `leader` on the forwarding stream (see

@@ -193,11 +193,13 @@ impl<'a> ApplyBatch<'a> {
                 response: Some(r),
                 error: None,
                 revision: self.rev,
+                index: 0, // set by the state machine, which knows the entry
             },
             Err(e) => RaftResponse {
                 response: None,
                 error: Some(e.to_proto()),
                 revision: self.rev,
+                index: 0,
             },
         };
         ApplyOutcome { response, events }

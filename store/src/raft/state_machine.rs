@@ -255,7 +255,7 @@ fn apply_chunk(
     let mut events = Vec::new();
     for (entry, responder) in chunk {
         let log_id = entry.log_id;
-        let response = match entry.payload {
+        let mut response = match entry.payload {
             EntryPayload::Blank => RaftResponse {
                 revision: mvcc.current_revision(),
                 ..Default::default()
@@ -270,6 +270,7 @@ fn apply_chunk(
                 RaftResponse::default()
             }
         };
+        response.index = log_id.index;
         last_applied = Some(log_id);
         responses.push((responder, response));
     }
