@@ -64,6 +64,12 @@ fn to_member(id: NodeId, n: &MemberNode, voter: bool) -> Member {
     }
 }
 
+/// The header of the Cluster service's responses: as etcd's, without a revision (membership
+/// is not part of the key space).
+fn cluster_header(node: &KeelNode) -> ResponseHeader {
+    node.header_at(0)
+}
+
 /// Executes `req` on the leader (forwarding it there from a follower).
 pub async fn change(
     node: &KeelNode,
@@ -524,7 +530,7 @@ impl Cluster for ClusterService {
     ) -> Result<Response<MemberAddResponse>, Status> {
         let resp = self.run(Change::Add(req.into_inner())).await?;
         Ok(Response::new(MemberAddResponse {
-            header: Some(self.node.header()),
+            header: Some(cluster_header(&self.node)),
             member: resp.member,
             members: resp.members,
         }))
@@ -537,7 +543,7 @@ impl Cluster for ClusterService {
     ) -> Result<Response<MemberRemoveResponse>, Status> {
         let resp = self.run(Change::Remove(req.into_inner())).await?;
         Ok(Response::new(MemberRemoveResponse {
-            header: Some(self.node.header()),
+            header: Some(cluster_header(&self.node)),
             members: resp.members,
         }))
     }
@@ -549,7 +555,7 @@ impl Cluster for ClusterService {
     ) -> Result<Response<MemberUpdateResponse>, Status> {
         let resp = self.run(Change::Update(req.into_inner())).await?;
         Ok(Response::new(MemberUpdateResponse {
-            header: Some(self.node.header()),
+            header: Some(cluster_header(&self.node)),
             members: resp.members,
         }))
     }
@@ -563,7 +569,7 @@ impl Cluster for ClusterService {
             self.node.read_barrier().await?;
         }
         Ok(Response::new(MemberListResponse {
-            header: Some(self.node.header()),
+            header: Some(cluster_header(&self.node)),
             members: member_list(&self.node),
         }))
     }
@@ -575,7 +581,7 @@ impl Cluster for ClusterService {
     ) -> Result<Response<MemberPromoteResponse>, Status> {
         let resp = self.run(Change::Promote(req.into_inner())).await?;
         Ok(Response::new(MemberPromoteResponse {
-            header: Some(self.node.header()),
+            header: Some(cluster_header(&self.node)),
             members: resp.members,
         }))
     }

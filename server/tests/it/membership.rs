@@ -49,6 +49,10 @@ async fn grow(cluster: &mut Cluster, via: &str, name: &str) -> u64 {
     let id = added.member().expect("added member").id();
     // etcd's reply lists the new member (unstarted: no name yet) among the members.
     assert!(added.member_list().iter().any(|m| m.id() == id));
+    // As etcd's, the Cluster service's header carries no revision.
+    let header = added.header().expect("header");
+    assert_eq!(header.revision(), 0);
+    assert_ne!(header.member_id(), 0);
     let mut member = joining_member(cluster, name, c, p);
     member.start();
     cluster.members.push(member);
