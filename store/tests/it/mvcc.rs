@@ -622,6 +622,48 @@ fn dropped_batch_changes_nothing_and_alarms_gate_writes() {
     });
 }
 
+/// etcd's compact revision starts at -1: on a store never compacted, a compaction to revision 0
+/// succeeds (and removes nothing); once any compaction was applied, another one to 0 is
+/// refused as compacted, also after a restart.
+#[test]
+fn a_first_compaction_to_revision_zero_succeeds_once() {
+    let compact = |s: &MvccStore, revision: i64| {
+        let (r, _) = apply(
+            s,
+            Cmd::Compaction(CompactionRequest {
+                revision,
+                physical: false,
+            }),
+        );
+        error_kind(&r)
+    };
+    on_engines(|name, s| {
+        put(s, "k", "v");
+        assert_eq!(s.reported_compact_revision(), -1, "{name}");
+        assert_eq!(compact(s, -1), Some(ApplyErrorKind::Compacted), "{name}");
+        assert_eq!(compact(s, 0), None, "{name}");
+        assert_eq!(s.reported_compact_revision(), 0, "{name}");
+        assert_eq!(compact(s, 0), Some(ApplyErrorKind::Compacted), "{name}");
+        assert_eq!(
+            get(s, "k", "", 0).unwrap().kvs.len(),
+            1,
+            "{name}: nothing removed"
+        );
+        assert_eq!(compact(s, 1), None, "{name}");
+        assert_eq!(compact(s, 1), Some(ApplyErrorKind::Compacted), "{name}");
+    });
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let engine: Arc<dyn Engine> = Arc::new(RocksEngine::open(dir.path()).unwrap());
+        let s = MvccStore::open(engine).unwrap();
+        assert_eq!(compact(&s, 0), None);
+    }
+    let engine: Arc<dyn Engine> = Arc::new(RocksEngine::open(dir.path()).unwrap());
+    let s = MvccStore::open(engine).unwrap();
+    assert_eq!(s.reported_compact_revision(), 0);
+    assert_eq!(compact(&s, 0), Some(ApplyErrorKind::Compacted));
+}
+
 #[test]
 fn rocksdb_reopen_keeps_everything() {
     let dir = tempfile::tempdir().unwrap();
