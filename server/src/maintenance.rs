@@ -171,11 +171,7 @@ pub fn hash_kv(node: &KeelNode, revision: i64) -> Result<HashKvResponse, ServerE
     Ok(HashKvResponse {
         header: Some(node.header()),
         hash,
-        compact_revision: if node.mvcc.reported_compact_revision() < 0 {
-            -1
-        } else {
-            r.compact_revision
-        },
+        compact_revision: r.compact_revision,
         hash_revision: r.hash_revision,
     })
 }

@@ -192,8 +192,8 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Like [`Engine::scan_consistent`], but calls `view_taken` once the view exists and
     /// before anything is read from it. `view_taken` may block (writes go on meanwhile and are
-    /// not seen by the view); if it returns false the view is released unread. This lets a caller pin the state of one moment cheaply and decide later
-    /// whether to read it.
+    /// not seen by the view); if it returns false the view is released unread. This lets a
+    /// caller pin the state of one moment cheaply and decide later whether to read it.
     fn scan_consistent_when(
         &self,
         tables: &[Table],

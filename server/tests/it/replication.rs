@@ -7,6 +7,16 @@ use etcd_client::{GetOptions, WatchOptions};
 
 use crate::cluster::{Cluster, client, current_revision, status_message};
 
+/// Puts `key` = "v" and returns the revision the put was acknowledged at.
+async fn put_revision(c: &mut etcd_client::Client, key: &str) -> i64 {
+    c.put(key, "v", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision()
+}
+
 #[tokio::test]
 async fn writes_to_followers_and_linearizable_reads_everywhere() {
     let cluster = Cluster::start(3).await;
@@ -275,13 +285,7 @@ async fn pipelined_forwarding_and_coalesced_reads_survive_a_leader_kill() {
             let mut revs = Vec::new();
             for i in 0..20 {
                 let key = format!("p/{t:02}/{i:02}");
-                let rev = c
-                    .put(key.as_str(), "v", None)
-                    .await
-                    .unwrap()
-                    .header()
-                    .unwrap()
-                    .revision();
+                let rev = put_revision(&mut c, &key).await;
                 let got = c.get(key.as_str(), None).await.unwrap();
                 assert_eq!(got.kvs().len(), 1, "read on the follower missed {key}");
                 assert!(got.header().unwrap().revision() >= rev);
@@ -435,13 +439,7 @@ async fn a_member_answers_a_write_only_after_applying_it() {
         let mut stale = 0;
         for i in 0..1500 {
             let key = format!("ryw-{member}-{i}");
-            let rev = c
-                .put(key.as_str(), "v", None)
-                .await
-                .unwrap()
-                .header()
-                .unwrap()
-                .revision();
+            let rev = put_revision(&mut c, &key).await;
             let r = c
                 .get(key.as_str(), Some(GetOptions::new().with_serializable()))
                 .await

@@ -88,8 +88,6 @@ pub struct ApplyBatch<'a> {
     wb: WriteBatch,
     rev: i64,
     compacted: i64,
-    /// See `Inner::compaction_requested`.
-    compaction_requested: bool,
     new_compaction: Option<i64>,
     index: BTreeMap<Vec<u8>, Vec<IndexEntry>>,
     kvs: BTreeMap<Revision, KeyValue>,
@@ -155,7 +153,6 @@ impl<'a> ApplyBatch<'a> {
         ApplyBatch {
             rev: store.current_revision(),
             compacted: store.compact_revision(),
-            compaction_requested: store.inner.compaction_requested.load(Ordering::Acquire),
             store,
             _exclusive: guard,
             wb: WriteBatch::new(),
@@ -423,9 +420,6 @@ impl<'a> ApplyBatch<'a> {
         inner.recent.insert(std::mem::take(&mut self.recent));
         inner.tokens.apply(std::mem::take(&mut self.token_ops));
         inner.compacted.store(self.compacted, Ordering::Release);
-        inner
-            .compaction_requested
-            .store(self.compaction_requested, Ordering::Release);
         inner.current.store(self.rev, Ordering::Release);
         if let Some(at) = self.new_compaction {
             self.store.schedule_compaction(at);
@@ -804,21 +798,16 @@ impl<'a> ApplyBatch<'a> {
     // ----- compaction, leases, alarms -----
 
     fn compact_cmd(&mut self, c: &CompactionRequest) -> Result<CompactionResponse, ApplyError> {
-        // etcd's compact revision starts at -1: a first compaction to 0 succeeds (removing
-        // nothing) and any later one to 0 is refused as compacted.
-        if c.revision < self.compacted
-            || (c.revision == self.compacted && self.compaction_requested)
-        {
+        // The compact revision starts at -1 (see `Inner::compacted`): a first compaction to 0
+        // succeeds, removing nothing.
+        if c.revision <= self.compacted {
             return Err(ApplyError::new(ApplyErrorKind::Compacted));
         }
         if c.revision > self.rev {
             return Err(ApplyError::new(ApplyErrorKind::FutureRevision));
         }
-        self.compaction_requested = true;
-        if c.revision > self.compacted {
-            self.compacted = c.revision;
-            self.new_compaction = Some(c.revision);
-        }
+        self.compacted = c.revision;
+        self.new_compaction = Some(c.revision);
         self.wb.put(
             Table::Meta,
             META_COMPACT.to_vec(),

@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, mpsc};
 
 use keel_proto::etcdserverpb::{
@@ -189,10 +189,9 @@ pub(crate) struct Inner {
     /// The values of the newest writes (see [`RecentValues`]).
     pub recent: RecentValues,
     pub current: AtomicI64,
+    /// The compact revision; -1 before the first compaction, as etcd's (so a first compaction
+    /// to revision 0 succeeds and a second one is refused).
     pub compacted: AtomicI64,
-    /// Whether any compaction was ever applied, even one to revision 0 (etcd's compact revision
-    /// starts at -1, so a first compaction to 0 succeeds and a second one fails).
-    pub compaction_requested: AtomicBool,
     pub compact_done: tokio::sync::watch::Sender<i64>,
 }
 
@@ -458,8 +457,7 @@ impl MvccStore {
             tokens: TokenTable::default(),
             recent: RecentValues::new(recent_values_bytes),
             current: AtomicI64::new(1),
-            compacted: AtomicI64::new(0),
-            compaction_requested: AtomicBool::new(false),
+            compacted: AtomicI64::new(-1),
             compact_done: done_tx,
         });
         let (tx, rx) = mpsc::channel::<i64>();
@@ -544,8 +542,10 @@ impl MvccStore {
                 .unwrap_or(0))
         };
         let current = meta_i64(META_REV)?.max(max_rev).max(1);
-        let compacted = meta_i64(META_COMPACT)?;
-        let compaction_requested = engine.get(Table::Meta, META_COMPACT)?.is_some();
+        let compacted = match engine.get(Table::Meta, META_COMPACT)? {
+            None => -1,
+            Some(_) => meta_i64(META_COMPACT)?,
+        };
         let done = meta_i64(META_COMPACT_DONE)?;
         let alarms = match engine.get(Table::Meta, META_ALARMS)? {
             Some(b) => {
@@ -568,9 +568,6 @@ impl MvccStore {
         *self.inner.auth.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(auth);
         self.inner.current.store(current, Ordering::Release);
         self.inner.compacted.store(compacted, Ordering::Release);
-        self.inner
-            .compaction_requested
-            .store(compaction_requested, Ordering::Release);
         self.inner.compact_done.send_replace(done);
         if compacted > done {
             self.schedule_compaction(compacted);
@@ -593,15 +590,6 @@ impl MvccStore {
 
     pub fn compact_revision(&self) -> i64 {
         self.inner.compacted.load(Ordering::Acquire)
-    }
-
-    /// The compact revision as etcd reports it (HashKV): -1 before the first compaction.
-    pub fn reported_compact_revision(&self) -> i64 {
-        if self.inner.compaction_requested.load(Ordering::Acquire) {
-            self.compact_revision()
-        } else {
-            -1
-        }
     }
 
     /// A receiver of the last revision whose physical compaction finished.

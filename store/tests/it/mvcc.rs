@@ -639,10 +639,10 @@ fn a_first_compaction_to_revision_zero_succeeds_once() {
     };
     on_engines(|name, s| {
         put(s, "k", "v");
-        assert_eq!(s.reported_compact_revision(), -1, "{name}");
+        assert_eq!(s.compact_revision(), -1, "{name}");
         assert_eq!(compact(s, -1), Some(ApplyErrorKind::Compacted), "{name}");
         assert_eq!(compact(s, 0), None, "{name}");
-        assert_eq!(s.reported_compact_revision(), 0, "{name}");
+        assert_eq!(s.compact_revision(), 0, "{name}");
         assert_eq!(compact(s, 0), Some(ApplyErrorKind::Compacted), "{name}");
         assert_eq!(
             get(s, "k", "", 0).unwrap().kvs.len(),
@@ -660,7 +660,7 @@ fn a_first_compaction_to_revision_zero_succeeds_once() {
     }
     let engine: Arc<dyn Engine> = Arc::new(RocksEngine::open(dir.path()).unwrap());
     let s = MvccStore::open(engine).unwrap();
-    assert_eq!(s.reported_compact_revision(), 0);
+    assert_eq!(s.compact_revision(), 0);
     assert_eq!(compact(&s, 0), Some(ApplyErrorKind::Compacted));
 }
 
