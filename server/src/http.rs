@@ -195,86 +195,6 @@ fn gateway_body_limit(max_request_bytes: usize) -> usize {
     max_request_bytes.saturating_mul(2).saturating_add(1 << 20)
 }
 
-/// Counts gRPC calls by service and method (`grpc_server_started_total`), as a layer on the
-/// whole client server.
-#[derive(Clone)]
-pub struct GrpcCounter {
-    counter: prometheus::IntCounterVec,
-}
-
-impl GrpcCounter {
-    pub fn new(node: &KeelNode) -> Self {
-        Self {
-            counter: node.metrics.grpc_started.clone(),
-        }
-    }
-
-    /// Counts known methods only, so arbitrary paths cannot grow the label set.
-    pub fn observe<B>(&self, req: &axum::http::Request<B>) {
-        let path = req.uri().path();
-        if let Some((service, method)) = path.strip_prefix('/').and_then(|p| p.split_once('/'))
-            && known_method(service, method)
-        {
-            self.counter.with_label_values(&[service, method]).inc();
-        }
-    }
-}
-
-/// The client-facing gRPC methods (etcd's API as Keel serves it).
-fn known_method(service: &str, method: &str) -> bool {
-    let methods: &[&str] = match service {
-        "etcdserverpb.KV" => &["Range", "Put", "DeleteRange", "Txn", "Compact"],
-        "etcdserverpb.Watch" => &["Watch"],
-        "etcdserverpb.Lease" => &[
-            "LeaseGrant",
-            "LeaseRevoke",
-            "LeaseKeepAlive",
-            "LeaseTimeToLive",
-            "LeaseLeases",
-        ],
-        "etcdserverpb.Cluster" => &[
-            "MemberAdd",
-            "MemberRemove",
-            "MemberUpdate",
-            "MemberList",
-            "MemberPromote",
-        ],
-        "etcdserverpb.Maintenance" => &[
-            "Alarm",
-            "Status",
-            "Defragment",
-            "Hash",
-            "HashKV",
-            "Snapshot",
-            "MoveLeader",
-            "Downgrade",
-        ],
-        "etcdserverpb.Auth" => &[
-            "AuthEnable",
-            "AuthDisable",
-            "AuthStatus",
-            "Authenticate",
-            "UserAdd",
-            "UserGet",
-            "UserList",
-            "UserDelete",
-            "UserChangePassword",
-            "UserGrantRole",
-            "UserRevokeRole",
-            "RoleAdd",
-            "RoleGet",
-            "RoleList",
-            "RoleDelete",
-            "RoleGrantPermission",
-            "RoleRevokePermission",
-        ],
-        "v3lockpb.Lock" => &["Lock", "Unlock"],
-        "v3electionpb.Election" => &["Campaign", "Proclaim", "Leader", "Observe", "Resign"],
-        _ => &[],
-    };
-    methods.contains(&method)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -302,13 +222,5 @@ mod tests {
             vec!["NOSPACE", "CORRUPT"]
         );
         assert!(query_values(&uri, "serializable").any(|v| v == "true"));
-    }
-
-    #[test]
-    fn only_known_grpc_methods_are_counted() {
-        assert!(known_method("etcdserverpb.KV", "Put"));
-        assert!(known_method("etcdserverpb.Maintenance", "HashKV"));
-        assert!(!known_method("etcdserverpb.KV", "Nope"));
-        assert!(!known_method("x.Y", "Put"));
     }
 }

@@ -62,7 +62,12 @@ pub fn alarm_text(a: &AlarmMember) -> String {
 
 /// The quota in bytes (`--quota-backend-bytes`, 0 meaning etcd's 2 GiB default).
 pub fn quota_bytes(node: &KeelNode) -> u64 {
-    match node.config.quota_backend_bytes {
+    quota_in_force(node.config.quota_backend_bytes)
+}
+
+/// The quota `--quota-backend-bytes` sets (0 meaning etcd's 2 GiB default).
+pub fn quota_in_force(flag: u64) -> u64 {
+    match flag {
         0 => DEFAULT_QUOTA_BYTES,
         q => q,
     }

@@ -15,8 +15,8 @@ use keel_proto::keelpb::raft_request::Request as Cmd;
 use keel_store::engine::{Engine, Table};
 use openraft::async_runtime::WatchReceiver as _;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder, exponential_buckets,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder, exponential_buckets,
 };
 
 use crate::node::KeelNode;
@@ -75,7 +75,7 @@ pub struct Metrics {
     slow_watchers: IntGauge,
     pub lease_granted: IntCounter,
     pub lease_revoked: IntCounter,
-    pub grpc_started: IntCounterVec,
+    pub grpc: Arc<crate::grpc_metrics::GrpcMetrics>,
     pub health_success: IntCounter,
     pub health_failures: IntCounter,
     /// Cached `(allocated, in use)` database size and when it was measured (ms since `epoch`).
@@ -85,7 +85,8 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(member_id: u64) -> Arc<Metrics> {
+    /// `quota_bytes`: the backend quota in force (`etcd_server_quota_backend_bytes`).
+    pub fn new(member_id: u64, quota_bytes: u64) -> Arc<Metrics> {
         let registry = Registry::new();
         let gauge = |name: &str, help: &str| {
             let g = IntGauge::new(name, help).expect("valid gauge");
@@ -120,17 +121,20 @@ impl Metrics {
             "version",
             env!("CARGO_PKG_VERSION"),
         );
-        let grpc_started = IntCounterVec::new(
-            Opts::new(
-                "grpc_server_started_total",
-                "Total number of RPCs started on the server.",
-            ),
-            &["grpc_service", "grpc_method"],
-        )
-        .expect("valid counter");
+        let grpc = crate::grpc_metrics::GrpcMetrics::register(&registry).expect("register");
+        // process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, ... as
+        // every Prometheus client exports them (`etcdctl check datascale` reads the memory).
+        #[cfg(target_os = "linux")]
         registry
-            .register(Box::new(grpc_started.clone()))
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
             .expect("register");
+        gauge(
+            "etcd_server_quota_backend_bytes",
+            "Current backend storage quota size in bytes.",
+        )
+        .set(quota_bytes.min(i64::MAX as u64) as i64);
         for h in [&*WAL_FSYNC, &*BACKEND_COMMIT] {
             registry.register(Box::new(h.clone())).expect("register");
         }
@@ -216,7 +220,7 @@ impl Metrics {
                 "etcd_server_health_failures",
                 "The total number of failed health checks",
             ),
-            grpc_started,
+            grpc,
             registry,
             db_cache: (AtomicU64::new(0), AtomicU64::new(0), AtomicI64::new(-1)),
             epoch: Instant::now(),

@@ -256,7 +256,10 @@ impl KeelNode {
         }
 
         tracing::info!(member_id = %format!("{:x}", identity.member_id), cluster_id = %format!("{:x}", identity.cluster_id), data_dir = %data_dir.display(), "keel member started");
-        let metrics = crate::metrics::Metrics::new(identity.member_id);
+        let metrics = crate::metrics::Metrics::new(
+            identity.member_id,
+            crate::maintenance::quota_in_force(config.quota_backend_bytes),
+        );
         Ok(Arc::new(KeelNode {
             identity,
             config,

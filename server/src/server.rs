@@ -208,7 +208,6 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         let listener =
             bind(addr).map_err(|e| anyhow::anyhow!("listen on client URL {url}: {e}"))?;
         let mut rx = shutdown_rx.clone();
-        let grpc_counter = crate::http::GrpcCounter::new(&node);
         let mut builder = tonic::transport::Server::builder();
         if parsed.tls {
             builder = builder.tls_config(crate::tls::client_listener_config(&config)?)?;
@@ -218,11 +217,8 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
             // HTTP/1.1 too, for /health, /version, /metrics and the JSON gateway (crate::http).
             .accept_http1(true)
-            .layer(tower::util::MapRequestLayer::new(
-                move |req: axum::http::Request<tonic::body::Body>| {
-                    grpc_counter.observe(&req);
-                    req
-                },
+            .layer(crate::grpc_metrics::GrpcMetricsLayer(
+                node.metrics.grpc.clone(),
             ))
             .add_routes(client_routes.clone());
         let stop = async move {

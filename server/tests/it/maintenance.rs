@@ -431,13 +431,162 @@ async fn http_endpoints_on_the_client_port() {
         "etcd_debugging_mvcc_watcher_total 1",
         "etcd_debugging_lease_granted_total 0",
         "etcd_server_version{server_version=\"3.5.16\"} 1",
-        "grpc_server_started_total{grpc_method=\"Put\",grpc_service=\"etcdserverpb.KV\"} 1",
+        "grpc_server_started_total{grpc_method=\"Put\",grpc_service=\"etcdserverpb.KV\",grpc_type=\"unary\"} 1",
     ] {
         assert!(body.contains(name), "/metrics lacks {name}:\n{body}");
     }
     // gRPC still works on the same port after HTTP/1.1 requests.
     assert_eq!(c.get("k", None).await.unwrap().count(), 1);
     assert_eq!(http(port, "GET", "/nothing-here").0, 404);
+}
+
+/// The value of one series in a `/metrics` body (`name{labels}` exactly as printed).
+fn metric(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// etcd's gRPC counters (what its dashboards and alerts read), the process metrics and
+/// `etcdctl check datascale`, which reads the resident memory from `/metrics`.
+#[tokio::test]
+async fn grpc_and_process_metrics_as_etcds() {
+    let cluster = Cluster::start(1).await;
+    let port = cluster.members[0].client_port;
+    let mut c = client(&cluster.members[0].endpoint()).await.unwrap();
+    // Counts below are changes from here (starting the cluster made calls of its own).
+    let before = http(port, "GET", "/metrics").1;
+    c.put("a", "1", None).await.unwrap();
+    c.put("a", "2", None).await.unwrap();
+    let e = c
+        .get(
+            "a",
+            Some(etcd_client::GetOptions::new().with_revision(1000)),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(status_code(&e), Some(tonic::Code::OutOfRange));
+    let mut stream = c.watch("a", None).await.unwrap();
+    let first = stream.message().await.unwrap().unwrap();
+    assert!(first.created());
+    c.put("a", "3", None).await.unwrap();
+    assert_eq!(stream.message().await.unwrap().unwrap().events().len(), 1);
+    drop(stream);
+
+    let kv = |m: &str, t: &str| {
+        format!("grpc_method=\"{m}\",grpc_service=\"etcdserverpb.KV\",grpc_type=\"{t}\"")
+    };
+    let watch =
+        "grpc_method=\"Watch\",grpc_service=\"etcdserverpb.Watch\",grpc_type=\"bidi_stream\"";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let body = loop {
+        let (code, body) = http(port, "GET", "/metrics");
+        assert_eq!(code, 200);
+        // The stream's end is counted when the server sees the client cancel it.
+        if metric(
+            &body,
+            &format!("grpc_server_handled_total{{grpc_code=\"Canceled\",{watch}}}"),
+        ) == Some(1.0)
+        {
+            break body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "watch stream not counted as ended:\n{body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let expect = [
+        (
+            format!("grpc_server_started_total{{{}}}", kv("Put", "unary")),
+            3.0,
+        ),
+        (
+            format!(
+                "grpc_server_handled_total{{grpc_code=\"OK\",{}}}",
+                kv("Put", "unary")
+            ),
+            3.0,
+        ),
+        (
+            format!("grpc_server_msg_received_total{{{}}}", kv("Put", "unary")),
+            3.0,
+        ),
+        (
+            format!("grpc_server_msg_sent_total{{{}}}", kv("Put", "unary")),
+            3.0,
+        ),
+        (
+            format!("grpc_server_started_total{{{}}}", kv("Range", "unary")),
+            1.0,
+        ),
+        (
+            format!("grpc_server_msg_received_total{{{}}}", kv("Range", "unary")),
+            1.0,
+        ),
+        (
+            format!(
+                "grpc_server_handled_total{{grpc_code=\"OutOfRange\",{}}}",
+                kv("Range", "unary")
+            ),
+            1.0,
+        ),
+        (
+            format!(
+                "grpc_server_handled_total{{grpc_code=\"OK\",{}}}",
+                kv("Range", "unary")
+            ),
+            0.0,
+        ),
+        (
+            format!("grpc_server_msg_sent_total{{{}}}", kv("Range", "unary")),
+            0.0,
+        ),
+        // Every method's series exist before its first call, as etcd's.
+        (
+            format!(
+                "grpc_server_handled_total{{grpc_code=\"Unavailable\",{}}}",
+                kv("Txn", "unary")
+            ),
+            0.0,
+        ),
+        (format!("grpc_server_started_total{{{watch}}}"), 1.0),
+        (format!("grpc_server_msg_received_total{{{watch}}}"), 1.0),
+        // The created response and the event.
+        (format!("grpc_server_msg_sent_total{{{watch}}}"), 2.0),
+    ];
+    for (series, delta) in expect {
+        let (was, is) = (metric(&before, &series), metric(&body, &series));
+        assert!(
+            was.is_some(),
+            "{series} missing before the calls:\n{before}"
+        );
+        assert_eq!(
+            is.zip(was).map(|(is, was)| is - was),
+            Some(delta),
+            "{series} in:\n{body}"
+        );
+    }
+    assert_eq!(
+        metric(&body, "etcd_server_quota_backend_bytes"),
+        Some(2147483648.0)
+    );
+    for series in [
+        "etcd_network_client_grpc_received_bytes_total",
+        "etcd_network_client_grpc_sent_bytes_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+    ] {
+        assert!(
+            metric(&body, series).is_some_and(|v| v > 0.0),
+            "{series} in:\n{body}"
+        );
+    }
+
+    let (ok, out) = etcdctl(&cluster.endpoints(), &["check", "datascale"]);
+    assert!(
+        ok && out.contains("PASS: Approximate system memory used"),
+        "{out}"
+    );
 }
 
 #[tokio::test]
