@@ -115,6 +115,7 @@ pub fn method_type(service: &str, method: &str) -> Option<&'static str> {
             &["Campaign", "Proclaim", "Leader", "Resign"],
             &[("Observe", "server_stream")],
         ),
+        "grpc.health.v1.Health" => (&["Check"], &[("Watch", "server_stream")]),
         _ => return None,
     };
     if unary.contains(&method) {
@@ -132,6 +133,7 @@ const SERVICES: &[&str] = &[
     "etcdserverpb.Auth",
     "v3lockpb.Lock",
     "v3electionpb.Election",
+    "grpc.health.v1.Health",
 ];
 const METHODS: &[&str] = &[
     "Range",
@@ -182,6 +184,7 @@ const METHODS: &[&str] = &[
     "Leader",
     "Observe",
     "Resign",
+    "Check",
 ];
 
 /// One method's counters, looked up once per call.
@@ -585,7 +588,7 @@ mod tests {
         // Every method of every service is in the lists the series are created from.
         let registry = Registry::new();
         let m = GrpcMetrics::register(&registry).unwrap();
-        assert_eq!(m.methods.len(), 48);
+        assert_eq!(m.methods.len(), 50);
     }
 
     #[test]

@@ -20,7 +20,8 @@
 //! - [`corruption`]: the leader's periodic HashKV comparison across members (CORRUPT alarm).
 //! - [`compactor`]: auto-compaction (periodic and revision modes).
 //! - [`http`]: `/health`, `/version` and `/metrics` on the client port; [`metrics`]: the metrics;
-//!   [`grpc_metrics`]: etcd's per-method gRPC counters, as a layer on the client port.
+//!   [`grpc_metrics`]: etcd's per-method gRPC counters, as a layer on the client port;
+//!   [`health`]: `grpc.health.v1.Health`, as etcd serves it.
 //! - [`gateway`]: etcd's JSON gateway (`POST /v3/kv/range`, ...) on the client port.
 //! - [`cluster`]: `etcdserverpb.Cluster` — membership changes.
 //! - [`error`]: the one table mapping errors to gRPC status codes and etcd's messages.
@@ -41,6 +42,7 @@ pub mod error;
 pub mod forwarding;
 pub mod gateway;
 pub mod grpc_metrics;
+pub mod health;
 pub mod http;
 pub mod kv;
 pub mod lease;

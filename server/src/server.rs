@@ -165,6 +165,9 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         .add_service(
             KvServer::new(KvService::new(node.clone())).max_decoding_message_size(max_recv),
         )
+        .add_service(tonic_health::pb::health_server::HealthServer::new(
+            crate::health::HealthService::new(node.clone()),
+        ))
         .add_service(crate::watch_wire::WatchServer::new(
             WatchService::new(node.clone(), hub.clone()),
             max_recv,

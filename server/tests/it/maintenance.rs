@@ -589,6 +589,54 @@ async fn grpc_and_process_metrics_as_etcds() {
     );
 }
 
+/// `grpc.health.v1.Health` as etcd serves it (checked against etcd 3.4 with grpc-go's
+/// semantics): the empty name is SERVING, other names are unknown; a Watch stays open and ends
+/// when the member stops, so it does not hold a graceful stop.
+#[tokio::test]
+async fn grpc_health_service_as_etcds() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let mut cluster = Cluster::start(1).await;
+    let ch =
+        tonic::transport::Channel::from_shared(format!("http://{}", cluster.members[0].endpoint()))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+    let mut h = HealthClient::new(ch);
+    let req = |service: &str| HealthCheckRequest {
+        service: service.to_string(),
+    };
+    let ok = h.check(req("")).await.unwrap().into_inner();
+    assert_eq!(ok.status, ServingStatus::Serving as i32);
+    for name in ["etcdserverpb.KV", "nope"] {
+        let e = h.check(req(name)).await.unwrap_err();
+        assert_eq!(
+            (e.code(), e.message()),
+            (tonic::Code::NotFound, "unknown service")
+        );
+    }
+    let mut unknown = h.watch(req("nope")).await.unwrap().into_inner();
+    let first = unknown.message().await.unwrap().unwrap();
+    assert_eq!(first.status, ServingStatus::ServiceUnknown as i32);
+    let mut all = h.watch(req("")).await.unwrap().into_inner();
+    let first = all.message().await.unwrap().unwrap();
+    assert_eq!(first.status, ServingStatus::Serving as i32);
+    // Nothing more while the member runs.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), all.message())
+            .await
+            .is_err()
+    );
+    cluster.members[0].signal("TERM");
+    let ended = tokio::time::timeout(Duration::from_secs(10), all.message())
+        .await
+        .expect("health watch still open after the member stopped");
+    assert!(!matches!(ended, Ok(Some(_))), "{ended:?}");
+    let status = cluster.members[0].wait_exit(Duration::from_secs(15)).await;
+    assert!(status.success(), "unclean exit after SIGTERM: {status}");
+}
+
 #[tokio::test]
 async fn etcdctl_maintenance_commands_on_a_cluster() {
     let cluster = Cluster::start(3).await;
