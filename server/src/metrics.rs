@@ -15,8 +15,8 @@ use keel_proto::keelpb::raft_request::Request as Cmd;
 use keel_store::engine::{Engine, Table};
 use openraft::async_runtime::WatchReceiver as _;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder, exponential_buckets,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder, exponential_buckets,
 };
 
 use crate::node::KeelNode;
@@ -43,6 +43,44 @@ static BACKEND_COMMIT: LazyLock<Histogram> = LazyLock::new(|| {
         "The latency distributions of commit called by backend (Keel: one apply batch's engine write).",
     )
 });
+
+static PEER_RTT: LazyLock<HistogramVec> = LazyLock::new(|| {
+    // etcd's buckets: 0.1 ms to 3.3 s, doubling.
+    let buckets = exponential_buckets(0.0001, 2.0, 16).expect("valid buckets");
+    HistogramVec::new(
+        HistogramOpts::new(
+            "etcd_network_peer_round_trip_time_seconds",
+            "Round-Trip-Time histogram between peers (Keel: an Identify call every 4 s).",
+        )
+        .buckets(buckets),
+        &["To"],
+    )
+    .expect("valid histogram")
+});
+static PEER_SENT_FAILURES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    IntCounterVec::new(
+        Opts::new(
+            "etcd_network_peer_sent_failures_total",
+            "The total number of send failures from peers (Keel: failed Raft RPCs and probes).",
+        ),
+        &["To"],
+    )
+    .expect("valid counter")
+});
+
+/// A peer probe's round trip (`To` is the peer's member ID in hex, as etcd labels it).
+pub fn peer_round_trip(to: u64, rtt: Duration) {
+    PEER_RTT
+        .with_label_values(&[&format!("{to:x}")])
+        .observe(rtt.as_secs_f64());
+}
+
+/// A Raft RPC or probe to a peer that failed.
+pub fn peer_send_failed(to: u64) {
+    PEER_SENT_FAILURES
+        .with_label_values(&[&format!("{to:x}")])
+        .inc();
+}
 
 /// The state-machine tables' size: `(allocated, in use)` bytes. The Raft log is not counted,
 /// as etcd's `dbSize` does not count its WAL.
@@ -138,6 +176,12 @@ impl Metrics {
         for h in [&*WAL_FSYNC, &*BACKEND_COMMIT] {
             registry.register(Box::new(h.clone())).expect("register");
         }
+        registry
+            .register(Box::new(PEER_RTT.clone()))
+            .expect("register");
+        registry
+            .register(Box::new(PEER_SENT_FAILURES.clone()))
+            .expect("register");
         Arc::new(Metrics {
             has_leader: gauge(
                 "etcd_server_has_leader",

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use keel_proto::keelpb::raft_peer_client::RaftPeerClient;
-use keel_proto::keelpb::{RaftBytes, SnapshotChunk, snapshot_chunk};
+use keel_proto::keelpb::{MemberIdentity, RaftBytes, SnapshotChunk, snapshot_chunk};
 use keel_store::raft::snapshot::SnapshotFile;
 use keel_store::raft::types::{Snapshot, Vote, decode, encode};
 use keel_store::raft::{MemberNode, NodeId, TypeConfig};
@@ -134,6 +134,13 @@ fn network(e: impl std::fmt::Display) -> NetworkError<TypeConfig> {
 }
 
 /// Maps a gRPC failure: connection problems back off, anything else retries.
+/// A failed Raft RPC to `target`: counted (`etcd_network_peer_sent_failures_total`), then
+/// converted for openraft.
+fn send_failed(target: NodeId, s: tonic::Status) -> RPCError<TypeConfig> {
+    crate::metrics::peer_send_failed(target);
+    status_err(s)
+}
+
 fn status_err(s: tonic::Status) -> RPCError<TypeConfig> {
     match s.code() {
         tonic::Code::Unavailable | tonic::Code::FailedPrecondition | tonic::Code::Unknown => {
@@ -205,7 +212,7 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
             self.client()?
                 .append_entries(req)
                 .await
-                .map_err(status_err)?,
+                .map_err(|s| send_failed(self.target, s))?,
         )
     }
 
@@ -237,11 +244,12 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
                     // which a refused connection never does: without this pause a dead peer
                     // makes the leader retry in a tight loop.
                     tokio::time::sleep(UNREACHABLE_BACKOFF).await;
-                    return Err(status_err(status));
+                    return Err(send_failed(self.target, status));
                 }
             };
-            let results = replies.map(|item| {
-                let bytes = item.map_err(status_err)?;
+            let target = self.target;
+            let results = replies.map(move |item| {
+                let bytes = item.map_err(|s| send_failed(target, s))?;
                 decode::<StreamAppendResult<TypeConfig>>(&bytes.data)
                     .map_err(|e| RPCError::Network(network(e)))
             });
@@ -255,7 +263,12 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
         let req = self.bytes_request(&rpc, option.soft_ttl())?;
-        decode_reply(self.client()?.vote(req).await.map_err(status_err)?)
+        decode_reply(
+            self.client()?
+                .vote(req)
+                .await
+                .map_err(|s| send_failed(self.target, s))?,
+        )
     }
 
     async fn pre_vote(
@@ -264,7 +277,12 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
         let req = self.bytes_request(&rpc, option.soft_ttl())?;
-        decode_reply(self.client()?.pre_vote(req).await.map_err(status_err)?)
+        decode_reply(
+            self.client()?
+                .pre_vote(req)
+                .await
+                .map_err(|s| send_failed(self.target, s))?,
+        )
     }
 
     async fn full_snapshot(
@@ -326,7 +344,10 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         tokio::select! {
             closed = cancel => Err(StreamingError::Closed(closed)),
             reply = client.install_snapshot(req) => {
-                let reply = reply.map_err(|s| StreamingError::Unreachable(Unreachable::new(&TransportError(s.message().to_string()))))?;
+                let reply = reply.map_err(|s| {
+                    crate::metrics::peer_send_failed(self.target);
+                    StreamingError::Unreachable(Unreachable::new(&TransportError(s.message().to_string())))
+                })?;
                 decode(&reply.into_inner().data).map_err(|e| StreamingError::Network(network(e)))
             }
         }
@@ -342,11 +363,60 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
             self.client()?
                 .transfer_leader(req)
                 .await
-                .map_err(status_err)?,
+                .map_err(|s| send_failed(self.target, s))?,
         )
     }
 
     fn backoff(&self) -> Option<Backoff> {
         Some(Backoff::new(std::iter::repeat(UNREACHABLE_BACKOFF)))
     }
+}
+
+/// How often a member measures the round trip to each peer (etcd's prober interval).
+const PROBE_INTERVAL: Duration = Duration::from_secs(4);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Measures the round trip to every other member every [`PROBE_INTERVAL`] with a cheap
+/// `Identify` call, as etcd's peer prober does (`etcd_network_peer_round_trip_time_seconds`);
+/// a probe that fails counts as a send failure to that peer, so every member, not only the
+/// leader, reports a peer it cannot reach.
+pub fn spawn_prober(
+    node: Arc<crate::node::KeelNode>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    use openraft::async_runtime::WatchReceiver as _;
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(PROBE_INTERVAL) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            let me = node.member_id();
+            let peers: Vec<(NodeId, MemberNode)> = {
+                let m = node.raft.metrics().borrow_watched().clone();
+                m.membership_config
+                    .membership()
+                    .nodes()
+                    .filter(|(id, _)| **id != me)
+                    .map(|(id, n)| (*id, n.clone()))
+                    .collect()
+            };
+            let probes = peers.iter().map(|(id, member)| {
+                let node = &node;
+                async move {
+                    let Ok(mut client) = node.peers.client(*id, member) else {
+                        return;
+                    };
+                    let mut req = node.peers.request(*id, MemberIdentity::default());
+                    req.set_timeout(PROBE_TIMEOUT);
+                    let started = std::time::Instant::now();
+                    match tokio::time::timeout(PROBE_TIMEOUT, client.identify(req)).await {
+                        Ok(Ok(_)) => crate::metrics::peer_round_trip(*id, started.elapsed()),
+                        _ => crate::metrics::peer_send_failed(*id),
+                    }
+                }
+            });
+            futures::future::join_all(probes).await;
+        }
+    });
 }

@@ -124,6 +124,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     crate::metrics::Metrics::install_store_observers();
     crate::metrics::spawn_leader_watch(node.clone(), node.metrics.clone(), shutdown_rx.clone());
     crate::corruption::spawn(node.clone(), shutdown_rx.clone());
+    crate::network::spawn_prober(node.clone(), shutdown_rx.clone());
     crate::compactor::spawn(
         node.clone(),
         auto_compaction,

@@ -637,6 +637,56 @@ async fn grpc_health_service_as_etcds() {
     assert!(status.success(), "unclean exit after SIGTERM: {status}");
 }
 
+/// etcd's peer metrics, which its alerts read (`etcdMemberCommunicationSlow`,
+/// `etcdMembersDown`): every member measures its round trip to each peer, labelled with the
+/// peer's ID in hex, and counts sends to a peer that fail.
+#[tokio::test]
+async fn peer_round_trips_and_send_failures() {
+    let mut cluster = Cluster::start(3).await;
+    let mut ids = Vec::new();
+    for m in &cluster.members {
+        let mut c = client(&m.endpoint()).await.unwrap();
+        ids.push(c.status().await.unwrap().header().unwrap().member_id());
+    }
+    let series = |name: &str, to: u64| format!("{name}{{To=\"{to:x}\"}}");
+    let rtt = "etcd_network_peer_round_trip_time_seconds_count";
+    let failures = "etcd_network_peer_sent_failures_total";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for (i, m) in cluster.members.iter().enumerate() {
+        loop {
+            let body = http(m.client_port, "GET", "/metrics").1;
+            let probed = (0..3)
+                .filter(|j| *j != i)
+                .all(|j| metric(&body, &series(rtt, ids[j])).is_some_and(|n| n >= 1.0));
+            // Never a series for the member itself.
+            assert!(metric(&body, &series(rtt, ids[i])).is_none(), "{body}");
+            if probed {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "member {i} has not probed its peers:\n{body}"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    let port = cluster.members[0].client_port;
+    let before = metric(&http(port, "GET", "/metrics").1, &series(failures, ids[2])).unwrap_or(0.0);
+    cluster.members[2].kill();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let body = http(port, "GET", "/metrics").1;
+        if metric(&body, &series(failures, ids[2])).is_some_and(|n| n > before) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no send failure counted to the dead member:\n{body}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 #[tokio::test]
 async fn etcdctl_maintenance_commands_on_a_cluster() {
     let cluster = Cluster::start(3).await;
