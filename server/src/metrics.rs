@@ -105,6 +105,8 @@ pub struct Metrics {
     db_total: IntGauge,
     db_in_use: IntGauge,
     keys_total: IntGauge,
+    current_revision: IntGauge,
+    compact_revision: IntGauge,
     value_cache_bytes: IntGauge,
     value_cache_entries: IntGauge,
     value_cache_hits: IntCounter,
@@ -146,6 +148,12 @@ impl Metrics {
             "Which version is running. 1 for 'server_version' label with current version.",
             "server_version",
             crate::maintenance::ETCD_COMPAT_VERSION,
+        );
+        labelled(
+            "etcd_cluster_version",
+            "Which version is running. 1 for 'cluster_version' label with current cluster version",
+            "cluster_version",
+            crate::maintenance::ETCD_CLUSTER_MINOR,
         );
         labelled(
             "etcd_server_id",
@@ -224,6 +232,14 @@ impl Metrics {
                 "Total size of the underlying database logically in use in bytes.",
             ),
             keys_total: gauge("etcd_debugging_mvcc_keys_total", "Total number of keys."),
+            current_revision: gauge(
+                "etcd_debugging_mvcc_current_revision",
+                "The current revision of store.",
+            ),
+            compact_revision: gauge(
+                "etcd_debugging_mvcc_compact_revision",
+                "The revision of the last compaction in store.",
+            ),
             value_cache_bytes: gauge(
                 "keel_value_cache_bytes",
                 "Bytes held by the cache of recent values (--value-cache-bytes bounds it).",
@@ -347,6 +363,10 @@ impl Metrics {
         self.db_total.set(total as i64);
         self.db_in_use.set(in_use as i64);
         self.keys_total.set(node.mvcc.key_count() as i64);
+        self.current_revision.set(node.mvcc.current_revision());
+        // -1 (never compacted) is shown as 0, as etcd's gauge starts.
+        self.compact_revision
+            .set(node.mvcc.compact_revision().max(0));
         let cache = node.mvcc.value_cache_stats();
         self.value_cache_bytes.set(cache.bytes as i64);
         self.value_cache_entries.set(cache.entries as i64);

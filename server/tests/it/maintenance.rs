@@ -570,6 +570,19 @@ async fn grpc_and_process_metrics_as_etcds() {
         metric(&body, "etcd_server_quota_backend_bytes"),
         Some(2147483648.0)
     );
+    // Three puts on a fresh store: revision 4, never compacted.
+    assert_eq!(
+        metric(&body, "etcd_debugging_mvcc_current_revision"),
+        Some(4.0)
+    );
+    assert_eq!(
+        metric(&body, "etcd_debugging_mvcc_compact_revision"),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric(&body, "etcd_cluster_version{cluster_version=\"3.5\"}"),
+        Some(1.0)
+    );
     for series in [
         "etcd_network_client_grpc_received_bytes_total",
         "etcd_network_client_grpc_sent_bytes_total",
