@@ -11,6 +11,15 @@ pub enum ClusterState {
     Existing,
 }
 
+/// `--metrics`: which gRPC metrics are exported, as etcd's flag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MetricsLevel {
+    /// Counters only.
+    Basic,
+    /// Counters and `grpc_server_handling_seconds` histograms.
+    Extensive,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -43,6 +52,15 @@ pub struct Config {
     /// Comma-separated client URLs advertised to the rest of the cluster [default: the listen URLs].
     #[arg(long, env = "KEEL_ADVERTISE_CLIENT_URLS", value_delimiter = ',')]
     pub advertise_client_urls: Vec<String>,
+
+    /// Comma-separated URLs that serve only /metrics, /health, /livez and /readyz (HTTP/1.1;
+    /// https:// ones use the client certificate, --cert-file and --key-file), as etcd's.
+    #[arg(long, env = "KEEL_LISTEN_METRICS_URLS", value_delimiter = ',')]
+    pub listen_metrics_urls: Vec<String>,
+
+    /// basic or extensive: extensive adds the grpc_server_handling_seconds histograms.
+    #[arg(long, env = "KEEL_METRICS", value_enum, default_value = "basic")]
+    pub metrics: MetricsLevel,
 
     /// Comma-separated URLs to listen on for peer (Raft) traffic.
     #[arg(

@@ -12,6 +12,7 @@
 //! | `grpc_server_msg_received_total` | service, method, type | per message in the request stream |
 //! | `grpc_server_msg_sent_total` | service, method, type | per message in the response stream |
 //! | `etcd_network_client_grpc_received_bytes_total`, `..._sent_bytes_total` | — | message bytes, without gRPC's 5-byte prefix |
+//! | `grpc_server_handling_seconds` (only with `--metrics extensive`, as etcd's) | service, method, type | from the request's arrival to the status sent |
 //!
 //! Every known method's series exist from the start at 0, for every status code, as etcd's
 //! (`InitializeMetrics`); unknown paths are not counted, so clients cannot grow the label set.
@@ -27,7 +28,9 @@ use std::task::{Context, Poll};
 use axum::http::{HeaderMap, Request, Response};
 use bytes::{Buf, Bytes};
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
+};
 
 /// gRPC status codes by number, named as `grpc_code` labels (Go's `codes.Code.String()`).
 const CODE_NAMES: [&str; 17] = [
@@ -193,6 +196,8 @@ struct MethodCounters {
     received: IntCounter,
     sent: IntCounter,
     handled: [IntCounter; 17],
+    /// With `--metrics extensive`.
+    handling: Option<Histogram>,
 }
 
 /// The counters of every known method, by request path (`/service/method`).
@@ -203,8 +208,9 @@ pub struct GrpcMetrics {
 }
 
 impl GrpcMetrics {
-    /// Creates the series (all at 0) and registers them.
-    pub fn register(registry: &Registry) -> prometheus::Result<Arc<GrpcMetrics>> {
+    /// Creates the series (all at 0) and registers them; `extensive` adds the handling-time
+    /// histograms.
+    pub fn register(registry: &Registry, extensive: bool) -> prometheus::Result<Arc<GrpcMetrics>> {
         let labels = ["grpc_service", "grpc_method", "grpc_type"];
         let vec = |name: &str, help: &str, labels: &[&str]| -> prometheus::Result<IntCounterVec> {
             let v = IntCounterVec::new(Opts::new(name, help), labels)?;
@@ -231,6 +237,20 @@ impl GrpcMetrics {
             "Total number of gRPC stream messages sent by the server.",
             &labels,
         )?;
+        let handling = if extensive {
+            // go-grpc-prometheus' buckets (Prometheus' defaults, 5 ms to 10 s).
+            let h = HistogramVec::new(
+                HistogramOpts::new(
+                    "grpc_server_handling_seconds",
+                    "Histogram of response latency (seconds) of gRPC that had been application-level handled by the server.",
+                ),
+                &labels,
+            )?;
+            registry.register(Box::new(h.clone()))?;
+            Some(h)
+        } else {
+            None
+        };
         let counter = |name: &str, help: &str| -> prometheus::Result<IntCounter> {
             let c = IntCounter::new(name, help)?;
             registry.register(Box::new(c.clone()))?;
@@ -260,6 +280,7 @@ impl GrpcMetrics {
                         received: received.with_label_values(&l),
                         sent: sent.with_label_values(&l),
                         handled,
+                        handling: handling.as_ref().map(|h| h.with_label_values(&l)),
                     }),
                 );
             }
@@ -373,6 +394,7 @@ where
         };
         counters.started.inc();
         let call = Call {
+            started: counters.handling.is_some().then(std::time::Instant::now),
             counters,
             metrics: self.metrics.clone(),
         };
@@ -396,11 +418,16 @@ where
 struct Call {
     counters: Arc<MethodCounters>,
     metrics: Arc<GrpcMetrics>,
+    /// When the request arrived (only if handling time is measured).
+    started: Option<std::time::Instant>,
 }
 
 impl Call {
     fn handled(&self, code: usize) {
         self.counters.handled[code].inc();
+        if let (Some(h), Some(t)) = (&self.counters.handling, self.started) {
+            h.observe(t.elapsed().as_secs_f64());
+        }
     }
 
     fn messages(&self, direction: Direction, messages: u64, bytes: u64) {
@@ -587,7 +614,7 @@ mod tests {
         assert_eq!(method_type("x.Y", "Put"), None);
         // Every method of every service is in the lists the series are created from.
         let registry = Registry::new();
-        let m = GrpcMetrics::register(&registry).unwrap();
+        let m = GrpcMetrics::register(&registry, false).unwrap();
         assert_eq!(m.methods.len(), 50);
     }
 

@@ -8,6 +8,7 @@
 //!   `?serializable=true` checks only this member (no leader or quorum needed).
 //! - `GET /version`: `{"etcdserver":"3.5.16","etcdcluster":"3.5.0","keel":"<Keel's version>"}`.
 //! - `GET /metrics`: Prometheus text ([`crate::metrics`]).
+//! - `GET /livez`, `GET /readyz`: etcd's probe endpoints ([`crate::probes`]).
 //! - `POST /v3/...`: etcd's JSON gateway ([`crate::gateway`]).
 
 use std::sync::Arc;
@@ -23,7 +24,7 @@ use crate::node::KeelNode;
 use crate::watch::WatchHub;
 
 /// How long the health check's read may take.
-const HEALTH_READ_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const HEALTH_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The outcome of a health check.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,7 +85,7 @@ pub async fn check_health(node: &KeelNode, excluded: &[String], serializable: bo
     }
 }
 
-fn query_values<'a>(uri: &'a Uri, name: &'a str) -> impl Iterator<Item = String> + 'a {
+pub(crate) fn query_values<'a>(uri: &'a Uri, name: &'a str) -> impl Iterator<Item = String> + 'a {
     uri.query().unwrap_or("").split('&').filter_map(move |kv| {
         let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
         (k == name).then(|| v.to_string())
@@ -146,6 +147,15 @@ async fn metrics(node: Arc<KeelNode>, hub: Arc<WatchHub>) -> Response {
     )
 }
 
+/// Go's 404 for paths a metrics listener does not serve.
+pub async fn not_found() -> Response {
+    text(
+        StatusCode::NOT_FOUND,
+        "text/plain; charset=utf-8",
+        "404 page not found\n".to_string(),
+    )
+}
+
 /// Anything that is neither an HTTP endpoint nor a known gRPC method: gRPC's Unimplemented
 /// (what tonic answers by default) to gRPC requests, 404 to others.
 async fn unimplemented(headers: axum::http::HeaderMap) -> Response {
@@ -175,18 +185,29 @@ pub fn routes(
 ) -> anyhow::Result<tonic::service::Routes> {
     let max_body = gateway_body_limit(node.config.max_request_bytes);
     let gateway = crate::gateway::router(grpc.clone(), max_body)?;
-    let health_node = node.clone();
-    let router = axum::Router::new()
-        .route(
-            "/health",
-            get(move |uri: Uri| health(health_node.clone(), uri)),
-        )
+    let router = metrics_routes(node.clone(), hub)
         .route("/version", get(version))
-        .route("/metrics", get(move || metrics(node.clone(), hub.clone())))
         .merge(gateway)
         .merge(grpc.into_axum_router())
         .fallback(unimplemented);
     Ok(tonic::service::Routes::from(router))
+}
+
+/// What a `--listen-metrics-urls` listener serves (as etcd's metrics listeners): `/metrics`,
+/// `/health`, `/livez` and `/readyz`; the client port serves them too.
+pub fn metrics_routes(node: Arc<KeelNode>, hub: Arc<WatchHub>) -> axum::Router {
+    let health_node = node.clone();
+    let metrics_node = node.clone();
+    axum::Router::new()
+        .route(
+            "/health",
+            get(move |uri: Uri| health(health_node.clone(), uri)),
+        )
+        .route(
+            "/metrics",
+            get(move || metrics(metrics_node.clone(), hub.clone())),
+        )
+        .merge(crate::probes::routes(node))
 }
 
 /// The largest JSON body the gateway reads: a request of `--max-request-bytes` with its bytes

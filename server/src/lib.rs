@@ -21,7 +21,7 @@
 //! - [`compactor`]: auto-compaction (periodic and revision modes).
 //! - [`http`]: `/health`, `/version` and `/metrics` on the client port; [`metrics`]: the metrics;
 //!   [`grpc_metrics`]: etcd's per-method gRPC counters, as a layer on the client port;
-//!   [`health`]: `grpc.health.v1.Health`, as etcd serves it.
+//!   [`health`]: `grpc.health.v1.Health`, as etcd serves it; [`probes`]: `/livez` and `/readyz`.
 //! - [`gateway`]: etcd's JSON gateway (`POST /v3/kv/range`, ...) on the client port.
 //! - [`cluster`]: `etcdserverpb.Cluster` — membership changes.
 //! - [`error`]: the one table mapping errors to gRPC status codes and etcd's messages.
@@ -52,6 +52,7 @@ pub mod metrics;
 pub mod network;
 pub mod node;
 pub mod peer_service;
+pub mod probes;
 pub mod server;
 pub mod snapshot;
 pub mod tls;

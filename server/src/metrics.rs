@@ -117,6 +117,8 @@ pub struct Metrics {
     pub lease_revoked: IntCounter,
     pub grpc: Arc<crate::grpc_metrics::GrpcMetrics>,
     pub health_success: IntCounter,
+    health_check_result: IntGaugeVec,
+    health_checks: IntCounterVec,
     pub health_failures: IntCounter,
     /// Cached `(allocated, in use)` database size and when it was measured (ms since `epoch`).
     db_cache: (AtomicU64, AtomicU64, AtomicI64),
@@ -126,7 +128,8 @@ pub struct Metrics {
 
 impl Metrics {
     /// `quota_bytes`: the backend quota in force (`etcd_server_quota_backend_bytes`).
-    pub fn new(member_id: u64, quota_bytes: u64) -> Arc<Metrics> {
+    /// `extensive`: `--metrics extensive` (gRPC handling-time histograms).
+    pub fn new(member_id: u64, quota_bytes: u64, extensive: bool) -> Arc<Metrics> {
         let registry = Registry::new();
         let gauge = |name: &str, help: &str| {
             let g = IntGauge::new(name, help).expect("valid gauge");
@@ -167,7 +170,8 @@ impl Metrics {
             "version",
             env!("CARGO_PKG_VERSION"),
         );
-        let grpc = crate::grpc_metrics::GrpcMetrics::register(&registry).expect("register");
+        let grpc =
+            crate::grpc_metrics::GrpcMetrics::register(&registry, extensive).expect("register");
         // process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, ... as
         // every Prometheus client exports them (`etcdctl check datascale` reads the memory).
         #[cfg(target_os = "linux")]
@@ -280,6 +284,30 @@ impl Metrics {
                 "etcd_server_health_failures",
                 "The total number of failed health checks",
             ),
+            health_check_result: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "etcd_server_healthcheck",
+                        "The result of each kind of healthcheck.",
+                    ),
+                    &["type", "name"],
+                )
+                .expect("valid gauge");
+                registry.register(Box::new(g.clone())).expect("register");
+                g
+            },
+            health_checks: {
+                let c = IntCounterVec::new(
+                    Opts::new(
+                        "etcd_server_healthchecks_total",
+                        "The total number of each kind of healthcheck.",
+                    ),
+                    &["type", "name", "status"],
+                )
+                .expect("valid counter");
+                registry.register(Box::new(c.clone())).expect("register");
+                c
+            },
             grpc,
             registry,
             db_cache: (AtomicU64::new(0), AtomicU64::new(0), AtomicI64::new(-1)),
@@ -321,6 +349,16 @@ impl Metrics {
             .2
             .store(self.epoch.elapsed().as_millis() as i64, Ordering::Release);
         (total, in_use)
+    }
+
+    /// Records one `/livez` or `/readyz` check (`kind`: livez or readyz).
+    pub fn health_check(&self, kind: &str, name: &str, ok: bool) {
+        self.health_check_result
+            .with_label_values(&[kind, name])
+            .set(i64::from(ok));
+        self.health_checks
+            .with_label_values(&[kind, name, if ok { "success" } else { "error" }])
+            .inc();
     }
 
     /// Counts a proposal as pending until the guard is dropped (also when the caller gives up).

@@ -259,6 +259,7 @@ impl KeelNode {
         let metrics = crate::metrics::Metrics::new(
             identity.member_id,
             crate::maintenance::quota_in_force(config.quota_backend_bytes),
+            config.metrics == crate::config::MetricsLevel::Extensive,
         );
         Ok(Arc::new(KeelNode {
             identity,

@@ -237,6 +237,31 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         tracing::info!(%url, "serving client traffic");
     }
 
+    // --listen-metrics-urls: /metrics and the health endpoints only, as etcd's.
+    let metrics_routes = tonic::service::Routes::from(
+        crate::http::metrics_routes(node.clone(), hub.clone()).fallback(crate::http::not_found),
+    );
+    for url in &config.listen_metrics_urls {
+        let parsed = parse_url(url).map_err(anyhow::Error::msg)?;
+        let addr = parsed.socket_addr().map_err(anyhow::Error::msg)?;
+        let listener =
+            bind(addr).map_err(|e| anyhow::anyhow!("listen on metrics URL {url}: {e}"))?;
+        let mut builder = tonic::transport::Server::builder();
+        if parsed.tls {
+            builder = builder.tls_config(crate::tls::client_listener_config(&config)?)?;
+        }
+        let mut rx = shutdown_rx.clone();
+        tasks.push(tokio::spawn(
+            builder
+                .accept_http1(true)
+                .add_routes(metrics_routes.clone())
+                .serve_with_incoming_shutdown(nodelay(listener), async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                }),
+        ));
+        tracing::info!(%url, "serving metrics");
+    }
+
     let removed = crate::cluster::spawn_background(node.clone());
     Ok(RunningServer {
         node,

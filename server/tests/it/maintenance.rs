@@ -216,6 +216,23 @@ async fn corrupt_alarm_refuses_writes_until_disarmed() {
         (code, body.trim()),
         (503, r#"{"health":"false","reason":"ALARM CORRUPT"}"#)
     );
+    // etcd's probes: not ready (every check listed), still live; readiness without the
+    // corruption check.
+    assert_eq!(
+        http(m.client_port, "GET", "/readyz"),
+        (
+            503,
+            "[-]data_corruption failed: alarm activated: CORRUPT\n[+]serializable_read ok\n[+]linearizable_read ok\n\n".to_string()
+        )
+    );
+    assert_eq!(
+        http(m.client_port, "GET", "/livez"),
+        (200, "ok\n".to_string())
+    );
+    assert_eq!(
+        http(m.client_port, "GET", "/readyz?exclude=data_corruption"),
+        (200, "ok\n".to_string())
+    );
     let (action, kind, opts) = deactivate(me, AlarmType::Corrupt);
     c.alarm(action, kind, opts).await.unwrap();
     c.put("k", "w", None).await.unwrap();
@@ -698,6 +715,123 @@ async fn peer_round_trips_and_send_failures() {
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// `--listen-metrics-urls` serves `/metrics`, `/health`, `/livez` and `/readyz` only, as
+/// etcd's; `--metrics extensive` adds the gRPC handling-time histograms. Without a quorum a
+/// member stays live but is not ready, and says why.
+#[tokio::test]
+async fn metrics_listener_and_probes() {
+    let metrics_port = crate::cluster::free_port();
+    let url = format!("http://127.0.0.1:{metrics_port}");
+    let cluster = Cluster::start_with(
+        1,
+        &["--listen-metrics-urls", &url, "--metrics", "extensive"],
+    )
+    .await;
+    let mut c = client(&cluster.members[0].endpoint()).await.unwrap();
+    c.put("k", "v", None).await.unwrap();
+    assert_eq!(
+        http(metrics_port, "GET", "/livez"),
+        (200, "ok\n".to_string())
+    );
+    assert_eq!(
+        http(metrics_port, "GET", "/livez?verbose"),
+        (200, "[+]serializable_read ok\nok\n".to_string())
+    );
+    assert_eq!(
+        http(metrics_port, "GET", "/readyz?verbose"),
+        (
+            200,
+            "[+]data_corruption ok\n[+]serializable_read ok\n[+]linearizable_read ok\nok\n"
+                .to_string()
+        )
+    );
+    assert_eq!(
+        http(
+            metrics_port,
+            "GET",
+            "/readyz?verbose&exclude=linearizable_read&exclude=nope"
+        ),
+        (
+            200,
+            "[+]data_corruption ok\n[+]serializable_read ok\nok\n".to_string()
+        )
+    );
+    assert_eq!(
+        http(metrics_port, "GET", "/readyz/linearizable_read?verbose"),
+        (200, "[+]linearizable_read ok\nok\n".to_string())
+    );
+    assert_eq!(http(metrics_port, "GET", "/readyz/nope").0, 404);
+    assert_eq!(http(metrics_port, "POST", "/livez").0, 405);
+    assert_eq!(
+        http(metrics_port, "GET", "/health"),
+        (200, r#"{"health":"true","reason":""}"#.to_string())
+    );
+    // Not the client port's other endpoints, nor gRPC.
+    assert_eq!(http(metrics_port, "GET", "/version").0, 404);
+    assert_eq!(http(metrics_port, "POST", "/v3/kv/range").0, 404);
+    let body = http(metrics_port, "GET", "/metrics").1;
+    let put = "grpc_method=\"Put\",grpc_service=\"etcdserverpb.KV\",grpc_type=\"unary\"";
+    assert_eq!(
+        metric(
+            &body,
+            &format!("grpc_server_handling_seconds_count{{{put}}}")
+        ),
+        Some(1.0),
+        "{body}"
+    );
+    assert_eq!(
+        metric(
+            &body,
+            "etcd_server_healthcheck{name=\"linearizable_read\",type=\"readyz\"}"
+        ),
+        Some(1.0)
+    );
+    // The client port serves the probes too; without --metrics extensive, no histograms.
+    let plain = Cluster::start(1).await;
+    let port = plain.members[0].client_port;
+    assert_eq!(http(port, "GET", "/readyz"), (200, "ok\n".to_string()));
+    assert!(
+        !http(port, "GET", "/metrics")
+            .1
+            .contains("grpc_server_handling_seconds")
+    );
+}
+
+#[tokio::test]
+async fn a_member_without_quorum_is_live_but_not_ready() {
+    let mut cluster = Cluster::start(3).await;
+    let port = cluster.members[0].client_port;
+    assert_eq!(http(port, "GET", "/readyz"), (200, "ok\n".to_string()));
+    cluster.members[1].kill();
+    cluster.members[2].kill();
+    let (code, body) = http(port, "GET", "/readyz");
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.starts_with("[+]data_corruption ok\n[+]serializable_read ok\n[-]linearizable_read failed: etcdserver: "),
+        "{body}"
+    );
+    assert_eq!(http(port, "GET", "/livez"), (200, "ok\n".to_string()));
+    assert_eq!(
+        http(port, "GET", "/readyz?exclude=linearizable_read"),
+        (200, "ok\n".to_string())
+    );
+    let body = http(port, "GET", "/metrics").1;
+    assert_eq!(
+        metric(
+            &body,
+            "etcd_server_healthcheck{name=\"linearizable_read\",type=\"readyz\"}"
+        ),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric(
+            &body,
+            "etcd_server_healthchecks_total{name=\"linearizable_read\",status=\"error\",type=\"readyz\"}"
+        ),
+        Some(1.0)
+    );
 }
 
 #[tokio::test]
