@@ -32,8 +32,10 @@ fn server_config(
     flags: &str,
 ) -> anyhow::Result<ServerTlsConfig> {
     let (Some(cert), Some(key)) = (cert, key) else {
+        // "https:// URLs need ..." for client and metrics URLs, "https:// peer URLs need ...".
+        let kind = flags.replace('-', " ");
         anyhow::bail!(
-            "https:// {flags} URLs need a certificate and a key (--{flags}cert-file, --{flags}key-file)"
+            "https:// {kind}URLs need a certificate and a key (--{flags}cert-file, --{flags}key-file)"
         );
     };
     let mut cfg = ServerTlsConfig::new().identity(Identity::from_pem(
