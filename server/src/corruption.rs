@@ -18,7 +18,6 @@ use keel_proto::etcdserverpb::{AlarmRequest, AlarmType, HashKvRequest, alarm_req
 use keel_proto::keelpb::RaftRequest;
 use keel_proto::keelpb::raft_request::Request as Cmd;
 use keel_store::raft::NodeId;
-use openraft::async_runtime::WatchReceiver as _;
 
 use crate::node::KeelNode;
 
@@ -101,15 +100,7 @@ async fn local_hash(node: &Arc<KeelNode>, revision: i64) -> Result<(u32, i64, i6
 pub async fn check_once(node: &Arc<KeelNode>) -> Result<CheckReport, String> {
     let (hash, revision, compacted) = local_hash(node, 0).await?;
     let me = node.member_id();
-    let members: Vec<(NodeId, keel_store::raft::MemberNode)> = {
-        let m = node.raft.metrics().borrow_watched().clone();
-        m.membership_config
-            .membership()
-            .nodes()
-            .filter(|(id, _)| **id != me)
-            .map(|(id, n)| (*id, n.clone()))
-            .collect()
-    };
+    let members = node.other_members();
     let asks = members.iter().map(|(id, member)| async move {
         let mut client = node.peers.client(*id, member).ok()?;
         let mut req = node.peers.request(*id, HashKvRequest { revision });

@@ -110,14 +110,6 @@ const METHODS: &[(&str, &str, &str)] = &[
     ("grpc.health.v1.Health", "Watch", "server_stream"),
 ];
 
-/// The `grpc_type` of a client-facing method, `None` for any other path.
-pub fn method_type(service: &str, method: &str) -> Option<&'static str> {
-    METHODS
-        .iter()
-        .find(|(s, m, _)| *s == service && *m == method)
-        .map(|(_, _, kind)| *kind)
-}
-
 /// One method's counters, looked up once per call.
 struct MethodCounters {
     started: IntCounter,
@@ -494,6 +486,13 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn method_type(service: &str, method: &str) -> Option<&'static str> {
+        METHODS
+            .iter()
+            .find(|(s, m, _)| *s == service && *m == method)
+            .map(|(_, _, kind)| *kind)
+    }
 
     #[test]
     fn messages_are_counted_however_frames_split_them() {

@@ -147,7 +147,7 @@ async fn metrics(node: Arc<KeelNode>, hub: Arc<WatchHub>) -> Response {
     )
 }
 
-/// Go's 404 for paths a metrics listener does not serve.
+/// Go's 404, for paths nothing serves.
 pub async fn not_found() -> Response {
     text(
         StatusCode::NOT_FOUND,
@@ -164,11 +164,7 @@ async fn unimplemented(headers: axum::http::HeaderMap) -> Response {
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/grpc"));
     if !grpc {
-        return text(
-            StatusCode::NOT_FOUND,
-            "text/plain; charset=utf-8",
-            "404 page not found\n".to_string(),
-        );
+        return not_found().await;
     }
     let (parts, ()) = tonic::Status::unimplemented("")
         .into_http::<()>()

@@ -34,8 +34,6 @@ use crate::node::KeelNode;
 pub const ETCD_COMPAT_VERSION: &str = "3.5.16";
 /// The cluster version `/version` reports (etcd reports major.minor.0).
 pub const ETCD_CLUSTER_VERSION: &str = "3.5.0";
-/// The cluster version as etcd's `etcd_cluster_version` metric labels it (major.minor).
-pub const ETCD_CLUSTER_MINOR: &str = "3.5";
 
 /// etcd's default backend quota (`--quota-backend-bytes 0`): 2 GiB.
 pub const DEFAULT_QUOTA_BYTES: u64 = 2 << 30;

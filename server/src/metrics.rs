@@ -156,7 +156,10 @@ impl Metrics {
             "etcd_cluster_version",
             "Which version is running. 1 for 'cluster_version' label with current cluster version",
             "cluster_version",
-            crate::maintenance::ETCD_CLUSTER_MINOR,
+            // major.minor, as etcd labels it.
+            crate::maintenance::ETCD_CLUSTER_VERSION
+                .rsplit_once('.')
+                .map_or(crate::maintenance::ETCD_CLUSTER_VERSION, |(minor, _)| minor),
         );
         labelled(
             "etcd_server_id",

@@ -384,23 +384,13 @@ pub fn spawn_prober(
     node: Arc<crate::node::KeelNode>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    use openraft::async_runtime::WatchReceiver as _;
     tokio::spawn(async move {
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(PROBE_INTERVAL) => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
-            let me = node.member_id();
-            let peers: Vec<(NodeId, MemberNode)> = {
-                let m = node.raft.metrics().borrow_watched().clone();
-                m.membership_config
-                    .membership()
-                    .nodes()
-                    .filter(|(id, _)| **id != me)
-                    .map(|(id, n)| (*id, n.clone()))
-                    .collect()
-            };
+            let peers = node.other_members();
             let probes = peers.iter().map(|(id, member)| {
                 let node = &node;
                 async move {

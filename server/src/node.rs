@@ -282,6 +282,18 @@ impl KeelNode {
         self.identity.member_id
     }
 
+    /// Every other member of the current membership (voters and learners), with its address.
+    pub fn other_members(&self) -> Vec<(NodeId, keel_store::raft::MemberNode)> {
+        let me = self.member_id();
+        let m = self.raft.metrics().borrow_watched().clone();
+        m.membership_config
+            .membership()
+            .nodes()
+            .filter(|(id, _)| **id != me)
+            .map(|(id, n)| (*id, n.clone()))
+            .collect()
+    }
+
     pub fn term(&self) -> u64 {
         self.raft.metrics().borrow_watched().current_term
     }

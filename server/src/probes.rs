@@ -24,9 +24,49 @@ use keel_proto::etcdserverpb::{AlarmType, RangeRequest};
 
 use crate::node::KeelNode;
 
-/// The checks of each endpoint, in the order they run and print.
-const LIVEZ: &[&str] = &["serializable_read"];
-const READYZ: &[&str] = &["data_corruption", "serializable_read", "linearizable_read"];
+/// One named check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Check {
+    DataCorruption,
+    SerializableRead,
+    LinearizableRead,
+}
+
+impl Check {
+    fn name(self) -> &'static str {
+        match self {
+            Check::DataCorruption => "data_corruption",
+            Check::SerializableRead => "serializable_read",
+            Check::LinearizableRead => "linearizable_read",
+        }
+    }
+
+    async fn run(self, node: &KeelNode) -> Result<(), String> {
+        match self {
+            Check::DataCorruption => {
+                if node
+                    .mvcc
+                    .alarms()
+                    .iter()
+                    .any(|a| a.alarm == AlarmType::Corrupt as i32)
+                {
+                    return Err("alarm activated: CORRUPT".to_string());
+                }
+                Ok(())
+            }
+            Check::SerializableRead => local_read(node),
+            Check::LinearizableRead => {
+                match tokio::time::timeout(crate::http::HEALTH_READ_TIMEOUT, node.read_barrier())
+                    .await
+                {
+                    Ok(Ok(())) => local_read(node),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err(crate::error::ServerError::Timeout.to_string()),
+                }
+            }
+        }
+    }
+}
 
 /// Which endpoint (also the `type` label of the metrics).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,37 +83,16 @@ impl Probe {
         }
     }
 
-    fn checks(self) -> &'static [&'static str] {
+    /// The endpoint's checks, in the order they run and print.
+    fn checks(self) -> &'static [Check] {
         match self {
-            Probe::Livez => LIVEZ,
-            Probe::Readyz => READYZ,
+            Probe::Livez => &[Check::SerializableRead],
+            Probe::Readyz => &[
+                Check::DataCorruption,
+                Check::SerializableRead,
+                Check::LinearizableRead,
+            ],
         }
-    }
-}
-
-async fn run_check(node: &KeelNode, check: &str) -> Result<(), String> {
-    match check {
-        "data_corruption" => {
-            if node
-                .mvcc
-                .alarms()
-                .iter()
-                .any(|a| a.alarm == AlarmType::Corrupt as i32)
-            {
-                return Err("alarm activated: CORRUPT".to_string());
-            }
-            Ok(())
-        }
-        "serializable_read" => local_read(node),
-        "linearizable_read" => {
-            match tokio::time::timeout(crate::http::HEALTH_READ_TIMEOUT, node.read_barrier()).await
-            {
-                Ok(Ok(())) => local_read(node),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err(crate::error::ServerError::Timeout.to_string()),
-            }
-        }
-        other => Err(format!("unknown check {other}")),
     }
 }
 
@@ -89,18 +108,19 @@ fn local_read(node: &KeelNode) -> Result<(), String> {
 }
 
 /// Runs `checks` in order: whether all passed, and one line per check.
-async fn run(node: &KeelNode, probe: Probe, checks: &[&str]) -> (bool, String) {
+async fn run(node: &KeelNode, probe: Probe, checks: &[Check]) -> (bool, String) {
     let mut ok = true;
     let mut lines = String::new();
     for check in checks {
-        let result = run_check(node, check).await;
+        let result = check.run(node).await;
+        let name = check.name();
         node.metrics
-            .health_check(probe.name(), check, result.is_ok());
+            .health_check(probe.name(), name, result.is_ok());
         match result {
-            Ok(()) => lines.push_str(&format!("[+]{check} ok\n")),
+            Ok(()) => lines.push_str(&format!("[+]{name} ok\n")),
             Err(e) => {
                 ok = false;
-                lines.push_str(&format!("[-]{check} failed: {e}\n"));
+                lines.push_str(&format!("[-]{name} failed: {e}\n"));
             }
         }
     }
@@ -138,10 +158,10 @@ pub async fn serve(
             .insert(header::ALLOW, HeaderValue::from_static("GET"));
         return r;
     }
-    let checks: Vec<&str> = match &check {
-        Some(name) => match probe.checks().iter().find(|c| **c == name.as_str()) {
+    let checks: Vec<Check> = match &check {
+        Some(name) => match probe.checks().iter().find(|c| c.name() == name.as_str()) {
             Some(c) => vec![*c],
-            None => return plain(StatusCode::NOT_FOUND, "404 page not found\n".to_string()),
+            None => return crate::http::not_found().await,
         },
         None => {
             let excluded: Vec<String> = crate::http::query_values(&uri, "exclude").collect();
@@ -149,7 +169,7 @@ pub async fn serve(
                 .checks()
                 .iter()
                 .copied()
-                .filter(|c| !excluded.iter().any(|e| e == c))
+                .filter(|c| !excluded.iter().any(|e| e == c.name()))
                 .collect()
         }
     };
@@ -159,12 +179,7 @@ pub async fn serve(
         // Go's http.Error: the body and a newline.
         return plain(StatusCode::SERVICE_UNAVAILABLE, format!("{lines}\n"));
     }
-    let verbose = uri
-        .query()
-        .unwrap_or("")
-        .split('&')
-        .any(|kv| kv.split_once('=').map_or(kv, |(k, _)| k) == "verbose");
-    let body = if verbose {
+    let body = if crate::http::query_values(&uri, "verbose").next().is_some() {
         format!("{lines}ok\n")
     } else {
         "ok\n".to_string()

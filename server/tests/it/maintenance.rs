@@ -472,7 +472,41 @@ async fn grpc_and_process_metrics_as_etcds() {
     let mut c = client(&cluster.members[0].endpoint()).await.unwrap();
     // Counts below are changes from here (starting the cluster made calls of its own).
     let before = http(port, "GET", "/metrics").1;
-    c.put("a", "1", None).await.unwrap();
+    let put = c.put("a", "1", None).await.unwrap();
+    // The byte counters count message bytes, as etcd's: one PutRequest in, one PutResponse out.
+    {
+        use keel_proto::etcdserverpb::{PutRequest, PutResponse, ResponseHeader};
+        use prost::Message as _;
+        let h = put.header().unwrap();
+        let sent = PutResponse {
+            header: Some(ResponseHeader {
+                cluster_id: h.cluster_id(),
+                member_id: h.member_id(),
+                revision: h.revision(),
+                raft_term: h.raft_term(),
+            }),
+            prev_kv: None,
+        };
+        let received = PutRequest {
+            key: b"a".to_vec(),
+            value: b"1".to_vec(),
+            ..Default::default()
+        };
+        let after = http(port, "GET", "/metrics").1;
+        for (series, bytes) in [
+            (
+                "etcd_network_client_grpc_received_bytes_total",
+                received.encoded_len(),
+            ),
+            (
+                "etcd_network_client_grpc_sent_bytes_total",
+                sent.encoded_len(),
+            ),
+        ] {
+            let delta = metric(&after, series).unwrap() - metric(&before, series).unwrap();
+            assert_eq!(delta, bytes as f64, "{series}");
+        }
+    }
     c.put("a", "2", None).await.unwrap();
     let e = c
         .get(
