@@ -118,7 +118,8 @@ async fn send_file(
 /// `keel snapshot restore` arguments (named like `etcdctl snapshot restore`'s).
 #[derive(Debug, Clone, clap::Args)]
 pub struct RestoreArgs {
-    /// The backup file (from `etcdctl snapshot save` or `keelctl snapshot save`).
+    /// The backup file (from `etcdctl snapshot save` against Keel or etcd; or, with
+    /// `--skip-hash-check`, an etcd member's `member/snap/db`).
     pub file: PathBuf,
     /// The data directory to create; it must not exist yet.
     #[arg(long)]
@@ -135,13 +136,17 @@ pub struct RestoreArgs {
     /// This member's peer URLs.
     #[arg(long, value_delimiter = ',', default_value = "http://localhost:2380")]
     pub initial_advertise_peer_urls: Vec<String>,
+    /// Do not require the SHA-256 at the end of the file (for a database copied from an etcd
+    /// data directory, which has none).
+    #[arg(long)]
+    pub skip_hash_check: bool,
 }
 
 /// `keel snapshot ...` subcommands.
 #[derive(Debug, clap::Parser)]
 #[command(
     name = "keel snapshot",
-    about = "Restore a Keel backup into a new data directory"
+    about = "Restore a backup (of Keel or etcd) into a new data directory"
 )]
 pub enum SnapshotCommand {
     /// Builds a new member's data directory from a backup file.
@@ -176,8 +181,10 @@ pub fn restore(args: &RestoreArgs) -> anyhow::Result<()> {
         )?
         .progress_chars("=> "),
     );
-    bar.set_message("verifying");
-    backup::verify_backup(&args.file, |done, _| bar.set_position(done))?;
+    if !args.skip_hash_check {
+        bar.set_message("verifying");
+        backup::verify_backup(&args.file, |done, _| bar.set_position(done))?;
+    }
     bar.finish_and_clear();
 
     // Build into a temporary sibling and rename, so a failed restore leaves nothing behind.
@@ -190,7 +197,9 @@ pub fn restore(args: &RestoreArgs) -> anyhow::Result<()> {
         let engine: Arc<dyn Engine> = Arc::new(RocksEngine::open(&tmp_dir.join("db"))?);
         let spinner = indicatif::ProgressBar::new_spinner();
         spinner.set_message("loading records");
-        let info = backup::restore_backup(&args.file, &engine, |records| {
+        // Verified above (or not to be).
+        let check = backup::HashCheck::Skip;
+        let info = backup::restore_backup(&args.file, &engine, check, |records| {
             spinner.set_message(format!("loaded {records} records"));
             spinner.tick();
         })?;

@@ -8,10 +8,12 @@
 //! - [`raft`]: openraft storage: the Raft log store and the replicated state machine.
 //! - [`auth`]: users, roles and permissions (etcd's auth store) and the in-memory tokens.
 //! - [`backup`]: backup files (what `Maintenance.Snapshot` streams) and restoring them.
+//! - [`bbolt`]: the bbolt file format (etcd's database and snapshot files), written and read.
 //! - [`observe`]: timing hooks (fsync, apply commit) the server turns into metrics.
 
 pub mod auth;
 pub mod backup;
+pub mod bbolt;
 pub mod engine;
 pub mod error;
 pub mod mvcc;

@@ -524,19 +524,32 @@ async fn run_streams(addr: &str) -> Vec<(String, Value)> {
 pub(crate) struct Etcd {
     child: Child,
     pub(crate) addr: String,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl Etcd {
+    /// A fresh single-member etcd.
     pub(crate) async fn start() -> Option<Etcd> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        Self::start_in(&data, "e", free_port(), Some(dir)).await
+    }
+
+    /// A single-member etcd on `data_dir` (for instance one `etcdctl snapshot restore` made
+    /// for member `name` with peer URL `http://127.0.0.1:<peer>`).
+    pub(crate) async fn start_in(
+        data_dir: &std::path::Path,
+        name: &str,
+        peer: u16,
+        dir: Option<tempfile::TempDir>,
+    ) -> Option<Etcd> {
         let bin = ["/usr/bin/etcd", "/usr/local/bin/etcd"]
             .into_iter()
             .find(|p| std::path::Path::new(p).exists())?;
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (client, peer) = (free_port(), free_port());
+        let client = free_port();
         let child = Command::new(bin)
-            .args(["--name", "e"])
-            .args(["--data-dir", dir.path().join("data").to_str()?])
+            .args(["--name", name])
+            .args(["--data-dir", data_dir.to_str()?])
             .args([
                 "--listen-client-urls",
                 &format!("http://127.0.0.1:{client}"),
@@ -550,7 +563,10 @@ impl Etcd {
                 "--initial-advertise-peer-urls",
                 &format!("http://127.0.0.1:{peer}"),
             ])
-            .args(["--initial-cluster", &format!("e=http://127.0.0.1:{peer}")])
+            .args([
+                "--initial-cluster",
+                &format!("{name}=http://127.0.0.1:{peer}"),
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -518,3 +518,280 @@ async fn snapshot_save_and_restore_into_a_new_cluster() {
         .cluster_id();
     assert_ne!(old_cluster, new_cluster);
 }
+
+/// Writes data with history, a deletion, a lease with a key, a compaction, a user and a role.
+async fn write_backup_sample(endpoint: &str) {
+    let mut c = client(endpoint).await.expect("connect");
+    for i in 0..40 {
+        c.put(format!("s/{:02}", i % 15), format!("v{i}"), None)
+            .await
+            .expect("put");
+    }
+    c.delete("s/03", None).await.expect("delete");
+    let lease = c.lease_grant(600, None).await.expect("grant").id();
+    c.put(
+        "s/leased",
+        "x",
+        Some(etcd_client::PutOptions::new().with_lease(lease)),
+    )
+    .await
+    .expect("put with lease");
+    c.put("s/big", "y".repeat(20_000), None).await.expect("put");
+    c.compact(10, None).await.expect("compact");
+    c.put("s/00", "last", None).await.expect("put");
+    c.role_add("app").await.expect("role");
+    c.role_grant_permission(
+        "app",
+        etcd_client::Permission::read_write("/app/").with_prefix(),
+    )
+    .await
+    .expect("grant permission");
+    c.user_add("alice", "pw", None).await.expect("user");
+    c.user_grant_role("alice", "app").await.expect("grant role");
+}
+
+/// What a client sees of [`write_backup_sample`]'s data: every key with its revisions, a
+/// read in the past, the compaction, leases with TTL and keys, users and roles.
+async fn backup_sample_view(endpoint: &str) -> Vec<String> {
+    let mut c = client(endpoint).await.expect("connect");
+    let mut view: Vec<String> = dump(endpoint)
+        .await
+        .into_iter()
+        .map(|(k, v, create, modified, version)| {
+            format!(
+                "{k}={} c{create} m{modified} v{version}",
+                &v[..v.len().min(8)]
+            )
+        })
+        .collect();
+    let revision = c
+        .get("s/00", None)
+        .await
+        .expect("get")
+        .header()
+        .expect("header")
+        .revision();
+    view.push(format!("revision {revision}"));
+    let past = c
+        .get(
+            "s/",
+            Some(GetOptions::new().with_prefix().with_revision(12)),
+        )
+        .await
+        .expect("read at 12");
+    for kv in past.kvs() {
+        view.push(format!(
+            "@12 {}={}",
+            kv.key_str().unwrap_or("?"),
+            kv.value_str().unwrap_or("?")
+        ));
+    }
+    let compacted = c
+        .get("s/00", Some(GetOptions::new().with_revision(9)))
+        .await
+        .expect_err("compacted");
+    view.push(format!("@9 {compacted}"));
+    for lease in c.leases().await.expect("leases").leases() {
+        let ttl = c
+            .lease_time_to_live(
+                lease.id(),
+                Some(etcd_client::LeaseTimeToLiveOptions::new().with_keys()),
+            )
+            .await
+            .expect("time to live");
+        let keys: Vec<String> = ttl
+            .keys()
+            .iter()
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .collect();
+        view.push(format!(
+            "lease {:x} granted {} keys {keys:?}",
+            lease.id(),
+            ttl.granted_ttl()
+        ));
+    }
+    view.push(format!(
+        "users {:?}",
+        c.user_list().await.expect("users").users()
+    ));
+    view.push(format!(
+        "alice {:?}",
+        c.user_get("alice").await.expect("alice").roles()
+    ));
+    for perm in c.role_get("app").await.expect("role").permissions() {
+        view.push(format!(
+            "app {:?} {:?}",
+            String::from_utf8_lossy(perm.key()),
+            String::from_utf8_lossy(perm.range_end())
+        ));
+    }
+    view
+}
+
+fn etcdctl(args: &[&str]) -> String {
+    let out = std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(args)
+        .output()
+        .expect("run etcdctl");
+    assert!(
+        out.status.success(),
+        "etcdctl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn keel_restore(
+    file: &std::path::Path,
+    data_dir: &std::path::Path,
+    name: &str,
+    peer: u16,
+    extra: &[&str],
+) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["snapshot", "restore"])
+        .arg(file)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(["--name", name])
+        .args([
+            "--initial-cluster",
+            &format!("{name}=http://127.0.0.1:{peer}"),
+        ])
+        .args([
+            "--initial-advertise-peer-urls",
+            &format!("http://127.0.0.1:{peer}"),
+        ])
+        .args(extra)
+        .output()
+        .expect("run keel snapshot restore")
+}
+
+/// Backups are etcd's format both ways: `etcdctl snapshot status` reads Keel's, `etcdctl
+/// snapshot restore` makes a real etcd of it, and `keel snapshot restore` takes real etcd's
+/// (and, with `--skip-hash-check`, an etcd member's database file). The data, its history,
+/// the compaction, leases and auth survive every hop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backups_move_between_keel_and_etcd() {
+    let source = Cluster::start(1).await;
+    let endpoint = source.members[0].endpoint();
+    write_backup_sample(&endpoint).await;
+    let expected = backup_sample_view(&endpoint).await;
+    assert!(
+        expected
+            .iter()
+            .any(|l| l.starts_with("lease ") && l.contains("s/leased")),
+        "{expected:?}"
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+
+    // Keel → etcd.
+    let keel_file = dir.path().join("keel.db");
+    etcdctl(&[
+        "--endpoints",
+        &endpoint,
+        "snapshot",
+        "save",
+        keel_file.to_str().expect("path"),
+    ]);
+    let status: serde_json::Value = serde_json::from_str(&etcdctl(&[
+        "snapshot",
+        "status",
+        keel_file.to_str().expect("path"),
+        "-w",
+        "json",
+    ]))
+    .expect("status json");
+    let revision_line = expected
+        .iter()
+        .find(|l| l.starts_with("revision "))
+        .expect("revision");
+    assert_eq!(
+        format!("revision {}", status["revision"]),
+        *revision_line,
+        "{status}"
+    );
+    assert!(
+        status["totalKey"].as_u64().expect("totalKey") > 15,
+        "{status}"
+    );
+    let etcd_peer = free_port();
+    let etcd_dir = dir.path().join("etcd-restored");
+    etcdctl(&[
+        "snapshot",
+        "restore",
+        keel_file.to_str().expect("path"),
+        "--name",
+        "r",
+        "--data-dir",
+        etcd_dir.to_str().expect("path"),
+        "--initial-cluster",
+        &format!("r=http://127.0.0.1:{etcd_peer}"),
+        "--initial-advertise-peer-urls",
+        &format!("http://127.0.0.1:{etcd_peer}"),
+    ]);
+    let etcd = crate::gateway::Etcd::start_in(&etcd_dir, "r", etcd_peer, None)
+        .await
+        .expect("real etcd (scripts/test.sh installs etcd-server)");
+    assert_eq!(
+        backup_sample_view(&etcd.addr).await,
+        expected,
+        "etcd restored from Keel's backup"
+    );
+
+    // etcd → Keel.
+    let etcd_file = dir.path().join("etcd.db");
+    etcdctl(&[
+        "--endpoints",
+        &etcd.addr,
+        "snapshot",
+        "save",
+        etcd_file.to_str().expect("path"),
+    ]);
+    // The member's own database file, as an operator would copy it: etcd stopped first.
+    drop(etcd);
+    let mut members = Vec::new();
+    for (name, file, extra) in [
+        ("from-etcd", etcd_file.clone(), &[][..]),
+        (
+            "from-etcd-db",
+            etcd_dir.join("member/snap/db"),
+            &["--skip-hash-check"][..],
+        ),
+    ] {
+        let (client_port, peer_port) = (free_port(), free_port());
+        let data_dir = dir.path().join(name);
+        if !extra.is_empty() {
+            let refused = keel_restore(&file, &data_dir, name, peer_port, &[]);
+            assert!(!refused.status.success());
+            let err = String::from_utf8_lossy(&refused.stderr);
+            assert!(
+                err.contains("snapshot missing hash but --skip-hash-check=false"),
+                "{err}"
+            );
+        }
+        let out = keel_restore(&file, &data_dir, name, peer_port, extra);
+        assert!(
+            out.status.success(),
+            "restore {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut m = Member {
+            name: name.to_string(),
+            client_port,
+            peer_port,
+            data_dir,
+            child: None,
+            initial_cluster: format!("{name}=http://127.0.0.1:{peer_port}"),
+            extra: vec![],
+        };
+        m.start();
+        members.push(m);
+    }
+    let restored = Cluster::adopt(members, dir).await;
+    for m in &restored.members {
+        let view = backup_sample_view(&m.endpoint()).await;
+        assert_eq!(view, expected, "Keel restored from etcd ({})", m.name);
+    }
+}
