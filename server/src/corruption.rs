@@ -17,6 +17,7 @@ use std::time::Duration;
 use keel_proto::etcdserverpb::{AlarmRequest, AlarmType, HashKvRequest, alarm_request};
 use keel_proto::keelpb::RaftRequest;
 use keel_proto::keelpb::raft_request::Request as Cmd;
+use keel_store::mvcc::HashKvFormat;
 use keel_store::raft::NodeId;
 
 use crate::node::KeelNode;
@@ -89,10 +90,12 @@ async fn raise_corrupt(node: &KeelNode, member: NodeId) {
 
 async fn local_hash(node: &Arc<KeelNode>, revision: i64) -> Result<(u32, i64, i64), String> {
     let n = node.clone();
-    let r = tokio::task::spawn_blocking(move || crate::maintenance::hash_kv(&n, revision))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+    let r = tokio::task::spawn_blocking(move || {
+        crate::maintenance::hash_kv(&n, revision, HashKvFormat::Internal)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())?;
     Ok((r.hash, r.hash_revision, r.compact_revision))
 }
 

@@ -24,6 +24,7 @@ use keel_proto::keelpb::RaftRequest;
 use keel_proto::keelpb::raft_request::Request as Cmd;
 use keel_proto::keelpb::raft_response::Response as Res;
 use keel_store::engine::{Direction, ScanControl, Table};
+use keel_store::mvcc::HashKvFormat;
 use openraft::async_runtime::WatchReceiver as _;
 use tonic::{Request, Response, Status};
 
@@ -163,11 +164,19 @@ fn member_hash(node: &KeelNode) -> Result<u32, ServerError> {
     Ok(hasher.finalize())
 }
 
-/// This member's HashKV at `revision` (0: the current one). As etcd, the header carries the
-/// current revision (`hash_revision` the hashed one) and the compact revision is -1 before the
-/// first compaction.
-pub fn hash_kv(node: &KeelNode, revision: i64) -> Result<HashKvResponse, ServerError> {
-    let r = node.mvcc.hash_kv(revision).map_err(ServerError::from)?;
+/// This member's HashKV at `revision` (0: the current one), in `format`: etcd's for clients,
+/// Keel's own between members (see [`HashKvFormat`]). As etcd, the header carries the current
+/// revision (`hash_revision` the hashed one) and the compact revision is -1 before the first
+/// compaction.
+pub fn hash_kv(
+    node: &KeelNode,
+    revision: i64,
+    format: HashKvFormat,
+) -> Result<HashKvResponse, ServerError> {
+    let r = node
+        .mvcc
+        .hash_kv(revision, format)
+        .map_err(ServerError::from)?;
     let hash = if node.config.debug_corrupt_hashkv {
         r.hash ^ 0x5eed
     } else {
@@ -306,7 +315,9 @@ impl Maintenance for MaintenanceService {
         req: Request<HashKvRequest>,
     ) -> Result<Response<HashKvResponse>, Status> {
         let revision = req.into_inner().revision;
-        let resp = self.blocking(move |node| hash_kv(&node, revision)).await?;
+        let resp = self
+            .blocking(move |node| hash_kv(&node, revision, HashKvFormat::Etcd))
+            .await?;
         Ok(Response::new(resp))
     }
 

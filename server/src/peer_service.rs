@@ -11,6 +11,7 @@ use keel_proto::keelpb::{
     MemberChangeRequest, MemberChangeResponse, MemberIdentity, RaftBytes, ReadIndexRequest,
     ReadIndexResponse, SnapshotChunk, snapshot_chunk,
 };
+use keel_store::mvcc::HashKvFormat;
 use keel_store::raft::TypeConfig;
 use keel_store::raft::snapshot::SnapshotFile;
 use keel_store::raft::types::{Snapshot, SnapshotMeta, Vote, decode, encode};
@@ -326,10 +327,11 @@ impl RaftPeer for PeerService {
         )
         .await;
         let node = self.node.clone();
-        let resp =
-            tokio::task::spawn_blocking(move || crate::maintenance::hash_kv(&node, revision))
-                .await
-                .map_err(|e| Status::internal(e.to_string()))??;
+        let resp = tokio::task::spawn_blocking(move || {
+            crate::maintenance::hash_kv(&node, revision, HashKvFormat::Internal)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
         Ok(Response::new(resp))
     }
 

@@ -104,32 +104,6 @@ fn invalid(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.into())
 }
 
-/// etcd's key of a revision in its `key` bucket.
-fn etcd_revision_key(rev: Revision, tombstone: bool) -> Vec<u8> {
-    let mut key = Vec::with_capacity(18);
-    key.extend_from_slice(&(rev.main as u64).to_be_bytes());
-    key.push(b'_');
-    key.extend_from_slice(&(rev.sub as u64).to_be_bytes());
-    if tombstone {
-        key.push(b't');
-    }
-    key
-}
-
-fn parse_etcd_revision_key(key: &[u8]) -> Option<(Revision, bool)> {
-    let tombstone = match key.len() {
-        17 => false,
-        18 if key[17] == b't' => true,
-        _ => return None,
-    };
-    if key[8] != b'_' {
-        return None;
-    }
-    let main = u64::from_be_bytes(key[..8].try_into().ok()?) as i64;
-    let sub = u64::from_be_bytes(key[9..17].try_into().ok()?) as i64;
-    Some((Revision::new(main, sub), tombstone))
-}
-
 fn be_i64(bytes: &[u8]) -> Option<i64> {
     Some(i64::from_be_bytes(bytes.try_into().ok()?))
 }
@@ -214,7 +188,7 @@ fn write_database(
                 Table::Kv => {
                     let (rev, tombstone) = Revision::decode(key)
                         .ok_or_else(|| EngineError::Io(invalid("a malformed kv key")))?;
-                    let etcd_key = etcd_revision_key(rev, tombstone);
+                    let etcd_key = rev.encode_etcd(tombstone);
                     if tombstone {
                         // etcd's tombstone holds the key only.
                         let kv = KeyValue::decode(value)
@@ -276,12 +250,12 @@ fn write_database(
         if done > 0 {
             db.put(
                 etcd::FINISHED_COMPACT,
-                &etcd_revision_key(Revision::new(done.min(compact), 0), false),
+                &Revision::new(done.min(compact), 0).encode_etcd(false),
             )?;
         }
         db.put(
             etcd::SCHEDULED_COMPACT,
-            &etcd_revision_key(Revision::new(compact, 0), false),
+            &Revision::new(compact, 0).encode_etcd(false),
         )?;
     }
 
@@ -510,7 +484,7 @@ fn load_bbolt(
     let mut last_revision = 0i64;
     db.for_each(key_bucket, &mut |e| {
         let (rev, tombstone) =
-            parse_etcd_revision_key(e.key).ok_or_else(|| bad("a malformed key in bucket `key`"))?;
+            Revision::decode_etcd(e.key).ok_or_else(|| bad("a malformed key in bucket `key`"))?;
         let mut kv =
             KeyValue::decode(e.value).map_err(|_| bad("a malformed KeyValue in bucket `key`"))?;
         last_revision = last_revision.max(rev.main);
@@ -538,7 +512,7 @@ fn load_bbolt(
     if let Some(meta) = buckets.get(etcd::META) {
         db.for_each(meta, &mut |e| {
             let rev = || {
-                parse_etcd_revision_key(e.value)
+                Revision::decode_etcd(e.value)
                     .map(|(r, _)| r.main)
                     .ok_or_else(|| bad("a malformed compaction revision"))
             };
@@ -863,10 +837,10 @@ mod tests {
         assert_eq!(
             revs,
             [
-                etcd_revision_key(Revision::new(3, 0), false),
-                etcd_revision_key(Revision::new(4, 0), false),
-                etcd_revision_key(Revision::new(5, 0), true),
-                etcd_revision_key(Revision::new(6, 0), false),
+                Revision::new(3, 0).encode_etcd(false),
+                Revision::new(4, 0).encode_etcd(false),
+                Revision::new(5, 0).encode_etcd(true),
+                Revision::new(6, 0).encode_etcd(false),
             ]
         );
         assert_eq!(revs[2].len(), 18);
@@ -901,7 +875,7 @@ mod tests {
             }
         );
         let meta = entries("meta");
-        let three = etcd_revision_key(Revision::new(3, 0), false);
+        let three = Revision::new(3, 0).encode_etcd(false);
         assert_eq!(
             meta,
             [

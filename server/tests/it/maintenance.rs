@@ -1012,3 +1012,83 @@ async fn auto_compaction_in_periodic_mode() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// `HashKV` is etcd's hash: the same history gives the same value as a real etcd, at every
+/// revision, across generations of a key, a multi-operation Txn, leases, and compactions (one
+/// at a deletion, one physical).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hashkv_equals_etcds_for_the_same_history() {
+    use etcd_client::{CompactionOptions, LeaseGrantOptions, PutOptions};
+    let keel = Cluster::start(1).await;
+    let etcd = crate::gateway::Etcd::start()
+        .await
+        .expect("real etcd (scripts/test.sh installs etcd-server)");
+    let endpoints = [keel.endpoints()[0].clone(), etcd.addr.clone()];
+    let mut clients = Vec::new();
+    for ep in &endpoints {
+        clients.push(client(ep).await.expect("connect"));
+    }
+    // (revision it takes, compaction) steps, applied to both.
+    for c in clients.iter_mut() {
+        c.put("a", "1", None).await.expect("put"); // 2
+        c.put("b", "2", None).await.expect("put"); // 3
+        c.put("a", "3", None).await.expect("put"); // 4
+        let txn = Txn::new().and_then([
+            TxnOp::put("c", "4", None),
+            TxnOp::put("d", "5", None),
+            TxnOp::delete("b", None),
+        ]);
+        c.txn(txn).await.expect("txn"); // 5
+        c.lease_grant(60, Some(LeaseGrantOptions::new().with_id(0x4242)))
+            .await
+            .expect("lease");
+        c.put("e", "6", Some(PutOptions::new().with_lease(0x4242)))
+            .await
+            .expect("put"); // 6
+        c.delete("a", None).await.expect("delete"); // 7
+        c.put("a", "8", None).await.expect("put"); // 8
+        c.put("c", "9", None).await.expect("put"); // 9
+    }
+    async fn hashes(
+        clients: &mut [etcd_client::Client],
+        revs: std::ops::RangeInclusive<i64>,
+    ) -> Vec<Vec<String>> {
+        let mut all = Vec::new();
+        for c in clients.iter_mut() {
+            let mut per = Vec::new();
+            for rev in revs.clone() {
+                per.push(match c.hash_kv(rev).await {
+                    Ok(h) => format!("{rev}: {:08x} compact {}", h.hash(), h.compact_version()),
+                    Err(e) => format!("{rev}: {}", status_message(&e)),
+                });
+            }
+            all.push(per);
+        }
+        all
+    }
+    let before = hashes(&mut clients, 0..=9).await;
+    assert_eq!(
+        before[0], before[1],
+        "Keel (left) and etcd (right), no compaction"
+    );
+    assert!(before[0][2].contains("compact -1"), "{:?}", before[0]);
+
+    // A compaction at the deletion of `a` (a tombstone at the compact revision).
+    for c in clients.iter_mut() {
+        c.compact(7, None).await.expect("compact");
+        c.put("f", "10", None).await.expect("put"); // 10
+    }
+    let after = hashes(&mut clients, 6..=10).await;
+    assert_eq!(after[0], after[1], "after a compaction at a tombstone");
+    // A physical compaction later, and writes after it.
+    for c in clients.iter_mut() {
+        c.compact(9, Some(CompactionOptions::new().with_physical()))
+            .await
+            .expect("compact");
+        c.delete("e", None).await.expect("delete"); // 11
+        c.put("d", "12", None).await.expect("put"); // 12
+    }
+    let last = hashes(&mut clients, 0..=12).await;
+    assert_eq!(last[0], last[1], "after a physical compaction");
+    assert!(last[0][12].contains("compact 9"), "{:?}", last[0]);
+}

@@ -20,4 +20,6 @@ pub mod store;
 
 pub use apply::{ApplyBatch, ApplyOutcome, MAX_LEASE_TTL};
 pub use revision::Revision;
-pub use store::{HashKvResult, HistoryBatch, HistoryRequest, LeaseInfo, MvccStore, StoreStats};
+pub use store::{
+    HashKvFormat, HashKvResult, HistoryBatch, HistoryRequest, LeaseInfo, MvccStore, StoreStats,
+};

@@ -82,6 +82,23 @@ pub struct HistoryBatch {
     pub next_revision: i64,
 }
 
+/// Which hash [`MvccStore::hash_kv`] computes. Both cover the same revisions: those up to
+/// the hashed revision, and below the compaction only the versions that still count, so every
+/// member that applied the same log computes the same hash whatever its physical compaction has
+/// done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HashKvFormat {
+    /// etcd's: CRC-32C of `key`, then of etcd's key-bucket key and value of every counted
+    /// revision (below the compaction: each key's version visible at the hashed revision; a
+    /// tombstone at the compact revision is left out, as etcd 3.5.16 does). For the same
+    /// history it equals etcd's `HashKV`; `Maintenance.HashKV` answers with it.
+    Etcd,
+    /// Keel's own: CRC-32 of its `kv` rows (below the compaction: each key's version visible at
+    /// the compact revision). The corruption check compares this one between members, so that
+    /// members of different Keel versions (a rolling upgrade) keep agreeing.
+    Internal,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HashKvResult {
     pub hash: u32,
@@ -809,7 +826,7 @@ impl MvccStore {
     /// history up to `revision`: entries above the compact revision, plus for each key the
     /// version kept at the compact revision. It does not depend on how far physical compaction
     /// has progressed, so every member that applied the same log computes the same hash.
-    pub fn hash_kv(&self, revision: i64) -> Result<HashKvResult, ApplyError> {
+    pub fn hash_kv(&self, revision: i64, format: HashKvFormat) -> Result<HashKvResult, ApplyError> {
         let current = self.current_revision();
         let at = if revision <= 0 { current } else { revision };
         if at > current {
@@ -820,14 +837,22 @@ impl MvccStore {
         if at < compacted || (revision > 0 && revision <= compacted) {
             return Err(ApplyError::new(ApplyErrorKind::Compacted));
         }
+        // The revisions below the compaction that count: each key's version visible at the
+        // compact revision (Keel's own hash), or at the hashed revision (etcd's `Keep`).
+        let keep_at = match format {
+            HashKvFormat::Etcd => at,
+            HashKvFormat::Internal => compacted,
+        };
         let kept: BTreeSet<Revision> = {
             let index = self.inner.read_index();
             index
                 .values()
-                .filter_map(|entries| visible_at(entries, compacted).map(|e| e.rev))
+                .filter_map(|entries| visible_at(entries, keep_at).map(|e| e.rev))
                 .collect()
         };
-        let mut hasher = crc32fast::Hasher::new();
+        let mut internal = crc32fast::Hasher::new();
+        let mut etcd = crc32c::crc32c(b"key");
+        let mut failure = None;
         self.inner
             .engine
             .scan(
@@ -836,18 +861,59 @@ impl MvccStore {
                 Some(&Revision::lower_bound(at + 1)),
                 Direction::Forward,
                 &mut |k, v| {
-                    if let Some((rev, _)) = Revision::decode(k)
-                        && (rev.main > compacted || kept.contains(&rev))
-                    {
-                        hasher.update(k);
-                        hasher.update(v);
+                    let Some((rev, tombstone)) = Revision::decode(k) else {
+                        return ScanControl::Continue;
+                    };
+                    match format {
+                        HashKvFormat::Internal => {
+                            if rev.main > compacted || kept.contains(&rev) {
+                                internal.update(k);
+                                internal.update(v);
+                            }
+                        }
+                        HashKvFormat::Etcd => {
+                            let below = rev.main <= compacted;
+                            if (below && !kept.is_empty() && !kept.contains(&rev))
+                                || (tombstone && rev.main == compacted)
+                            {
+                                return ScanControl::Continue;
+                            }
+                            etcd = crc32c::crc32c_append(etcd, &rev.encode_etcd(tombstone));
+                            if tombstone {
+                                // etcd's tombstone holds the key only; Keel's also its revision.
+                                match KeyValue::decode(v) {
+                                    Ok(kv) => {
+                                        let bare = KeyValue {
+                                            key: kv.key,
+                                            ..Default::default()
+                                        };
+                                        etcd = crc32c::crc32c_append(etcd, &bare.encode_to_vec());
+                                    }
+                                    Err(e) => {
+                                        failure = Some(e.to_string());
+                                        return ScanControl::Stop;
+                                    }
+                                }
+                            } else {
+                                etcd = crc32c::crc32c_append(etcd, v);
+                            }
+                        }
                     }
                     ScanControl::Continue
                 },
             )
             .map_err(|e| other(e.into()))?;
+        if let Some(e) = failure {
+            return Err(other(StoreError::Corrupt {
+                table: "kv",
+                detail: e,
+            }));
+        }
         Ok(HashKvResult {
-            hash: hasher.finalize(),
+            hash: match format {
+                HashKvFormat::Etcd => etcd,
+                HashKvFormat::Internal => internal.finalize(),
+            },
             compact_revision: compacted,
             hash_revision: at,
         })

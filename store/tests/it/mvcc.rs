@@ -12,7 +12,7 @@ use keel_proto::mvccpb::event::EventType;
 use keel_store::ApplyErrorKind;
 use keel_store::engine::Engine;
 use keel_store::engine::rocks::RocksEngine;
-use keel_store::mvcc::{HistoryRequest, MvccStore};
+use keel_store::mvcc::{HashKvFormat, HistoryRequest, MvccStore};
 
 use crate::helpers::*;
 
@@ -731,18 +731,27 @@ fn hash_is_identical_for_the_same_commands_and_readers_run_during_compaction() {
         assert_eq!(get(&a, "h", "i", 0).unwrap().count, 500);
     }
     run(&b);
-    let ha = a.hash_kv(0).unwrap();
-    let hb = b.hash_kv(0).unwrap();
-    assert_eq!(
-        ha, hb,
-        "same log, same hash, whatever physical compaction has done"
+    for format in [HashKvFormat::Internal, HashKvFormat::Etcd] {
+        let ha = a.hash_kv(0, format).unwrap();
+        let hb = b.hash_kv(0, format).unwrap();
+        assert_eq!(
+            ha, hb,
+            "{format:?}: same log, same hash, whatever physical compaction has done"
+        );
+    }
+    assert_ne!(
+        a.hash_kv(0, HashKvFormat::Internal).unwrap().hash,
+        a.hash_kv(0, HashKvFormat::Etcd).unwrap().hash,
+        "two different hashes"
     );
     put(&b, "diverge", "1");
-    assert_ne!(
-        a.hash_kv(0).unwrap().hash,
-        b.hash_kv(0).unwrap().hash,
-        "different data, different hash"
-    );
+    for format in [HashKvFormat::Internal, HashKvFormat::Etcd] {
+        assert_ne!(
+            a.hash_kv(0, format).unwrap().hash,
+            b.hash_kv(0, format).unwrap().hash,
+            "{format:?}: different data, different hash"
+        );
+    }
 }
 
 #[test]
