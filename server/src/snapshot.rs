@@ -1,17 +1,16 @@
-//! Backups: the `Maintenance.Snapshot` stream (what `etcdctl snapshot save` stores) and the
-//! `keel snapshot restore` subcommand that turns such a file into a new member's data directory.
-//! The file format lives in [`keel_store::backup`].
+//! Backups: the `Maintenance.Snapshot` stream (what `etcdctl snapshot save` stores), written
+//! straight into the response stream, and the `keel snapshot restore` subcommand that turns such
+//! a file into a new member's data directory. The format (etcd's) lives in
+//! [`keel_store::backup`].
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use keel_proto::etcdserverpb::SnapshotResponse;
 use keel_store::backup;
 use keel_store::engine::Engine;
 use keel_store::engine::rocks::RocksEngine;
 use serde::{Deserialize, Serialize};
-use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tonic::Status;
 
@@ -33,86 +32,95 @@ pub struct RestoreBootstrap {
     pub initial_advertise_peer_urls: Vec<String>,
 }
 
-static SEQ: AtomicU64 = AtomicU64::new(0);
+/// Sends what is written to it as `SnapshotResponse` messages of [`CHUNK`] bytes (the first one
+/// with the response header), counting down `remaining_bytes` from the backup's size.
+struct ChunkSender {
+    tx: mpsc::Sender<Result<SnapshotResponse, Status>>,
+    header: Option<keel_proto::etcdserverpb::ResponseHeader>,
+    remaining: u64,
+    buf: Vec<u8>,
+}
 
-/// Writes a backup of `node`'s store to a temporary file and streams it, deleting the file
-/// afterwards. The stream ends with an error if the file cannot be read to the end.
+impl ChunkSender {
+    fn send_buffered(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let blob = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
+        self.remaining = self.remaining.saturating_sub(blob.len() as u64);
+        let msg = SnapshotResponse {
+            header: self.header.take(),
+            remaining_bytes: self.remaining,
+            blob,
+            version: ETCD_COMPAT_VERSION.to_string(),
+        };
+        self.tx.blocking_send(Ok(msg)).map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client went away")
+        })
+    }
+}
+
+impl std::io::Write for ChunkSender {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let n = data.len().min(CHUNK - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == CHUNK {
+            self.send_buffered()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.send_buffered()
+    }
+}
+
+/// Streams a backup of `node`'s store as it is written (no temporary file): the database is
+/// laid out from one consistent view of the store, then written from the same view straight
+/// into the response stream. The stream ends with an error if the backup cannot be completed.
 pub async fn stream_backup(
     node: Arc<KeelNode>,
 ) -> Result<mpsc::Receiver<Result<SnapshotResponse, Status>>, Status> {
-    let dir = node.data_dir.join("tmp");
-    std::fs::create_dir_all(&dir).map_err(|e| Status::internal(e.to_string()))?;
-    let path = dir.join(format!(
-        "backup-{}-{}.db",
-        std::process::id(),
-        SEQ.fetch_add(1, Ordering::Relaxed)
-    ));
     let engine: Arc<dyn Engine> = node.mvcc.engine().clone();
     let header = node.header();
-    let started = std::time::Instant::now();
-    let build_path = path.clone();
-    let info = tokio::task::spawn_blocking(move || {
-        backup::write_backup(&engine, &build_path, |records| {
-            tracing::info!(records, "writing snapshot for a client");
-        })
-    })
-    .await
-    .map_err(|e| Status::internal(e.to_string()))?
-    .map_err(|e| {
-        let _ = std::fs::remove_file(path.with_extension("part"));
-        Status::internal(format!("snapshot: {e}"))
-    })?;
-    tracing::info!(
-        bytes = info.size,
-        records = info.records,
-        revision = header.revision,
-        took = ?started.elapsed(),
-        "snapshot written; streaming it to the client"
-    );
-
     let (tx, rx) = mpsc::channel(16);
-    tokio::spawn(async move {
-        let result = send_file(&path, info.size, header, &tx).await;
-        let _ = tokio::fs::remove_file(&path).await;
+    let errors = tx.clone();
+    let started = std::time::Instant::now();
+    tokio::task::spawn_blocking(move || {
+        let result = backup::stream_backup(
+            &engine,
+            |size| {
+                tracing::info!(
+                    bytes = size,
+                    revision = header.revision,
+                    "streaming a snapshot to a client"
+                );
+                Ok(ChunkSender {
+                    tx,
+                    header: Some(header),
+                    remaining: size,
+                    buf: Vec::with_capacity(CHUNK),
+                })
+            },
+            |records| tracing::info!(records, "snapshot progress"),
+        );
         match result {
-            Ok(()) => tracing::info!(bytes = info.size, "snapshot sent"),
+            Ok((info, _)) => tracing::info!(
+                bytes = info.size,
+                records = info.records,
+                took = ?started.elapsed(),
+                "snapshot sent"
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                tracing::info!("snapshot stream ended by the client")
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "snapshot stream failed");
-                let _ = tx
-                    .send(Err(Status::internal(format!("snapshot: {e}"))))
-                    .await;
+                let _ = errors.blocking_send(Err(Status::internal(format!("snapshot: {e}"))));
             }
         }
     });
     Ok(rx)
-}
-
-async fn send_file(
-    path: &Path,
-    size: u64,
-    header: keel_proto::etcdserverpb::ResponseHeader,
-    tx: &mpsc::Sender<Result<SnapshotResponse, Status>>,
-) -> std::io::Result<()> {
-    let mut file = tokio::fs::File::open(path).await?;
-    let mut remaining = size;
-    let mut first = true;
-    while remaining > 0 {
-        let mut blob = vec![0u8; CHUNK.min(remaining as usize)];
-        file.read_exact(&mut blob).await?;
-        remaining -= blob.len() as u64;
-        let msg = SnapshotResponse {
-            header: first.then_some(header),
-            remaining_bytes: remaining,
-            blob,
-            version: ETCD_COMPAT_VERSION.to_string(),
-        };
-        first = false;
-        if tx.send(Ok(msg)).await.is_err() {
-            // The client went away.
-            return Ok(());
-        }
-    }
-    Ok(())
 }
 
 /// `keel snapshot restore` arguments (named like `etcdctl snapshot restore`'s).

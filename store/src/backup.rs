@@ -31,7 +31,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{self, BufReader, Read, Write};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -43,7 +43,7 @@ use sha2::{Digest, Sha256};
 
 use crate::auth::{META_AUTH_ENABLED, META_AUTH_REVISION, META_AUTH_ROLE, META_AUTH_USER};
 use crate::bbolt::{BoltError, BoltReader, BoltWriter, BucketRoot};
-use crate::engine::{Engine, EngineError, Table, WriteBatch};
+use crate::engine::{Engine, EngineError, Table, ViewScanner, WriteBatch};
 use crate::mvcc::MvccStore;
 use crate::mvcc::Revision;
 use crate::mvcc::store::{META_ALARMS, META_COMPACT, META_COMPACT_DONE, META_REV};
@@ -118,104 +118,150 @@ pub struct BackupInfo {
 }
 
 /// Writes a backup of `engine`'s state-machine tables to `path` (through a temporary file next
-/// to it), from one consistent view of the engine. `progress` is called with the number of
-/// records written so far.
+/// to it, synced, then renamed). `progress` is called with the number of records written so far.
 pub fn write_backup(
     engine: &Arc<dyn Engine>,
     path: &Path,
-    mut progress: impl FnMut(u64),
+    progress: impl FnMut(u64),
 ) -> io::Result<BackupInfo> {
     let tmp = path.with_extension("part");
-    let result = write_database(engine, &tmp, &mut progress);
-    let records = match result {
-        Ok(records) => records,
+    let result = stream_backup(
+        engine,
+        |_| Ok(io::BufWriter::with_capacity(1 << 20, File::create(&tmp)?)),
+        progress,
+    )
+    .and_then(|(info, out)| {
+        out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        Ok(info)
+    });
+    match result {
+        Ok(info) => {
+            std::fs::rename(&tmp, path)?;
+            Ok(info)
+        }
         Err(e) => {
             let _ = std::fs::remove_file(&tmp);
-            return Err(e);
+            Err(e)
         }
-    };
-    // Hash the database, pad it (bbolt files are whole pages, so there is nothing to pad in
-    // practice), append the digest.
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&tmp)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut len = 0u64;
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        len += n as u64;
     }
-    let padding = (ALIGN - len % ALIGN) % ALIGN;
-    let zeros = vec![0u8; padding as usize];
-    hasher.update(&zeros);
-    file.seek(SeekFrom::End(0))?;
-    file.write_all(&zeros)?;
-    file.write_all(&hasher.finalize())?;
-    file.sync_all()?;
-    drop(file);
-    std::fs::rename(&tmp, path)?;
-    Ok(BackupInfo {
-        size: len + padding + CHECKSUM_LEN,
-        records,
-    })
 }
 
-/// Writes the bbolt database of a backup; returns the records read.
-fn write_database(
+/// Passes writes through, hashing them and counting their bytes.
+struct Hashing<W> {
+    inner: W,
+    hasher: Sha256,
+    written: u64,
+}
+
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Streams a backup of `engine`'s state-machine tables, front to back, from one consistent view
+/// of the engine, without a temporary file: a first pass over the view lays the database out
+/// (its size is then known), `open(size)` gives the output (`size` counts the checksum too), and
+/// a second pass writes it, followed by its SHA-256. `progress` gets the records written so far.
+/// The view is held until the last byte is written, so a slow reader holds it as long (as an
+/// etcd snapshot holds its read transaction).
+pub fn stream_backup<W: Write>(
     engine: &Arc<dyn Engine>,
-    path: &Path,
-    progress: &mut impl FnMut(u64),
-) -> io::Result<u64> {
-    let mut db = BoltWriter::create(path)?;
-    db.begin_bucket(etcd::KEY)?;
-    let mut meta = BTreeMap::new();
-    let mut leases = Vec::new();
-    let mut records = 0u64;
-    let bolt = |e: BoltError| EngineError::Io(e.into());
+    open: impl FnOnce(u64) -> io::Result<W>,
+    mut progress: impl FnMut(u64),
+) -> io::Result<(BackupInfo, W)> {
+    let mut open = Some(open);
+    let mut done = None;
+    let io = |e: io::Error| EngineError::Io(e);
     engine
-        .scan_consistent(&Table::STATE_MACHINE, &mut |table, key, value| {
-            records += 1;
-            if records.is_multiple_of(100_000) {
-                progress(records);
-            }
-            match table {
-                Table::Kv => {
-                    let (rev, tombstone) = Revision::decode(key)
-                        .ok_or_else(|| EngineError::Io(invalid("a malformed kv key")))?;
-                    let etcd_key = rev.encode_etcd(tombstone);
-                    if tombstone {
-                        // etcd's tombstone holds the key only.
-                        let kv = KeyValue::decode(value)
-                            .map_err(|e| EngineError::Io(invalid(e.to_string())))?;
-                        let bare = KeyValue {
-                            key: kv.key,
-                            ..Default::default()
-                        };
-                        db.put(&etcd_key, &bare.encode_to_vec()).map_err(bolt)
-                    } else {
-                        db.put(&etcd_key, value).map_err(bolt)
-                    }
-                }
-                Table::Meta => {
-                    meta.insert(key.to_vec(), value.to_vec());
-                    Ok(())
-                }
-                _ => {
-                    leases.push((key.to_vec(), value.to_vec()));
-                    Ok(())
-                }
-            }
+        .with_consistent_view(&mut |scan| {
+            let mut first = BoltWriter::layout();
+            build_database(scan, &mut first, &mut |_| {}).map_err(io)?;
+            let layout = first.finish().map_err(|e| io(e.into()))?;
+            let size = layout.size() + CHECKSUM_LEN;
+            let Some(open) = open.take() else {
+                return Err(io(io::Error::other("the view was scanned twice")));
+            };
+            let mut out = Hashing {
+                inner: open(size).map_err(io)?,
+                hasher: Sha256::new(),
+                written: 0,
+            };
+            let mut second = BoltWriter::write(&mut out, layout).map_err(|e| io(e.into()))?;
+            let records = build_database(scan, &mut second, &mut progress).map_err(io)?;
+            second.finish().map_err(|e| io(e.into()))?;
+            // Whole pages of 4096 bytes: a multiple of 512, as etcd's client requires.
+            debug_assert!(out.written.is_multiple_of(ALIGN));
+            let digest = out.hasher.finalize();
+            let mut inner = out.inner;
+            inner.write_all(&digest).map_err(io)?;
+            inner.flush().map_err(io)?;
+            done = Some((BackupInfo { size, records }, inner));
+            Ok(())
         })
         .map_err(|e| match e {
             EngineError::Io(e) => e,
             other => io::Error::other(other.to_string()),
         })?;
+    done.ok_or_else(|| io::Error::other("the consistent view was not scanned"))
+}
+
+/// Writes the bbolt database of a backup from a scanner of one view; returns the records read.
+/// Called twice per backup (see [`BoltWriter`]), making the same calls both times.
+fn build_database(
+    scan: &mut ViewScanner<'_>,
+    db: &mut BoltWriter<'_>,
+    progress: &mut dyn FnMut(u64),
+) -> io::Result<u64> {
+    db.begin_bucket(etcd::KEY)?;
+    let mut meta = BTreeMap::new();
+    let mut leases = Vec::new();
+    let mut records = 0u64;
+    let bolt = |e: BoltError| EngineError::Io(e.into());
+    scan(&Table::STATE_MACHINE, &mut |table, key, value| {
+        records += 1;
+        if records.is_multiple_of(100_000) {
+            progress(records);
+        }
+        match table {
+            Table::Kv => {
+                let (rev, tombstone) = Revision::decode(key)
+                    .ok_or_else(|| EngineError::Io(invalid("a malformed kv key")))?;
+                let etcd_key = rev.encode_etcd(tombstone);
+                if tombstone {
+                    // etcd's tombstone holds the key only.
+                    let kv = KeyValue::decode(value)
+                        .map_err(|e| EngineError::Io(invalid(e.to_string())))?;
+                    let bare = KeyValue {
+                        key: kv.key,
+                        ..Default::default()
+                    };
+                    db.put(&etcd_key, &bare.encode_to_vec()).map_err(bolt)
+                } else {
+                    db.put(&etcd_key, value).map_err(bolt)
+                }
+            }
+            Table::Meta => {
+                meta.insert(key.to_vec(), value.to_vec());
+                Ok(())
+            }
+            _ => {
+                leases.push((key.to_vec(), value.to_vec()));
+                Ok(())
+            }
+        }
+    })
+    .map_err(|e| match e {
+        EngineError::Io(e) => e,
+        other => io::Error::other(other.to_string()),
+    })?;
     progress(records);
 
     db.begin_bucket(etcd::LEASE)?;
@@ -313,7 +359,6 @@ fn write_database(
         }
     }
     db.begin_bucket(etcd::MEMBERS_REMOVED)?;
-    db.finish()?;
     Ok(records)
 }
 

@@ -27,8 +27,9 @@
 //!
 //! # Worked example
 //!
-//! [`BoltWriter`] streams buckets whose keys arrive sorted, packs elements into leaf pages in
-//! order, then builds the branch levels from the first key of each page. Writing bucket `key`
+//! [`BoltWriter`] takes buckets whose keys arrive sorted, packs elements into leaf pages in
+//! order, then builds the branch levels from the first key of each page (in two passes, since
+//! the meta pages at the front name the root page and the page count; see its docs). Writing bucket `key`
 //! with 300 entries of 40 bytes each (56 bytes with their element) and then bucket `meta` with
 //! two small entries gives:
 //!
@@ -48,7 +49,7 @@
 //! snapshot status`) verifies.
 
 use std::fs::File;
-use std::io::{self, BufWriter, Seek, SeekFrom, Write};
+use std::io::{self, BufWriter, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -135,24 +136,80 @@ struct OpenBucket {
     children: Vec<(Vec<u8>, u64)>,
 }
 
-/// Writes a bbolt file from buckets whose keys are added in increasing order, one bucket at a
-/// time, streaming leaf pages to the file (only the first key of each page is kept in memory).
-pub struct BoltWriter {
-    out: BufWriter<File>,
+/// Where a database's pages go, computed by a first pass ([`BoltWriter::layout`]): what the
+/// meta pages at the start of the file must say before anything else is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BoltLayout {
+    /// Page id of the root bucket's root page.
+    pub root: u64,
+    /// Pages in the file (its high-water mark).
+    pub pages: u64,
+}
+
+impl BoltLayout {
+    /// Size of the database in bytes.
+    pub fn size(&self) -> u64 {
+        self.pages * PAGE_SIZE as u64
+    }
+}
+
+/// Writes a bbolt database from buckets whose keys are added in increasing order, one bucket at
+/// a time, streaming: nothing but the first key of each page is kept in memory, and the output
+/// is written front to back (no seeking), so it can go straight to a socket.
+///
+/// The meta pages come first in the file but name the root page and the page count, known only
+/// at the end; so a database is written in two passes making the same calls: the first on
+/// [`BoltWriter::layout`], which only counts pages, the second on [`BoltWriter::write`] with the
+/// first pass's [`BoltLayout`]. [`write_file`] does both for a build function.
+pub struct BoltWriter<'a> {
+    out: Option<&'a mut dyn Write>,
+    promised: Option<BoltLayout>,
     next_page: u64,
     open: Option<OpenBucket>,
     buckets: Vec<(Vec<u8>, u64)>,
 }
 
-impl BoltWriter {
-    /// Creates (truncates) `path`.
-    pub fn create(path: &Path) -> Result<Self, BoltError> {
-        let file = File::create(path)?;
-        let mut out = BufWriter::with_capacity(1 << 20, file);
-        // Pages 0 and 1 (meta) and 2 (freelist) are written by `finish`.
-        out.seek(SeekFrom::Start(3 * PAGE_SIZE as u64))?;
+impl BoltWriter<'static> {
+    /// The first pass: lays the database out, writing nothing.
+    pub fn layout() -> Self {
+        Self {
+            out: None,
+            promised: None,
+            next_page: 3,
+            open: None,
+            buckets: Vec::new(),
+        }
+    }
+}
+
+impl<'a> BoltWriter<'a> {
+    /// The second pass: writes the meta pages and the freelist for `layout` to `out` at once,
+    /// then every page as the same calls as in the first pass produce it.
+    pub fn write(out: &'a mut dyn Write, layout: BoltLayout) -> Result<Self, BoltError> {
+        let mut head = vec![0u8; 3 * PAGE_SIZE];
+        for (page_id, txid) in [(0u64, 1u64), (1, 2)] {
+            let p = &mut head[page_id as usize * PAGE_SIZE..][..PAGE_SIZE];
+            p[0..8].copy_from_slice(&page_id.to_le_bytes());
+            p[8..10].copy_from_slice(&FLAG_META.to_le_bytes());
+            let m = &mut p[PAGE_HEADER..];
+            m[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+            m[4..8].copy_from_slice(&VERSION.to_le_bytes());
+            m[8..12].copy_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
+            // flags (12..16) and the root bucket's sequence (24..32) stay 0
+            m[16..24].copy_from_slice(&layout.root.to_le_bytes());
+            m[32..40].copy_from_slice(&2u64.to_le_bytes());
+            m[40..48].copy_from_slice(&layout.pages.to_le_bytes());
+            m[48..56].copy_from_slice(&txid.to_le_bytes());
+            let sum = fnv1a64(&m[..META_SUMMED]);
+            m[56..64].copy_from_slice(&sum.to_le_bytes());
+        }
+        let free = &mut head[2 * PAGE_SIZE..];
+        free[0..8].copy_from_slice(&2u64.to_le_bytes());
+        free[8..10].copy_from_slice(&FLAG_FREELIST.to_le_bytes());
+        out.write_all(&head)?;
         Ok(Self {
-            out,
+            out: Some(out),
+            promised: Some(layout),
             next_page: 3,
             open: None,
             buckets: Vec::new(),
@@ -256,10 +313,15 @@ impl BoltWriter {
             .ok_or_else(|| corrupt("a bucket without pages"))
     }
 
-    /// Writes one page (with overflow pages if it needs them) at the next page id.
+    /// Takes the next page id for `page` (with overflow pages if it needs them) and, in the
+    /// second pass, writes it.
     fn write_page(&mut self, flags: u16, page: &PendingPage) -> Result<u64, BoltError> {
         let id = self.next_page;
         let pages = page.bytes.div_ceil(PAGE_SIZE).max(1);
+        self.next_page += pages as u64;
+        let Some(out) = self.out.as_mut() else {
+            return Ok(id);
+        };
         let count = u16::try_from(page.elements.len())
             .map_err(|_| corrupt("too many elements for one page"))?;
         let mut buf = vec![0u8; pages * PAGE_SIZE];
@@ -288,14 +350,13 @@ impl BoltWriter {
                 data += value.len();
             }
         }
-        self.out.write_all(&buf)?;
-        self.next_page += pages as u64;
+        out.write_all(&buf)?;
         Ok(id)
     }
 
-    /// Ends the last bucket, writes the root bucket, the freelist and the meta pages, and
-    /// syncs the file. Returns the file's size in bytes.
-    pub fn finish(mut self) -> Result<u64, BoltError> {
+    /// Ends the last bucket and writes the root bucket. Returns the layout; in the second pass,
+    /// fails if it is not the one the first pass computed (the two passes saw different data).
+    pub fn finish(mut self) -> Result<BoltLayout, BoltError> {
         self.end_bucket()?;
         let mut buckets = std::mem::take(&mut self.buckets);
         buckets.sort();
@@ -323,35 +384,41 @@ impl BoltWriter {
             children.push((first, self.write_page(FLAG_LEAF, &page)?));
         }
         let root = self.build_branches(children)?;
-        let high_water = self.next_page;
-
-        let mut head = vec![0u8; 3 * PAGE_SIZE];
-        for (page_id, txid) in [(0u64, 1u64), (1, 2)] {
-            let p = &mut head[page_id as usize * PAGE_SIZE..][..PAGE_SIZE];
-            p[0..8].copy_from_slice(&page_id.to_le_bytes());
-            p[8..10].copy_from_slice(&FLAG_META.to_le_bytes());
-            let m = &mut p[PAGE_HEADER..];
-            m[0..4].copy_from_slice(&MAGIC.to_le_bytes());
-            m[4..8].copy_from_slice(&VERSION.to_le_bytes());
-            m[8..12].copy_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
-            // flags (12..16) and the root bucket's sequence (24..32) stay 0
-            m[16..24].copy_from_slice(&root.to_le_bytes());
-            m[32..40].copy_from_slice(&2u64.to_le_bytes());
-            m[40..48].copy_from_slice(&high_water.to_le_bytes());
-            m[48..56].copy_from_slice(&txid.to_le_bytes());
-            let sum = fnv1a64(&m[..META_SUMMED]);
-            m[56..64].copy_from_slice(&sum.to_le_bytes());
+        let layout = BoltLayout {
+            root,
+            pages: self.next_page,
+        };
+        if let Some(promised) = self.promised
+            && promised != layout
+        {
+            return Err(corrupt(format!(
+                "the second pass laid out {layout:?}, the first {promised:?}"
+            )));
         }
-        let free = &mut head[2 * PAGE_SIZE..];
-        free[0..8].copy_from_slice(&2u64.to_le_bytes());
-        free[8..10].copy_from_slice(&FLAG_FREELIST.to_le_bytes());
-
-        let mut file = self.out.into_inner().map_err(|e| e.into_error())?;
-        file.seek(SeekFrom::Start(0))?;
-        file.write_all(&head)?;
-        file.sync_all()?;
-        Ok(high_water * PAGE_SIZE as u64)
+        if let Some(out) = self.out.as_mut() {
+            out.flush()?;
+        }
+        Ok(layout)
     }
+}
+
+/// Writes a database to `path` by calling `build` twice (see [`BoltWriter`]); `build` must make
+/// the same calls both times. Returns the file's size.
+pub fn write_file(
+    path: &Path,
+    mut build: impl FnMut(&mut BoltWriter<'_>) -> Result<(), BoltError>,
+) -> Result<u64, BoltError> {
+    let mut first = BoltWriter::layout();
+    build(&mut first)?;
+    let layout = first.finish()?;
+    let mut out = BufWriter::with_capacity(1 << 20, File::create(path)?);
+    let mut second = BoltWriter::write(&mut out, layout)?;
+    build(&mut second)?;
+    second.finish()?;
+    out.into_inner()
+        .map_err(|e| BoltError::Io(e.into_error()))?
+        .sync_all()?;
+    Ok(layout.size())
 }
 
 // ----------------------------------------------------------------------------------------
@@ -616,11 +683,6 @@ mod tests {
     fn round_trip_with_branches_overflow_and_empty_buckets() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("db");
-        let mut w = BoltWriter::create(&path).expect("create");
-        // Written out of name order on purpose: the root bucket sorts them.
-        w.begin_bucket(b"meta").expect("bucket");
-        w.put(b"a", b"1").expect("put");
-        w.put(b"b", b"2").expect("put");
         let many: Vec<(Vec<u8>, Vec<u8>)> = (0..20_000u32)
             .map(|i| {
                 (
@@ -629,16 +691,22 @@ mod tests {
                 )
             })
             .collect();
-        w.begin_bucket(b"key").expect("bucket");
-        for (k, v) in &many {
-            w.put(k, v).expect("put");
-        }
         let big = vec![7u8; 3 * PAGE_SIZE + 100];
-        w.begin_bucket(b"big").expect("bucket");
-        w.put(b"small", b"x").expect("put");
-        w.put(b"xl", &big).expect("put");
-        w.begin_bucket(b"empty").expect("bucket");
-        let size = w.finish().expect("finish");
+        let size = write_file(&path, |w| {
+            // Written out of name order on purpose: the root bucket sorts them.
+            w.begin_bucket(b"meta")?;
+            w.put(b"a", b"1")?;
+            w.put(b"b", b"2")?;
+            w.begin_bucket(b"key")?;
+            for (k, v) in &many {
+                w.put(k, v)?;
+            }
+            w.begin_bucket(b"big")?;
+            w.put(b"small", b"x")?;
+            w.put(b"xl", &big)?;
+            w.begin_bucket(b"empty")
+        })
+        .expect("write");
         assert_eq!(size, std::fs::metadata(&path).expect("meta").len());
 
         let r = BoltReader::open(&path, size).expect("open");
@@ -663,17 +731,17 @@ mod tests {
     fn worked_example_layout() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("db");
-        let mut w = BoltWriter::create(&path).expect("create");
-        w.begin_bucket(b"key").expect("bucket");
-        for i in 0..300u32 {
-            // 40 bytes of key and value.
-            w.put(format!("{i:08}").as_bytes(), &[0u8; 32])
-                .expect("put");
-        }
-        w.begin_bucket(b"meta").expect("bucket");
-        w.put(b"a", b"1").expect("put");
-        w.put(b"b", b"2").expect("put");
-        let size = w.finish().expect("finish");
+        let size = write_file(&path, |w| {
+            w.begin_bucket(b"key")?;
+            for i in 0..300u32 {
+                // 40 bytes of key and value.
+                w.put(format!("{i:08}").as_bytes(), &[0u8; 32])?;
+            }
+            w.begin_bucket(b"meta")?;
+            w.put(b"a", b"1")?;
+            w.put(b"b", b"2")
+        })
+        .expect("write");
         let file = std::fs::read(&path).expect("read");
         assert_eq!(size, 11 * PAGE_SIZE as u64);
         let page = |id: usize| &file[id * PAGE_SIZE..(id + 1) * PAGE_SIZE];
@@ -713,8 +781,7 @@ mod tests {
 
     #[test]
     fn keys_out_of_order_are_refused() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut w = BoltWriter::create(&dir.path().join("db")).expect("create");
+        let mut w = BoltWriter::layout();
         w.begin_bucket(b"b").expect("bucket");
         w.put(b"2", b"").expect("put");
         assert!(matches!(w.put(b"1", b""), Err(BoltError::Unsorted)));
@@ -723,16 +790,33 @@ mod tests {
     }
 
     #[test]
+    fn passes_that_differ_are_an_error() {
+        let mut first = BoltWriter::layout();
+        first.begin_bucket(b"b").expect("bucket");
+        first.put(b"k", b"v").expect("put");
+        let layout = first.finish().expect("layout");
+        let mut out = Vec::new();
+        let mut second = BoltWriter::write(&mut out, layout).expect("write");
+        second.begin_bucket(b"b").expect("bucket");
+        second.put(b"k", &[0u8; 5000]).expect("put");
+        assert!(
+            second.finish().is_err(),
+            "a larger value moves the root page"
+        );
+    }
+
+    #[test]
     fn damaged_files_give_errors_not_panics() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("db");
-        let mut w = BoltWriter::create(&path).expect("create");
-        w.begin_bucket(b"key").expect("bucket");
-        for i in 0..2000u32 {
-            w.put(format!("{i:06}").as_bytes(), &[1u8; 40])
-                .expect("put");
-        }
-        let size = w.finish().expect("finish");
+        let size = write_file(&path, |w| {
+            w.begin_bucket(b"key")?;
+            for i in 0..2000u32 {
+                w.put(format!("{i:06}").as_bytes(), &[1u8; 40])?;
+            }
+            Ok(())
+        })
+        .expect("write");
         let good = std::fs::read(&path).expect("read");
         // Truncated.
         assert!(BoltReader::open(&path, size - 1).is_err());

@@ -140,6 +140,11 @@ pub type MultiGetVisitor<'a> = dyn FnMut(usize, Option<&[u8]>) -> Result<(), Eng
 /// The callback of [`Engine::scan_consistent`]: table, key, value.
 pub type ConsistentVisitor<'a> = dyn FnMut(Table, &[u8], &[u8]) -> Result<(), EngineError> + 'a;
 
+/// Scans tables of one consistent view (see [`Engine::with_consistent_view`]): every entry of
+/// each table, in table order then key order.
+pub type ViewScanner<'a> =
+    dyn FnMut(&[Table], &mut ConsistentVisitor<'_>) -> Result<(), EngineError> + 'a;
+
 /// A synchronous, thread-safe key-value engine with named tables.
 ///
 /// Durability contract: `write(batch, true)` returns only after the batch is on stable storage;
@@ -199,6 +204,22 @@ pub trait Engine: Send + Sync + 'static {
         tables: &[Table],
         view_taken: &mut dyn FnMut() -> bool,
         visit: &mut ConsistentVisitor<'_>,
+    ) -> Result<(), EngineError> {
+        self.with_consistent_view(&mut |scan| {
+            if !view_taken() {
+                return Ok(());
+            }
+            scan(tables, visit)
+        })
+    }
+
+    /// Pins the state of this moment (RocksDB: a snapshot) and calls `f` with a scanner of it,
+    /// which `f` may run any number of times (writes made meanwhile are not seen); the view is
+    /// released when `f` returns. Backups scan it twice: once to lay the file out, once to
+    /// stream it.
+    fn with_consistent_view(
+        &self,
+        f: &mut dyn FnMut(&mut ViewScanner<'_>) -> Result<(), EngineError>,
     ) -> Result<(), EngineError>;
 
     /// Approximate bytes on disk (or in memory) for `Status.dbSize`.

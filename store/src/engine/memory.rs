@@ -101,24 +101,21 @@ impl Engine for MemoryEngine {
         Ok(())
     }
 
-    fn scan_consistent_when(
+    fn with_consistent_view(
         &self,
-        tables: &[Table],
-        view_taken: &mut dyn FnMut() -> bool,
-        visit: &mut super::ConsistentVisitor<'_>,
+        f: &mut dyn FnMut(&mut super::ViewScanner<'_>) -> Result<(), EngineError>,
     ) -> Result<(), EngineError> {
         let snapshot = self.read()?.clone();
-        if !view_taken() {
-            return Ok(());
-        }
-        for table in tables {
-            if let Some(t) = snapshot.get(table) {
-                for (k, v) in t {
-                    visit(*table, k, v)?;
+        f(&mut |tables, visit| {
+            for table in tables {
+                if let Some(t) = snapshot.get(table) {
+                    for (k, v) in t {
+                        visit(*table, k, v)?;
+                    }
                 }
             }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     fn size_bytes(&self) -> u64 {

@@ -146,26 +146,23 @@ impl Engine for RocksEngine {
         self.db.flush_wal(true).map_err(backend)
     }
 
-    fn scan_consistent_when(
+    fn with_consistent_view(
         &self,
-        tables: &[Table],
-        view_taken: &mut dyn FnMut() -> bool,
-        visit: &mut super::ConsistentVisitor<'_>,
+        f: &mut dyn FnMut(&mut super::ViewScanner<'_>) -> Result<(), EngineError>,
     ) -> Result<(), EngineError> {
         let snapshot = self.db.snapshot();
-        if !view_taken() {
-            return Ok(());
-        }
-        for table in tables {
-            let cf = self.cf(*table)?;
-            let mut ro = ReadOptions::default();
-            ro.set_snapshot(&snapshot);
-            for item in self.db.iterator_cf_opt(cf, ro, IteratorMode::Start) {
-                let (k, v) = item.map_err(backend)?;
-                visit(*table, &k, &v)?;
+        f(&mut |tables, visit| {
+            for table in tables {
+                let cf = self.cf(*table)?;
+                let mut ro = ReadOptions::default();
+                ro.set_snapshot(&snapshot);
+                for item in self.db.iterator_cf_opt(cf, ro, IteratorMode::Start) {
+                    let (k, v) = item.map_err(backend)?;
+                    visit(*table, &k, &v)?;
+                }
             }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     fn size_bytes(&self) -> u64 {
