@@ -89,6 +89,12 @@ pub struct Config {
     )]
     pub initial_cluster_state: ClusterState,
 
+    /// Make this member the only member of its cluster, keeping its data (etcd's
+    /// `--force-new-cluster`, for a cluster that lost its quorum for good; see
+    /// docs/membership.md). Ignored for a data directory that does not exist yet.
+    #[arg(long, env = "KEEL_FORCE_NEW_CLUSTER")]
+    pub force_new_cluster: bool,
+
     /// Initial cluster token; distinguishes clusters bootstrapped from the same configuration.
     #[arg(
         long,

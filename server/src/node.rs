@@ -153,9 +153,7 @@ impl KeelNode {
         };
 
         let mut config = config;
-        if existing.is_none() {
-            apply_restore_bootstrap(&mut config, &data_dir)?;
-        }
+        let restored = existing.is_none() && apply_restore_bootstrap(&mut config, &data_dir)?;
         let members = config.initial_members().map_err(anyhow::Error::msg)?;
         let mut bootstrap: BTreeMap<NodeId, MemberNode> = BTreeMap::new();
         for (name, urls) in &members {
@@ -201,39 +199,98 @@ impl KeelNode {
             config.value_cache_bytes,
         )?);
         let snapshot_dir = data_dir.join("snapshots");
-        let log_store = LogStore::new(engine.clone())?;
-        let state_machine = StateMachine::open(mvcc.clone(), &snapshot_dir, listener)?;
-        let applied = state_machine.applied_watch();
-
-        let (election_timeout_min, election_timeout_max) = raft_election_timeouts(&config);
-        let raft_config = openraft::Config {
-            cluster_name: config.initial_cluster_token.clone(),
-            heartbeat_interval: config.heartbeat_interval,
-            election_timeout_min,
-            election_timeout_max,
-            snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_count),
-            max_in_snapshot_log_to_keep: config.experimental_snapshot_catchup_entries,
-            purge_batch_size: 1_000,
-            max_payload_entries: 1_000,
-            install_snapshot_timeout: 10_000,
-            enable_pre_vote: Some(true),
-            ..Default::default()
-        }
-        .validate()?;
         let peers = Peers::new(identity.cluster_id);
         peers.set_tls(crate::tls::peer_client_config(&config)?);
-        let network = NetworkFactory {
-            peers: peers.clone(),
+        let open_raft = |listener: Option<ApplyListener>| {
+            let (config, identity, engine, mvcc) = (&config, &identity, &engine, &mvcc);
+            let (snapshot_dir, peers) = (&snapshot_dir, &peers);
+            async move {
+                let log_store = LogStore::new(engine.clone())?;
+                let state_machine = StateMachine::open(mvcc.clone(), snapshot_dir, listener)?;
+                let applied = state_machine.applied_watch();
+                let raft = Raft::new(
+                    identity.member_id,
+                    Arc::new(raft_config(config)?),
+                    NetworkFactory {
+                        peers: peers.clone(),
+                    },
+                    log_store,
+                    state_machine,
+                )
+                .await?;
+                anyhow::Ok((raft, applied))
+            }
         };
-        let raft = Raft::new(
-            identity.member_id,
-            Arc::new(raft_config),
-            network,
-            log_store,
-            state_machine,
-        )
-        .await?;
 
+        let force_new_cluster = config.force_new_cluster && existing.is_some();
+        if config.force_new_cluster && existing.is_none() {
+            tracing::warn!("--force-new-cluster ignored: the data directory is new");
+        }
+        if force_new_cluster {
+            // docs: keel_store::raft::recovery. First apply what the log knows to be committed.
+            let committed = {
+                use openraft::storage::RaftLogStorage as _;
+                let mut probe = LogStore::new(engine.clone())?;
+                probe
+                    .read_committed()
+                    .await?
+                    .map(|id| id.index)
+                    .unwrap_or(0)
+            };
+            let (raft, mut applied) = open_raft(None).await?;
+            let caught_up = tokio::time::timeout(
+                Duration::from_secs(60),
+                applied.wait_for(|a| a.index >= committed),
+            )
+            .await
+            .is_ok_and(|r| r.is_ok());
+            let last = applied.borrow().index;
+            raft.shutdown().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+            drop(raft);
+            if !caught_up {
+                anyhow::bail!(
+                    "--force-new-cluster: applied only up to entry {last} of {committed} committed"
+                );
+            }
+            let me = keel_store::raft::recovery::forget_raft_state(
+                &engine,
+                &snapshot_dir,
+                identity.member_id,
+            )?;
+            let me = me.unwrap_or_else(|| MemberNode {
+                name: identity.name.clone(),
+                peer_urls: config.initial_advertise_peer_urls.clone(),
+                ..Default::default()
+            });
+            bootstrap = BTreeMap::from([(
+                identity.member_id,
+                MemberNode {
+                    client_urls: Vec::new(),
+                    promote: false,
+                    ..me
+                },
+            )]);
+            tracing::warn!(
+                member_id = %format!("{:x}", identity.member_id),
+                applied = last,
+                revision = mvcc.current_revision(),
+                "--force-new-cluster: the Raft state is forgotten; starting a one-member cluster with this member's data"
+            );
+        }
+        let (raft, applied) = open_raft(listener).await?;
+
+        if force_new_cluster {
+            raft.initialize(bootstrap.clone())
+                .await
+                .map_err(|e| anyhow::anyhow!("--force-new-cluster: {e}"))?;
+        }
+        let marker = data_dir.join(DATA_PREDATES_LOG_FILE);
+        if force_new_cluster || restored {
+            std::fs::write(&marker, b"")?;
+        }
+        if marker.exists() {
+            start_log_after_a_snapshot(raft.clone(), marker);
+        }
         if existing.is_none() {
             if config.initial_cluster_state == ClusterState::New {
                 // Every founding member initializes with the same membership; openraft accepts
@@ -629,13 +686,33 @@ async fn discover_cluster_id(
     }
 }
 
+/// openraft's configuration from the member's flags.
+fn raft_config(config: &Config) -> anyhow::Result<openraft::Config> {
+    let (election_timeout_min, election_timeout_max) = raft_election_timeouts(config);
+    Ok(openraft::Config {
+        cluster_name: config.initial_cluster_token.clone(),
+        heartbeat_interval: config.heartbeat_interval,
+        election_timeout_min,
+        election_timeout_max,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_count),
+        max_in_snapshot_log_to_keep: config.experimental_snapshot_catchup_entries,
+        purge_batch_size: 1_000,
+        max_payload_entries: 1_000,
+        install_snapshot_timeout: 10_000,
+        enable_pre_vote: Some(true),
+        ..Default::default()
+    }
+    .validate()?)
+}
+
 /// A data directory made by `keel snapshot restore` carries the new cluster's bootstrap flags;
 /// they take the place of the command line's on the member's first start.
-fn apply_restore_bootstrap(config: &mut Config, data_dir: &Path) -> anyhow::Result<()> {
+/// Returns whether it did.
+fn apply_restore_bootstrap(config: &mut Config, data_dir: &Path) -> anyhow::Result<bool> {
     let path = data_dir.join(crate::snapshot::RESTORE_BOOTSTRAP_FILE);
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(e.into()),
     };
     let b: crate::snapshot::RestoreBootstrap = serde_json::from_slice(&bytes)?;
@@ -645,7 +722,63 @@ fn apply_restore_bootstrap(config: &mut Config, data_dir: &Path) -> anyhow::Resu
     config.initial_cluster_token = b.initial_cluster_token;
     config.initial_advertise_peer_urls = b.initial_advertise_peer_urls;
     config.initial_cluster_state = ClusterState::New;
-    Ok(())
+    Ok(true)
+}
+
+/// A restored member, or one forced into a new cluster, holds data that no entry of its new
+/// Raft log carries: a member added later would replay the log from its start onto an empty
+/// store. So once the new log has begun, such a member snapshots its state and purges the log
+/// it covers; a member that joins later then receives the data as a snapshot.
+/// A marker file in the data directory: the member still has to snapshot its data and purge the
+/// log before it (see [`start_log_after_a_snapshot`]); it is removed once that is done, so a
+/// restart in between does it again.
+const DATA_PREDATES_LOG_FILE: &str = "data-predates-log";
+
+fn start_log_after_a_snapshot(raft: Raft, marker: PathBuf) {
+    tokio::spawn(async move {
+        let wait = |secs| raft.wait(Some(Duration::from_secs(secs)));
+        if let Err(e) = wait(600)
+            .metrics(
+                |m| m.last_applied.is_some(),
+                "the new log's first entry is applied",
+            )
+            .await
+        {
+            tracing::warn!("no entry applied yet, the log is not purged: {e}");
+            return;
+        }
+        if raft.trigger().snapshot().await.is_err() {
+            return;
+        }
+        let snapshot = match wait(60)
+            .metrics(|m| m.snapshot.is_some(), "a snapshot of the data")
+            .await
+        {
+            Ok(m) => m.snapshot,
+            Err(e) => {
+                tracing::warn!("no snapshot, the log is not purged: {e}");
+                return;
+            }
+        };
+        if let Some(upto) = snapshot
+            && raft.trigger().purge_log(upto.index).await.is_ok()
+            && wait(60)
+                .metrics(
+                    |m| m.purged.is_some_and(|p| p.index >= upto.index),
+                    "the log before the snapshot purged",
+                )
+                .await
+                .is_ok()
+        {
+            if let Err(e) = std::fs::remove_file(&marker) {
+                tracing::warn!(error = %e, "could not remove {}", marker.display());
+            }
+            tracing::info!(
+                upto = upto.index,
+                "the data predates the Raft log: snapshot taken and the log before it purged, so members added later receive the data as a snapshot"
+            );
+        }
+    });
 }
 
 /// Turns a forwarded request's gRPC failure back into our error.

@@ -40,6 +40,11 @@ fn joining_member(cluster: &Cluster, name: &str, client_port: u16, peer_port: u1
 /// Adds a voter through `via`, starts it, and waits until it is a real voter that has applied
 /// the leader's log.
 async fn grow(cluster: &mut Cluster, via: &str, name: &str) -> u64 {
+    grow_with(cluster, via, name, &[]).await
+}
+
+/// [`grow`], with more flags for the new member.
+async fn grow_with(cluster: &mut Cluster, via: &str, name: &str, extra: &[&str]) -> u64 {
     let (c, p) = (free_port(), free_port());
     let mut admin = client(via).await.expect("connect");
     let added = admin
@@ -54,6 +59,7 @@ async fn grow(cluster: &mut Cluster, via: &str, name: &str) -> u64 {
     assert_eq!(header.revision(), 0);
     assert_ne!(header.member_id(), 0);
     let mut member = joining_member(cluster, name, c, p);
+    member.extra.extend(extra.iter().map(|e| e.to_string()));
     member.start();
     cluster.members.push(member);
     let endpoint = format!("127.0.0.1:{c}");
@@ -501,6 +507,20 @@ async fn snapshot_save_and_restore_into_a_new_cluster() {
     assert_eq!(old.kvs()[0].value_str().unwrap_or_default(), "v0");
     let put = rc.put("new", "1", None).await.expect("write to restored");
     assert_eq!(put.header().expect("header").revision(), revision + 1);
+    // A member added later gets the restored data (which no entry of the new log carries).
+    let mut restored = restored;
+    // (Keel derives member IDs from the cluster token: the joiner is given the restored one.)
+    grow_with(
+        &mut restored,
+        &new_endpoint,
+        "r3",
+        &["--initial-cluster-token", "restored"],
+    )
+    .await;
+    let added = restored.members[3].endpoint();
+    let mut on_added = dump(&added).await;
+    on_added.retain(|(k, ..)| k != "new");
+    assert_eq!(on_added, before, "the added member has the restored data");
     // It is a new cluster: a different cluster ID.
     let old_cluster = c
         .status()
@@ -872,4 +892,134 @@ async fn snapshot_streams_one_view_and_survives_a_client_leaving() {
         .map(|d| d.flatten().map(|e| e.file_name()).collect())
         .unwrap_or_default();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+/// etcd's recovery from a lost quorum: two of three members are gone for good, the survivor
+/// cannot commit anything; restarted with `--force-new-cluster` it is a one-member cluster
+/// with all its data (same member and cluster IDs, revisions, history, leases), and grows again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn force_new_cluster_recovers_a_member_that_lost_its_quorum() {
+    let mut cluster = Cluster::start(3).await;
+    let endpoint = cluster.members[0].endpoint();
+    let mut c = client(&endpoint).await.expect("connect");
+    for i in 0..200 {
+        c.put(format!("r/{:03}", i % 50), format!("v{i}"), None)
+            .await
+            .expect("put");
+    }
+    let lease = c.lease_grant(600, None).await.expect("grant").id();
+    c.put(
+        "r/leased",
+        "x",
+        Some(etcd_client::PutOptions::new().with_lease(lease)),
+    )
+    .await
+    .expect("put with lease");
+    // Every member has applied everything before two of them are lost.
+    let revision = c
+        .get("r/000", None)
+        .await
+        .expect("get")
+        .header()
+        .expect("h")
+        .revision();
+    for m in &cluster.members {
+        let mut mc = client(&m.endpoint()).await.expect("connect");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while mc
+            .get("r/000", Some(GetOptions::new().with_serializable()))
+            .await
+            .expect("get")
+            .header()
+            .expect("h")
+            .revision()
+            < revision
+        {
+            assert!(Instant::now() < deadline, "{} did not catch up", m.name);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let before = dump(&endpoint).await;
+    let status = c.status().await.expect("status");
+    let (member, cluster_id) = (
+        status.header().expect("h").member_id(),
+        status.header().expect("h").cluster_id(),
+    );
+    cluster.members[1].kill();
+    cluster.members[2].kill();
+    drop(c);
+    // Without a quorum the survivor cannot write.
+    let mut c = client(&endpoint).await.expect("connect");
+    let stuck = tokio::time::timeout(Duration::from_secs(3), c.put("lost", "1", None)).await;
+    assert!(
+        !matches!(stuck, Ok(Ok(_))),
+        "a write without quorum succeeded"
+    );
+
+    cluster.members[0].kill();
+    cluster.members[0].extra.push("--force-new-cluster".into());
+    cluster.members[0].start();
+    cluster.wait_ready(Duration::from_secs(30)).await;
+    assert!(
+        cluster.members[0].log().contains("--force-new-cluster"),
+        "the member says what it did"
+    );
+    assert_eq!(dump(&endpoint).await, before, "the data survived");
+    let mut c = client(&endpoint).await.expect("connect");
+    let members = c.member_list().await.expect("member list");
+    let ids: Vec<u64> = members.members().iter().map(|m| m.id()).collect();
+    assert_eq!(ids, [member], "only the survivor is a member");
+    let status = c.status().await.expect("status");
+    assert_eq!(status.header().expect("h").cluster_id(), cluster_id);
+    assert_eq!(status.leader(), member);
+    let put = c
+        .put("after", "1", None)
+        .await
+        .expect("write after recovery");
+    assert_eq!(put.header().expect("h").revision(), revision + 1);
+    let old = c
+        .get("r/000", Some(GetOptions::new().with_revision(2)))
+        .await
+        .expect("history");
+    assert_eq!(old.kvs()[0].value_str().unwrap_or_default(), "v0");
+    let leases = c.leases().await.expect("leases");
+    assert!(leases.leases().iter().any(|l| l.id() == lease));
+
+    // The member restarts normally afterwards (without the flag, as with etcd: each start with
+    // it would make a one-member cluster again), and the cluster grows again: the new member
+    // gets the data, which no entry of the new log carries, as a snapshot.
+    cluster.members[0].extra.clear();
+    cluster.kill_and_restart(0).await;
+    assert_eq!(
+        client(&endpoint)
+            .await
+            .expect("c")
+            .get("after", None)
+            .await
+            .expect("get")
+            .kvs()
+            .len(),
+        1
+    );
+    cluster.members.truncate(1);
+    let new_id = grow(&mut cluster, &endpoint, "n4").await;
+    let new_endpoint = cluster.members[1].endpoint();
+    let mut nc = client(&new_endpoint).await.expect("connect new");
+    let got = nc
+        .get("after", Some(GetOptions::new().with_serializable()))
+        .await
+        .expect("get on the new member");
+    assert_eq!(got.kvs().len(), 1);
+    let on_new: Vec<_> = dump(&new_endpoint)
+        .await
+        .into_iter()
+        .filter(|(k, ..)| k != "after")
+        .collect();
+    assert_eq!(on_new, before, "the new member has all the data");
+    let members = nc.member_list().await.expect("member list");
+    let mut ids: Vec<u64> = members.members().iter().map(|m| m.id()).collect();
+    ids.sort_unstable();
+    let mut expected = vec![member, new_id];
+    expected.sort_unstable();
+    assert_eq!(ids, expected);
 }

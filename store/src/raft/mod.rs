@@ -11,6 +11,7 @@
 //!   membership.
 //! - [`snapshot`]: point-in-time snapshot files of the state-machine tables, streamed to disk
 //!   while applying continues, and their atomic installation on a follower.
+//! - [`recovery`]: `--force-new-cluster` (forgetting the Raft state, keeping the applied data).
 //!
 //! Durability contract: a log entry is acknowledged to openraft (and so may count towards a
 //! quorum) only after the write-ahead log holding it was fsynced. State-machine writes are not
@@ -20,6 +21,7 @@
 
 mod log_cache;
 pub mod log_store;
+pub mod recovery;
 pub mod snapshot;
 pub mod state_machine;
 pub mod types;
