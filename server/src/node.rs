@@ -190,7 +190,16 @@ impl KeelNode {
         };
 
         if existing.is_none() && config.initial_cluster_state == ClusterState::Existing {
-            identity.cluster_id = discover_cluster_id(&members, &config).await?;
+            let my_urls = members
+                .iter()
+                .find(|(n, _)| *n == config.name)
+                .map(|(_, u)| u.clone())
+                .unwrap_or_default();
+            let (cluster, member) = discover_cluster(&members, &my_urls, &config).await?;
+            identity.cluster_id = cluster;
+            if let Some(member) = member {
+                identity.member_id = member;
+            }
         }
 
         let engine: Arc<dyn Engine> = Arc::new(RocksEngine::open(&data_dir.join("db"))?);
@@ -648,17 +657,27 @@ impl KeelNode {
     }
 }
 
-/// A member joining an existing cluster learns the cluster's ID from the other members named
-/// in `--initial-cluster` (the ID is derived from the founding members, which it cannot know).
-async fn discover_cluster_id(
+/// A member joining with `--initial-cluster-state existing` asks the other members named in
+/// `--initial-cluster` for the cluster ID and the membership, and takes the member ID that
+/// `member add` gave its peer URLs, as etcd's joining members do (so its own
+/// `--initial-cluster-token` does not matter). `None`: the member that answered is of a Keel
+/// version that does not list members; the ID derived from the token is kept.
+async fn discover_cluster(
     members: &[(String, Vec<String>)],
+    my_urls: &[String],
     config: &Config,
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<(u64, Option<NodeId>)> {
     use keel_proto::keelpb::MemberIdentity;
     let own_name = config.name.as_str();
     let probe = Peers::new(0);
     probe.set_tls(crate::tls::peer_client_config(config)?);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let sorted = |urls: &[String]| {
+        let mut urls = urls.to_vec();
+        urls.sort();
+        urls
+    };
+    let mine = sorted(my_urls);
     loop {
         for (name, urls) in members.iter().filter(|(n, _)| n != own_name) {
             let node = MemberNode {
@@ -669,13 +688,27 @@ async fn discover_cluster_id(
             let Ok(mut client) = probe.client(0, &node) else {
                 continue;
             };
-            let mut req = tonic::Request::new(MemberIdentity::default());
+            let mut req = tonic::Request::new(MemberIdentity {
+                want_members: true,
+                ..Default::default()
+            });
             req.set_timeout(Duration::from_secs(2));
-            if let Ok(reply) = client.identify(req).await {
-                let id = reply.into_inner().cluster_id;
-                tracing::info!(cluster_id = %format!("{id:x}"), from = %name, "joining existing cluster");
-                return Ok(id);
+            let Ok(reply) = client.identify(req).await else {
+                continue;
+            };
+            let reply = reply.into_inner();
+            let id = reply.cluster_id;
+            tracing::info!(cluster_id = %format!("{id:x}"), from = %name, "joining existing cluster");
+            if reply.members.is_empty() {
+                return Ok((id, None));
             }
+            return match reply.members.iter().find(|m| sorted(&m.peer_urls) == mine) {
+                Some(m) => Ok((id, Some(m.id))),
+                None => anyhow::bail!(
+                    "--initial-cluster-state existing: no member of the cluster has this member's peer URLs {my_urls:?}; add it first (etcdctl member add {own_name} --peer-urls {})",
+                    my_urls.join(",")
+                ),
+            };
         }
         if tokio::time::Instant::now() > deadline {
             anyhow::bail!(

@@ -340,6 +340,17 @@ impl RaftPeer for PeerService {
         req: Request<MemberIdentity>,
     ) -> Result<Response<MemberIdentity>, Status> {
         let caller = req.into_inner();
+        let members = if caller.want_members {
+            crate::cluster::member_list(&self.node)
+                .into_iter()
+                .map(|m| keel_proto::keelpb::PeerMember {
+                    id: m.id,
+                    peer_urls: m.peer_ur_ls,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         Ok(Response::new(MemberIdentity {
             member_id: self.node.member_id(),
             cluster_id: self.node.identity.cluster_id,
@@ -351,6 +362,8 @@ impl RaftPeer for PeerService {
                     caller.member_id,
                     caller.membership_index,
                 ),
+            want_members: false,
+            members,
         }))
     }
 }

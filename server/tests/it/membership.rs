@@ -40,11 +40,6 @@ fn joining_member(cluster: &Cluster, name: &str, client_port: u16, peer_port: u1
 /// Adds a voter through `via`, starts it, and waits until it is a real voter that has applied
 /// the leader's log.
 async fn grow(cluster: &mut Cluster, via: &str, name: &str) -> u64 {
-    grow_with(cluster, via, name, &[]).await
-}
-
-/// [`grow`], with more flags for the new member.
-async fn grow_with(cluster: &mut Cluster, via: &str, name: &str, extra: &[&str]) -> u64 {
     let (c, p) = (free_port(), free_port());
     let mut admin = client(via).await.expect("connect");
     let added = admin
@@ -59,7 +54,6 @@ async fn grow_with(cluster: &mut Cluster, via: &str, name: &str, extra: &[&str])
     assert_eq!(header.revision(), 0);
     assert_ne!(header.member_id(), 0);
     let mut member = joining_member(cluster, name, c, p);
-    member.extra.extend(extra.iter().map(|e| e.to_string()));
     member.start();
     cluster.members.push(member);
     let endpoint = format!("127.0.0.1:{c}");
@@ -509,14 +503,9 @@ async fn snapshot_save_and_restore_into_a_new_cluster() {
     assert_eq!(put.header().expect("header").revision(), revision + 1);
     // A member added later gets the restored data (which no entry of the new log carries).
     let mut restored = restored;
-    // (Keel derives member IDs from the cluster token: the joiner is given the restored one.)
-    grow_with(
-        &mut restored,
-        &new_endpoint,
-        "r3",
-        &["--initial-cluster-token", "restored"],
-    )
-    .await;
+    // The joiner keeps the default token: as with etcd, it takes the ID `member add` gave its
+    // peer URLs from the cluster, whatever token it was started with.
+    grow(&mut restored, &new_endpoint, "r3").await;
     let added = restored.members[3].endpoint();
     let mut on_added = dump(&added).await;
     on_added.retain(|(k, ..)| k != "new");
@@ -1022,4 +1011,21 @@ async fn force_new_cluster_recovers_a_member_that_lost_its_quorum() {
     let mut expected = vec![member, new_id];
     expected.sort_unstable();
     assert_eq!(ids, expected);
+}
+
+/// A member started with `--initial-cluster-state existing` before `member add` announced it
+/// stops at once and says what to do, instead of waiting for a leader that never calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joining_without_member_add_is_refused_with_a_clear_error() {
+    let cluster = Cluster::start(1).await;
+    let mut stranger = joining_member(&cluster, "stranger", free_port(), free_port());
+    stranger.start();
+    let status = stranger.wait_exit(Duration::from_secs(30)).await;
+    assert!(!status.success());
+    let log = stranger.log();
+    assert!(
+        log.contains("no member of the cluster has this member's peer URLs")
+            && log.contains("etcdctl member add stranger --peer-urls"),
+        "{log}"
+    );
 }
