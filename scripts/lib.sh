@@ -35,6 +35,6 @@ ensure_build_deps() {
 
 ensure_test_deps() {
     ensure_build_deps
-    # Real etcd and etcdctl: the compatibility oracle and judge.
-    apt_install etcd-server etcd-client python3
+    # Real etcd and etcdctl: the compatibility oracle and judge; curl for the HTTPS metrics test.
+    apt_install etcd-server etcd-client python3 curl
 }

@@ -236,3 +236,71 @@ async fn mutual_tls_cluster_with_etcdctl() {
     );
     assert!(ok, "a token wins over the certificate: {out}");
 }
+
+/// `--listen-metrics-urls https://...` serves the probes and `/metrics` over TLS with the client
+/// certificate (as etcd's metrics listener does), and a member asked for an https:// URL without
+/// a certificate refuses to start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_metrics_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = make_pki(dir.path());
+    let port = free_port();
+    let url = format!("https://127.0.0.1:{port}");
+    let cluster = crate::cluster::Cluster::start_with(
+        1,
+        &[
+            "--listen-metrics-urls",
+            &url,
+            "--cert-file",
+            &pki.path("server.pem"),
+            "--key-file",
+            &pki.path("server.key"),
+        ],
+    )
+    .await;
+    let curl = |path: &str| {
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "10", "--cacert", &pki.path("ca.pem")])
+            .arg(format!("{url}{path}"))
+            .output()
+            .expect("curl is installed by scripts/test.sh");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    assert_eq!(curl("/readyz"), (true, "ok\n".to_string()));
+    let (ok, metrics) = curl("/metrics");
+    assert!(
+        ok && metrics.contains("etcd_server_has_leader 1"),
+        "{metrics}"
+    );
+    // Plain HTTP to the TLS port is not answered with metrics.
+    let (_, plain) = crate::maintenance::http(port, "GET", "/metrics");
+    assert!(!plain.contains("etcd_server_has_leader"), "{plain}");
+    drop(cluster);
+
+    let data_dir = dir.path().join("no-cert");
+    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["--data-dir", data_dir.to_str().unwrap()])
+        .args([
+            "--listen-client-urls",
+            &format!("http://127.0.0.1:{}", free_port()),
+        ])
+        .args([
+            "--listen-peer-urls",
+            &format!("http://127.0.0.1:{}", free_port()),
+        ])
+        .args([
+            "--listen-metrics-urls",
+            &format!("https://127.0.0.1:{}", free_port()),
+        ])
+        .output()
+        .expect("run keel");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("https:// URLs need a certificate and a key"),
+        "{err}"
+    );
+}
