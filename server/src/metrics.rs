@@ -110,6 +110,10 @@ pub struct Metrics {
     value_cache_bytes: IntGauge,
     value_cache_entries: IntGauge,
     value_cache_hits: IntCounter,
+    mvcc_ranges: IntCounter,
+    mvcc_puts: IntCounter,
+    mvcc_deletes: IntCounter,
+    mvcc_txns: IntCounter,
     value_cache_misses: IntCounter,
     watchers: IntGauge,
     slow_watchers: IntGauge,
@@ -254,6 +258,22 @@ impl Metrics {
             value_cache_entries: gauge(
                 "keel_value_cache_entries",
                 "Values held by the cache of recent values.",
+            ),
+            mvcc_ranges: counter(
+                "etcd_mvcc_range_total",
+                "Total number of ranges seen by this member.",
+            ),
+            mvcc_puts: counter(
+                "etcd_mvcc_put_total",
+                "Total number of puts seen by this member.",
+            ),
+            mvcc_deletes: counter(
+                "etcd_mvcc_delete_total",
+                "Total number of deletes seen by this member.",
+            ),
+            mvcc_txns: counter(
+                "etcd_mvcc_txn_total",
+                "Total number of txns seen by this member.",
             ),
             value_cache_hits: counter(
                 "keel_value_cache_hits_total",
@@ -412,6 +432,15 @@ impl Metrics {
         self.value_cache_bytes.set(cache.bytes as i64);
         self.value_cache_entries.set(cache.entries as i64);
         // The store counts; the counters follow (they only ever grow).
+        let ops = node.mvcc.op_counts();
+        for (counter, now) in [
+            (&self.mvcc_ranges, ops.ranges),
+            (&self.mvcc_puts, ops.puts),
+            (&self.mvcc_deletes, ops.deletes),
+            (&self.mvcc_txns, ops.txns),
+        ] {
+            counter.inc_by(now.saturating_sub(counter.get()));
+        }
         self.value_cache_hits
             .inc_by(cache.hits.saturating_sub(self.value_cache_hits.get()));
         self.value_cache_misses

@@ -1092,3 +1092,105 @@ async fn hashkv_equals_etcds_for_the_same_history() {
     assert_eq!(last[0], last[1], "after a physical compaction");
     assert!(last[0][12].contains("compact 9"), "{:?}", last[0]);
 }
+
+/// etcd's MVCC operation counters (`etcd_mvcc_{range,put,delete,txn}_total`) move as etcd's
+/// for the same requests on a one-member cluster: ranges, puts with and without options,
+/// deletes, writing and read-only Txns (compares short-circuited, nested), a lease revoked with
+/// its keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mvcc_operation_counters_as_etcds() {
+    use etcd_client::{DeleteOptions, GetOptions, PutOptions};
+    let keel = Cluster::start(1).await;
+    let etcd = crate::gateway::Etcd::start()
+        .await
+        .expect("real etcd (scripts/test.sh installs etcd-server)");
+    let counters = |port: u16| -> Vec<(String, u64)> {
+        let (_, body) = http(port, "GET", "/metrics");
+        [
+            "etcd_mvcc_range_total",
+            "etcd_mvcc_put_total",
+            "etcd_mvcc_delete_total",
+            "etcd_mvcc_txn_total",
+        ]
+        .iter()
+        .map(|name| {
+            let value = body
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{name} ")))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or_else(|| panic!("{name} missing"));
+            (name.to_string(), value as u64)
+        })
+        .collect()
+    };
+    let port = |addr: &str| -> u16 {
+        addr.rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("port")
+    };
+    let mut deltas = Vec::new();
+    for addr in [keel.endpoints()[0].clone(), etcd.addr.clone()] {
+        let before = counters(port(&addr));
+        let mut c = client(&addr).await.expect("connect");
+        c.put("a", "1", None).await.expect("put");
+        c.put("a", "2", Some(PutOptions::new().with_prev_key()))
+            .await
+            .expect("put prev");
+        c.put("a", "", Some(PutOptions::new().with_ignore_value()))
+            .await
+            .expect("put ignore value");
+        c.put("b", "x", None).await.expect("put");
+        c.get("a", None).await.expect("get");
+        c.get("", Some(GetOptions::new().with_all_keys()))
+            .await
+            .expect("get all");
+        // A writing Txn: two compares (the second fails), then the failure branch with a
+        // Range, a Put and a nested Txn.
+        let nested = Txn::new()
+            .when([Compare::value("b", CompareOp::Equal, "x")])
+            .and_then([TxnOp::put("n", "1", None)]);
+        let txn = Txn::new()
+            .when([
+                Compare::value("a", CompareOp::Equal, "2"),
+                Compare::value("b", CompareOp::Equal, "nope"),
+                Compare::version("a", CompareOp::Greater, 0),
+            ])
+            .or_else([
+                TxnOp::get("a", None),
+                TxnOp::put("c", "3", None),
+                TxnOp::txn(nested),
+            ]);
+        c.txn(txn).await.expect("txn");
+        // A read-only Txn.
+        let read = Txn::new()
+            .when([Compare::version("a", CompareOp::Greater, 0)])
+            .and_then([TxnOp::get("a", None), TxnOp::get("b", None)]);
+        c.txn(read).await.expect("read txn");
+        c.delete("c", Some(DeleteOptions::new().with_prev_key()))
+            .await
+            .expect("delete");
+        c.delete("nothing", None).await.expect("delete nothing");
+        let lease = c.lease_grant(60, None).await.expect("lease").id();
+        for k in ["l1", "l2"] {
+            c.put(k, "v", Some(PutOptions::new().with_lease(lease)))
+                .await
+                .expect("put with lease");
+        }
+        c.lease_revoke(lease).await.expect("revoke");
+        let after = counters(port(&addr));
+        deltas.push(
+            before
+                .iter()
+                .zip(&after)
+                .map(|((name, b), (_, a))| format!("{name} +{}", a - b))
+                .collect::<Vec<_>>(),
+        );
+    }
+    assert_eq!(deltas[0], deltas[1], "Keel (left) and etcd (right)");
+    assert!(
+        deltas[0].iter().all(|d| !d.ends_with("+0")),
+        "{:?}",
+        deltas[0]
+    );
+}

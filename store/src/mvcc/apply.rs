@@ -104,6 +104,9 @@ pub struct ApplyBatch<'a> {
     token_ops: Vec<TokenOp>,
     events: Vec<Event>,
     failure: Option<StoreError>,
+    /// Range, put and delete-range calls of the current MVCC transaction (see
+    /// [`crate::mvcc::store::OpCounts`]).
+    ops: [u64; 3],
 }
 
 /// The auth state a command is checked against: this batch's changes, or the published state.
@@ -167,7 +170,14 @@ impl<'a> ApplyBatch<'a> {
             token_ops: Vec::new(),
             events: Vec::new(),
             failure: None,
+            ops: [0; 3],
         }
+    }
+
+    /// Ends the current MVCC transaction for etcd's operation counters.
+    fn end_mvcc_txn(&mut self) {
+        let [ranges, puts, deletes] = std::mem::take(&mut self.ops);
+        self.store.inner.ops.end_txn(ranges, puts, deletes);
     }
 
     /// The store revision including this batch's writes so far.
@@ -187,6 +197,7 @@ impl<'a> ApplyBatch<'a> {
             Some(cmd) => self.dispatch(cmd),
             None => Err(empty_request()),
         };
+        self.end_mvcc_txn();
         let events = std::mem::take(&mut self.events);
         let response = match result {
             Ok(r) => RaftResponse {
@@ -550,6 +561,9 @@ impl<'a> ApplyBatch<'a> {
     /// index; its value is read only for `prev_kv` or `ignore_value`. The event carries the
     /// previous version only when it was read (the watch hub reads it for watchers that ask).
     fn put(&mut self, w: &mut WriteCtx, p: &PutRequest) -> PutResponse {
+        // etcd reads the previous version with a range for these options.
+        self.ops[0] += u64::from(p.prev_kv || p.ignore_value || p.ignore_lease);
+        self.ops[1] += 1;
         let prev_entry = self.latest_entry(&p.key);
         let prev = if p.prev_kv || p.ignore_value {
             self.latest(&p.key)
@@ -614,6 +628,8 @@ impl<'a> ApplyBatch<'a> {
         end: &[u8],
         want_prev: bool,
     ) -> DeleteRangeResponse {
+        self.ops[0] += u64::from(want_prev);
+        self.ops[2] += 1;
         let live = self.live(&KeySpan::new(key, end), i64::MAX);
         let mut prev_kvs = Vec::new();
         let deleted = live.len() as i64;
@@ -697,8 +713,16 @@ impl<'a> ApplyBatch<'a> {
     }
 
     /// The branch each (nested) txn takes, decided before anything is written, in etcd's order.
-    fn txn_path(&self, t: &TxnRequest, path: &mut Vec<bool>) {
-        let ok = t.compare.iter().all(|c| self.compare(c));
+    fn txn_path(&mut self, t: &TxnRequest, path: &mut Vec<bool>) {
+        // Each compare evaluated (up to the first that fails) is a range, as in etcd.
+        let mut ok = true;
+        for c in &t.compare {
+            self.ops[0] += 1;
+            if !self.compare(c) {
+                ok = false;
+                break;
+            }
+        }
         path.push(ok);
         for op in if ok { &t.success } else { &t.failure } {
             if let Some(OpReq::RequestTxn(nested)) = &op.request {
@@ -724,6 +748,8 @@ impl<'a> ApplyBatch<'a> {
                     if self.nospace() {
                         return Err(ApplyError::new(ApplyErrorKind::NoSpace));
                     }
+                    // etcd's check reads the key for these options.
+                    self.ops[0] += u64::from(p.ignore_value || p.ignore_lease);
                     self.check_put(p)?;
                 }
                 Some(OpReq::RequestTxn(nested)) => self.check_txn(nested, path, pos)?,
@@ -737,6 +763,11 @@ impl<'a> ApplyBatch<'a> {
         let mut path = Vec::new();
         self.txn_path(t, &mut path);
         self.check_txn(t, &path, &mut 0)?;
+        if !txn_read_only(t) {
+            // etcd evaluates a writing Txn's compares and checks in a read transaction of
+            // their own, then writes in another.
+            self.end_mvcc_txn();
+        }
         let base = self.rev;
         let mut w = WriteCtx {
             main: base + 1,
@@ -764,6 +795,7 @@ impl<'a> ApplyBatch<'a> {
         for op in if ok { &t.success } else { &t.failure } {
             let response = match &op.request {
                 Some(OpReq::RequestRange(r)) => {
+                    self.ops[0] += 1;
                     // Reads inside a write txn see its earlier writes.
                     let now = if w.changed() { w.main } else { base };
                     let at = self.read_rev(r, now)?;

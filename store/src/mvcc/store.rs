@@ -210,6 +210,55 @@ pub(crate) struct Inner {
     /// to revision 0 succeeds and a second one is refused).
     pub compacted: AtomicI64,
     pub compact_done: tokio::sync::watch::Sender<i64>,
+    /// etcd's MVCC operation counters (see [`OpCounts`]).
+    pub ops: OpCounters,
+}
+
+/// What this member's MVCC layer has done, counted as etcd counts it for
+/// `etcd_mvcc_{range,put,delete,txn}_total`: every range, put and delete-range call, and every
+/// MVCC transaction with more than one of them. A client Range is one range; a Put one put (and
+/// one range with `prev_kv`, `ignore_value` or `ignore_lease`); a DeleteRange one delete (and a
+/// range with `prev_kv`); a lease revocation one delete per attached key; a Txn counts each
+/// compare it evaluates as a range, then its operations, and a Txn that writes is two MVCC
+/// transactions (compares and checks, then the operations), as in etcd's applier. Writes are
+/// counted where they are applied, on every member, as etcd does. One difference: etcd serves a
+/// read-only Txn on the member that received it, Keel applies it through the log, so every
+/// member counts it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OpCounts {
+    pub ranges: u64,
+    pub puts: u64,
+    pub deletes: u64,
+    pub txns: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct OpCounters {
+    ranges: std::sync::atomic::AtomicU64,
+    puts: std::sync::atomic::AtomicU64,
+    deletes: std::sync::atomic::AtomicU64,
+    txns: std::sync::atomic::AtomicU64,
+}
+
+impl OpCounters {
+    /// Ends one MVCC transaction that made these calls.
+    pub(crate) fn end_txn(&self, ranges: u64, puts: u64, deletes: u64) {
+        self.ranges.fetch_add(ranges, Ordering::Relaxed);
+        self.puts.fetch_add(puts, Ordering::Relaxed);
+        self.deletes.fetch_add(deletes, Ordering::Relaxed);
+        if ranges + puts + deletes > 1 {
+            self.txns.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn get(&self) -> OpCounts {
+        OpCounts {
+            ranges: self.ranges.load(Ordering::Relaxed),
+            puts: self.puts.load(Ordering::Relaxed),
+            deletes: self.deletes.load(Ordering::Relaxed),
+            txns: self.txns.load(Ordering::Relaxed),
+        }
+    }
 }
 
 impl Inner {
@@ -476,6 +525,7 @@ impl MvccStore {
             current: AtomicI64::new(1),
             compacted: AtomicI64::new(-1),
             compact_done: done_tx,
+            ops: OpCounters::default(),
         });
         let (tx, rx) = mpsc::channel::<i64>();
         let worker = inner.clone();
@@ -601,6 +651,11 @@ impl MvccStore {
         self.inner.recent.stats()
     }
 
+    /// etcd's MVCC operation counts so far (see [`OpCounts`]).
+    pub fn op_counts(&self) -> OpCounts {
+        self.inner.ops.get()
+    }
+
     pub fn current_revision(&self) -> i64 {
         self.inner.current.load(Ordering::Acquire)
     }
@@ -636,6 +691,7 @@ impl MvccStore {
 
     /// etcd's Range at `req.revision` (0 = current). The header carries the current revision.
     pub fn range(&self, req: &RangeRequest) -> Result<RangeResponse, ApplyError> {
+        self.inner.ops.end_txn(1, 0, 0);
         let current = self.current_revision();
         let at = self.check_rev(req.revision)?;
         let mut resp = range_view(
