@@ -243,9 +243,15 @@ pub(crate) struct OpCounters {
 impl OpCounters {
     /// Ends one MVCC transaction that made these calls.
     pub(crate) fn end_txn(&self, ranges: u64, puts: u64, deletes: u64) {
-        self.ranges.fetch_add(ranges, Ordering::Relaxed);
-        self.puts.fetch_add(puts, Ordering::Relaxed);
-        self.deletes.fetch_add(deletes, Ordering::Relaxed);
+        for (counter, n) in [
+            (&self.ranges, ranges),
+            (&self.puts, puts),
+            (&self.deletes, deletes),
+        ] {
+            if n > 0 {
+                counter.fetch_add(n, Ordering::Relaxed);
+            }
+        }
         if ranges + puts + deletes > 1 {
             self.txns.fetch_add(1, Ordering::Relaxed);
         }
