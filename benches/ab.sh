@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# A/B of two keel binaries on the same machine: for each round and each binary, a fresh 3-member
+# loopback cluster (benches/loopback.sh), 6 s of puts to warm it up, then every case for 6 s,
+# printing throughput, p50 and the server CPU per operation (the three members' user + system
+# time from /proc during the case, divided by the operations). Binaries alternate, so slow
+# phases of a shared machine hit both.
+#
+# Usage: benches/ab.sh OLD_KEEL NEW_KEEL "CASE;CASE;..." [ROUNDS]
+#   a CASE is keel-bench arguments without --endpoints/--duration, for example
+#   benches/ab.sh /tmp/keel-old target/release/keel \
+#       "range --consistency s --clients 32 --conns 8;put --clients 256 --conns 16" 3
+# Build the old binary from a git worktree with the same CARGO_TARGET_DIR and copy it away;
+# then `touch proto/build.rs` in this checkout before building it again (cargo hashes workspace
+# packages by their path relative to the workspace root, so the two checkouts share artifacts).
+set -euo pipefail
+[ $# -ge 3 ] || { sed -n '2,14p' "$0" >&2; exit 2; }
+OLD=$1 NEW=$2 CASES=$3 ROUNDS=${4:-2}
+HERE=$(cd "$(dirname "$0")" && pwd)
+BENCH=${KEEL_BENCH:-${CARGO_TARGET_DIR:-$HERE/../target}/release/keel-bench}
+[ -x "$BENCH" ] || { echo "keel-bench not found at $BENCH (cargo build --release -p keel-bench)" >&2; exit 1; }
+WORK=$(mktemp -d)
+export WORK
+# shellcheck source=benches/loopback.sh
+source "$HERE/loopback.sh"
+PIDS=()
+stop() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    for p in "${PIDS[@]}"; do while kill -0 "$p" 2>/dev/null; do sleep 0.1; done; done
+    PIDS=()
+    rm -rf "${WORK:?}"/keel-n*
+}
+trap 'stop; rm -rf "$WORK"' EXIT
+cpu_ticks() { # the members' user + system clock ticks
+    local t=0 p fields
+    for p in "${PIDS[@]}"; do
+        read -ra fields < <(cut -d' ' -f14,15 "/proc/$p/stat")
+        t=$((t + fields[0] + fields[1]))
+    done
+    echo "$t"
+}
+HZ=$(getconf CLK_TCK)
+IFS=';' read -ra CASE_LIST <<< "$CASES"
+for round in $(seq "$ROUNDS"); do
+    for bin in "$OLD" "$NEW"; do
+        require_free_ports keel
+        KEEL_MEMBER_BIN=$bin
+        for i in 1 2 3; do
+            member_cmd keel "$i"
+            "${MEMBER_ARGS[@]}" > "$WORK/keel-n$i.log" 2>&1 &
+            PIDS+=($!)
+        done
+        sleep 3
+        "$BENCH" put --clients 64 --conns 8 --duration 6 --quiet --endpoints "$(endpoints keel)" > /dev/null 2>&1 || true
+        for c in "${CASE_LIST[@]}"; do
+            read -ra args <<< "$c"
+            before=$(cpu_ticks)
+            out=$("$BENCH" "${args[@]}" --duration 6 --json --quiet --endpoints "$(endpoints keel)")
+            after=$(cpu_ticks)
+            python3 - "$round" "$bin" "$c" "$before" "$after" "$HZ" "$out" <<'EOF'
+import json, sys
+rnd, binary, case, before, after, hz, out = sys.argv[1:]
+r = json.loads(out)
+ops = r.get("ops") or 1
+cpu_us = (int(after) - int(before)) / int(hz) * 1e6 / ops
+print(f"round {rnd}  {binary}  [{case}]  {r.get('ops_per_sec', 0):.0f} ops/s  "
+      f"p50 {r.get('p50_ms', 0):.2f} ms  server CPU {cpu_us:.0f} us/op")
+EOF
+        done
+        stop
+    done
+done
