@@ -179,6 +179,14 @@ pub async fn execute(
             if url_taken(&add.peer_ur_ls, None) {
                 return Err(ServerError::PeerUrlExists);
             }
+            // A restored or forced leader whose data is not yet in a snapshot would replay its
+            // log to the new member without that data: wait for the snapshot (seconds; the
+            // caller retries an in-progress change until its deadline).
+            if crate::node::data_predates_log(node) {
+                return Err(ServerError::Internal(format!(
+                    "{IN_PROGRESS}: the data predates the Raft log and is being snapshotted"
+                )));
+            }
             let id = member_id(&add.peer_ur_ls, &node.config.initial_cluster_token);
             if nodes.contains_key(&id) {
                 return Err(ServerError::MemberExists);

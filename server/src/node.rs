@@ -767,6 +767,12 @@ fn apply_restore_bootstrap(config: &mut Config, data_dir: &Path) -> anyhow::Resu
 /// restart in between does it again.
 const DATA_PREDATES_LOG_FILE: &str = "data-predates-log";
 
+/// Whether this member still has to snapshot data that no log entry carries (a member added
+/// now would not receive it; `MemberAdd` waits).
+pub(crate) fn data_predates_log(node: &KeelNode) -> bool {
+    node.data_dir.join(DATA_PREDATES_LOG_FILE).exists()
+}
+
 fn start_log_after_a_snapshot(raft: Raft, marker: PathBuf) {
     tokio::spawn(async move {
         let wait = |secs| raft.wait(Some(Duration::from_secs(secs)));

@@ -1029,3 +1029,40 @@ async fn joining_without_member_add_is_refused_with_a_clear_error() {
         "{log}"
     );
 }
+
+/// While a leader's data is not yet in a snapshot (restored or forced members, see
+/// `data-predates-log`), `MemberAdd` waits for it rather than add a member that would replay
+/// the log without the data; once the snapshot is taken it goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_add_waits_while_the_data_predates_the_log() {
+    let cluster = Cluster::start(1).await;
+    let endpoint = cluster.members[0].endpoint();
+    let marker = cluster.members[0].data_dir.join("data-predates-log");
+    std::fs::write(&marker, b"").expect("marker");
+    // A client that waits longer than the member's 10 s for a membership change.
+    let opts = etcd_client::ConnectOptions::new().with_timeout(Duration::from_secs(30));
+    let mut c = etcd_client::Client::connect([endpoint.as_str()], Some(opts))
+        .await
+        .expect("connect");
+    let started = Instant::now();
+    let refused = c
+        .member_add([format!("http://127.0.0.1:{}", free_port())], None)
+        .await
+        .expect_err("refused while the marker is there");
+    assert!(
+        started.elapsed() >= Duration::from_secs(5),
+        "it waited first"
+    );
+    assert!(
+        refused.to_string().contains("data predates the Raft log"),
+        "{refused}"
+    );
+    let remover = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        std::fs::remove_file(&marker).expect("remove marker");
+    });
+    c.member_add([format!("http://127.0.0.1:{}", free_port())], None)
+        .await
+        .expect("added once the snapshot is there");
+    remover.await.expect("remover");
+}
