@@ -172,29 +172,25 @@ impl KeelNode {
                 },
             );
         }
+        // This member's peer URLs, as --initial-cluster names them.
+        let my_urls = members
+            .iter()
+            .find(|(n, _)| *n == config.name)
+            .map(|(_, u)| u.clone())
+            .unwrap_or_default();
         let mut identity = match &existing {
             Some(id) => id.clone(),
             None => {
-                let my_urls = &members
-                    .iter()
-                    .find(|(n, _)| *n == config.name)
-                    .map(|(_, u)| u.clone())
-                    .unwrap_or_default();
                 let ids: BTreeSet<NodeId> = bootstrap.keys().copied().collect();
                 Identity {
                     name: config.name.clone(),
-                    member_id: member_id(my_urls, &config.initial_cluster_token),
+                    member_id: member_id(&my_urls, &config.initial_cluster_token),
                     cluster_id: cluster_id(&ids, &config.initial_cluster_token),
                 }
             }
         };
 
         if existing.is_none() && config.initial_cluster_state == ClusterState::Existing {
-            let my_urls = members
-                .iter()
-                .find(|(n, _)| *n == config.name)
-                .map(|(_, u)| u.clone())
-                .unwrap_or_default();
             let (cluster, member) = discover_cluster(&members, &my_urls, &config).await?;
             identity.cluster_id = cluster;
             if let Some(member) = member {

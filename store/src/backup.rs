@@ -146,18 +146,16 @@ pub fn write_backup(
     }
 }
 
-/// Passes writes through, hashing them and counting their bytes.
+/// Passes writes through, hashing them.
 struct Hashing<W> {
     inner: W,
     hasher: Sha256,
-    written: u64,
 }
 
 impl<W: Write> Write for Hashing<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.inner.write(buf)?;
         self.hasher.update(&buf[..n]);
-        self.written += n as u64;
         Ok(n)
     }
 
@@ -187,18 +185,17 @@ pub fn stream_backup<W: Write>(
             let layout = first.finish().map_err(|e| io(e.into()))?;
             let size = layout.size() + CHECKSUM_LEN;
             let Some(open) = open.take() else {
-                return Err(io(io::Error::other("the view was scanned twice")));
+                return Err(io(io::Error::other("the consistent view was taken twice")));
             };
             let mut out = Hashing {
                 inner: open(size).map_err(io)?,
                 hasher: Sha256::new(),
-                written: 0,
             };
             let mut second = BoltWriter::write(&mut out, layout).map_err(|e| io(e.into()))?;
             let records = build_database(scan, &mut second, &mut progress).map_err(io)?;
             second.finish().map_err(|e| io(e.into()))?;
-            // Whole pages of 4096 bytes: a multiple of 512, as etcd's client requires.
-            debug_assert!(out.written.is_multiple_of(ALIGN));
+            // The database is whole pages of 4096 bytes: a multiple of 512, as etcd's client
+            // requires before the checksum.
             let digest = out.hasher.finalize();
             let mut inner = out.inner;
             inner.write_all(&digest).map_err(io)?;
@@ -376,8 +373,8 @@ fn database_len(path: &Path) -> io::Result<(u64, bool)> {
 
 /// Checks a backup file's size rule and SHA-256. `progress` gets (bytes checked, total).
 pub fn verify_backup(path: &Path, mut progress: impl FnMut(u64, u64)) -> io::Result<()> {
-    let total = std::fs::metadata(path)?.len();
     let (body, has_checksum) = database_len(path)?;
+    let total = body + if has_checksum { CHECKSUM_LEN } else { 0 };
     if !has_checksum {
         return Err(invalid(format!(
             "{}: snapshot missing hash but --skip-hash-check=false (size {total} is not 512*n + 32)",
@@ -678,24 +675,41 @@ mod tests {
     use keel_proto::etcdserverpb::{PutRequest, RangeRequest};
     use keel_proto::keelpb::{RaftRequest, raft_request::Request};
 
-    fn put(store: &MvccStore, key: &str, value: &str) {
+    /// A store on a fresh in-memory engine.
+    fn memory_store() -> (Arc<dyn Engine>, MvccStore) {
+        let engine: Arc<dyn Engine> = Arc::new(MemoryEngine::new());
+        let store = MvccStore::open(engine.clone()).expect("open");
+        (engine, store)
+    }
+
+    fn apply(store: &MvccStore, request: Request) {
         let mut batch = store.begin_apply();
         let outcome = batch.apply(&RaftRequest {
-            request: Some(Request::Put(PutRequest {
+            request: Some(request),
+        });
+        assert!(
+            outcome.response.error.is_none(),
+            "{:?}",
+            outcome.response.error
+        );
+        batch.commit(true).expect("commit");
+    }
+
+    fn put(store: &MvccStore, key: &str, value: &str) {
+        apply(
+            store,
+            Request::Put(PutRequest {
                 key: key.into(),
                 value: value.into(),
                 ..Default::default()
-            })),
-        });
-        assert!(outcome.response.error.is_none());
-        batch.commit(true).expect("commit");
+            }),
+        );
     }
 
     #[test]
     fn backup_round_trip_keeps_data_and_history() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let source: Arc<dyn Engine> = Arc::new(MemoryEngine::new());
-        let store = MvccStore::open(source.clone()).expect("open");
+        let (source, store) = memory_store();
         put(&store, "a", "1");
         put(&store, "a", "2");
         put(&store, "b", "3");
@@ -724,8 +738,7 @@ mod tests {
     #[test]
     fn corrupt_or_truncated_backups_are_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let source: Arc<dyn Engine> = Arc::new(MemoryEngine::new());
-        let store = MvccStore::open(source.clone()).expect("open");
+        let (source, store) = memory_store();
         put(&store, "k", "v");
         let path = dir.path().join("backup.db");
         write_backup(&source, &path, |_| {}).expect("backup");
@@ -742,19 +755,6 @@ mod tests {
         assert!(restore_backup(&path, &target, HashCheck::Verify, |_| {}).is_err());
     }
 
-    fn apply(store: &MvccStore, request: Request) {
-        let mut batch = store.begin_apply();
-        let outcome = batch.apply(&RaftRequest {
-            request: Some(request),
-        });
-        assert!(
-            outcome.response.error.is_none(),
-            "{:?}",
-            outcome.response.error
-        );
-        batch.commit(true).expect("commit");
-    }
-
     /// Every bucket etcd's snapshot has, in etcd's encoding, and back again.
     #[test]
     fn backups_use_etcds_buckets_and_restore_everything() {
@@ -764,8 +764,7 @@ mod tests {
             AuthUserGrantRoleRequest, CompactionRequest, DeleteRangeRequest, LeaseGrantRequest,
         };
         let dir = tempfile::tempdir().expect("tempdir");
-        let source: Arc<dyn Engine> = Arc::new(MemoryEngine::new());
-        let store = MvccStore::open(source.clone()).expect("open");
+        let (source, store) = memory_store();
         put(&store, "a", "1"); // 2
         put(&store, "a", "2"); // 3
         put(&store, "b", "3"); // 4
@@ -979,8 +978,7 @@ mod tests {
     fn backups_in_keels_earlier_format_still_restore() {
         use crate::raft::snapshot::SnapshotWriter;
         let dir = tempfile::tempdir().expect("tempdir");
-        let source: Arc<dyn Engine> = Arc::new(MemoryEngine::new());
-        let store = MvccStore::open(source.clone()).expect("open");
+        let (source, store) = memory_store();
         put(&store, "a", "1");
         put(&store, "a", "2");
         let path = dir.path().join("old.db");
@@ -1005,8 +1003,7 @@ mod tests {
     #[test]
     fn a_database_without_checksum_needs_skip_hash_check() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let source: Arc<dyn Engine> = Arc::new(MemoryEngine::new());
-        let store = MvccStore::open(source.clone()).expect("open");
+        let (source, store) = memory_store();
         put(&store, "k", "v");
         let path = dir.path().join("backup.db");
         write_backup(&source, &path, |_| {}).expect("backup");

@@ -49,7 +49,7 @@
 //! snapshot status`) verifies.
 
 use std::fs::File;
-use std::io::{self, BufWriter, Write};
+use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -160,7 +160,8 @@ impl BoltLayout {
 /// The meta pages come first in the file but name the root page and the page count, known only
 /// at the end; so a database is written in two passes making the same calls: the first on
 /// [`BoltWriter::layout`], which only counts pages, the second on [`BoltWriter::write`] with the
-/// first pass's [`BoltLayout`]. [`write_file`] does both for a build function.
+/// first pass's [`BoltLayout`] (`crate::backup::stream_backup` runs both over one view of the
+/// store).
 pub struct BoltWriter<'a> {
     out: Option<&'a mut dyn Write>,
     promised: Option<BoltLayout>,
@@ -400,25 +401,6 @@ impl<'a> BoltWriter<'a> {
         }
         Ok(layout)
     }
-}
-
-/// Writes a database to `path` by calling `build` twice (see [`BoltWriter`]); `build` must make
-/// the same calls both times. Returns the file's size.
-pub fn write_file(
-    path: &Path,
-    mut build: impl FnMut(&mut BoltWriter<'_>) -> Result<(), BoltError>,
-) -> Result<u64, BoltError> {
-    let mut first = BoltWriter::layout();
-    build(&mut first)?;
-    let layout = first.finish()?;
-    let mut out = BufWriter::with_capacity(1 << 20, File::create(path)?);
-    let mut second = BoltWriter::write(&mut out, layout)?;
-    build(&mut second)?;
-    second.finish()?;
-    out.into_inner()
-        .map_err(|e| BoltError::Io(e.into_error()))?
-        .sync_all()?;
-    Ok(layout.size())
 }
 
 // ----------------------------------------------------------------------------------------
@@ -667,6 +649,25 @@ fn walk_page(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Writes a database to `path` by calling `build` twice (see [`BoltWriter`]); `build` must make
+    /// the same calls both times. Returns the file's size.
+    fn write_file(
+        path: &Path,
+        mut build: impl FnMut(&mut BoltWriter<'_>) -> Result<(), BoltError>,
+    ) -> Result<u64, BoltError> {
+        let mut first = BoltWriter::layout();
+        build(&mut first)?;
+        let layout = first.finish()?;
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, File::create(path)?);
+        let mut second = BoltWriter::write(&mut out, layout)?;
+        build(&mut second)?;
+        second.finish()?;
+        out.into_inner()
+            .map_err(|e| BoltError::Io(e.into_error()))?
+            .sync_all()?;
+        Ok(layout.size())
+    }
 
     fn read_all(reader: &BoltReader, root: &BucketRoot) -> Vec<(Vec<u8>, Vec<u8>)> {
         let mut out = Vec::new();

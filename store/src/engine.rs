@@ -112,6 +112,10 @@ impl WriteBatch {
             end: end.into(),
         });
     }
+    /// Deletes every entry of `table` (every key of every table sorts below 64 bytes of 0xFF).
+    pub fn clear_table(&mut self, table: Table) {
+        self.delete_range(table, Vec::new(), vec![0xFF; 64]);
+    }
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
     }

@@ -1114,11 +1114,7 @@ async fn mvcc_operation_counters_as_etcds() {
         ]
         .iter()
         .map(|name| {
-            let value = body
-                .lines()
-                .find_map(|l| l.strip_prefix(&format!("{name} ")))
-                .and_then(|v| v.trim().parse::<f64>().ok())
-                .unwrap_or_else(|| panic!("{name} missing"));
+            let value = metric(&body, name).unwrap_or_else(|| panic!("{name} missing"));
             (name.to_string(), value as u64)
         })
         .collect()

@@ -45,19 +45,13 @@ pub fn forget_raft_state(
         None => None,
     };
     let mut batch = WriteBatch::new();
-    for table in [Table::RaftLog, Table::RaftMeta] {
-        batch.delete_range(table, Vec::new(), vec![0xFF; 64]);
-    }
+    batch.clear_table(Table::RaftLog);
+    batch.clear_table(Table::RaftMeta);
     batch.delete(Table::Meta, META_LAST_APPLIED.to_vec());
     batch.delete(Table::Meta, META_MEMBERSHIP.to_vec());
     engine.write(batch, true).map_err(io_err)?;
     if snapshot_dir.exists() {
-        for entry in std::fs::read_dir(snapshot_dir)? {
-            let path = entry?.path();
-            if path.is_file() {
-                std::fs::remove_file(&path)?;
-            }
-        }
+        crate::raft::state_machine::remove_stale_snapshot_files(snapshot_dir)?;
     }
     Ok(node)
 }

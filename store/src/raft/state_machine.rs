@@ -176,7 +176,7 @@ fn load_snapshot_into(engine: &Arc<dyn Engine>, path: &Path) -> io::Result<()> {
     let mut reader = SnapshotReader::open(path)?;
     let mut batch = WriteBatch::new();
     for table in Table::STATE_MACHINE {
-        batch.delete_range(table, Vec::new(), vec![0xFF; 64]);
+        batch.clear_table(table);
     }
     while let Some((table, key, value)) = reader.next_record()? {
         batch.put(table, key, value);
@@ -193,7 +193,7 @@ fn load_snapshot_into(engine: &Arc<dyn Engine>, path: &Path) -> io::Result<()> {
 /// Removes every file of the snapshot directory except the one an interrupted installation
 /// still needs: views written for a send that never finished, received files that were never
 /// installed, and the snapshot files of versions that kept one per snapshot.
-fn remove_stale_snapshot_files(dir: &Path) -> io::Result<()> {
+pub(crate) fn remove_stale_snapshot_files(dir: &Path) -> io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         if entry.file_type()?.is_file() {
