@@ -41,6 +41,13 @@ package!(v3lockpb, "v3lockpb.rs");
 package!(v3electionpb, "v3electionpb.rs");
 package!(keelpb, "keelpb.rs");
 
+/// Bits of `keelpb.MemberIdentity.features`: what a member's apply understands, so a leader
+/// proposes a new kind of log entry only once every member can apply it.
+pub mod member_features {
+    /// The member applies `keelpb.ProposalBatch` entries.
+    pub const PROPOSAL_BATCHES: u64 = 1;
+}
+
 /// The encoded `google.protobuf.FileDescriptorSet` of every package above (for gRPC reflection
 /// and a JSON gateway).
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptor.bin"));

@@ -151,6 +151,18 @@ pub struct Config {
     #[arg(long, env = "KEEL_VALUE_CACHE_BYTES", default_value_t = keel_store::mvcc::recent::DEFAULT_BUDGET_BYTES)]
     pub value_cache_bytes: usize,
 
+    /// Pack client writes that reach the leader together into one Raft log entry, each keeping
+    /// its own revision and response (`--proposal-batching=false` to turn it off). Leaders batch
+    /// only while every member says it applies such entries, so `false` on any one member
+    /// turns batching off for the whole cluster.
+    #[arg(
+        long,
+        env = "KEEL_PROPOSAL_BATCHING",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub proposal_batching: bool,
+
     /// Auto-compaction mode: `periodic` (retention is a duration, e.g. 1h or a bare number of
     /// hours) or `revision` (retention is a number of revisions).
     #[arg(long, env = "KEEL_AUTO_COMPACTION_MODE", default_value = "periodic")]

@@ -4,6 +4,8 @@
 //! - [`config`]: flags and `KEEL_*` environment variables, named after etcd's.
 //! - [`node`]: a member's identity, storage and Raft node; the proposal path (with forwarding to
 //!   the leader) and the linearizable read barrier.
+//! - [`proposals`]: every write this member proposes; those that reach the leader together
+//!   share one Raft log entry.
 //! - [`forwarding`]: a follower's writes pipelined to the leader on one stream, and its
 //!   read-index calls coalesced.
 //! - [`network`]: the openraft network client (tonic, one channel per peer, streamed appends).
@@ -53,6 +55,7 @@ pub mod network;
 pub mod node;
 pub mod peer_service;
 pub mod probes;
+pub mod proposals;
 pub mod server;
 pub mod snapshot;
 pub mod tls;

@@ -102,6 +102,8 @@ pub struct Metrics {
     proposals_applied: IntGauge,
     pub proposals_failed: IntCounter,
     pub proposals_pending: IntGauge,
+    /// Requests per log entry this member proposed (see [`crate::proposals`]).
+    pub proposal_batch_sizes: Histogram,
     db_total: IntGauge,
     db_in_use: IntGauge,
     keys_total: IntGauge,
@@ -234,6 +236,18 @@ impl Metrics {
                 "etcd_server_proposals_pending",
                 "The current number of pending proposals to commit.",
             ),
+            proposal_batch_sizes: {
+                let h = Histogram::with_opts(
+                    HistogramOpts::new(
+                        "keel_proposal_batch_size",
+                        "Client requests per Raft log entry this member proposed (writes that reach the leader together share an entry).",
+                    )
+                    .buckets(exponential_buckets(1.0, 2.0, 9).expect("valid buckets")),
+                )
+                .expect("valid histogram");
+                registry.register(Box::new(h.clone())).expect("register");
+                h
+            },
             db_total: gauge(
                 "etcd_mvcc_db_total_size_in_bytes",
                 "Total size of the underlying database physically allocated in bytes.",

@@ -385,28 +385,46 @@ pub fn spawn_prober(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     tokio::spawn(async move {
+        // The first round runs at once: its answers open proposal batching (see
+        // `crate::proposals`), which waits until every member said it applies batches.
+        let mut first = true;
         loop {
-            tokio::select! {
-                _ = tokio::time::sleep(PROBE_INTERVAL) => {}
-                _ = stop.wait_for(|s| *s) => return,
+            if !first {
+                tokio::select! {
+                    _ = tokio::time::sleep(PROBE_INTERVAL) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
             }
+            first = false;
             let peers = node.other_members();
             let probes = peers.iter().map(|(id, member)| {
                 let node = &node;
                 async move {
                     let Ok(mut client) = node.peers.client(*id, member) else {
-                        return;
+                        return None;
                     };
                     let mut req = node.peers.request(*id, MemberIdentity::default());
                     req.set_timeout(PROBE_TIMEOUT);
                     let started = std::time::Instant::now();
                     match tokio::time::timeout(PROBE_TIMEOUT, client.identify(req)).await {
-                        Ok(Ok(_)) => crate::metrics::peer_round_trip(*id, started.elapsed()),
-                        _ => crate::metrics::peer_send_failed(*id),
+                        Ok(Ok(reply)) => {
+                            crate::metrics::peer_round_trip(*id, started.elapsed());
+                            Some((*id, reply.into_inner().features))
+                        }
+                        _ => {
+                            crate::metrics::peer_send_failed(*id);
+                            None
+                        }
                     }
                 }
             });
-            futures::future::join_all(probes).await;
+            let answers: Vec<(NodeId, u64)> = futures::future::join_all(probes)
+                .await
+                .into_iter()
+                .flatten()
+                .collect();
+            let members: Vec<NodeId> = peers.iter().map(|(id, _)| *id).collect();
+            node.proposals.gate().update(&members, &answers);
         }
     });
 }

@@ -15,9 +15,9 @@ use keel_store::engine::Engine;
 use keel_store::engine::rocks::RocksEngine;
 use keel_store::mvcc::MvccStore;
 use keel_store::raft::state_machine::ApplyListener;
-use keel_store::raft::{AppliedState, Command, LogStore, MemberNode, NodeId, Raft, StateMachine};
+use keel_store::raft::{AppliedState, LogStore, MemberNode, NodeId, Raft, StateMachine};
 use openraft::async_runtime::WatchReceiver as _;
-use openraft::error::{ClientWriteError, LinearizableReadError, RaftError};
+use openraft::error::{LinearizableReadError, RaftError};
 use openraft::{ReadPolicy, SnapshotPolicy};
 use prost::Message;
 use serde::{Deserialize, Serialize};
@@ -26,6 +26,7 @@ use tokio::sync::watch;
 use crate::config::{ClusterState, Config};
 use crate::error::ServerError;
 use crate::network::{NetworkFactory, Peers};
+use crate::proposals::WriteFailure;
 
 /// How long a proposal or read barrier may take before the client gets "request timed out".
 pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(7);
@@ -83,6 +84,8 @@ pub struct KeelNode {
     write_pipes: crate::forwarding::WritePipes,
     /// Coalesced read-index calls to the leader.
     read_batcher: Arc<crate::forwarding::ReadIndexBatcher>,
+    /// Every write this member proposes; those that arrive together share a log entry.
+    pub(crate) proposals: crate::proposals::ProposalBatcher,
     /// Held while this member (as leader) validates and makes a membership change: openraft
     /// refuses a change while another is in flight, so concurrent ones queue here (see
     /// `cluster::one_change_at_a_time`).
@@ -323,10 +326,17 @@ impl KeelNode {
             crate::maintenance::quota_in_force(config.quota_backend_bytes),
             config.metrics == crate::config::MetricsLevel::Extensive,
         );
+        let proposals = crate::proposals::ProposalBatcher::start(
+            raft.clone(),
+            identity.member_id,
+            config.proposal_batching,
+            metrics.proposal_batch_sizes.clone(),
+        );
         Ok(Arc::new(KeelNode {
             identity,
             config,
             raft,
+            proposals,
             mvcc,
             applied,
             peers,
@@ -435,18 +445,11 @@ impl KeelNode {
     /// leader gets [`ServerError::NotLeader`]. For writes that must not travel on: those a
     /// follower forwarded here (so requests cannot loop) and the leader's own decisions.
     pub async fn write_here(&self, req: RaftRequest) -> Result<RaftResponse, ServerError> {
-        let write = self.raft.client_write(Command(Arc::new(req)));
-        match tokio::time::timeout(REQUEST_TIMEOUT, write).await {
+        match tokio::time::timeout(REQUEST_TIMEOUT, self.proposals.write(req)).await {
             Err(_) => Err(ServerError::Timeout),
-            Ok(Ok(resp)) => Ok(resp.data.0),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
-                Err(ServerError::NotLeader)
-            }
-            Ok(Err(RaftError::APIError(ClientWriteError::LogEntryDiscarded(_)))) => {
-                Err(ServerError::LeaderChanged)
-            }
-            Ok(Err(RaftError::APIError(e))) => Err(ServerError::Internal(e.to_string())),
-            Ok(Err(RaftError::Fatal(_))) => Err(ServerError::Stopped),
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(WriteFailure::NotLeader { .. })) => Err(ServerError::NotLeader),
+            Ok(Err(WriteFailure::Failed(e))) => Err(e),
         }
     }
 
@@ -470,22 +473,14 @@ impl KeelNode {
 
     /// Proposes on this member, forwarding once if it turns out not to be the leader.
     pub async fn propose_local(&self, req: RaftRequest) -> Result<RaftResponse, ServerError> {
-        let req = Arc::new(req);
-        match self.raft.client_write(Command(req.clone())).await {
-            Ok(resp) => Ok(resp.data.0),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                match (f.leader_id, f.leader_node) {
-                    (Some(id), Some(node)) if id != self.member_id() => {
-                        self.forward(id, &node, Arc::unwrap_or_clone(req)).await
-                    }
-                    _ => Err(ServerError::NoLeader),
-                }
-            }
-            Err(RaftError::APIError(ClientWriteError::LogEntryDiscarded(_))) => {
-                Err(ServerError::LeaderChanged)
-            }
-            Err(RaftError::APIError(e)) => Err(ServerError::Internal(e.to_string())),
-            Err(RaftError::Fatal(_)) => Err(ServerError::Stopped),
+        match self.proposals.write(req).await {
+            Ok(resp) => Ok(resp),
+            Err(WriteFailure::NotLeader {
+                leader: Some((id, node)),
+                request,
+            }) if id != self.member_id() => self.forward(id, &node, request).await,
+            Err(WriteFailure::NotLeader { .. }) => Err(ServerError::NoLeader),
+            Err(WriteFailure::Failed(e)) => Err(e),
         }
     }
 

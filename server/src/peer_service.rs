@@ -364,6 +364,7 @@ impl RaftPeer for PeerService {
                 ),
             want_members: false,
             members,
+            features: self.node.proposals.gate().own_features(),
         }))
     }
 }

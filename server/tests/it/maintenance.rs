@@ -458,7 +458,7 @@ async fn http_endpoints_on_the_client_port() {
 }
 
 /// The value of one series in a `/metrics` body (`name{labels}` exactly as printed).
-fn metric(body: &str, series: &str) -> Option<f64> {
+pub(crate) fn metric(body: &str, series: &str) -> Option<f64> {
     body.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }

@@ -479,3 +479,127 @@ async fn a_member_answers_a_write_only_after_applying_it() {
         }
     }
 }
+
+/// `(requests, entries)` proposed so far, summed over the members (`keel_proposal_batch_size`).
+fn proposed_so_far(cluster: &Cluster) -> (f64, f64) {
+    use crate::maintenance::{http, metric};
+    cluster.members.iter().fold((0.0, 0.0), |(sum, count), m| {
+        let body = http(m.client_port, "GET", "/metrics").1;
+        (
+            sum + metric(&body, "keel_proposal_batch_size_sum").unwrap_or(0.0),
+            count + metric(&body, "keel_proposal_batch_size_count").unwrap_or(0.0),
+        )
+    })
+}
+
+/// 240 puts at once, 80 through each member; returns each put's key and revision.
+async fn burst(cluster: &Cluster, round: usize) -> Vec<(String, i64)> {
+    let mut writes = Vec::new();
+    for (i, m) in cluster.members.iter().enumerate() {
+        let c = client(&m.endpoint()).await.unwrap();
+        for j in 0..80 {
+            let mut c = c.clone();
+            let key = format!("burst/{round}/{i}/{j}");
+            writes.push(tokio::spawn(async move {
+                let rev = c
+                    .put(key.as_str(), key.as_str(), None)
+                    .await
+                    .unwrap()
+                    .header()
+                    .unwrap()
+                    .revision();
+                (key, rev)
+            }));
+        }
+    }
+    let mut out = Vec::new();
+    for w in writes {
+        out.push(w.await.unwrap());
+    }
+    out
+}
+
+/// Writes that reach the leader together share a Raft entry (proposal batching), and it shows
+/// nowhere: every put has its own revision, every member ends with the same keys, values and
+/// hash. A member started with `--proposal-batching=false` (as a member of an older version,
+/// which could not apply a batch) turns batching off for the whole cluster.
+#[tokio::test]
+async fn concurrent_writes_share_entries_unless_a_member_cannot_apply_them() {
+    let mut cluster = Cluster::start(3).await;
+    let mut revisions = std::collections::BTreeSet::new();
+    let mut keys = Vec::new();
+    // The leader batches once its prober has heard from every member (at start, then every 4 s).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut round = 0;
+    loop {
+        let before = proposed_so_far(&cluster);
+        let written = burst(&cluster, round).await;
+        round += 1;
+        let after = proposed_so_far(&cluster);
+        for (key, rev) in &written {
+            assert!(revisions.insert(*rev), "revision {rev} acknowledged twice");
+            keys.push(key.clone());
+        }
+        let (requests, entries) = (after.0 - before.0, after.1 - before.1);
+        assert_eq!(requests, written.len() as f64, "every put proposed once");
+        if entries < requests {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "240 concurrent puts never shared an entry"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Every member applied the same history.
+    let mut first = client(&cluster.members[0].endpoint()).await.unwrap();
+    let top = current_revision(&mut first).await;
+    assert_eq!(top, 1 + keys.len() as i64, "one revision per put");
+    let mut hashes = Vec::new();
+    for m in &cluster.members {
+        let mut c = client(&m.endpoint()).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while current_revision(&mut c).await < top {
+            assert!(Instant::now() < deadline, "{} did not catch up", m.name);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let got = c
+            .get(
+                "burst/",
+                Some(GetOptions::new().with_prefix().with_serializable()),
+            )
+            .await
+            .unwrap();
+        assert_eq!(got.count() as usize, keys.len(), "{}", m.name);
+        for kv in got.kvs() {
+            assert_eq!(kv.key(), kv.value(), "{}", m.name);
+            assert!(revisions.contains(&kv.mod_revision()), "{}", m.name);
+        }
+        hashes.push(c.hash_kv(top).await.unwrap().hash());
+    }
+    assert!(hashes.windows(2).all(|w| w[0] == w[1]), "{hashes:?}");
+
+    // A follower restarted with --proposal-batching=false: once the leader's prober has heard
+    // it (within 4 s), every request is an entry of its own again.
+    let leader = cluster.leader().await;
+    let follower = (leader + 1) % 3;
+    cluster.members[follower].kill();
+    cluster.members[follower]
+        .extra
+        .push("--proposal-batching=false".into());
+    cluster.members[follower].start();
+    cluster.wait_ready(Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    for _ in 0..3 {
+        let before = proposed_so_far(&cluster);
+        let written = burst(&cluster, round).await;
+        round += 1;
+        let after = proposed_so_far(&cluster);
+        assert_eq!(after.0 - before.0, written.len() as f64);
+        assert_eq!(
+            after.1 - before.1,
+            written.len() as f64,
+            "a batch was proposed while a member does not apply batches"
+        );
+    }
+}

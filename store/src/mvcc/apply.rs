@@ -26,7 +26,7 @@ use keel_proto::etcdserverpb::{
 use keel_proto::keelpb::raft_request::Request as Cmd;
 use keel_proto::keelpb::raft_response::Response as Res;
 use keel_proto::keelpb::{
-    AuthorizedRequest, Empty, LeaseCheckpointBatch, RaftRequest, RaftResponse,
+    AuthorizedRequest, Empty, LeaseCheckpointBatch, ProposalBatch, RaftRequest, RaftResponse,
 };
 use keel_proto::mvccpb::{Event, KeyValue, event::EventType};
 use prost::Message;
@@ -191,7 +191,37 @@ impl<'a> ApplyBatch<'a> {
     }
 
     /// Applies one command; request-level failures are in `response.error`.
+    ///
+    /// A [`ProposalBatch`] is applied request by request, exactly as if each had been a command
+    /// of its own (its own revision, events and response, one failing without touching the
+    /// others); its response lists theirs in `batch`.
     pub fn apply(&mut self, req: &RaftRequest) -> ApplyOutcome {
+        match &req.request {
+            Some(Cmd::Batch(batch)) => self.apply_batch(batch),
+            _ => self.apply_one(req),
+        }
+    }
+
+    fn apply_batch(&mut self, batch: &ProposalBatch) -> ApplyOutcome {
+        let mut events = Vec::new();
+        let mut responses = Vec::with_capacity(batch.requests.len());
+        for req in &batch.requests {
+            // A nested batch is refused by `dispatch` like any request it cannot apply.
+            let outcome = self.apply_one(req);
+            events.extend(outcome.events);
+            responses.push(outcome.response);
+        }
+        ApplyOutcome {
+            response: RaftResponse {
+                revision: self.rev,
+                batch: responses,
+                ..Default::default()
+            },
+            events,
+        }
+    }
+
+    fn apply_one(&mut self, req: &RaftRequest) -> ApplyOutcome {
         self.events.clear();
         let result = match &req.request {
             Some(cmd) => self.dispatch(cmd),
@@ -205,12 +235,14 @@ impl<'a> ApplyBatch<'a> {
                 error: None,
                 revision: self.rev,
                 index: 0, // set by the state machine, which knows the entry
+                batch: Vec::new(),
             },
             Err(e) => RaftResponse {
                 response: None,
                 error: Some(e.to_proto()),
                 revision: self.rev,
                 index: 0,
+                batch: Vec::new(),
             },
         };
         ApplyOutcome { response, events }
@@ -234,6 +266,12 @@ impl<'a> ApplyBatch<'a> {
             }
             Cmd::Alarm(a) => Res::Alarm(self.alarm(a)),
             Cmd::Authorized(a) => return self.authorized(a),
+            Cmd::Batch(_) => {
+                return Err(ApplyError {
+                    kind: ApplyErrorKind::Other,
+                    message: "keel: a proposal batch cannot be nested".into(),
+                });
+            }
             Cmd::Authenticate(a) => {
                 let mut ops = Vec::new();
                 self.auth_view()

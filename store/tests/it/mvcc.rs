@@ -925,3 +925,128 @@ fn values_are_right_whether_or_not_the_value_cache_holds_them() {
         assert_eq!(get(s, "k", "l", 0).unwrap().kvs, now.kvs, "{name}");
     });
 }
+
+/// A `ProposalBatch` applies its requests exactly as separate commands would: each its own
+/// revision, response and events, a failing one leaving the others alone, and the same store
+/// (hash, history) as applying them one by one.
+#[test]
+fn a_proposal_batch_applies_like_separate_commands() {
+    use keel_proto::keelpb::raft_response::Response as Res;
+    use keel_proto::keelpb::{ProposalBatch, RaftRequest};
+
+    let requests: Vec<Cmd> = vec![
+        Cmd::Put(PutRequest {
+            key: "a".into(),
+            value: "1".into(),
+            ..Default::default()
+        }),
+        // Fails: `ignore_value` on a key that does not exist.
+        Cmd::Put(PutRequest {
+            key: "missing".into(),
+            ignore_value: true,
+            ..Default::default()
+        }),
+        Cmd::Txn(TxnRequest {
+            compare: vec![cmp(
+                "a",
+                CompareTarget::Version,
+                CompareResult::Equal,
+                TargetUnion::Version(1),
+            )],
+            success: vec![op_put("b", "2"), op_get("a")],
+            failure: vec![],
+        }),
+        Cmd::DeleteRange(DeleteRangeRequest {
+            key: "a".into(),
+            prev_kv: true,
+            ..Default::default()
+        }),
+        // A nested batch is refused, and nothing else is affected.
+        Cmd::Batch(ProposalBatch {
+            requests: vec![RaftRequest {
+                request: Some(Cmd::Put(PutRequest {
+                    key: "nested".into(),
+                    ..Default::default()
+                })),
+            }],
+        }),
+        Cmd::Put(PutRequest {
+            key: "a".into(),
+            value: "3".into(),
+            prev_kv: true,
+            ..Default::default()
+        }),
+    ];
+    on_engines(|engine, batched| {
+        let separate =
+            MvccStore::open(Arc::new(keel_store::engine::memory::MemoryEngine::new())).unwrap();
+        put(batched, "z", "0");
+        put(&separate, "z", "0");
+        let (resp, events) = apply(
+            batched,
+            Cmd::Batch(ProposalBatch {
+                requests: requests
+                    .iter()
+                    .map(|c| RaftRequest {
+                        request: Some(c.clone()),
+                    })
+                    .collect(),
+            }),
+        );
+        let mut separate_events = Vec::new();
+        let mut separate_responses = Vec::new();
+        for c in &requests {
+            let (r, e) = apply(&separate, c.clone());
+            separate_events.extend(e);
+            separate_responses.push(r);
+        }
+        assert!(resp.error.is_none(), "{engine}: {resp:?}");
+        assert_eq!(resp.batch, separate_responses, "{engine}");
+        assert_eq!(events, separate_events, "{engine}");
+        // z@2, a@3, (refused), txn b@4, delete a@5, (refused), a@6.
+        let revisions: Vec<i64> = resp.batch.iter().map(|r| r.revision).collect();
+        assert_eq!(revisions, vec![3, 3, 4, 5, 5, 6], "{engine}");
+        assert_eq!(resp.revision, 6, "{engine}");
+        assert_eq!(
+            resp.batch[1].error.as_ref().map(|e| e.message.as_str()),
+            Some("etcdserver: key not found"),
+            "{engine}"
+        );
+        assert!(
+            resp.batch[4]
+                .error
+                .as_ref()
+                .is_some_and(|e| e.message.contains("nested")),
+            "{engine}: {:?}",
+            resp.batch[4]
+        );
+        match &resp.batch[5].response {
+            Some(Res::Put(p)) => assert_eq!(p.prev_kv, None, "{engine}: a was deleted"),
+            other => panic!("{engine}: {other:?}"),
+        }
+        let event_revisions: Vec<i64> = events
+            .iter()
+            .map(|e| e.kv.as_ref().unwrap().mod_revision)
+            .collect();
+        assert_eq!(event_revisions, vec![3, 4, 5, 6], "{engine}");
+        assert_eq!(batched.current_revision(), 6, "{engine}");
+        assert!(
+            batched
+                .range(&RangeRequest {
+                    key: "nested".into(),
+                    ..Default::default()
+                })
+                .unwrap()
+                .kvs
+                .is_empty(),
+            "{engine}"
+        );
+        for format in [HashKvFormat::Internal, HashKvFormat::Etcd] {
+            assert_eq!(
+                batched.hash_kv(0, format).unwrap().hash,
+                separate.hash_kv(0, format).unwrap().hash,
+                "{engine}"
+            );
+        }
+    });
+}
