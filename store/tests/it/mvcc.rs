@@ -995,13 +995,16 @@ fn a_proposal_batch_applies_like_separate_commands() {
         );
         let mut separate_events = Vec::new();
         let mut separate_responses = Vec::new();
-        for c in &requests {
+        // (The nested batch has no separate counterpart: on its own it would be a batch.)
+        for c in requests.iter().filter(|c| !matches!(c, Cmd::Batch(_))) {
             let (r, e) = apply(&separate, c.clone());
             separate_events.extend(e);
             separate_responses.push(r);
         }
         assert!(resp.error.is_none(), "{engine}: {resp:?}");
-        assert_eq!(resp.batch, separate_responses, "{engine}");
+        let mut unnested = resp.batch.clone();
+        unnested.remove(4);
+        assert_eq!(unnested, separate_responses, "{engine}");
         assert_eq!(events, separate_events, "{engine}");
         // z@2, a@3, (refused), txn b@4, delete a@5, (refused), a@6.
         let revisions: Vec<i64> = resp.batch.iter().map(|r| r.revision).collect();
