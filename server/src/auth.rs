@@ -135,6 +135,21 @@ impl Caller {
         Ok(info)
     }
 
+    /// A read-only Txn served on this member: read access to the keys of every compare and
+    /// every range of both branches, nested Txns included (etcd's `checkTxnAuth`).
+    pub async fn check_txn_read(
+        &self,
+        node: &KeelNode,
+        txn: &keel_proto::etcdserverpb::TxnRequest,
+    ) -> Result<Option<AuthInfo>, ServerError> {
+        let info = self.info(node).await?;
+        node.mvcc
+            .auth()
+            .check_txn(&info.clone().unwrap_or_default(), txn, &|_| None)
+            .map_err(ServerError::from)?;
+        Ok(info)
+    }
+
     /// Admin operations (the `root` role); anyone when auth is disabled.
     pub async fn check_admin(&self, node: &KeelNode) -> Result<(), ServerError> {
         if !node.mvcc.auth().enabled() {

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use keel_proto::etcdserverpb::kv_server::Kv;
+use keel_proto::etcdserverpb::request_op::Request as RequestOpKind;
 use keel_proto::etcdserverpb::{
     CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
     PutResponse, RangeRequest, RangeResponse, TxnRequest, TxnResponse,
@@ -11,6 +12,7 @@ use keel_proto::etcdserverpb::{
 use keel_proto::keelpb::RaftResponse;
 use keel_proto::keelpb::raft_request::Request as Cmd;
 use keel_proto::keelpb::raft_response::Response as Res;
+use keel_store::mvcc::apply::txn_read_only;
 use tonic::{Request, Response, Status};
 
 use crate::auth::{self, Caller};
@@ -36,6 +38,31 @@ impl KvService {
             .ok_or_else(|| ServerError::Internal("empty apply response".into()))?;
         Ok((body, revision))
     }
+}
+
+impl KvService {
+    /// A Txn without puts or deletes, served as etcd serves it: on this member, after a read
+    /// barrier unless every range of both branches is serializable, at one revision, with no
+    /// log entry.
+    async fn read_txn(&self, caller: &Caller, r: &TxnRequest) -> Result<TxnResponse, Status> {
+        if !txn_serializable(r) {
+            self.node.read_barrier().await?;
+        }
+        let info = caller.check_txn_read(&self.node, r).await?;
+        let mut resp = self.node.mvcc.read_txn(r).map_err(ServerError::from)?;
+        auth::check_unchanged(&self.node, &info)?;
+        let revision = resp.header.as_ref().map(|h| h.revision).unwrap_or(0);
+        resp.header = Some(self.node.header_at(revision));
+        Ok(resp)
+    }
+}
+
+/// etcd's `isTxnSerializable`: every operation of both branches is a serializable range (a
+/// nested Txn makes it linearizable).
+fn txn_serializable(r: &TxnRequest) -> bool {
+    r.success.iter().chain(&r.failure).all(
+        |op| matches!(&op.request, Some(RequestOpKind::RequestRange(range)) if range.serializable),
+    )
 }
 
 fn unexpected() -> Status {
@@ -138,6 +165,9 @@ impl Kv for KvService {
         let caller = Caller::of(&req);
         let r = req.into_inner();
         validate::check_txn(&r, self.node.config.max_txn_ops)?;
+        if txn_read_only(&r) {
+            return self.read_txn(&caller, &r).await.map(Response::new);
+        }
         match self.propose(&caller, Cmd::Txn(r)).await? {
             (Res::Txn(mut t), rev) => {
                 t.header = Some(self.node.header_at(rev));

@@ -544,6 +544,28 @@ async fn permission_edges_and_transactions() {
         ))
         .await,
     );
+    // Read-only transactions are served on the member that receives them (no log entry),
+    // with the same checks: every compare and every range of both branches.
+    let op_get = |k: &str| RequestOp {
+        request: Some(request_op::Request::RequestRange(range(k, ""))),
+    };
+    kv.txn(with_token(
+        txn("foo1", vec![op_get("foo1")], vec![op_get("bar")]),
+        a,
+    ))
+    .await
+    .unwrap();
+    denied(
+        kv.txn(with_token(
+            txn("foo1", vec![op_get("foo1")], vec![op_get("a")]),
+            a,
+        ))
+        .await,
+    );
+    denied(
+        kv.txn(with_token(txn("a", vec![op_get("foo1")], vec![]), a))
+            .await,
+    );
     let after = kv
         .range(with_token(range("\0", "\0"), Some(&root)))
         .await

@@ -603,3 +603,49 @@ async fn concurrent_writes_share_entries_unless_a_member_cannot_apply_them() {
         );
     }
 }
+
+/// A read-only Txn is served by the member that receives it, as etcd serves it: after a read
+/// barrier (so a follower sees a write the leader acknowledged just before), with no log
+/// entry, and counted in etcd's MVCC counters of that member only.
+#[tokio::test]
+async fn read_only_txns_are_served_by_the_receiving_member() {
+    use crate::maintenance::{http, metric};
+    use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+    let cluster = Cluster::start(3).await;
+    let leader = cluster.leader().await;
+    let follower = (leader + 1) % 3;
+    let mut lc = client(&cluster.members[leader].endpoint()).await.unwrap();
+    let mut fc = client(&cluster.members[follower].endpoint()).await.unwrap();
+    let counters = |series: &str| -> Vec<f64> {
+        cluster
+            .members
+            .iter()
+            .map(|m| metric(&http(m.client_port, "GET", "/metrics").1, series).unwrap_or(0.0))
+            .collect()
+    };
+    lc.put("k", "0", None).await.unwrap();
+    let committed_before = counters("etcd_server_proposals_committed_total")[leader];
+    let txns_before = counters("etcd_mvcc_txn_total");
+    for i in 1..=30 {
+        let value = i.to_string();
+        let put = lc.put("k", value.as_str(), None).await.unwrap();
+        let rev = put.header().unwrap().revision();
+        let txn = Txn::new()
+            .when([Compare::value("k", CompareOp::Equal, value.as_str())])
+            .and_then([TxnOp::get("k", None), TxnOp::get("missing", None)]);
+        let got = fc.txn(txn).await.unwrap();
+        assert!(got.succeeded(), "round {i}: the follower missed the write");
+        assert!(got.header().unwrap().revision() >= rev);
+    }
+    // 30 puts went through the log; the 30 read-only Txns did not.
+    let committed_after = counters("etcd_server_proposals_committed_total")[leader];
+    assert!(
+        committed_after - committed_before <= 31.0,
+        "read-only Txns took log entries: {committed_before} -> {committed_after}"
+    );
+    let txns_after = counters("etcd_mvcc_txn_total");
+    for (i, (b, a)) in txns_before.iter().zip(&txns_after).enumerate() {
+        let expected = if i == follower { 30.0 } else { 0.0 };
+        assert_eq!(a - b, expected, "member {i} (follower {follower})");
+    }
+}

@@ -730,24 +730,7 @@ impl<'a> ApplyBatch<'a> {
     // ----- txn -----
 
     fn compare(&self, c: &Compare) -> bool {
-        let live = self.live(&KeySpan::new(&c.key, &c.range_end), i64::MAX);
-        // Only a value compare needs the values; the rest is in the index.
-        let kvs: Vec<KeyValue> = if c.target == compare::CompareTarget::Value as i32 {
-            live.into_iter()
-                .filter_map(|(_, e)| self.load(e.rev).ok().flatten())
-                .collect()
-        } else {
-            live.into_iter()
-                .map(|(k, e)| e.key_value_without_value(&k))
-                .collect()
-        };
-        if kvs.is_empty() {
-            if c.target == compare::CompareTarget::Value as i32 {
-                return false;
-            }
-            return compare_kv(c, &KeyValue::default());
-        }
-        kvs.iter().all(|kv| compare_kv(c, kv))
+        compare_at(self, c, i64::MAX)
     }
 
     /// The branch each (nested) txn takes, decided before anything is written, in etcd's order.
@@ -1031,7 +1014,33 @@ fn refused_when_corrupt(cmd: &Cmd) -> bool {
     }
 }
 
-fn txn_read_only(t: &TxnRequest) -> bool {
+/// Whether compare `c` holds at revision `at` of `view`, as etcd evaluates it: a compare on a
+/// range must hold for every key in it; a missing key compares as a zero KeyValue, except for a
+/// value compare, which then fails.
+pub(crate) fn compare_at(view: &dyn View, c: &Compare, at: i64) -> bool {
+    let live = view.live(&KeySpan::new(&c.key, &c.range_end), at);
+    // Only a value compare needs the values; the rest is in the index.
+    let kvs: Vec<KeyValue> = if c.target == compare::CompareTarget::Value as i32 {
+        live.into_iter()
+            .filter_map(|(_, e)| view.load(e.rev).ok().flatten())
+            .collect()
+    } else {
+        live.into_iter()
+            .map(|(k, e)| e.key_value_without_value(&k))
+            .collect()
+    };
+    if kvs.is_empty() {
+        if c.target == compare::CompareTarget::Value as i32 {
+            return false;
+        }
+        return compare_kv(c, &KeyValue::default());
+    }
+    kvs.iter().all(|kv| compare_kv(c, kv))
+}
+
+/// Whether a Txn only reads: no put or delete in any branch, nested ones included (etcd's
+/// `isTxnReadonly`).
+pub fn txn_read_only(t: &TxnRequest) -> bool {
     t.success
         .iter()
         .chain(&t.failure)

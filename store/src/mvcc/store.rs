@@ -5,8 +5,11 @@ use std::ops::Bound;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, mpsc};
 
+use keel_proto::etcdserverpb::request_op::Request as OpReq;
+use keel_proto::etcdserverpb::response_op::Response as OpResp;
 use keel_proto::etcdserverpb::{
-    AlarmMember, AlarmResponse, RangeRequest, RangeResponse, ResponseHeader, range_request,
+    AlarmMember, AlarmResponse, RangeRequest, RangeResponse, ResponseHeader, ResponseOp,
+    TxnRequest, TxnResponse, range_request,
 };
 use keel_proto::mvccpb::{Event, KeyValue, event::EventType};
 use prost::Message;
@@ -373,6 +376,67 @@ fn other(e: StoreError) -> ApplyError {
 }
 
 /// etcd's Range over any view at `at` (already validated against compaction and the future).
+/// [`MvccStore::read_txn`] at revision `at`, nested Txns included; `ranges` counts the ranges
+/// and compares evaluated (etcd's MVCC counters).
+fn read_txn_at(
+    view: &dyn View,
+    t: &TxnRequest,
+    at: i64,
+    compacted: i64,
+    ranges: &mut u64,
+) -> Result<TxnResponse, ApplyError> {
+    let mut succeeded = true;
+    for c in &t.compare {
+        *ranges += 1;
+        if !super::apply::compare_at(view, c, at) {
+            succeeded = false;
+            break;
+        }
+    }
+    let header = || {
+        Some(ResponseHeader {
+            revision: at,
+            ..Default::default()
+        })
+    };
+    let mut responses = Vec::new();
+    for op in if succeeded { &t.success } else { &t.failure } {
+        let response = match &op.request {
+            Some(OpReq::RequestRange(r)) => {
+                *ranges += 1;
+                let read_at = if r.revision <= 0 { at } else { r.revision };
+                if read_at > at {
+                    return Err(ApplyError::new(ApplyErrorKind::FutureRevision));
+                }
+                if read_at < compacted {
+                    return Err(ApplyError::new(ApplyErrorKind::Compacted));
+                }
+                let mut rr = range_view(view, r, read_at, compacted)?;
+                rr.header = header();
+                Some(OpResp::ResponseRange(rr))
+            }
+            Some(OpReq::RequestTxn(nested)) => {
+                let mut tr = read_txn_at(view, nested, at, compacted, ranges)?;
+                tr.header = header();
+                Some(OpResp::ResponseTxn(tr))
+            }
+            None => None,
+            Some(_) => {
+                return Err(ApplyError {
+                    kind: ApplyErrorKind::Other,
+                    message: "keel: a Txn that writes cannot be served as a read".into(),
+                });
+            }
+        };
+        responses.push(ResponseOp { response });
+    }
+    Ok(TxnResponse {
+        header: None,
+        succeeded,
+        responses,
+    })
+}
+
 pub(crate) fn range_view(
     view: &dyn View,
     r: &RangeRequest,
@@ -708,6 +772,31 @@ impl MvccStore {
         )?;
         resp.header = Some(ResponseHeader {
             revision: current,
+            ..Default::default()
+        });
+        Ok(resp)
+    }
+
+    /// A read-only Txn ([`txn_read_only`](super::apply::txn_read_only)) evaluated on the
+    /// committed state at its current revision, as etcd serves such a Txn on the member that
+    /// receives it (after a read barrier unless every range is serializable), without a log
+    /// entry. Compares and ranges see one revision; the header carries it. A Txn that writes is
+    /// refused here: it must go through the log.
+    pub fn read_txn(&self, t: &TxnRequest) -> Result<TxnResponse, ApplyError> {
+        if !super::apply::txn_read_only(t) {
+            return Err(ApplyError {
+                kind: ApplyErrorKind::Other,
+                message: "keel: a Txn that writes cannot be served as a read".into(),
+            });
+        }
+        let at = self.current_revision();
+        let compacted = self.compact_revision();
+        let mut ranges = 0;
+        let result = read_txn_at(&CommittedView(&self.inner), t, at, compacted, &mut ranges);
+        self.inner.ops.end_txn(ranges, 0, 0);
+        let mut resp = result?;
+        resp.header = Some(ResponseHeader {
+            revision: at,
             ..Default::default()
         });
         Ok(resp)

@@ -1053,3 +1053,130 @@ fn a_proposal_batch_applies_like_separate_commands() {
         }
     });
 }
+
+/// A read-only Txn served from the committed state (`MvccStore::read_txn`, as etcd serves
+/// such Txns without a log entry) answers exactly what applying it through the log answers.
+#[test]
+fn a_read_only_txn_served_as_a_read_answers_as_applied() {
+    on_engines(|engine, store| {
+        put(store, "a", "1"); // 2
+        put(store, "b", "2"); // 3
+        put(store, "a", "3"); // 4
+        let (r, _) = apply(
+            store,
+            Cmd::Compaction(CompactionRequest {
+                revision: 3,
+                physical: false,
+            }),
+        );
+        assert!(r.error.is_none(), "{engine}: {r:?}");
+        put(store, "c", "4"); // 5
+        let get_at = |k: &str, revision: i64| RequestOp {
+            request: Some(Op::RequestRange(RangeRequest {
+                key: k.into(),
+                revision,
+                ..Default::default()
+            })),
+        };
+        let nested = |t: TxnRequest| RequestOp {
+            request: Some(Op::RequestTxn(t)),
+        };
+        let txns = vec![
+            // Succeeds: a's value and version; both branches read.
+            TxnRequest {
+                compare: vec![
+                    cmp(
+                        "a",
+                        CompareTarget::Value,
+                        CompareResult::Equal,
+                        TargetUnion::Value("3".into()),
+                    ),
+                    cmp(
+                        "b",
+                        CompareTarget::Version,
+                        CompareResult::Equal,
+                        TargetUnion::Version(1),
+                    ),
+                ],
+                success: vec![
+                    op_get("a"),
+                    get_at("a", 3),
+                    nested(TxnRequest {
+                        compare: vec![cmp(
+                            "zz",
+                            CompareTarget::Create,
+                            CompareResult::Equal,
+                            TargetUnion::CreateRevision(0),
+                        )],
+                        success: vec![op_get("c")],
+                        failure: vec![op_get("b")],
+                    }),
+                ],
+                failure: vec![op_get("b")],
+            },
+            // Fails on a value compare of a missing key; reads a range.
+            TxnRequest {
+                compare: vec![cmp(
+                    "zz",
+                    CompareTarget::Value,
+                    CompareResult::Equal,
+                    TargetUnion::Value(vec![]),
+                )],
+                success: vec![],
+                failure: vec![RequestOp {
+                    request: Some(Op::RequestRange(RangeRequest {
+                        key: "a".into(),
+                        range_end: "z".into(),
+                        ..Default::default()
+                    })),
+                }],
+            },
+            // A range compare (mod revision below 5 for a..c) and no operations.
+            TxnRequest {
+                compare: vec![Compare {
+                    range_end: "c".into(),
+                    ..cmp(
+                        "a",
+                        CompareTarget::Mod,
+                        CompareResult::Less,
+                        TargetUnion::ModRevision(5),
+                    )
+                }],
+                success: vec![],
+                failure: vec![],
+            },
+        ];
+        for t in &txns {
+            let read = store.read_txn(t).unwrap();
+            let (applied, events) = apply(store, Cmd::Txn(t.clone()));
+            assert!(events.is_empty(), "{engine}");
+            match applied.response {
+                Some(keel_proto::keelpb::raft_response::Response::Txn(a)) => {
+                    assert_eq!(read, a, "{engine}: {t:?}")
+                }
+                other => panic!("{engine}: {other:?}"),
+            }
+        }
+        assert_eq!(store.current_revision(), 5, "{engine}: reads wrote nothing");
+        // The errors are the applied ones: a compacted and a future revision.
+        for (revision, kind) in [
+            (2, ApplyErrorKind::Compacted),
+            (6, ApplyErrorKind::FutureRevision),
+        ] {
+            let t = TxnRequest {
+                success: vec![get_at("a", revision)],
+                ..Default::default()
+            };
+            assert_eq!(store.read_txn(&t).unwrap_err().kind, kind, "{engine}");
+            let (applied, _) = apply(store, Cmd::Txn(t));
+            assert_eq!(applied.error.unwrap().kind, kind as u32, "{engine}");
+        }
+        // A Txn that writes must go through the log.
+        let writes = TxnRequest {
+            success: vec![op_put("x", "1")],
+            ..Default::default()
+        };
+        assert!(store.read_txn(&writes).is_err(), "{engine}");
+        assert_eq!(store.current_revision(), 5, "{engine}");
+    });
+}
