@@ -38,13 +38,12 @@
 //! member must not be downgraded past this change (etcd refuses downgrades in the same way).
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use keel_proto::keelpb::raft_request::Request as Cmd;
 use keel_proto::keelpb::{ProposalBatch, RaftRequest, RaftResponse};
 use keel_proto::member_features;
-use keel_store::raft::{Command, MemberNode, NodeId, Raft};
+use keel_store::raft::{Command, MemberNode, NodeId, Raft, TypeConfig};
 use openraft::async_runtime::WatchReceiver as _;
 use openraft::error::{ClientWriteError, RaftError};
 use prometheus::Histogram;
@@ -86,9 +85,7 @@ enum EntryFailure {
 }
 
 impl EntryFailure {
-    fn of(
-        e: RaftError<keel_store::raft::TypeConfig, ClientWriteError<keel_store::raft::TypeConfig>>,
-    ) -> Self {
+    fn of(e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> Self {
         match e {
             RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
                 EntryFailure::NotLeader(f.leader_id.zip(f.leader_node))
@@ -131,8 +128,6 @@ pub(crate) struct BatchGate {
     enabled: bool,
     /// Each other member's `features`, as its last answer to the peer prober gave them.
     peer_features: Mutex<BTreeMap<NodeId, u64>>,
-    /// Whether every member of the membership in force at the last check applies batches.
-    all_apply_batches: AtomicBool,
 }
 
 impl BatchGate {
@@ -146,8 +141,8 @@ impl BatchGate {
     }
 
     /// Records what the prober learnt: `answers` are the members that answered and their
-    /// features; `members` every other member of the current membership. Batching stays on
-    /// only while each of them is known to apply batches.
+    /// features; `members` every other member of the current membership (members no longer in
+    /// it are forgotten, so one added again must answer again).
     pub(crate) fn update(&self, members: &[NodeId], answers: &[(NodeId, u64)]) {
         let Ok(mut known) = self.peer_features.lock() else {
             return;
@@ -156,23 +151,17 @@ impl BatchGate {
             known.insert(*id, *features);
         }
         known.retain(|id, _| members.contains(id));
-        let all = members.iter().all(|id| {
-            known
-                .get(id)
-                .is_some_and(|f| f & member_features::PROPOSAL_BATCHES != 0)
-        });
-        self.all_apply_batches.store(all, Ordering::Release);
     }
 
-    /// Whether an entry may hold a batch, given the membership in force now.
+    /// Whether an entry may hold a batch: every member of the membership in force now is known
+    /// to apply batches (a member added since the prober's last round is not known yet).
     fn open(&self, raft: &Raft, own_id: NodeId) -> bool {
-        if !self.enabled || !self.all_apply_batches.load(Ordering::Acquire) {
+        if !self.enabled {
             return false;
         }
         let Ok(known) = self.peer_features.lock() else {
             return false;
         };
-        // A member added since the prober's last round is not known yet: no batches for now.
         let metrics = raft.metrics();
         let m = metrics.borrow_watched();
         m.membership_config.membership().nodes().all(|(id, _)| {
@@ -191,7 +180,6 @@ impl ProposalBatcher {
         let gate = Arc::new(BatchGate {
             enabled,
             peer_features: Mutex::new(BTreeMap::new()),
-            all_apply_batches: AtomicBool::new(false),
         });
         tokio::spawn(run(raft, own_id, gate.clone(), rx, sizes));
         ProposalBatcher { queue, gate }
@@ -206,12 +194,12 @@ impl ProposalBatcher {
     pub(crate) async fn write(&self, request: RaftRequest) -> Result<RaftResponse, WriteFailure> {
         let (reply, answer) = oneshot::channel();
         let bytes = request.encoded_len();
-        if let Err(mpsc::error::SendError(p)) = self.queue.send(Pending {
+        let pending = Pending {
             request,
             bytes,
             reply,
-        }) {
-            drop(p);
+        };
+        if self.queue.send(pending).is_err() {
             return Err(WriteFailure::Failed(ServerError::Stopped));
         }
         answer
