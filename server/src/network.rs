@@ -385,17 +385,15 @@ pub fn spawn_prober(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     tokio::spawn(async move {
-        // The first round runs at once: its answers open proposal batching (see
+        // The first tick is at once: the first round's answers open proposal batching (see
         // `crate::proposals`), which waits until every member said it applies batches.
-        let mut first = true;
+        let mut rounds = tokio::time::interval(PROBE_INTERVAL);
+        rounds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            if !first {
-                tokio::select! {
-                    _ = tokio::time::sleep(PROBE_INTERVAL) => {}
-                    _ = stop.wait_for(|s| *s) => return,
-                }
+            tokio::select! {
+                _ = rounds.tick() => {}
+                _ = stop.wait_for(|s| *s) => return,
             }
-            first = false;
             let peers = node.other_members();
             let probes = peers.iter().map(|(id, member)| {
                 let node = &node;

@@ -260,21 +260,20 @@ async fn run(
             continue;
         }
         sizes.observe(batch.len() as f64);
-        if batch.len() == 1 {
-            if let Some(p) = batch.pop() {
-                let raft = raft.clone();
-                tokio::spawn(async move {
-                    propose_one(raft, p).await;
-                    drop(permit);
-                });
-            }
-        } else {
-            let raft = raft.clone();
-            tokio::spawn(async move {
-                propose_batch(raft, batch).await;
-                drop(permit);
-            });
-        }
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            propose(raft, batch).await;
+            drop(permit);
+        });
+    }
+}
+
+/// One entry: a single request as itself, several as a batch.
+async fn propose(raft: Raft, mut batch: Vec<Pending>) {
+    if batch.len() > 1 {
+        propose_batch(raft, batch).await;
+    } else if let Some(p) = batch.pop() {
+        propose_one(raft, p).await;
     }
 }
 

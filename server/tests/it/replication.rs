@@ -7,9 +7,9 @@ use etcd_client::{GetOptions, WatchOptions};
 
 use crate::cluster::{Cluster, client, current_revision, status_message};
 
-/// Puts `key` = "v" and returns the revision the put was acknowledged at.
-async fn put_revision(c: &mut etcd_client::Client, key: &str) -> i64 {
-    c.put(key, "v", None)
+/// Puts `key` = `value` and returns the revision the put was acknowledged at.
+async fn put_revision(c: &mut etcd_client::Client, key: &str, value: &str) -> i64 {
+    c.put(key, value, None)
         .await
         .unwrap()
         .header()
@@ -285,7 +285,7 @@ async fn pipelined_forwarding_and_coalesced_reads_survive_a_leader_kill() {
             let mut revs = Vec::new();
             for i in 0..20 {
                 let key = format!("p/{t:02}/{i:02}");
-                let rev = put_revision(&mut c, &key).await;
+                let rev = put_revision(&mut c, &key, "v").await;
                 let got = c.get(key.as_str(), None).await.unwrap();
                 assert_eq!(got.kvs().len(), 1, "read on the follower missed {key}");
                 assert!(got.header().unwrap().revision() >= rev);
@@ -439,7 +439,7 @@ async fn a_member_answers_a_write_only_after_applying_it() {
         let mut stale = 0;
         for i in 0..1500 {
             let key = format!("ryw-{member}-{i}");
-            let rev = put_revision(&mut c, &key).await;
+            let rev = put_revision(&mut c, &key, "v").await;
             let r = c
                 .get(key.as_str(), Some(GetOptions::new().with_serializable()))
                 .await
@@ -501,13 +501,7 @@ async fn burst(cluster: &Cluster, round: usize) -> Vec<(String, i64)> {
             let mut c = c.clone();
             let key = format!("burst/{round}/{i}/{j}");
             writes.push(tokio::spawn(async move {
-                let rev = c
-                    .put(key.as_str(), key.as_str(), None)
-                    .await
-                    .unwrap()
-                    .header()
-                    .unwrap()
-                    .revision();
+                let rev = put_revision(&mut c, &key, &key).await;
                 (key, rev)
             }));
         }
@@ -628,8 +622,7 @@ async fn read_only_txns_are_served_by_the_receiving_member() {
     let txns_before = counters("etcd_mvcc_txn_total");
     for i in 1..=30 {
         let value = i.to_string();
-        let put = lc.put("k", value.as_str(), None).await.unwrap();
-        let rev = put.header().unwrap().revision();
+        let rev = put_revision(&mut lc, "k", &value).await;
         let txn = Txn::new()
             .when([Compare::value("k", CompareOp::Equal, value.as_str())])
             .and_then([TxnOp::get("k", None), TxnOp::get("missing", None)]);

@@ -35,7 +35,7 @@ use super::index::{IndexEntry, visible_at};
 use super::revision::Revision;
 use super::store::{
     KeySpan, LeaseState, META_ALARMS, META_COMPACT, META_REV, MvccStore, View, live_in_index,
-    range_view,
+    range_view, revision_to_read,
 };
 use crate::auth::{Access, AuthInfo, AuthState, TokenOp};
 use crate::engine::{Table, WriteBatch};
@@ -713,18 +713,7 @@ impl<'a> ApplyBatch<'a> {
     }
 
     fn read_rev(&self, req: &RangeRequest, base: i64) -> Result<i64, ApplyError> {
-        let at = if req.revision <= 0 {
-            base
-        } else {
-            req.revision
-        };
-        if at > base {
-            return Err(ApplyError::new(ApplyErrorKind::FutureRevision));
-        }
-        if at < self.compacted {
-            return Err(ApplyError::new(ApplyErrorKind::Compacted));
-        }
-        Ok(at)
+        revision_to_read(req.revision, base, self.compacted)
     }
 
     // ----- txn -----

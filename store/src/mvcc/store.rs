@@ -375,7 +375,31 @@ fn other(e: StoreError) -> ApplyError {
     }
 }
 
-/// etcd's Range over any view at `at` (already validated against compaction and the future).
+/// The revision a read asking for `requested` (0 or less: the newest) reads at, given the
+/// store's `current` and `compacted` revisions: etcd's "future revision" and "compacted" errors.
+pub(crate) fn revision_to_read(
+    requested: i64,
+    current: i64,
+    compacted: i64,
+) -> Result<i64, ApplyError> {
+    let at = if requested <= 0 { current } else { requested };
+    if at > current {
+        return Err(ApplyError::new(ApplyErrorKind::FutureRevision));
+    }
+    if at < compacted {
+        return Err(ApplyError::new(ApplyErrorKind::Compacted));
+    }
+    Ok(at)
+}
+
+/// What [`MvccStore::read_txn`] answers to a Txn that writes.
+fn writes_refused() -> ApplyError {
+    ApplyError {
+        kind: ApplyErrorKind::Other,
+        message: "keel: a Txn that writes cannot be served as a read".into(),
+    }
+}
+
 /// [`MvccStore::read_txn`] at revision `at`, nested Txns included; `ranges` counts the ranges
 /// and compares evaluated (etcd's MVCC counters).
 fn read_txn_at(
@@ -404,13 +428,7 @@ fn read_txn_at(
         let response = match &op.request {
             Some(OpReq::RequestRange(r)) => {
                 *ranges += 1;
-                let read_at = if r.revision <= 0 { at } else { r.revision };
-                if read_at > at {
-                    return Err(ApplyError::new(ApplyErrorKind::FutureRevision));
-                }
-                if read_at < compacted {
-                    return Err(ApplyError::new(ApplyErrorKind::Compacted));
-                }
+                let read_at = revision_to_read(r.revision, at, compacted)?;
                 let mut rr = range_view(view, r, read_at, compacted)?;
                 rr.header = header();
                 Some(OpResp::ResponseRange(rr))
@@ -421,12 +439,7 @@ fn read_txn_at(
                 Some(OpResp::ResponseTxn(tr))
             }
             None => None,
-            Some(_) => {
-                return Err(ApplyError {
-                    kind: ApplyErrorKind::Other,
-                    message: "keel: a Txn that writes cannot be served as a read".into(),
-                });
-            }
+            Some(_) => return Err(writes_refused()),
         };
         responses.push(ResponseOp { response });
     }
@@ -437,6 +450,7 @@ fn read_txn_at(
     })
 }
 
+/// etcd's Range over any view at `at` (already validated against compaction and the future).
 pub(crate) fn range_view(
     view: &dyn View,
     r: &RangeRequest,
@@ -748,15 +762,7 @@ impl MvccStore {
     }
 
     fn check_rev(&self, requested: i64) -> Result<i64, ApplyError> {
-        let current = self.current_revision();
-        let at = if requested <= 0 { current } else { requested };
-        if at > current {
-            return Err(ApplyError::new(ApplyErrorKind::FutureRevision));
-        }
-        if at < self.compact_revision() {
-            return Err(ApplyError::new(ApplyErrorKind::Compacted));
-        }
-        Ok(at)
+        revision_to_read(requested, self.current_revision(), self.compact_revision())
     }
 
     /// etcd's Range at `req.revision` (0 = current). The header carries the current revision.
@@ -784,10 +790,7 @@ impl MvccStore {
     /// refused here: it must go through the log.
     pub fn read_txn(&self, t: &TxnRequest) -> Result<TxnResponse, ApplyError> {
         if !super::apply::txn_read_only(t) {
-            return Err(ApplyError {
-                kind: ApplyErrorKind::Other,
-                message: "keel: a Txn that writes cannot be served as a read".into(),
-            });
+            return Err(writes_refused());
         }
         let at = self.current_revision();
         let compacted = self.compact_revision();
