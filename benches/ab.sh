@@ -53,8 +53,11 @@ for round in $(seq "$ROUNDS"); do
         "$BENCH" put --clients 64 --conns 8 --duration 6 --quiet --endpoints "$(endpoints keel)" > /dev/null 2>&1 || true
         for c in "${CASE_LIST[@]}"; do
             read -ra args <<< "$c"
+            eps=$(endpoints keel)
+            # A single connection goes to the leader (as in compare.sh).
+            if [[ " $c " == *" --conns 1 "* ]]; then eps=$(leader_first keel); fi
             before=$(cpu_ticks)
-            out=$("$BENCH" "${args[@]}" --duration 6 --json --quiet --endpoints "$(endpoints keel)")
+            out=$("$BENCH" "${args[@]}" --duration 6 --json --quiet --endpoints "$eps")
             after=$(cpu_ticks)
             python3 - "$round" "$bin" "$c" "$before" "$after" "$HZ" "$out" <<'EOF'
 import json, sys
@@ -63,7 +66,7 @@ r = json.loads(out)
 ops = r.get("ops") or 1
 cpu_us = (int(after) - int(before)) / int(hz) * 1e6 / ops
 print(f"round {rnd}  {binary}  [{case}]  {r.get('ops_per_sec', 0):.0f} ops/s  "
-      f"p50 {r.get('p50_ms', 0):.2f} ms  server CPU {cpu_us:.0f} us/op")
+      f"p50 {r.get('p50_ms', 0):.2f} p99 {r.get('p99_ms', 0):.2f} ms  server CPU {cpu_us:.0f} us/op")
 EOF
         done
         stop

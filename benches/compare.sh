@@ -145,20 +145,6 @@ bench() { # args... : runs keel-bench in the background (so a signal reaches the
     return $rc
 }
 
-leader_first() { # kind -> its endpoints with the current leader first
-    local eps status
-    eps=$(endpoints "$1")
-    status=$(ETCDCTL_API=3 etcdctl --endpoints "$eps" endpoint status -w json 2>/dev/null) || { echo "$eps"; return; }
-    python3 -c '
-import json, sys
-eps = sys.argv[2].split(",")
-lead = [i for i, e in enumerate(json.loads(sys.argv[1]))
-        if e["Status"]["header"]["member_id"] == e["Status"]["leader"]]
-if lead:
-    eps.insert(0, eps.pop(lead[0]))
-print(",".join(eps))' "$status" "$eps"
-}
-
 run_case() { # case args... : REPEAT runs per system in the order keel etcd etcd keel ...
     local case=$1 kind eps rep=0 c0 c1
     shift

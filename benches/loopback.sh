@@ -29,6 +29,20 @@ endpoints() { # kind -> the three client addresses, comma-separated
     echo "$(endpoint "$1" 1),$(endpoint "$1" 2),$(endpoint "$1" 3)"
 }
 
+leader_first() { # kind -> its endpoints with the current leader first
+    local eps status
+    eps=$(endpoints "$1")
+    status=$(ETCDCTL_API=3 etcdctl --endpoints "$eps" endpoint status -w json 2>/dev/null) || { echo "$eps"; return; }
+    python3 -c '
+import json, sys
+eps = sys.argv[2].split(",")
+lead = [i for i, e in enumerate(json.loads(sys.argv[1]))
+        if e["Status"]["header"]["member_id"] == e["Status"]["leader"]]
+if lead:
+    eps.insert(0, eps.pop(lead[0]))
+print(",".join(eps))' "$status" "$eps"
+}
+
 require_free_ports() { # kind: exits when a port of that cluster is taken
     local base i port
     base=$(port_base "$1")

@@ -48,7 +48,7 @@ use openraft::async_runtime::WatchReceiver as _;
 use openraft::error::{ClientWriteError, RaftError};
 use prometheus::Histogram;
 use prost::Message;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::error::ServerError;
 
@@ -121,6 +121,10 @@ struct Pending {
 pub(crate) struct ProposalBatcher {
     queue: mpsc::UnboundedSender<Pending>,
     gate: Arc<BatchGate>,
+    /// One permit per entry that may be in flight ([`MAX_ENTRIES_IN_FLIGHT`]).
+    in_flight: Arc<Semaphore>,
+    raft: Raft,
+    sizes: Histogram,
 }
 
 /// Whether batches may be proposed: this member's flag and what the other members said.
@@ -181,8 +185,22 @@ impl ProposalBatcher {
             enabled,
             peer_features: Mutex::new(BTreeMap::new()),
         });
-        tokio::spawn(run(raft, own_id, gate.clone(), rx, sizes));
-        ProposalBatcher { queue, gate }
+        let in_flight = Arc::new(Semaphore::new(MAX_ENTRIES_IN_FLIGHT));
+        tokio::spawn(run(
+            raft.clone(),
+            own_id,
+            gate.clone(),
+            in_flight.clone(),
+            rx,
+            sizes.clone(),
+        ));
+        ProposalBatcher {
+            queue,
+            gate,
+            in_flight,
+            raft,
+            sizes,
+        }
     }
 
     pub(crate) fn gate(&self) -> &BatchGate {
@@ -191,7 +209,18 @@ impl ProposalBatcher {
 
     /// Proposes `request` (alone or with others that arrive at the same time) and returns its
     /// applied response, its `error` included.
+    ///
+    /// When no entry is in flight and no write waits (the semaphore is fair: once the batching
+    /// task waits for the permit, this cannot take it), the caller proposes its request itself:
+    /// a lone write skips the hand-over to the batching task and back, two task wake-ups on
+    /// the path of every write of a lightly loaded cluster.
     pub(crate) async fn write(&self, request: RaftRequest) -> Result<RaftResponse, WriteFailure> {
+        if let Ok(permit) = self.in_flight.clone().try_acquire_owned() {
+            self.sizes.observe(1.0);
+            let result = write_one(&self.raft, request).await;
+            drop(permit);
+            return result;
+        }
         let (reply, answer) = oneshot::channel();
         let bytes = request.encoded_len();
         let pending = Pending {
@@ -213,21 +242,23 @@ async fn run(
     raft: Raft,
     own_id: NodeId,
     gate: Arc<BatchGate>,
+    in_flight: Arc<Semaphore>,
     mut queue: mpsc::UnboundedReceiver<Pending>,
     sizes: Histogram,
 ) {
-    let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_ENTRIES_IN_FLIGHT));
     let mut held: Option<Pending> = None;
     loop {
-        let Ok(permit) = in_flight.clone().acquire_owned().await else {
-            return;
-        };
+        // The first request, then the permit: while this task waits for a request the permit
+        // is free for a lone writer to propose its own (see `write`).
         let first = match held.take() {
             Some(p) => p,
             None => match queue.recv().await {
                 Some(p) => p,
                 None => return,
             },
+        };
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return;
         };
         // A writer that gave up (its client's deadline passed, or the client left while the
         // request queued) was told nothing about the outcome; its write is dropped unproposed.
@@ -278,12 +309,16 @@ async fn propose(raft: Raft, mut batch: Vec<Pending>) {
 }
 
 async fn propose_one(raft: Raft, p: Pending) {
-    let command = Arc::new(p.request);
-    let result = match raft.client_write(Command(command.clone())).await {
+    let _ = p.reply.send(write_one(&raft, p.request).await);
+}
+
+/// One request as an entry of its own.
+async fn write_one(raft: &Raft, request: RaftRequest) -> Result<RaftResponse, WriteFailure> {
+    let command = Arc::new(request);
+    match raft.client_write(Command(command.clone())).await {
         Ok(resp) => Ok(resp.data.0),
         Err(e) => Err(EntryFailure::of(e).for_request(Arc::unwrap_or_clone(command))),
-    };
-    let _ = p.reply.send(result);
+    }
 }
 
 async fn propose_batch(raft: Raft, batch: Vec<Pending>) {
