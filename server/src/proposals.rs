@@ -314,20 +314,20 @@ async fn propose_one(raft: Raft, p: Pending) {
 
 /// One request as an entry of its own.
 async fn write_one(raft: &Raft, request: RaftRequest) -> Result<RaftResponse, WriteFailure> {
-    let command = Arc::new(request);
-    match raft.client_write(Command(command.clone())).await {
+    let command = Command::new(request);
+    match raft.client_write(command.clone()).await {
         Ok(resp) => Ok(resp.data.0),
-        Err(e) => Err(EntryFailure::of(e).for_request(Arc::unwrap_or_clone(command))),
+        Err(e) => Err(EntryFailure::of(e).for_request(command.into_request())),
     }
 }
 
 async fn propose_batch(raft: Raft, batch: Vec<Pending>) {
     let (requests, replies): (Vec<RaftRequest>, Vec<Reply>) =
         batch.into_iter().map(|p| (p.request, p.reply)).unzip();
-    let command = Arc::new(RaftRequest {
+    let command = Command::new(RaftRequest {
         request: Some(Cmd::Batch(ProposalBatch { requests })),
     });
-    match raft.client_write(Command(command.clone())).await {
+    match raft.client_write(command.clone()).await {
         Ok(resp) => {
             let entry = resp.data.0;
             if entry.batch.len() != replies.len() {
@@ -350,7 +350,7 @@ async fn propose_batch(raft: Raft, batch: Vec<Pending>) {
         }
         Err(e) => {
             let failure = EntryFailure::of(e);
-            let requests = match Arc::unwrap_or_clone(command).request {
+            let requests = match command.into_request().request {
                 Some(Cmd::Batch(b)) => b.requests,
                 _ => Vec::new(),
             };

@@ -261,7 +261,7 @@ fn apply_chunk(
                 ..Default::default()
             },
             EntryPayload::Normal(cmd) => {
-                let outcome = batch.apply(&cmd.0);
+                let outcome = batch.apply(cmd.request());
                 events.extend(outcome.events);
                 outcome.response
             }

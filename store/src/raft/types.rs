@@ -1,7 +1,7 @@
 //! The openraft type configuration and the values that travel through the Raft log.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use keel_proto::keelpb::{RaftRequest, RaftResponse};
 use prost::Message;
@@ -29,11 +29,79 @@ impl fmt::Display for MemberNode {
     }
 }
 
-/// One command in the Raft log: a protobuf `keelpb.RaftRequest`, shared: openraft clones an
+/// One command in the Raft log: a protobuf `keelpb.RaftRequest`, shared (openraft clones an
 /// entry for every follower it replicates to and for the apply, and those clones only count a
-/// reference.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct Command(pub Arc<RaftRequest>);
+/// reference), with its protobuf encoding made at most once.
+///
+/// An entry is encoded for the log store and again for every follower it is sent to (bincode
+/// asks for it twice each time: once to size the buffer, once to write it); all of those copy
+/// the one encoding. A command received from the leader keeps the bytes it arrived as, so a
+/// follower writes them to its log without encoding the request again.
+#[derive(Clone, Default)]
+pub struct Command(Arc<SharedCommand>);
+
+#[derive(Default)]
+struct SharedCommand {
+    request: RaftRequest,
+    encoded: OnceLock<Vec<u8>>,
+}
+
+impl Command {
+    pub fn new(request: RaftRequest) -> Self {
+        Command(Arc::new(SharedCommand {
+            request,
+            encoded: OnceLock::new(),
+        }))
+    }
+
+    pub fn request(&self) -> &RaftRequest {
+        &self.0.request
+    }
+
+    /// The request back (a copy only while another clone of the command lives).
+    pub fn into_request(self) -> RaftRequest {
+        match Arc::try_unwrap(self.0) {
+            Ok(shared) => shared.request,
+            Err(shared) => shared.request.clone(),
+        }
+    }
+
+    /// The request's protobuf encoding, made on first use.
+    pub fn encoded(&self) -> &[u8] {
+        self.0
+            .encoded
+            .get_or_init(|| self.0.request.encode_to_vec())
+    }
+}
+
+impl fmt::Debug for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Command").field(&self.0.request).finish()
+    }
+}
+
+impl PartialEq for Command {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.request == other.0.request
+    }
+}
+
+impl Serialize for Command {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(self.encoded())
+    }
+}
+
+impl<'de> Deserialize<'de> for Command {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let bytes: serde_bytes_buf::ByteBuf = Deserialize::deserialize(deserializer)?;
+        let request = RaftRequest::decode(bytes.0.as_slice()).map_err(serde::de::Error::custom)?;
+        Ok(Command(Arc::new(SharedCommand {
+            request,
+            encoded: OnceLock::from(bytes.0),
+        })))
+    }
+}
 
 /// The result of applying one [`Command`]: a protobuf `keelpb.RaftResponse`.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -42,7 +110,7 @@ pub struct CommandResult(pub RaftResponse);
 impl fmt::Display for Command {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         use keel_proto::keelpb::raft_request::Request;
-        let kind = match &self.0.request {
+        let kind = match &self.0.request.request {
             Some(Request::Put(_)) => "put",
             Some(Request::DeleteRange(_)) => "delete_range",
             Some(Request::Txn(_)) => "txn",
@@ -60,26 +128,21 @@ impl fmt::Display for Command {
     }
 }
 
-// Both wrappers travel as their protobuf encoding inside openraft's serde-encoded messages.
-macro_rules! serde_as_protobuf {
-    ($wrapper:ident, $inner:ty) => {
-        impl Serialize for $wrapper {
-            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-                serializer.serialize_bytes(&self.0.encode_to_vec())
-            }
-        }
-        impl<'de> Deserialize<'de> for $wrapper {
-            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-                let bytes: serde_bytes_buf::ByteBuf = Deserialize::deserialize(deserializer)?;
-                <$inner>::decode(bytes.0.as_slice())
-                    .map(|inner| $wrapper(inner.into()))
-                    .map_err(serde::de::Error::custom)
-            }
-        }
-    };
+// Both travel as their protobuf encoding inside openraft's serde-encoded messages.
+impl Serialize for CommandResult {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(&self.0.encode_to_vec())
+    }
 }
-serde_as_protobuf!(Command, RaftRequest);
-serde_as_protobuf!(CommandResult, RaftResponse);
+
+impl<'de> Deserialize<'de> for CommandResult {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let bytes: serde_bytes_buf::ByteBuf = Deserialize::deserialize(deserializer)?;
+        RaftResponse::decode(bytes.0.as_slice())
+            .map(CommandResult)
+            .map_err(serde::de::Error::custom)
+    }
+}
 
 mod serde_bytes_buf {
     use serde::de::{Deserialize, Deserializer, Error, SeqAccess, Visitor};

@@ -131,3 +131,56 @@ async fn cached_log_reads_match_the_engine_and_committed_survives_reopen() {
     assert_eq!(state.last_log_id, Some(id(2, 4101)));
     assert_eq!(state.last_purged_log_id, Some(id(1, 2000)));
 }
+
+/// A command travels as its protobuf encoding (the format logs already on disk hold), made
+/// once and shared by every clone; one decoded from the wire keeps the bytes it arrived as.
+#[test]
+fn a_command_travels_as_the_bytes_it_was_encoded_or_received_as() {
+    use keel_proto::etcdserverpb::PutRequest;
+    use keel_proto::keelpb::RaftRequest;
+    use keel_proto::keelpb::raft_request::Request;
+    use keel_store::raft::Command;
+    use keel_store::raft::types::{decode, encode};
+    use prost::Message;
+
+    let request = RaftRequest {
+        request: Some(Request::Put(PutRequest {
+            key: b"/a".to_vec(),
+            value: b"v".to_vec(),
+            ..Default::default()
+        })),
+    };
+    let protobuf = request.encode_to_vec();
+    let command = Command::new(request.clone());
+    // bincode's byte string: a little-endian u64 length, then the bytes.
+    let wire = [(protobuf.len() as u64).to_le_bytes().as_slice(), &protobuf].concat();
+    assert_eq!(encode(&command).expect("encode"), wire);
+    let clone = command.clone();
+    assert_eq!(clone.encoded().as_ptr(), command.encoded().as_ptr(), "one encoding, shared");
+
+    // The same put with `lease = 0` written out (prost leaves defaults out): a follower that
+    // receives these bytes logs them as they are, not a re-encoding of what it decoded.
+    let put_with_lease_zero = {
+        let mut put = PutRequest {
+            key: b"/a".to_vec(),
+            value: b"v".to_vec(),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        put.extend_from_slice(&[0x18, 0x00]); // field 3 (lease), varint 0
+        let mut outer = vec![0x0a, put.len() as u8]; // RaftRequest field 1 (put), length
+        outer.extend_from_slice(&put);
+        outer
+    };
+    assert_ne!(put_with_lease_zero, protobuf, "not the canonical encoding");
+    let received_wire = [
+        (put_with_lease_zero.len() as u64).to_le_bytes().as_slice(),
+        &put_with_lease_zero,
+    ]
+    .concat();
+    let received: Command = decode(&received_wire).expect("decode");
+    assert_eq!(received.request(), &request);
+    assert_eq!(received.encoded(), put_with_lease_zero.as_slice());
+    assert_eq!(encode(&received).expect("encode"), received_wire);
+    assert_eq!(received.into_request(), request);
+}

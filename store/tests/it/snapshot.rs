@@ -34,7 +34,7 @@ async fn apply_put(sm: &mut StateMachine, index: u64, key: &str, value: &str) {
     };
     let entry = Entry::new_normal(
         openraft::LogId::new_term_index(1, index),
-        Command(Arc::new(cmd)),
+        Command::new(cmd),
     );
     sm.apply(futures::stream::iter(vec![Ok((entry, None))]))
         .await
