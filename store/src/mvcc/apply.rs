@@ -35,7 +35,7 @@ use super::index::{IndexEntry, visible_at};
 use super::revision::Revision;
 use super::store::{
     KeySpan, LeaseState, META_ALARMS, META_COMPACT, META_REV, MvccStore, View, live_in_index,
-    range_view, revision_to_read,
+    decode_kv, range_view, revision_to_read,
 };
 use crate::auth::{Access, AuthInfo, AuthState, TokenOp};
 use crate::engine::{Table, WriteBatch};
@@ -90,7 +90,8 @@ pub struct ApplyBatch<'a> {
     compacted: i64,
     new_compaction: Option<i64>,
     index: BTreeMap<Vec<u8>, Vec<IndexEntry>>,
-    kvs: BTreeMap<Revision, KeyValue>,
+    /// Encoded values written by this batch (read back by its later requests).
+    kvs: BTreeMap<Revision, std::sync::Arc<[u8]>>,
     /// Encoded values of this batch's puts, in revision order, for the recent-values cache.
     recent: Vec<(Revision, std::sync::Arc<[u8]>)>,
     /// Granted (Some) or revoked (None) in this batch.
@@ -144,7 +145,7 @@ impl View for ApplyBatch<'_> {
 
     fn load(&self, rev: Revision) -> Result<Option<KeyValue>, StoreError> {
         match self.kvs.get(&rev) {
-            Some(kv) => Ok(Some(kv.clone())),
+            Some(bytes) => decode_kv(bytes).map(Some),
             None => self.store.inner.load_kv(rev),
         }
     }
@@ -557,18 +558,19 @@ impl<'a> ApplyBatch<'a> {
 
     // ----- writes -----
 
-    fn write_kv(&mut self, rev: Revision, kv: KeyValue, tombstone: bool) {
+    fn write_kv(&mut self, rev: Revision, kv: &KeyValue, tombstone: bool) {
         let encoded = kv.encode_to_vec();
+        let shared: std::sync::Arc<[u8]> = encoded.as_slice().into();
         if !tombstone && self.store.inner.recent.budget() > 0 {
-            self.recent.push((rev, encoded.as_slice().into()));
+            self.recent.push((rev, shared.clone()));
         }
         self.wb
             .put(Table::Kv, rev.encode(tombstone).to_vec(), encoded);
         self.index
             .entry(kv.key.clone())
             .or_default()
-            .push(IndexEntry::of(rev, tombstone, &kv));
-        self.kvs.insert(rev, kv);
+            .push(IndexEntry::of(rev, tombstone, kv));
+        self.kvs.insert(rev, shared);
     }
 
     fn check_put(&mut self, p: &PutRequest) -> Result<(), ApplyError> {
@@ -635,7 +637,7 @@ impl<'a> ApplyBatch<'a> {
         if lease != 0 {
             self.lease_keys.push((lease, p.key.clone(), true));
         }
-        self.write_kv(rev, kv.clone(), false);
+        self.write_kv(rev, &kv, false);
         self.events.push(Event {
             r#type: EventType::Put as i32,
             kv: Some(kv),
@@ -694,7 +696,7 @@ impl<'a> ApplyBatch<'a> {
                 mod_revision: w.main,
                 ..Default::default()
             };
-            self.write_kv(trev, tomb.clone(), true);
+            self.write_kv(trev, &tomb, true);
             self.events.push(Event {
                 r#type: EventType::Delete as i32,
                 kv: Some(tomb),
