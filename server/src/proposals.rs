@@ -3,8 +3,10 @@
 //! Every write this member proposes (its own clients' writes, those its followers forward, and
 //! its own decisions such as lease expiry) goes through [`ProposalBatcher::write`]. Writes
 //! queue; one task proposes one entry at a time: whatever is queued when the previous entry
-//! has been applied (or at once, when none is in flight: a lone write never waits), a single
-//! request as itself, several as a `keelpb.ProposalBatch`. Apply gives each request of a batch its own revision,
+//! has been applied, a single request as itself, several as a `keelpb.ProposalBatch`. A write
+//! that finds no entry in flight and none queued never waits: its caller proposes it at once,
+//! itself, without handing it to the task and back (two task wake-ups saved on every write of
+//! a lightly loaded leader). Apply gives each request of a batch its own revision,
 //! events and response, exactly as if it had been an entry of its own
 //! ([`keel_store::mvcc::ApplyBatch::apply`]); the batch's response is split here and each
 //! writer gets its own, with the entry's log index.
@@ -21,7 +23,7 @@
 //! Worked example, a leader with 3 clients and 2 followers forwarding writes:
 //!
 //! ```text
-//! t0  client A's put arrives, nothing in flight   -> entry 41 = A
+//! t0  client A's put arrives, nothing in flight   -> entry 41 = A (proposed by A's handler)
 //! t1  B, C (clients) and F1 (forwarded) arrive while entry 41 is replicated: they queue
 //! t2  entry 41 is applied, A answered             -> entry 42 = batch(B, C, F1)
 //! t3  entry 42 is applied: B at revision 101, C at 102, F1 at 103; each gets its own response
@@ -48,7 +50,7 @@ use openraft::async_runtime::WatchReceiver as _;
 use openraft::error::{ClientWriteError, RaftError};
 use prometheus::Histogram;
 use prost::Message;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::error::ServerError;
 

@@ -34,8 +34,8 @@ use prost::Message;
 use super::index::{IndexEntry, visible_at};
 use super::revision::Revision;
 use super::store::{
-    KeySpan, LeaseState, META_ALARMS, META_COMPACT, META_REV, MvccStore, View, live_in_index,
-    decode_kv, range_view, revision_to_read,
+    KeySpan, LeaseState, META_ALARMS, META_COMPACT, META_REV, MvccStore, View, decode_kv,
+    live_in_index, range_view, revision_to_read,
 };
 use crate::auth::{Access, AuthInfo, AuthState, TokenOp};
 use crate::engine::{Table, WriteBatch};

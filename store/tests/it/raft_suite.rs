@@ -156,7 +156,11 @@ fn a_command_travels_as_the_bytes_it_was_encoded_or_received_as() {
     let wire = [(protobuf.len() as u64).to_le_bytes().as_slice(), &protobuf].concat();
     assert_eq!(encode(&command).expect("encode"), wire);
     let clone = command.clone();
-    assert_eq!(clone.encoded().as_ptr(), command.encoded().as_ptr(), "one encoding, shared");
+    assert_eq!(
+        clone.encoded().as_ptr(),
+        command.encoded().as_ptr(),
+        "one encoding, shared"
+    );
 
     // The same put with `lease = 0` written out (prost leaves defaults out): a follower that
     // receives these bytes logs them as they are, not a re-encoding of what it decoded.

@@ -32,10 +32,7 @@ async fn apply_put(sm: &mut StateMachine, index: u64, key: &str, value: &str) {
             ..Default::default()
         })),
     };
-    let entry = Entry::new_normal(
-        openraft::LogId::new_term_index(1, index),
-        Command::new(cmd),
-    );
+    let entry = Entry::new_normal(openraft::LogId::new_term_index(1, index), Command::new(cmd));
     sm.apply(futures::stream::iter(vec![Ok((entry, None))]))
         .await
         .expect("apply");
