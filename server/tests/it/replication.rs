@@ -184,27 +184,45 @@ async fn follower_behind_the_purged_log_catches_up_from_a_snapshot() {
     let follower = (leader + 1) % 3;
     cluster.members[follower].kill();
     // Write well past a snapshot plus the entries kept behind it, and past the 1 000 entries
-    // openraft purges at a time, from concurrent clients.
+    // openraft purges at a time, from concurrent clients. Concurrent writes share entries
+    // (proposal batching), so the rounds go on until the log is long enough.
     let endpoint = cluster.members[leader].endpoint();
-    let mut writers = Vec::new();
-    for w in 0..16 {
-        let endpoint = endpoint.clone();
-        writers.push(tokio::spawn(async move {
-            let mut c = client(&endpoint).await.unwrap();
-            for i in 0..90 {
-                c.put(format!("s{w:02}-{i:03}"), format!("v{i}"), None)
-                    .await
-                    .unwrap();
-            }
-        }));
+    let committed = || {
+        let body =
+            crate::maintenance::http(cluster.members[leader].client_port, "GET", "/metrics").1;
+        crate::maintenance::metric(&body, "etcd_server_proposals_committed_total").unwrap_or(0.0)
+    };
+    let mut written: i64 = 0;
+    for round in 0..20 {
+        if committed() >= 1_300.0 {
+            break;
+        }
+        let mut writers = Vec::new();
+        for w in 0..16 {
+            let endpoint = endpoint.clone();
+            writers.push(tokio::spawn(async move {
+                let mut c = client(&endpoint).await.unwrap();
+                for i in 0..90 {
+                    c.put(format!("s{round:02}-{w:02}-{i:03}"), format!("v{i}"), None)
+                        .await
+                        .unwrap();
+                }
+            }));
+        }
+        for w in writers {
+            w.await.unwrap();
+        }
+        written += 16 * 90;
     }
-    for w in writers {
-        w.await.unwrap();
-    }
+    assert!(
+        committed() >= 1_300.0,
+        "the log stayed short: {}",
+        committed()
+    );
     let mut c = client(&endpoint).await.unwrap();
     let rev = current_revision(&mut c).await;
     cluster.members[follower].start();
-    wait_caught_up(&cluster.members[follower].endpoint(), "s", 16 * 90, rev, 60).await;
+    wait_caught_up(&cluster.members[follower].endpoint(), "s", written, rev, 60).await;
     let log = cluster.members[follower].log();
     assert!(
         log.contains("installed snapshot"),
@@ -225,7 +243,7 @@ async fn follower_behind_the_purged_log_catches_up_from_a_snapshot() {
     // A value written before the snapshot reads the same on the follower.
     let mut fc = client(&cluster.members[follower].endpoint()).await.unwrap();
     let r = fc
-        .get("s07-023", Some(GetOptions::new().with_serializable()))
+        .get("s00-07-023", Some(GetOptions::new().with_serializable()))
         .await
         .unwrap();
     assert_eq!(r.kvs()[0].value(), b"v23");
