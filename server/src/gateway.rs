@@ -37,6 +37,9 @@ use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue};
 use tonic::service::Routes;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tonic::{Code, Status};
+use tower::Layer;
+
+use crate::grpc_metrics::{GrpcMetrics, GrpcMetricsLayer, GrpcMetricsService};
 
 /// etcd's gateway paths (the `google.api.http` annotations of etcd 3.5's protos) and the gRPC
 /// method each one calls.
@@ -106,10 +109,21 @@ struct GatewayMethod {
     hold_open: bool,
 }
 
+/// The client gRPC services as the gateway calls them: through etcd's gRPC metrics, so a
+/// gateway call is counted like any other (etcd's gateway calls its gRPC server over a loopback
+/// connection, through the same interceptors).
+type GrpcCalls = GrpcMetricsService<Routes>;
+
 /// The gateway's routes, to be merged into the client port's HTTP router.
 ///
-/// `grpc` is the router of the client gRPC services the gateway calls.
-pub fn router(grpc: Routes, max_body_bytes: usize) -> anyhow::Result<axum::Router> {
+/// `grpc` is the router of the client gRPC services the gateway calls, `metrics` the gRPC
+/// metrics those calls are counted in.
+pub fn router(
+    grpc: Routes,
+    metrics: Arc<GrpcMetrics>,
+    max_body_bytes: usize,
+) -> anyhow::Result<axum::Router> {
+    let grpc = GrpcMetricsLayer(metrics).layer(grpc);
     let pool = DescriptorPool::decode(keel_proto::FILE_DESCRIPTOR_SET)?;
     let mut router = axum::Router::new();
     for (path, service, method) in ROUTES {
@@ -153,7 +167,7 @@ fn plain(status: StatusCode, body: String) -> Response {
 }
 
 async fn handle(
-    grpc: Routes,
+    grpc: GrpcCalls,
     method: Arc<GatewayMethod>,
     max_body_bytes: usize,
     req: axum::extract::Request,
@@ -637,7 +651,8 @@ mod tests {
 
     #[test]
     fn every_route_resolves() {
-        let _router = router(Routes::default(), 1 << 20).unwrap();
+        let metrics = GrpcMetrics::register(&prometheus::Registry::new(), false).unwrap();
+        let _router = router(Routes::default(), metrics, 1 << 20).unwrap();
     }
 
     #[test]

@@ -180,7 +180,7 @@ pub fn routes(
     grpc: tonic::service::Routes,
 ) -> anyhow::Result<tonic::service::Routes> {
     let max_body = gateway_body_limit(node.config.max_request_bytes);
-    let gateway = crate::gateway::router(grpc.clone(), max_body)?;
+    let gateway = crate::gateway::router(grpc.clone(), node.metrics.grpc.clone(), max_body)?;
     let router = metrics_routes(node.clone(), hub)
         .route("/version", get(version))
         .merge(gateway)

@@ -761,3 +761,43 @@ async fn gateway_streams_and_bad_input() {
     let (_, mut obs) = Lines::open(&keel, "/v3/election/observe", r#"{"name":"ZWw="}"#).await;
     assert_eq!(obs.json().await["result"]["kv"]["value"], "bWU=");
 }
+
+/// A gateway call is counted in etcd's gRPC metrics as the gRPC method it calls (etcd's
+/// gateway calls its own gRPC server, through the same interceptors), with its status code;
+/// the HTTP request itself is not counted a second time.
+#[tokio::test]
+async fn gateway_calls_are_counted_in_grpc_metrics() {
+    use crate::maintenance::metric;
+    let cluster = Cluster::start(1).await;
+    let keel = cluster.endpoints()[0].clone();
+    let port = cluster.members[0].client_port;
+    let series = |method: &str, code: &str| {
+        format!(
+            "grpc_server_handled_total{{grpc_code=\"{code}\",grpc_method=\"{method}\",grpc_service=\"etcdserverpb.KV\",grpc_type=\"unary\"}}"
+        )
+    };
+    let scrape = || {
+        let body = crate::maintenance::http(port, "GET", "/metrics").1;
+        (
+            metric(&body, &series("Put", "OK")).unwrap_or(0.0),
+            metric(&body, &series("Range", "OutOfRange")).unwrap_or(0.0),
+            metric(
+                &body,
+                "grpc_server_started_total{grpc_method=\"Put\",grpc_service=\"etcdserverpb.KV\",grpc_type=\"unary\"}",
+            )
+            .unwrap_or(0.0),
+        )
+    };
+    let (puts, future_ranges, started) = scrape();
+    for _ in 0..2 {
+        let a = post(&keel, "/v3/kv/put", r#"{"key":"Zm9v","value":"YmFy"}"#).await;
+        assert_eq!(a.status, 200, "{}", a.body);
+    }
+    let a = post(&keel, "/v3/kv/range", r#"{"key":"Zm9v","revision":"100"}"#).await;
+    assert_eq!(a.status, 400, "{}", a.body);
+    assert_eq!(
+        scrape(),
+        (puts + 2.0, future_ranges + 1.0, started + 2.0),
+        "two puts and one refused range through the gateway"
+    );
+}
