@@ -23,30 +23,12 @@ trap 'rm -rf "$WORK"' EXIT
 echo ">> recording pid $PID for ${SECONDS_TO_RECORD}s" >&2
 perf record -q -F 499 --call-graph dwarf,16384 -o "$WORK/perf.data" -p "$PID" -- sleep "$SECONDS_TO_RECORD"
 perf script -i "$WORK/perf.data" 2>/dev/null | "$TOOLS/bin/inferno-collapse-perf" --kernel > "$WORK/folded"
-python3 - "$WORK/folded" > "$WORK/short" <<'EOF'
-import re, sys
-def short(frame):
-    out, depth = [], 0
-    for ch in frame:
-        if ch == '<':
-            depth += 1
-        elif ch == '>' and depth:
-            depth -= 1
-        elif not depth:
-            out.append(ch)
-    name = re.sub(r'\{\{closure\}\}|\{(closure|async_fn|async_block|closure_env)#\d+\}', '{...}', ''.join(out))
-    return name[:120] or frame[:60]
-for line in open(sys.argv[1]):
-    stack, count = line.rstrip('\n').rsplit(' ', 1)
-    print(';'.join(short(f) for f in stack.split(';')), count)
-EOF
-"$TOOLS/bin/inferno-flamegraph" --minwidth 0.4 --title "$TITLE" < "$WORK/short" > "$OUT"
-echo ">> wrote $OUT ($(wc -l < "$WORK/folded") distinct stacks)" >&2
-# Where the CPU went, by part of the server: a stack counts for the first part (in this order)
-# that one of its frames belongs to, judged by the frame's own path (`<T<..> as Trait>::f` is
-# T's), not by the generic arguments in it; "in the kernel" is the share of samples whose
-# innermost frame is the kernel's, whatever part they belong to.
-python3 - "$WORK/folded" >&2 <<'EOF'
+# One pass over the folded stacks: frame names shortened for the graph (generic arguments
+# dropped, closures named {...}), and where the CPU went, by part of the server: a stack counts
+# for the first part (in this order) that one of its frames belongs to, judged by the frame's
+# own path (`<T<..> as Trait>::f` is T's), not by the generic arguments in it; "in the kernel"
+# is the share of samples whose innermost frame is the kernel's, whatever part they belong to.
+python3 - "$WORK/folded" "$WORK/short" <<'EOF'
 import re, sys, collections
 def strip_generics(text):
     out, depth = [], 0
@@ -58,6 +40,9 @@ def strip_generics(text):
         elif not depth:
             out.append(ch)
     return "".join(out)
+def short(frame):
+    name = re.sub(r"\{\{closure\}\}|\{(closure|async_fn|async_block|closure_env)#\d+\}", "{...}", strip_generics(frame))
+    return name[:120] or frame[:60]
 def own_path(frame):
     if frame.startswith("<"):
         depth = 0
@@ -80,16 +65,20 @@ parts = [
     ("tokio scheduling, wake-ups, I/O driver", r"^tokio::runtime"),
 ]
 total, kernel, by = 0, 0, collections.Counter()
-for line in open(sys.argv[1]):
-    stack, n = line.rstrip("\n").rsplit(" ", 1)
-    n = int(n)
-    frames = stack.split(";")
-    paths = [own_path(f) for f in frames]
-    total += n
-    kernel += n * frames[-1].endswith("_[k]")
-    by[next((name for name, pat in parts if any(re.search(pat, f) for f in paths)), "other")] += n
-print(">> where the CPU went:")
+with open(sys.argv[2], "w") as out:
+    for line in open(sys.argv[1]):
+        stack, n = line.rstrip("\n").rsplit(" ", 1)
+        frames = stack.split(";")
+        print(";".join(short(f) for f in frames), n, file=out)
+        n = int(n)
+        paths = [own_path(f) for f in frames]
+        total += n
+        kernel += n * frames[-1].endswith("_[k]")
+        by[next((name for name, pat in parts if any(re.search(pat, f) for f in paths)), "other")] += n
+print(">> where the CPU went:", file=sys.stderr)
 for name, n in by.most_common():
-    print(f"   {100 * n / max(total, 1):5.1f}%  {name}")
-print(f"   ({100 * kernel / max(total, 1):.1f}% of all samples in the kernel)")
+    print(f"   {100 * n / max(total, 1):5.1f}%  {name}", file=sys.stderr)
+print(f"   ({100 * kernel / max(total, 1):.1f}% of all samples in the kernel)", file=sys.stderr)
 EOF
+"$TOOLS/bin/inferno-flamegraph" --minwidth 0.4 --title "$TITLE" < "$WORK/short" > "$OUT"
+echo ">> wrote $OUT ($(wc -l < "$WORK/folded") distinct stacks)" >&2
