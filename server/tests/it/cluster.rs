@@ -38,6 +38,12 @@ impl Member {
         format!("127.0.0.1:{}", self.client_port)
     }
 
+    /// One series of this member's `/metrics` (0 when it is not there).
+    pub fn metric(&self, series: &str) -> f64 {
+        let body = crate::maintenance::http(self.client_port, "GET", "/metrics").1;
+        crate::maintenance::metric(&body, series).unwrap_or(0.0)
+    }
+
     pub fn start(&mut self) {
         assert!(self.child.is_none(), "{} already running", self.name);
         let log = std::fs::OpenOptions::new()

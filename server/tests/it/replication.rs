@@ -187,11 +187,7 @@ async fn follower_behind_the_purged_log_catches_up_from_a_snapshot() {
     // openraft purges at a time, from concurrent clients. Concurrent writes share entries
     // (proposal batching), so the rounds go on until the log is long enough.
     let endpoint = cluster.members[leader].endpoint();
-    let committed = || {
-        let body =
-            crate::maintenance::http(cluster.members[leader].client_port, "GET", "/metrics").1;
-        crate::maintenance::metric(&body, "etcd_server_proposals_committed_total").unwrap_or(0.0)
-    };
+    let committed = || cluster.members[leader].metric("etcd_server_proposals_committed_total");
     let mut written: i64 = 0;
     for round in 0..20 {
         if committed() >= 1_300.0 {
@@ -621,20 +617,14 @@ async fn concurrent_writes_share_entries_unless_a_member_cannot_apply_them() {
 /// entry, and counted in etcd's MVCC counters of that member only.
 #[tokio::test]
 async fn read_only_txns_are_served_by_the_receiving_member() {
-    use crate::maintenance::{http, metric};
     use etcd_client::{Compare, CompareOp, Txn, TxnOp};
     let cluster = Cluster::start(3).await;
     let leader = cluster.leader().await;
     let follower = (leader + 1) % 3;
     let mut lc = client(&cluster.members[leader].endpoint()).await.unwrap();
     let mut fc = client(&cluster.members[follower].endpoint()).await.unwrap();
-    let counters = |series: &str| -> Vec<f64> {
-        cluster
-            .members
-            .iter()
-            .map(|m| metric(&http(m.client_port, "GET", "/metrics").1, series).unwrap_or(0.0))
-            .collect()
-    };
+    let counters =
+        |series: &str| -> Vec<f64> { cluster.members.iter().map(|m| m.metric(series)).collect() };
     lc.put("k", "0", None).await.unwrap();
     let committed_before = counters("etcd_server_proposals_committed_total")[leader];
     let txns_before = counters("etcd_mvcc_txn_total");
