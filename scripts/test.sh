@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs Keel's whole test suite: unit and integration tests of every crate, the etcdctl
-# compatibility cases against real etcd, then keel-jepsen (the shared Jepsen register verdicts
-# and the `ci` fault-injection profile). Installs what it needs when missing.
+# compatibility cases and the /metrics parity check against real etcd, then keel-jepsen (the
+# shared Jepsen register verdicts and the `ci` fault-injection profile). Installs what it needs
+# when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
@@ -32,6 +33,10 @@ if [ -f "$compat_tool" ]; then
 else
     echo "!! $compat_tool not found (it lives in the workplace's shared/ beside the clone); compatibility cases skipped"
 fi
+
+echo ">> /metrics parity (real etcd vs keel: families, types, label names)"
+tests/compat/metrics-parity.sh --self-test || compat_status=1
+tests/compat/metrics-parity.sh "$CARGO_TARGET_DIR/release/keel" || compat_status=1
 
 echo ">> keel-jepsen: the WGL checker on the shared Jepsen etcd register logs"
 # (tests/it also checks the same verdicts through the library; this checks the CLI's answers.)

@@ -255,7 +255,9 @@ pub async fn execute(
             }
             tracing::info!(member = %format!("{:x}", p.id), "promoting learner");
             let changes = ChangeMembers::AddVoterIds([p.id].into());
-            Some(change_membership(node, changes, true).await?)
+            let changed = change_membership(node, changes, true).await?;
+            crate::metrics::learner_promoted();
+            Some(changed)
         }
         Some(Change::Publish(publish)) => {
             let Some(current) = nodes.get(&publish.id) else {
@@ -428,6 +430,7 @@ async fn promote_loop(node: Arc<KeelNode>) {
         for id in ready {
             tracing::info!(member = %format!("{id:x}"), "member caught up; promoting it to voter");
             let _one_at_a_time = one_change_at_a_time(&node).await;
+            // Not a learner promotion for etcd's counter: the member was added as a voter.
             if let Err(e) =
                 change_membership(&node, ChangeMembers::AddVoterIds([id].into()), true).await
             {

@@ -375,7 +375,7 @@ mod tests {
     /// answered "no leader" at once, none waits for a timeout.
     #[tokio::test]
     async fn writes_queued_for_an_unusable_leader_url_get_no_leader() {
-        let peers = Peers::new(7);
+        let peers = Peers::new(7, 1);
         let node = MemberNode {
             peer_urls: vec!["not a url".into()],
             ..Default::default()

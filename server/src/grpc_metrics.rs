@@ -118,6 +118,8 @@ struct MethodCounters {
     handled: [IntCounter; 17],
     /// With `--metrics extensive`.
     handling: Option<Histogram>,
+    /// `unary` or `stream`, as `etcd_server_client_requests_total` labels the call.
+    client_type: &'static str,
 }
 
 /// The counters of every known method, by request path (`/service/method`).
@@ -125,6 +127,8 @@ pub struct GrpcMetrics {
     methods: HashMap<String, Arc<MethodCounters>>,
     received_bytes: IntCounter,
     sent_bytes: IntCounter,
+    /// `etcd_server_client_requests_total{client_api_version, type}`.
+    client_requests: IntCounterVec,
 }
 
 impl GrpcMetrics {
@@ -197,14 +201,40 @@ impl GrpcMetrics {
                     sent: sent.with_label_values(&l),
                     handled,
                     handling: handling.as_ref().map(|h| h.with_label_values(&l)),
+                    client_type: if *kind == "unary" { "unary" } else { "stream" },
                 }),
             );
         }
+        let client_requests = vec(
+            "etcd_server_client_requests_total",
+            "The total number of client requests per client version.",
+            &["type", "client_api_version"],
+        )?;
         Ok(Arc::new(GrpcMetrics {
             methods,
             received_bytes,
             sent_bytes,
+            client_requests,
         }))
+    }
+}
+
+/// The `client-api-version` an etcd client sends (etcd's clientv3 sets it to its major.minor),
+/// or "unknown". Anything but a short dotted number is "unknown" too, so a client cannot make
+/// up label values without bound.
+fn client_api_version(headers: &HeaderMap) -> &str {
+    match headers
+        .get("client-api-version")
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(v)
+            if !v.is_empty()
+                && v.len() <= 8
+                && v.bytes().all(|b| b.is_ascii_digit() || b == b'.') =>
+        {
+            v
+        }
+        _ => "unknown",
     }
 }
 
@@ -308,6 +338,10 @@ where
             };
         };
         counters.started.inc();
+        self.metrics
+            .client_requests
+            .with_label_values(&[counters.client_type, client_api_version(req.headers())])
+            .inc();
         let call = Call {
             started: counters.handling.is_some().then(std::time::Instant::now),
             counters,
@@ -492,6 +526,20 @@ mod tests {
             .iter()
             .find(|(s, m, _)| *s == service && *m == method)
             .map(|(_, _, kind)| *kind)
+    }
+
+    #[test]
+    fn client_api_versions_are_short_dotted_numbers_or_unknown() {
+        let version = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert("client-api-version", v.parse().unwrap());
+            client_api_version(&h).to_string()
+        };
+        assert_eq!(version("3.4"), "3.4");
+        assert_eq!(version("3.5.12"), "3.5.12");
+        assert_eq!(version("3.4; more"), "unknown");
+        assert_eq!(version("123456789"), "unknown");
+        assert_eq!(client_api_version(&HeaderMap::new()), "unknown");
     }
 
     #[test]

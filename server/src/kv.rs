@@ -45,6 +45,7 @@ impl KvService {
     /// barrier unless every range of both branches is serializable, at one revision, with no
     /// log entry.
     async fn read_txn(&self, caller: &Caller, r: &TxnRequest) -> Result<TxnResponse, Status> {
+        let started = std::time::Instant::now();
         if !txn_serializable(r) {
             self.node.read_barrier().await?;
         }
@@ -53,6 +54,7 @@ impl KvService {
         auth::check_unchanged(&self.node, &info)?;
         let revision = resp.header.as_ref().map(|h| h.revision).unwrap_or(0);
         resp.header = Some(self.node.header_at(revision));
+        crate::metrics::read_served("read-only txn", started.elapsed());
         Ok(resp)
     }
 }
@@ -92,6 +94,7 @@ impl KvService {
 impl Kv for KvService {
     #[tracing::instrument(level = "debug", skip_all)]
     async fn range(&self, req: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
+        let started = std::time::Instant::now();
         let caller = Caller::of(&req);
         let r = req.into_inner();
         validate::check_range(&r)?;
@@ -108,6 +111,7 @@ impl Kv for KvService {
             .filter(|r| *r > 0)
             .unwrap_or_else(|| self.node.mvcc.current_revision());
         resp.header = Some(self.node.header_at(revision));
+        crate::metrics::read_served("range", started.elapsed());
         Ok(Response::new(resp))
     }
 

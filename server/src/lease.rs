@@ -157,6 +157,9 @@ impl Lessor {
         for (id, result) in futures::future::join_all(proposals).await {
             match result {
                 Ok(_) | Err(ServerError::LeaseNotFound) => {
+                    if result.is_ok() {
+                        crate::metrics::lease_expired();
+                    }
                     if let Some((_, d)) = self.lock().as_mut() {
                         d.remove(&id);
                     }
@@ -264,6 +267,7 @@ impl Lessor {
             return Ok(Renewal::Expired);
         }
         deadlines.insert(id, now + Duration::from_secs(info.ttl.max(0) as u64));
+        crate::metrics::lease_renewed();
         Ok(Renewal::Renewed(info.ttl))
     }
 
@@ -423,6 +427,9 @@ impl Lease for LeaseService {
             {
                 Ok(resp) => match resp.response {
                     Some(Res::LeaseGrant(mut g)) => {
+                        if g.error.is_empty() {
+                            crate::metrics::lease_granted_ttl(g.ttl);
+                        }
                         g.header = Some(self.node.header_at(resp.revision));
                         return Ok(Response::new(g));
                     }

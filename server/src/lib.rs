@@ -23,6 +23,7 @@
 //! - [`compactor`]: auto-compaction (periodic and revision modes).
 //! - [`http`]: `/health`, `/version` and `/metrics` on the client port; [`metrics`]: the metrics;
 //!   [`grpc_metrics`]: etcd's per-method gRPC counters, as a layer on the client port;
+//!   [`peer_metrics`]: bytes exchanged with each peer, as a layer on the peer port and a channel;
 //!   [`health`]: `grpc.health.v1.Health`, as etcd serves it; [`probes`]: `/livez` and `/readyz`.
 //! - [`gateway`]: etcd's JSON gateway (`POST /v3/kv/range`, ...) on the client port.
 //! - [`cluster`]: `etcdserverpb.Cluster` — membership changes.
@@ -53,6 +54,7 @@ pub mod maintenance;
 pub mod metrics;
 pub mod network;
 pub mod node;
+pub mod peer_metrics;
 pub mod peer_service;
 pub mod probes;
 pub mod proposals;

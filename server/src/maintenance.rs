@@ -307,7 +307,9 @@ impl Maintenance for MaintenanceService {
 
     async fn hash(&self, _req: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
         let header = self.node.header();
+        let started = std::time::Instant::now();
         let hash = self.blocking(|node| member_hash(&node)).await?;
+        crate::metrics::HASH_DURATION.observe(started.elapsed().as_secs_f64());
         Ok(Response::new(HashResponse {
             header: Some(header),
             hash,
@@ -319,9 +321,11 @@ impl Maintenance for MaintenanceService {
         req: Request<HashKvRequest>,
     ) -> Result<Response<HashKvResponse>, Status> {
         let revision = req.into_inner().revision;
+        let started = std::time::Instant::now();
         let resp = self
             .blocking(move |node| hash_kv(&node, revision, HashKvFormat::Etcd))
             .await?;
+        crate::metrics::HASH_REV_DURATION.observe(started.elapsed().as_secs_f64());
         Ok(Response::new(resp))
     }
 

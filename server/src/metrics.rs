@@ -89,6 +89,257 @@ static PEER_SENT_FAILURES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("valid counter")
 });
 
+/// How long applying one request (or serving a read-only one) may take before etcd calls it
+/// slow (`warnApplyDuration`).
+pub const SLOW_APPLY: Duration = Duration::from_millis(100);
+/// How long a read index may take before etcd counts it as slow (`readIndexRetryTime`).
+pub const SLOW_READ_INDEX: Duration = Duration::from_millis(500);
+
+fn counter_static(name: &str, help: &str) -> IntCounter {
+    IntCounter::new(name, help).expect("valid counter")
+}
+
+fn doubling_histogram(name: &str, help: &str, start: f64, count: usize) -> Histogram {
+    let buckets = exponential_buckets(start, 2.0, count).expect("valid buckets");
+    Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets)).expect("valid histogram")
+}
+
+static SLOW_APPLIES: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter_static(
+        "etcd_server_slow_apply_total",
+        "The total number of slow apply requests (likely overloaded from slow disk).",
+    )
+});
+static SLOW_READ_INDEXES: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter_static(
+        "etcd_server_slow_read_indexes_total",
+        "The total number of pending read indexes not in sync with leader's or timed out read index requests.",
+    )
+});
+static READ_INDEXES_FAILED: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter_static(
+        "etcd_server_read_indexes_failed_total",
+        "The total number of failed read indexes seen.",
+    )
+});
+static HEARTBEAT_SEND_FAILURES: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter_static(
+        "etcd_server_heartbeat_send_failures_total",
+        "The total number of leader heartbeat send failures (likely overloaded from slow disk).",
+    )
+});
+static LEARNER_PROMOTIONS: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter_static(
+        "etcd_server_learner_promote_successes",
+        "The total number of successful learner promotions while this member is leader.",
+    )
+});
+static LEASES_RENEWED: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter_static(
+        "etcd_debugging_lease_renewed_total",
+        "The number of renewed leases seen by the leader.",
+    )
+});
+static LEASES_EXPIRED: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter_static(
+        "etcd_debugging_server_lease_expired_total",
+        "The total number of expired leases.",
+    )
+});
+static LEASE_TTLS: LazyLock<Histogram> = LazyLock::new(|| {
+    doubling_histogram(
+        "etcd_debugging_lease_ttl_total",
+        "Bucketed histogram of lease TTLs.",
+        1.0,
+        24,
+    )
+});
+/// `HashKV` (etcd's buckets: 10 ms to 163.84 s, doubling).
+pub static HASH_REV_DURATION: LazyLock<Histogram> = LazyLock::new(|| {
+    doubling_histogram(
+        "etcd_mvcc_hash_rev_duration_seconds",
+        "The latency distribution of storage hash by revision operation.",
+        0.01,
+        15,
+    )
+});
+/// `Hash` (etcd's buckets: 10 ms to 163.84 s, doubling).
+pub static HASH_DURATION: LazyLock<Histogram> = LazyLock::new(|| {
+    doubling_histogram(
+        "etcd_mvcc_hash_duration_seconds",
+        "The latency distribution of storage hash operation.",
+        0.01,
+        15,
+    )
+});
+/// A whole backend snapshot sent (a client's `Snapshot` stream or a snapshot sent to a
+/// member), etcd's buckets: 10 ms to 655.36 s, doubling.
+pub static BACKEND_SNAPSHOT_DURATION: LazyLock<Histogram> = LazyLock::new(|| {
+    doubling_histogram(
+        "etcd_disk_backend_snapshot_duration_seconds",
+        "The latency distribution of backend snapshots.",
+        0.01,
+        17,
+    )
+});
+
+/// A snapshot received from the leader, from its first byte until saved and fsynced (etcd's
+/// buckets: 0.1 s to 51.2 s, doubling).
+pub static SNAPSHOT_DB_SAVE: LazyLock<Histogram> = LazyLock::new(|| {
+    doubling_histogram(
+        "etcd_snap_db_save_total_duration_seconds",
+        "The total latency distributions of v3 snapshot save",
+        0.1,
+        10,
+    )
+});
+/// The fsync of a snapshot received from the leader (1 ms to 8.192 s, doubling).
+pub static SNAPSHOT_DB_FSYNC: LazyLock<Histogram> = LazyLock::new(|| {
+    doubling_histogram(
+        "etcd_snap_db_fsync_duration_seconds",
+        "The latency distributions of fsyncing .snap.db file",
+        0.001,
+        14,
+    )
+});
+/// The fsync of a snapshot file this member wrote (1 ms to 8.192 s, doubling).
+static SNAPSHOT_FSYNC: LazyLock<Histogram> = LazyLock::new(|| {
+    doubling_histogram(
+        "etcd_snap_fsync_duration_seconds",
+        "The latency distributions of fsync called by snap.",
+        0.001,
+        14,
+    )
+});
+/// Writing a snapshot of this member's state to a file to send it to a member (1 ms to
+/// 8.192 s, doubling).
+pub static SNAPSHOT_SAVE: LazyLock<Histogram> = LazyLock::new(|| {
+    doubling_histogram(
+        "etcd_debugging_snap_save_total_duration_seconds",
+        "The total latency distributions of save called by snapshot (Keel: a snapshot written to a file to send it to a member).",
+        0.001,
+        14,
+    )
+});
+static COMPACTION_KEYS: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter_static(
+        "etcd_debugging_mvcc_db_compaction_keys_total",
+        "Total number of db keys compacted.",
+    )
+});
+static COMPACTION_DB_PAUSE: LazyLock<Histogram> = LazyLock::new(|| {
+    doubling_histogram(
+        "etcd_debugging_mvcc_db_compaction_pause_duration_milliseconds",
+        "Bucketed histogram of db compaction pause duration.",
+        1.0,
+        13,
+    )
+});
+static COMPACTION_TOTAL: LazyLock<Histogram> = LazyLock::new(|| {
+    doubling_histogram(
+        "etcd_debugging_mvcc_db_compaction_total_duration_milliseconds",
+        "Bucketed histogram of db compaction total duration.",
+        100.0,
+        14,
+    )
+});
+static COMPACTION_INDEX_PAUSE: LazyLock<Histogram> = LazyLock::new(|| {
+    doubling_histogram(
+        "etcd_debugging_mvcc_index_compaction_pause_duration_milliseconds",
+        "Bucketed histogram of index compaction pause duration.",
+        0.5,
+        14,
+    )
+});
+
+fn compaction_step(step: keel_store::observe::CompactionStep) {
+    use keel_store::observe::CompactionStep;
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    match step {
+        CompactionStep::IndexPause(d) => COMPACTION_INDEX_PAUSE.observe(ms(d)),
+        CompactionStep::DbPause(d) => COMPACTION_DB_PAUSE.observe(ms(d)),
+        CompactionStep::Deleted(n) => COMPACTION_KEYS.inc_by(n),
+        CompactionStep::Finished(d) => COMPACTION_TOTAL.observe(ms(d)),
+    }
+}
+
+/// One applied command's duration (the store's observer): a slow one is counted and logged,
+/// as etcd warns "apply request took too long".
+fn applied_entry(index: u64, took: Duration) {
+    if took > SLOW_APPLY {
+        SLOW_APPLIES.inc();
+        tracing::warn!(
+            index,
+            took = ?took,
+            expected = ?SLOW_APPLY,
+            "apply request took too long"
+        );
+    }
+}
+
+/// A read-only request served in `took` (etcd counts slow reads with slow applies).
+pub fn read_served(what: &'static str, took: Duration) {
+    if took > SLOW_APPLY {
+        SLOW_APPLIES.inc();
+        tracing::warn!(request = what, took = ?took, expected = ?SLOW_APPLY, "read-only range request took too long");
+    }
+}
+
+/// A read index confirmed (or not) in `took`.
+pub fn read_index_done(ok: bool, took: Duration) {
+    if !ok {
+        READ_INDEXES_FAILED.inc();
+    }
+    if took > SLOW_READ_INDEX {
+        SLOW_READ_INDEXES.inc();
+    }
+}
+
+/// A heartbeat (an append without entries) the leader could not send.
+pub fn heartbeat_send_failed() {
+    HEARTBEAT_SEND_FAILURES.inc();
+}
+
+/// A learner promoted by this member as leader.
+pub fn learner_promoted() {
+    LEARNER_PROMOTIONS.inc();
+}
+
+/// A keep-alive that renewed a lease on the leader.
+pub fn lease_renewed() {
+    LEASES_RENEWED.inc();
+}
+
+/// A lease revoked by the leader because it expired.
+pub fn lease_expired() {
+    LEASES_EXPIRED.inc();
+}
+
+/// A lease granted with `ttl` seconds.
+pub fn lease_granted_ttl(ttl: i64) {
+    LEASE_TTLS.observe(ttl.max(0) as f64);
+}
+
+/// A soft limit from `/proc/self/limits` (`row` is the limit's name); "unlimited" is
+/// `u64::MAX`, as Go's process collector reports it.
+fn soft_limit(limits: &str, row: &str) -> Option<u64> {
+    let rest = limits.lines().find_map(|l| l.strip_prefix(row))?;
+    match rest.split_whitespace().next()? {
+        "unlimited" => Some(u64::MAX),
+        soft => soft.parse().ok(),
+    }
+}
+
+/// Open and allowed file descriptors of this process (`os_fd_used`, `os_fd_limit`) and its
+/// address-space limit (`process_virtual_memory_max_bytes`).
+fn process_limits() -> (i64, i64, f64) {
+    let used = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as i64);
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    let fds = soft_limit(&limits, "Max open files").unwrap_or(0);
+    let address_space = soft_limit(&limits, "Max address space").unwrap_or(u64::MAX);
+    (used, fds.min(i64::MAX as u64) as i64, address_space as f64)
+}
+
 /// A peer probe's round trip (`To` is the peer's member ID in hex, as etcd labels it).
 pub fn peer_round_trip(to: u64, rtt: Duration) {
     PEER_RTT
@@ -140,6 +391,20 @@ pub struct Metrics {
     value_cache_misses: IntCounter,
     watchers: IntGauge,
     slow_watchers: IntGauge,
+    watch_streams: IntGauge,
+    pending_events: IntGauge,
+    events_sent: IntCounter,
+    wal_write_bytes: IntGauge,
+    snapshot_installs: IntGauge,
+    fd_used: IntGauge,
+    fd_limit: IntGauge,
+    virtual_memory_max: prometheus::Gauge,
+    auth_revision: IntGauge,
+    put_bytes: IntGauge,
+    debugging_db_total: IntGauge,
+    /// etcd 3.4 exports the MVCC operation counters twice, under `etcd_mvcc_*` and
+    /// `etcd_debugging_mvcc_*`; these are the second names (same values).
+    debugging_ops: [IntCounter; 4],
     pub lease_granted: IntCounter,
     pub lease_revoked: IntCounter,
     pub grpc: Arc<crate::grpc_metrics::GrpcMetrics>,
@@ -227,6 +492,34 @@ impl Metrics {
         registry
             .register(Box::new(PEER_SENT_FAILURES.clone()))
             .expect("register");
+        crate::peer_metrics::register(&registry).expect("register");
+        for c in [
+            &*SLOW_APPLIES,
+            &*SLOW_READ_INDEXES,
+            &*READ_INDEXES_FAILED,
+            &*HEARTBEAT_SEND_FAILURES,
+            &*LEARNER_PROMOTIONS,
+            &*LEASES_RENEWED,
+            &*LEASES_EXPIRED,
+            &*COMPACTION_KEYS,
+        ] {
+            registry.register(Box::new(c.clone())).expect("register");
+        }
+        for h in [
+            &*LEASE_TTLS,
+            &*HASH_DURATION,
+            &*HASH_REV_DURATION,
+            &*BACKEND_SNAPSHOT_DURATION,
+            &*SNAPSHOT_DB_SAVE,
+            &*SNAPSHOT_DB_FSYNC,
+            &*SNAPSHOT_FSYNC,
+            &*SNAPSHOT_SAVE,
+            &*COMPACTION_DB_PAUSE,
+            &*COMPACTION_TOTAL,
+            &*COMPACTION_INDEX_PAUSE,
+        ] {
+            registry.register(Box::new(h.clone())).expect("register");
+        }
         Arc::new(Metrics {
             has_leader: gauge(
                 "etcd_server_has_leader",
@@ -329,6 +622,68 @@ impl Metrics {
                 "etcd_debugging_mvcc_slow_watcher_total",
                 "Total number of unsynced slow watchers.",
             ),
+            watch_streams: gauge(
+                "etcd_debugging_mvcc_watch_stream_total",
+                "Total number of watch streams.",
+            ),
+            pending_events: gauge(
+                "etcd_debugging_mvcc_pending_events_total",
+                "Total number of pending events to be sent.",
+            ),
+            events_sent: counter(
+                "etcd_debugging_mvcc_events_total",
+                "Total number of events sent by this member.",
+            ),
+            // A gauge in etcd too.
+            wal_write_bytes: gauge(
+                "etcd_disk_wal_write_bytes_total",
+                "Total number of bytes written in WAL (Keel: Raft log entries appended).",
+            ),
+            snapshot_installs: gauge(
+                "etcd_server_snapshot_apply_in_progress_total",
+                "1 if the server is applying the incoming snapshot. 0 if none.",
+            ),
+            fd_used: gauge("os_fd_used", "The number of used file descriptors."),
+            fd_limit: gauge("os_fd_limit", "The file descriptor limit."),
+            virtual_memory_max: {
+                let g = prometheus::Gauge::new(
+                    "process_virtual_memory_max_bytes",
+                    "Maximum amount of virtual memory available in bytes.",
+                )
+                .expect("valid gauge");
+                registry.register(Box::new(g.clone())).expect("register");
+                g
+            },
+            auth_revision: gauge(
+                "etcd_debugging_auth_revision",
+                "The current revision of auth store.",
+            ),
+            put_bytes: gauge(
+                "etcd_debugging_mvcc_total_put_size_in_bytes",
+                "The total size of put kv pairs seen by this member.",
+            ),
+            debugging_db_total: gauge(
+                "etcd_debugging_mvcc_db_total_size_in_bytes",
+                "Total size of the underlying database physically allocated in bytes.",
+            ),
+            debugging_ops: [
+                counter(
+                    "etcd_debugging_mvcc_range_total",
+                    "Total number of ranges seen by this member.",
+                ),
+                counter(
+                    "etcd_debugging_mvcc_put_total",
+                    "Total number of puts seen by this member.",
+                ),
+                counter(
+                    "etcd_debugging_mvcc_delete_total",
+                    "Total number of deletes seen by this member.",
+                ),
+                counter(
+                    "etcd_debugging_mvcc_txn_total",
+                    "Total number of txns seen by this member.",
+                ),
+            ],
             lease_granted: counter(
                 "etcd_debugging_lease_granted_total",
                 "The total number of granted leases (Keel: proposed through this member).",
@@ -384,6 +739,11 @@ impl Metrics {
         }));
         keel_store::observe::set_backend_commit_observer(Box::new(|d| {
             BACKEND_COMMIT.observe(d.as_secs_f64())
+        }));
+        keel_store::observe::set_apply_entry_observer(Box::new(applied_entry));
+        keel_store::observe::set_compaction_observer(Box::new(compaction_step));
+        keel_store::observe::set_snapshot_fsync_observer(Box::new(|d| {
+            SNAPSHOT_FSYNC.observe(d.as_secs_f64())
         }));
     }
 
@@ -460,6 +820,7 @@ impl Metrics {
         self.proposals_applied.set(applied as i64);
         let (total, in_use) = self.db_size(node.mvcc.engine().as_ref());
         self.db_total.set(total as i64);
+        self.debugging_db_total.set(total as i64);
         self.db_in_use.set(in_use as i64);
         self.keys_total.set(node.mvcc.key_count() as i64);
         self.current_revision.set(node.mvcc.current_revision());
@@ -471,14 +832,32 @@ impl Metrics {
         self.value_cache_entries.set(cache.entries as i64);
         // The store counts; the counters follow (they only ever grow).
         let ops = node.mvcc.op_counts();
+        let [d_ranges, d_puts, d_deletes, d_txns] = &self.debugging_ops;
         for (counter, now) in [
             (&self.mvcc_ranges, ops.ranges),
             (&self.mvcc_puts, ops.puts),
             (&self.mvcc_deletes, ops.deletes),
             (&self.mvcc_txns, ops.txns),
+            (d_ranges, ops.ranges),
+            (d_puts, ops.puts),
+            (d_deletes, ops.deletes),
+            (d_txns, ops.txns),
+            (&self.events_sent, crate::watch::events_sent()),
         ] {
             counter.inc_by(now.saturating_sub(counter.get()));
         }
+        self.put_bytes
+            .set(ops.put_bytes.min(i64::MAX as u64) as i64);
+        self.wal_write_bytes
+            .set(keel_store::observe::wal_write_bytes().min(i64::MAX as u64) as i64);
+        self.snapshot_installs
+            .set(keel_store::observe::snapshot_installs_in_progress().min(1));
+        let (fd_used, fd_limit, address_space) = process_limits();
+        self.fd_used.set(fd_used);
+        self.fd_limit.set(fd_limit);
+        self.virtual_memory_max.set(address_space);
+        self.auth_revision
+            .set(node.mvcc.auth().revision().min(i64::MAX as u64) as i64);
         self.value_cache_hits
             .inc_by(cache.hits.saturating_sub(self.value_cache_hits.get()));
         self.value_cache_misses
@@ -486,6 +865,9 @@ impl Metrics {
         let (watchers, unsynced) = hub.counts();
         self.watchers.set(watchers as i64);
         self.slow_watchers.set(unsynced as i64);
+        let (streams, pending) = hub.stream_stats();
+        self.watch_streams.set(streams as i64);
+        self.pending_events.set(pending as i64);
         let mut buf = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
             tracing::warn!("encoding metrics: {e}");
@@ -547,4 +929,43 @@ pub fn spawn_leader_watch(
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn applies_over_100_ms_are_slow_and_reads_count_with_them() {
+        let before = SLOW_APPLIES.get();
+        applied_entry(7, Duration::from_millis(99));
+        applied_entry(7, SLOW_APPLY);
+        assert_eq!(SLOW_APPLIES.get(), before);
+        applied_entry(7, Duration::from_millis(101));
+        read_served("range", Duration::from_millis(250));
+        read_served("range", Duration::from_millis(3));
+        assert_eq!(SLOW_APPLIES.get(), before + 2);
+    }
+
+    #[test]
+    fn read_indexes_fail_and_are_slow_independently() {
+        let (failed, slow) = (READ_INDEXES_FAILED.get(), SLOW_READ_INDEXES.get());
+        read_index_done(true, Duration::from_millis(10));
+        read_index_done(false, Duration::from_millis(10));
+        read_index_done(true, Duration::from_millis(600));
+        assert_eq!(
+            (READ_INDEXES_FAILED.get(), SLOW_READ_INDEXES.get()),
+            (failed + 1, slow + 1)
+        );
+    }
+
+    #[test]
+    fn soft_limits_are_read_from_proc_limits() {
+        let limits = "Limit                     Soft Limit           Hard Limit           Units     \n\
+                      Max address space         unlimited            unlimited            bytes     \n\
+                      Max open files            1024                 524288               files     \n";
+        assert_eq!(soft_limit(limits, "Max open files"), Some(1024));
+        assert_eq!(soft_limit(limits, "Max address space"), Some(u64::MAX));
+        assert_eq!(soft_limit(limits, "Max processes"), None);
+    }
 }

@@ -28,6 +28,8 @@ use openraft::{OptionalSend, RaftNetworkFactory, RaftNetworkV2};
 use tokio::io::AsyncReadExt;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::peer_metrics::{META_SENDER, PeerChannel};
+
 /// Metadata keys naming the intended receiver.
 pub const META_TARGET: &str = "keel-target-member";
 pub const META_CLUSTER: &str = "keel-cluster";
@@ -39,15 +41,19 @@ const UNREACHABLE_BACKOFF: Duration = Duration::from_millis(100);
 /// Cached channels to every peer, shared by Raft replication and request forwarding.
 pub struct Peers {
     cluster_id: u64,
+    /// This member's ID, sent with every request (`crate::peer_metrics::META_SENDER`); 0 while
+    /// it is not known yet (discovery).
+    own_id: u64,
     channels: Mutex<BTreeMap<NodeId, (String, Channel)>>,
     /// How to connect to `https://` peer URLs (see `crate::tls`).
     tls: Mutex<Option<tonic::transport::ClientTlsConfig>>,
 }
 
 impl Peers {
-    pub fn new(cluster_id: u64) -> Arc<Self> {
+    pub fn new(cluster_id: u64, own_id: u64) -> Arc<Self> {
         Arc::new(Self {
             cluster_id,
+            own_id,
             channels: Mutex::new(BTreeMap::new()),
             tls: Mutex::new(None),
         })
@@ -65,7 +71,7 @@ impl Peers {
         &self,
         target: NodeId,
         node: &MemberNode,
-    ) -> Result<RaftPeerClient<Channel>, String> {
+    ) -> Result<RaftPeerClient<PeerChannel>, String> {
         let url = node
             .peer_urls
             .first()
@@ -103,7 +109,7 @@ impl Peers {
                 ch
             }
         };
-        Ok(RaftPeerClient::new(channel)
+        Ok(RaftPeerClient::new(PeerChannel::new(channel, target))
             .max_decoding_message_size(256 << 20)
             .max_encoding_message_size(256 << 20))
     }
@@ -116,6 +122,11 @@ impl Peers {
         }
         if let Ok(v) = self.cluster_id.to_string().parse() {
             req.metadata_mut().insert(META_CLUSTER, v);
+        }
+        if self.own_id != 0
+            && let Ok(v) = self.own_id.to_string().parse()
+        {
+            req.metadata_mut().insert(META_SENDER, v);
         }
         req
     }
@@ -175,7 +186,7 @@ pub struct PeerConnection {
 }
 
 impl PeerConnection {
-    fn client(&self) -> Result<RaftPeerClient<Channel>, RPCError<TypeConfig>> {
+    fn client(&self) -> Result<RaftPeerClient<PeerChannel>, RPCError<TypeConfig>> {
         self.peers
             .client(self.target, &self.node)
             .map_err(unreachable)
@@ -207,13 +218,14 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let heartbeat = rpc.entries.is_empty();
         let req = self.bytes_request(&rpc, option.soft_ttl())?;
-        decode_reply(
-            self.client()?
-                .append_entries(req)
-                .await
-                .map_err(|s| send_failed(self.target, s))?,
-        )
+        decode_reply(self.client()?.append_entries(req).await.map_err(|s| {
+            if heartbeat {
+                crate::metrics::heartbeat_send_failed();
+            }
+            send_failed(self.target, s)
+        })?)
     }
 
     fn stream_append<'s, S>(
@@ -299,11 +311,13 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
             .map_err(|e| StreamingError::Network(network(e)))?;
         // A pinned view is written to a file now (off the state machine's task); the file is
         // unlinked once open, so it disappears when the stream ends, however it ends.
+        let saving = std::time::Instant::now();
         let written = snapshot
             .snapshot
             .into_file()
             .await
             .map_err(|e| StreamingError::Network(network(e)))?;
+        crate::metrics::SNAPSHOT_SAVE.observe(saving.elapsed().as_secs_f64());
         let mut file = tokio::fs::File::open(written.path())
             .await
             .map_err(|e| StreamingError::Network(network(e)))?;
@@ -388,6 +402,8 @@ pub fn spawn_prober(
         // The first tick is at once: the first round's answers open proposal batching (see
         // `crate::proposals`), which waits until every member said it applies batches.
         let mut rounds = tokio::time::interval(PROBE_INTERVAL);
+        // The peers of the last round, to forget those that left the membership.
+        let mut probed: Vec<NodeId> = Vec::new();
         rounds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -422,6 +438,15 @@ pub fn spawn_prober(
                 .flatten()
                 .collect();
             let members: Vec<NodeId> = peers.iter().map(|(id, _)| *id).collect();
+            let me = node.member_id();
+            for id in &members {
+                let answered = answers.iter().any(|(a, _)| a == id);
+                crate::peer_metrics::set_active(me, *id, answered);
+            }
+            for gone in probed.iter().filter(|id| !members.contains(id)) {
+                crate::peer_metrics::forget_peer(me, *gone);
+            }
+            probed = members.clone();
             node.proposals.gate().update(&members, &answers);
         }
     });

@@ -207,7 +207,7 @@ impl KeelNode {
             config.value_cache_bytes,
         )?);
         let snapshot_dir = data_dir.join("snapshots");
-        let peers = Peers::new(identity.cluster_id);
+        let peers = Peers::new(identity.cluster_id, identity.member_id);
         peers.set_tls(crate::tls::peer_client_config(&config)?);
         let open_raft = |listener: Option<ApplyListener>| {
             let (config, identity, engine, mvcc) = (&config, &identity, &engine, &mvcc);
@@ -523,10 +523,13 @@ impl KeelNode {
         if self.config.unsafe_local_reads {
             return Ok(());
         }
-        match tokio::time::timeout(REQUEST_TIMEOUT, self.read_barrier_inner()).await {
+        let started = std::time::Instant::now();
+        let result = match tokio::time::timeout(REQUEST_TIMEOUT, self.read_barrier_inner()).await {
             Ok(r) => r,
             Err(_) => Err(ServerError::Timeout),
-        }
+        };
+        crate::metrics::read_index_done(result.is_ok(), started.elapsed());
+        result
     }
 
     async fn read_barrier_inner(&self) -> Result<(), ServerError> {
@@ -660,7 +663,7 @@ async fn discover_cluster(
 ) -> anyhow::Result<(u64, Option<NodeId>)> {
     use keel_proto::keelpb::MemberIdentity;
     let own_name = config.name.as_str();
-    let probe = Peers::new(0);
+    let probe = Peers::new(0, 0);
     probe.set_tls(crate::tls::peer_client_config(config)?);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let sorted = |urls: &[String]| {

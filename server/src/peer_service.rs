@@ -151,6 +151,7 @@ impl RaftPeer for PeerService {
             .node
             .snapshot_dir
             .join(format!("incoming-{}-{seq}.tmp", std::process::id()));
+        let receiving = std::time::Instant::now();
         let result = async {
             let mut file = tokio::fs::File::create(&path)
                 .await
@@ -170,9 +171,12 @@ impl RaftPeer for PeerService {
                     _ => return Err(bad("unexpected snapshot chunk")),
                 }
             }
+            let syncing = std::time::Instant::now();
             file.sync_all()
                 .await
                 .map_err(|e| Status::internal(e.to_string()))?;
+            crate::metrics::SNAPSHOT_DB_FSYNC.observe(syncing.elapsed().as_secs_f64());
+            crate::metrics::SNAPSHOT_DB_SAVE.observe(receiving.elapsed().as_secs_f64());
             let snapshot = Snapshot {
                 meta,
                 snapshot: SnapshotFile::from_path(path.clone()),

@@ -153,6 +153,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         tasks.push(tokio::spawn(
             builder
                 .tcp_nodelay(true)
+                .layer(crate::peer_metrics::PeerBytesLayer)
                 .add_service(svc)
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = rx.wait_for(|s| *s).await;

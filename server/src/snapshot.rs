@@ -105,12 +105,15 @@ pub async fn stream_backup(
             |records| tracing::info!(records, "snapshot progress"),
         );
         match result {
-            Ok((info, _)) => tracing::info!(
-                bytes = info.size,
-                records = info.records,
-                took = ?started.elapsed(),
-                "snapshot sent"
-            ),
+            Ok((info, _)) => {
+                crate::metrics::BACKEND_SNAPSHOT_DURATION.observe(started.elapsed().as_secs_f64());
+                tracing::info!(
+                    bytes = info.size,
+                    records = info.records,
+                    took = ?started.elapsed(),
+                    "snapshot sent"
+                )
+            }
             Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
                 tracing::info!("snapshot stream ended by the client")
             }

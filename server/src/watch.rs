@@ -138,6 +138,14 @@ struct EventShapes {
     with_prev: Option<Arc<SharedEvent>>,
 }
 
+/// Events sent to clients' watch streams by this process (`etcd_debugging_mvcc_events_total`).
+static EVENTS_SENT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Events sent to clients' watch streams so far.
+pub fn events_sent() -> u64 {
+    EVENTS_SENT.load(Ordering::Relaxed)
+}
+
 /// One queued response of a watch stream.
 #[derive(Debug)]
 pub enum Outgoing {
@@ -990,6 +998,27 @@ impl WatchHub {
         let st = self.lock();
         (st.watchers.len(), st.unsynced.len())
     }
+
+    /// Watch streams open (clients' and in-process ones) and the events queued on them, not
+    /// yet sent (`etcd_debugging_mvcc_watch_stream_total`, `..._pending_events_total`).
+    pub fn stream_stats(&self) -> (usize, usize) {
+        let st = self.lock();
+        let pending = st
+            .streams
+            .values()
+            .map(|s| {
+                s.queue
+                    .lock()
+                    .iter()
+                    .map(|out| match out {
+                        Outgoing::Events { events, .. } => events.len(),
+                        Outgoing::Response(r) => r.events.len(),
+                    })
+                    .sum::<usize>()
+            })
+            .sum();
+        (st.streams.len(), pending)
+    }
 }
 
 /// An in-process watch for the server-side recipes (locks and elections, which etcd runs over
@@ -1239,6 +1268,9 @@ impl Stream for QueueStream {
         let this = self.get_mut();
         loop {
             if let Some(out) = this.ready.pop_front() {
+                if let Outgoing::Events { events, .. } = &out {
+                    EVENTS_SENT.fetch_add(events.len() as u64, Ordering::Relaxed);
+                }
                 return Poll::Ready(Some(Ok(WireResponse {
                     out,
                     header: this.header,

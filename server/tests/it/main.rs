@@ -10,6 +10,7 @@ mod lease;
 mod lock;
 mod maintenance;
 mod membership;
+mod metrics;
 mod replication;
 mod tls;
 mod watch;

@@ -1066,3 +1066,57 @@ async fn member_add_waits_while_the_data_predates_the_log() {
         .expect("added once the snapshot is there");
     remover.await.expect("remover");
 }
+
+/// `MemberPromote` of a learner that has caught up makes it a voter, and the leader counts the
+/// promotion (`etcd_server_learner_promote_successes`, as etcd's leader does).
+#[tokio::test]
+async fn a_caught_up_learner_is_promoted_and_the_promotion_counted() {
+    let mut cluster = Cluster::start(1).await;
+    let mut c = client(&cluster.members[0].endpoint())
+        .await
+        .expect("connect");
+    for i in 0..20 {
+        c.put(format!("before-{i}"), "v", None).await.expect("put");
+    }
+    assert_eq!(
+        cluster.members[0].metric("etcd_server_learner_promote_successes"),
+        0.0
+    );
+    let (client_port, peer_port) = (free_port(), free_port());
+    let added = c
+        .member_add(
+            [format!("http://127.0.0.1:{peer_port}")],
+            Some(MemberAddOptions::new().with_is_learner()),
+        )
+        .await
+        .expect("add learner");
+    let id = added.member().expect("member").id();
+    let mut learner = joining_member(&cluster, "learner", client_port, peer_port);
+    learner.start();
+    cluster.members.push(learner);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match c.member_promote(id).await {
+            Ok(_) => break,
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "learner never promoted: {}",
+                    crate::cluster::status_message(&e)
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    let members = c.member_list().await.expect("member list");
+    let promoted = members
+        .members()
+        .iter()
+        .find(|m| m.id() == id)
+        .expect("listed");
+    assert!(!promoted.is_learner());
+    assert_eq!(
+        cluster.members[0].metric("etcd_server_learner_promote_successes"),
+        1.0
+    );
+}

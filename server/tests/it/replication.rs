@@ -224,6 +224,17 @@ async fn follower_behind_the_purged_log_catches_up_from_a_snapshot() {
         log.contains("installed snapshot"),
         "the follower caught up without a snapshot; the test no longer covers snapshots"
     );
+    // etcd's snapshot metrics: the leader wrote the snapshot to a file (and fsynced it), the
+    // follower received and saved it, and no installation is under way any more.
+    let (l, f) = (&cluster.members[leader], &cluster.members[follower]);
+    assert!(l.metric("etcd_debugging_snap_save_total_duration_seconds_count") >= 1.0);
+    assert!(l.metric("etcd_snap_fsync_duration_seconds_count") >= 1.0);
+    assert!(f.metric("etcd_snap_db_save_total_duration_seconds_count") >= 1.0);
+    assert!(f.metric("etcd_snap_db_fsync_duration_seconds_count") >= 1.0);
+    assert_eq!(
+        f.metric("etcd_server_snapshot_apply_in_progress_total"),
+        0.0
+    );
     // The sent file is removed once the stream ends; give the leader a moment.
     tokio::time::sleep(Duration::from_millis(500)).await;
     for m in &cluster.members {

@@ -105,9 +105,9 @@ pub struct ApplyBatch<'a> {
     token_ops: Vec<TokenOp>,
     events: Vec<Event>,
     failure: Option<StoreError>,
-    /// Range, put and delete-range calls of the current MVCC transaction (see
-    /// [`crate::mvcc::store::OpCounts`]).
-    ops: [u64; 3],
+    /// Range, put and delete-range calls of the current MVCC transaction, and the bytes of
+    /// the keys and values it put (see [`crate::mvcc::store::OpCounts`]).
+    ops: [u64; 4],
 }
 
 /// The auth state a command is checked against: this batch's changes, or the published state.
@@ -171,14 +171,15 @@ impl<'a> ApplyBatch<'a> {
             token_ops: Vec::new(),
             events: Vec::new(),
             failure: None,
-            ops: [0; 3],
+            ops: [0; 4],
         }
     }
 
     /// Ends the current MVCC transaction for etcd's operation counters.
     fn end_mvcc_txn(&mut self) {
-        let [ranges, puts, deletes] = std::mem::take(&mut self.ops);
+        let [ranges, puts, deletes, put_bytes] = std::mem::take(&mut self.ops);
         self.store.inner.ops.end_txn(ranges, puts, deletes);
+        self.store.inner.ops.put_bytes(put_bytes);
     }
 
     /// The store revision including this batch's writes so far.
@@ -630,6 +631,7 @@ impl<'a> ApplyBatch<'a> {
             value,
             lease,
         };
+        self.ops[3] += (kv.key.len() + kv.value.len()) as u64;
         let old_lease = prev_entry.as_ref().map(|e| e.lease).unwrap_or(0);
         if old_lease != 0 && old_lease != lease {
             self.lease_keys.push((old_lease, p.key.clone(), false));

@@ -233,6 +233,8 @@ pub struct OpCounts {
     pub puts: u64,
     pub deletes: u64,
     pub txns: u64,
+    /// Bytes of the keys and values put (etcd's `total_put_size_in_bytes`).
+    pub put_bytes: u64,
 }
 
 #[derive(Debug, Default)]
@@ -241,6 +243,7 @@ pub(crate) struct OpCounters {
     puts: std::sync::atomic::AtomicU64,
     deletes: std::sync::atomic::AtomicU64,
     txns: std::sync::atomic::AtomicU64,
+    put_bytes: std::sync::atomic::AtomicU64,
 }
 
 impl OpCounters {
@@ -260,12 +263,19 @@ impl OpCounters {
         }
     }
 
+    pub(crate) fn put_bytes(&self, n: u64) {
+        if n > 0 {
+            self.put_bytes.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
     fn get(&self) -> OpCounts {
         OpCounts {
             ranges: self.ranges.load(Ordering::Relaxed),
             puts: self.puts.load(Ordering::Relaxed),
             deletes: self.deletes.load(Ordering::Relaxed),
             txns: self.txns.load(Ordering::Relaxed),
+            put_bytes: self.put_bytes.load(Ordering::Relaxed),
         }
     }
 }
@@ -1094,12 +1104,16 @@ impl MvccStore {
 /// Deletes superseded revisions at or below `at`, a chunk of keys at a time, releasing the index
 /// lock between chunks so readers and the applier keep going.
 fn physical_compact(inner: &Inner, at: i64) -> Result<(), StoreError> {
+    use crate::observe::{CompactionStep, compaction};
+    let started = std::time::Instant::now();
     let mut cursor: Option<Vec<u8>> = None;
     loop {
         let mut batch = WriteBatch::new();
         let mut last = None;
+        let mut deleted = 0u64;
         {
             let mut index = inner.write_index();
+            let held = std::time::Instant::now();
             let lower = match &cursor {
                 Some(c) => Bound::Excluded(c.clone()),
                 None => Bound::Unbounded,
@@ -1113,6 +1127,7 @@ fn physical_compact(inner: &Inner, at: i64) -> Result<(), StoreError> {
                 if let Some(entries) = index.get_mut(&k) {
                     for gone in compact_entries(entries, at) {
                         batch.delete(Table::Kv, gone.rev.encode(gone.tombstone).to_vec());
+                        deleted += 1;
                     }
                     if entries.is_empty() {
                         index.remove(&k);
@@ -1120,9 +1135,13 @@ fn physical_compact(inner: &Inner, at: i64) -> Result<(), StoreError> {
                 }
                 last = Some(k);
             }
+            compaction(CompactionStep::IndexPause(held.elapsed()));
         }
         if !batch.is_empty() {
+            let writing = std::time::Instant::now();
             inner.engine.write(batch, false)?;
+            compaction(CompactionStep::DbPause(writing.elapsed()));
+            compaction(CompactionStep::Deleted(deleted));
         }
         match last {
             Some(k) => cursor = Some(k),
@@ -1133,5 +1152,6 @@ fn physical_compact(inner: &Inner, at: i64) -> Result<(), StoreError> {
     done.put(Table::Meta, META_COMPACT_DONE, at.to_be_bytes().to_vec());
     inner.engine.write(done, false)?;
     inner.compact_done.send_replace(at);
+    compaction(CompactionStep::Finished(started.elapsed()));
     Ok(())
 }

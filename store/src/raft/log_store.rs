@@ -286,6 +286,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         {
             let mut cache = self.reader.cache();
             self.engine().write(batch, false).map_err(io_err)?;
+            crate::observe::wal_written(sized.iter().map(|(_, size)| *size as u64).sum());
             for (entry, size) in sized {
                 cache.push(entry, size);
             }

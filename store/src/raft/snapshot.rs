@@ -278,7 +278,9 @@ impl SnapshotWriter {
         let crc = self.crc.clone().finalize();
         self.out.write_all(&crc.to_be_bytes())?;
         let file = self.out.into_inner().map_err(|e| e.into_error())?;
+        let syncing = std::time::Instant::now();
         file.sync_all()?;
+        crate::observe::snapshot_fsync(syncing.elapsed());
         fs::rename(&self.tmp_path, final_path)?;
         sync_dir(final_path)?;
         Ok(self.records)

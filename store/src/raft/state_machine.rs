@@ -261,7 +261,12 @@ fn apply_chunk(
                 ..Default::default()
             },
             EntryPayload::Normal(cmd) => {
+                let observer = crate::observe::apply_entry_observer();
+                let started = observer.map(|_| std::time::Instant::now());
                 let outcome = batch.apply(cmd.request());
+                if let (Some(observe), Some(started)) = (observer, started) {
+                    observe(log_id.index, started.elapsed());
+                }
                 events.extend(outcome.events);
                 outcome.response
             }
@@ -357,6 +362,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .map(|l| (l.index, l.leader_id.term))
             .unwrap_or((0, 0));
         self.snapshot_seq += 1;
+        let _installing = crate::observe::InstallingSnapshot::start();
         let stem = format!("{index:020}-{term:020}-{:06}", self.snapshot_seq);
         let installing = self.snapshot_dir.join(format!("installing-{stem}.snap"));
         // A received file is installed as it is; a pinned view (another state machine's, in
