@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -244,10 +245,23 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
     {
         Box::pin(async move {
             let mut client = self.client()?;
+            // openraft sends its heartbeats on a stream of their own, whose appends carry no
+            // entries: a stream that fails before it carried an entry counts as a failed
+            // heartbeat (`etcd_server_heartbeat_send_failures_total`).
+            let carried_entries = Arc::new(AtomicBool::new(false));
+            let carried = carried_entries.clone();
             // An entry that cannot be encoded ends the stream; openraft then retries.
-            let requests = input.scan((), |_, r| {
+            let requests = input.scan((), move |_, r| {
+                if !r.entries.is_empty() {
+                    carried.store(true, Ordering::Relaxed);
+                }
                 futures::future::ready(encode(&r).ok().map(|data| RaftBytes { data }))
             });
+            let heartbeat_failed = move || {
+                if !carried_entries.load(Ordering::Relaxed) {
+                    crate::metrics::heartbeat_send_failed();
+                }
+            };
             let req = self.peers.request(self.target, requests);
             let replies = match client.stream_append(req).await {
                 Ok(r) => r.into_inner(),
@@ -256,12 +270,16 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
                     // which a refused connection never does: without this pause a dead peer
                     // makes the leader retry in a tight loop.
                     tokio::time::sleep(UNREACHABLE_BACKOFF).await;
+                    heartbeat_failed();
                     return Err(send_failed(self.target, status));
                 }
             };
             let target = self.target;
             let results = replies.map(move |item| {
-                let bytes = item.map_err(|s| send_failed(target, s))?;
+                let bytes = item.map_err(|s| {
+                    heartbeat_failed();
+                    send_failed(target, s)
+                })?;
                 decode::<StreamAppendResult<TypeConfig>>(&bytes.data)
                     .map_err(|e| RPCError::Network(network(e)))
             });

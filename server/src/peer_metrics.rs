@@ -130,7 +130,7 @@ pin_project_lite::pin_project! {
     pub struct CountedResponse<F> {
         #[pin]
         inner: F,
-        counter: Option<IntCounter>,
+        counter: IntCounter,
     }
 }
 
@@ -143,7 +143,7 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let result = std::task::ready!(this.inner.poll(cx));
-        let counter = this.counter.take().unwrap_or_else(|| sent_to(0));
+        let counter = this.counter.clone();
         Poll::Ready(result.map(|response| response.map(|inner| ByteCountedBody { inner, counter })))
     }
 }
@@ -193,7 +193,7 @@ where
         });
         CountedResponse {
             inner: self.inner.call(req),
-            counter: Some(sent_to(sender)),
+            counter: sent_to(sender),
         }
     }
 }
@@ -236,7 +236,7 @@ impl tower::Service<Request<tonic::body::Body>> for PeerChannel {
         });
         CountedResponse {
             inner: tower::Service::call(&mut self.inner, req),
-            counter: Some(self.received.clone()),
+            counter: self.received.clone(),
         }
     }
 }

@@ -256,3 +256,29 @@ async fn client_requests_are_counted_by_the_api_version_they_announce() {
             .contains("and more")
     );
 }
+
+#[tokio::test]
+async fn a_dead_peer_is_inactive_and_fails_the_leaders_heartbeats() {
+    let mut cluster = Cluster::start(3).await;
+    let ids = member_ids(&cluster).await;
+    let leader = cluster.leader().await;
+    let dead = (leader + 1) % 3;
+    let active = |m: &Member| {
+        m.metric(&format!(
+            "etcd_network_active_peers{{Local=\"{:x}\",Remote=\"{:x}\"}}",
+            ids[leader], ids[dead]
+        ))
+    };
+    eventually("the peer is active", || {
+        active(&cluster.members[leader]) == 1.0
+    })
+    .await;
+    let failures = cluster.members[leader].metric("etcd_server_heartbeat_send_failures_total");
+    cluster.members[dead].kill();
+    let l = &cluster.members[leader];
+    eventually("heartbeats to the dead peer fail", || {
+        l.metric("etcd_server_heartbeat_send_failures_total") > failures
+    })
+    .await;
+    eventually("the dead peer is inactive", || active(l) == 0.0).await;
+}
