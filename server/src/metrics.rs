@@ -25,10 +25,15 @@ use crate::watch::WatchHub;
 /// How long a measured database size is reused (reading it asks RocksDB for six properties).
 const DB_SIZE_TTL: Duration = Duration::from_millis(100);
 
+/// A histogram whose `count` buckets start at `start` and double.
+fn doubling_histogram(name: &str, help: &str, start: f64, count: usize) -> Histogram {
+    let buckets = exponential_buckets(start, 2.0, count).expect("valid buckets");
+    Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets)).expect("valid histogram")
+}
+
 fn histogram(name: &str, help: &str) -> Histogram {
     // etcd's buckets: 1 ms to 8 s, doubling.
-    let buckets = exponential_buckets(0.001, 2.0, 14).expect("valid buckets");
-    Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets)).expect("valid histogram")
+    doubling_histogram(name, help, 0.001, 14)
 }
 
 static WAL_FSYNC: LazyLock<Histogram> = LazyLock::new(|| {
@@ -47,15 +52,12 @@ static BACKEND_COMMIT: LazyLock<Histogram> = LazyLock::new(|| {
 /// Defragmentation (Keel: a full compaction of every table), with etcd's buckets: 0.1 s to
 /// 409.6 s, doubling.
 pub static DEFRAG_DURATION: LazyLock<Histogram> = LazyLock::new(|| {
-    let buckets = exponential_buckets(0.1, 2.0, 13).expect("valid buckets");
-    Histogram::with_opts(
-        HistogramOpts::new(
-            "etcd_disk_backend_defrag_duration_seconds",
-            "The latency distribution of backend defragmentation.",
-        )
-        .buckets(buckets),
+    doubling_histogram(
+        "etcd_disk_backend_defrag_duration_seconds",
+        "The latency distribution of backend defragmentation.",
+        0.1,
+        13,
     )
-    .expect("valid histogram")
 });
 pub static DEFRAG_INFLIGHT: LazyLock<IntGauge> = LazyLock::new(|| {
     IntGauge::new(
@@ -97,11 +99,6 @@ pub const SLOW_READ_INDEX: Duration = Duration::from_millis(500);
 
 fn counter_static(name: &str, help: &str) -> IntCounter {
     IntCounter::new(name, help).expect("valid counter")
-}
-
-fn doubling_histogram(name: &str, help: &str, start: f64, count: usize) -> Histogram {
-    let buckets = exponential_buckets(start, 2.0, count).expect("valid buckets");
-    Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets)).expect("valid histogram")
 }
 
 static SLOW_APPLIES: LazyLock<IntCounter> = LazyLock::new(|| {
@@ -172,8 +169,8 @@ pub static HASH_DURATION: LazyLock<Histogram> = LazyLock::new(|| {
         15,
     )
 });
-/// A whole backend snapshot sent (a client's `Snapshot` stream or a snapshot sent to a
-/// member), etcd's buckets: 10 ms to 655.36 s, doubling.
+/// A whole backup streamed to a client (`Maintenance.Snapshot`), etcd's buckets: 10 ms to
+/// 655.36 s, doubling.
 pub static BACKEND_SNAPSHOT_DURATION: LazyLock<Histogram> = LazyLock::new(|| {
     doubling_histogram(
         "etcd_disk_backend_snapshot_duration_seconds",
@@ -295,7 +292,7 @@ pub fn read_index_done(ok: bool, took: Duration) {
     }
 }
 
-/// A heartbeat (an append without entries) the leader could not send.
+/// A heartbeat the leader could not send (see `PeerConnection::stream_append` in `crate::network`).
 pub fn heartbeat_send_failed() {
     HEARTBEAT_SEND_FAILURES.inc();
 }
@@ -330,14 +327,32 @@ fn soft_limit(limits: &str, row: &str) -> Option<u64> {
     }
 }
 
-/// Open and allowed file descriptors of this process (`os_fd_used`, `os_fd_limit`) and its
-/// address-space limit (`process_virtual_memory_max_bytes`).
-fn process_limits() -> (i64, i64, f64) {
-    let used = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as i64);
+/// This process's address-space limit (`process_virtual_memory_max_bytes`).
+fn address_space_limit() -> f64 {
     let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
-    let fds = soft_limit(&limits, "Max open files").unwrap_or(0);
-    let address_space = soft_limit(&limits, "Max address space").unwrap_or(u64::MAX);
-    (used, fds.min(i64::MAX as u64) as i64, address_space as f64)
+    soft_limit(&limits, "Max address space").unwrap_or(u64::MAX) as f64
+}
+
+/// etcd's names for two of the process collector's families, which it reads at every scrape:
+/// `os_fd_used` is `process_open_fds`, `os_fd_limit` is `process_max_fds` (the same reading,
+/// not a second one).
+fn fd_aliases(
+    families: &[prometheus::proto::MetricFamily],
+) -> Vec<prometheus::proto::MetricFamily> {
+    families
+        .iter()
+        .filter_map(|f| {
+            let (name, help) = match f.name() {
+                "process_open_fds" => ("os_fd_used", "The number of used file descriptors."),
+                "process_max_fds" => ("os_fd_limit", "The file descriptor limit."),
+                _ => return None,
+            };
+            let mut alias = f.clone();
+            alias.set_name(name.to_string());
+            alias.set_help(help.to_string());
+            Some(alias)
+        })
+        .collect()
 }
 
 /// A peer probe's round trip (`To` is the peer's member ID in hex, as etcd labels it).
@@ -396,8 +411,6 @@ pub struct Metrics {
     events_sent: IntCounter,
     wal_write_bytes: IntGauge,
     snapshot_installs: IntGauge,
-    fd_used: IntGauge,
-    fd_limit: IntGauge,
     virtual_memory_max: prometheus::Gauge,
     auth_revision: IntGauge,
     put_bytes: IntGauge,
@@ -643,8 +656,6 @@ impl Metrics {
                 "etcd_server_snapshot_apply_in_progress_total",
                 "1 if the server is applying the incoming snapshot. 0 if none.",
             ),
-            fd_used: gauge("os_fd_used", "The number of used file descriptors."),
-            fd_limit: gauge("os_fd_limit", "The file descriptor limit."),
             virtual_memory_max: {
                 let g = prometheus::Gauge::new(
                     "process_virtual_memory_max_bytes",
@@ -852,24 +863,22 @@ impl Metrics {
             .set(keel_store::observe::wal_write_bytes().min(i64::MAX as u64) as i64);
         self.snapshot_installs
             .set(keel_store::observe::snapshot_installs_in_progress().min(1));
-        let (fd_used, fd_limit, address_space) = process_limits();
-        self.fd_used.set(fd_used);
-        self.fd_limit.set(fd_limit);
-        self.virtual_memory_max.set(address_space);
+        self.virtual_memory_max.set(address_space_limit());
         self.auth_revision
             .set(node.mvcc.auth().revision().min(i64::MAX as u64) as i64);
         self.value_cache_hits
             .inc_by(cache.hits.saturating_sub(self.value_cache_hits.get()));
         self.value_cache_misses
             .inc_by(cache.misses.saturating_sub(self.value_cache_misses.get()));
-        let (watchers, unsynced) = hub.counts();
-        self.watchers.set(watchers as i64);
-        self.slow_watchers.set(unsynced as i64);
-        let (streams, pending) = hub.stream_stats();
-        self.watch_streams.set(streams as i64);
-        self.pending_events.set(pending as i64);
+        let counts = hub.counts();
+        self.watchers.set(counts.watchers as i64);
+        self.slow_watchers.set(counts.unsynced as i64);
+        self.watch_streams.set(counts.streams as i64);
+        self.pending_events.set(counts.pending_events as i64);
+        let mut families = self.registry.gather();
+        families.extend(fd_aliases(&families));
         let mut buf = Vec::new();
-        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+        if let Err(e) = TextEncoder::new().encode(&families, &mut buf) {
             tracing::warn!("encoding metrics: {e}");
         }
         String::from_utf8(buf).unwrap_or_default()

@@ -219,14 +219,13 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        let heartbeat = rpc.entries.is_empty();
         let req = self.bytes_request(&rpc, option.soft_ttl())?;
-        decode_reply(self.client()?.append_entries(req).await.map_err(|s| {
-            if heartbeat {
-                crate::metrics::heartbeat_send_failed();
-            }
-            send_failed(self.target, s)
-        })?)
+        decode_reply(
+            self.client()?
+                .append_entries(req)
+                .await
+                .map_err(|s| send_failed(self.target, s))?,
+        )
     }
 
     fn stream_append<'s, S>(

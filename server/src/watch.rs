@@ -138,6 +138,19 @@ struct EventShapes {
     with_prev: Option<Arc<SharedEvent>>,
 }
 
+/// What [`WatchHub::counts`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HubCounts {
+    /// Watchers on this member.
+    pub watchers: usize,
+    /// Of those, the ones catching up from history.
+    pub unsynced: usize,
+    /// Watch streams open (clients' and the lock and election services' own).
+    pub streams: usize,
+    /// Events queued on the streams and not sent yet.
+    pub pending_events: usize,
+}
+
 /// Events sent to clients' watch streams by this process (`etcd_debugging_mvcc_events_total`).
 static EVENTS_SENT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
@@ -993,17 +1006,10 @@ impl WatchHub {
         }
     }
 
-    /// Number of watchers and of those catching up, for metrics and tests.
-    pub fn counts(&self) -> (usize, usize) {
+    /// Watchers, streams and queued events, for metrics (one look under the hub's lock).
+    pub fn counts(&self) -> HubCounts {
         let st = self.lock();
-        (st.watchers.len(), st.unsynced.len())
-    }
-
-    /// Watch streams open (clients' and in-process ones) and the events queued on them, not
-    /// yet sent (`etcd_debugging_mvcc_watch_stream_total`, `..._pending_events_total`).
-    pub fn stream_stats(&self) -> (usize, usize) {
-        let st = self.lock();
-        let pending = st
+        let pending_events = st
             .streams
             .values()
             .map(|s| {
@@ -1017,7 +1023,12 @@ impl WatchHub {
                     .sum::<usize>()
             })
             .sum();
-        (st.streams.len(), pending)
+        HubCounts {
+            watchers: st.watchers.len(),
+            unsynced: st.unsynced.len(),
+            streams: st.streams.len(),
+            pending_events,
+        }
     }
 }
 

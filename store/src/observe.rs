@@ -3,9 +3,10 @@
 //! The server installs one observer per hook at start-up (first caller wins; the hooks are
 //! process-wide, like Prometheus' default registry); the store calls them with the duration of
 //! each Raft log fsync (`etcd_disk_wal_fsync_duration_seconds`) and of each apply batch's engine
-//! write (`etcd_disk_backend_commit_duration_seconds`), and with the index and duration of each
-//! applied command (`etcd_server_slow_apply_total`). Without an observer a hook costs one
-//! atomic load. Two counters are read instead of pushed: the bytes of Raft log entries written
+//! write (`etcd_disk_backend_commit_duration_seconds`), of each snapshot file's fsync
+//! (`etcd_snap_fsync_duration_seconds`), with the index and duration of each applied command
+//! (`etcd_server_slow_apply_total`), and with the steps of each physical compaction
+//! (`etcd_debugging_mvcc_*compaction*`). Without an observer a hook costs one atomic load. Two counters are read instead of pushed: the bytes of Raft log entries written
 //! ([`wal_write_bytes`]) and the snapshot installations under way
 //! ([`snapshot_installs_in_progress`]).
 //!
@@ -23,11 +24,18 @@ pub type DurationObserver = Box<dyn Fn(Duration) + Send + Sync>;
 pub type EntryObserver = Box<dyn Fn(u64, Duration) + Send + Sync>;
 
 static WAL_FSYNC: OnceLock<DurationObserver> = OnceLock::new();
+static BACKEND_COMMIT: OnceLock<DurationObserver> = OnceLock::new();
 static SNAPSHOT_FSYNC: OnceLock<DurationObserver> = OnceLock::new();
 static APPLY_ENTRY: OnceLock<EntryObserver> = OnceLock::new();
 static WAL_WRITE_BYTES: AtomicU64 = AtomicU64::new(0);
 static SNAPSHOT_INSTALLS: AtomicI64 = AtomicI64::new(0);
-static BACKEND_COMMIT: OnceLock<DurationObserver> = OnceLock::new();
+
+/// Calls `hook`'s observer, if one is installed.
+fn observe(hook: &OnceLock<DurationObserver>, d: Duration) {
+    if let Some(f) = hook.get() {
+        f(d);
+    }
+}
 
 /// Observes every fsync of the Raft log (one per group commit). Returns false if an observer
 /// was already installed.
@@ -41,15 +49,11 @@ pub fn set_backend_commit_observer(f: DurationObserver) -> bool {
 }
 
 pub(crate) fn wal_fsync(d: Duration) {
-    if let Some(f) = WAL_FSYNC.get() {
-        f(d);
-    }
+    observe(&WAL_FSYNC, d);
 }
 
 pub(crate) fn backend_commit(d: Duration) {
-    if let Some(f) = BACKEND_COMMIT.get() {
-        f(d);
-    }
+    observe(&BACKEND_COMMIT, d);
 }
 
 /// Observes every applied command (a `Normal` log entry): its index and the time its apply
@@ -129,7 +133,5 @@ pub fn set_snapshot_fsync_observer(f: DurationObserver) -> bool {
 }
 
 pub(crate) fn snapshot_fsync(d: Duration) {
-    if let Some(f) = SNAPSHOT_FSYNC.get() {
-        f(d);
-    }
+    observe(&SNAPSHOT_FSYNC, d);
 }
