@@ -54,8 +54,11 @@ for round in $(seq "$ROUNDS"); do
         for c in "${CASE_LIST[@]}"; do
             read -ra args <<< "$c"
             eps=$(endpoints keel)
-            # A single connection goes to the leader (as in compare.sh).
-            if [[ " $c " == *" --conns 1 "* ]]; then eps=$(leader_first keel); fi
+            # A single connection, or a watch case's single writer (it uses the first
+            # endpoint), goes to the leader (as in compare.sh).
+            if [[ " $c " == *" --conns 1 "* ]] || [[ " $c " == *"watch "*" --clients 1 "* ]]; then
+                eps=$(leader_first keel)
+            fi
             before=$(cpu_ticks)
             out=$("$BENCH" "${args[@]}" --duration 6 --json --quiet --endpoints "$eps")
             after=$(cpu_ticks)

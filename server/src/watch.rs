@@ -18,6 +18,10 @@
 //!   revision's responses for many watchers of one stream go out in one write; a watcher that
 //!   has several revisions queued gets them merged into one response (whole revisions, never
 //!   past a control response; see `coalesce`).
+//! - The state machine answers a chunk's writers before it hands the chunk to the hub, so a
+//!   writer never waits for the fan-out of its own events. A watch from "the next revision"
+//!   therefore starts after the store's applied revision, not the hub's dispatched one (which
+//!   may lag by the chunk being handed over), and waits unsynced until dispatch catches up.
 //! - Every revision bump produces at least one event, so a chunk that skips revisions (after a
 //!   Raft snapshot was installed) is detected and synced watchers fall back to history rather
 //!   than silently miss events.
@@ -771,10 +775,17 @@ impl WatchHub {
             id
         };
         let filters: Vec<i32> = req.filters.clone();
-        let start = if req.start_revision <= 0 {
-            current + 1
+        // "From the next revision" means after what this member has applied. A writer is
+        // answered before its revision's events are dispatched (the state machine calls the
+        // hub after answering), so a watch it creates at once must not receive them: such a
+        // watcher starts after the applied revision, says so in its created response, and
+        // waits unsynced until dispatch has caught up (see `sync_once`).
+        let (start, created_rev) = if req.start_revision <= 0 {
+            let applied = self.mvcc.get().map_or(current, |m| m.current_revision());
+            let now = current.max(applied);
+            (now + 1, now)
         } else {
-            req.start_revision
+            (req.start_revision, current)
         };
         let synced = start == current + 1;
         st.next_key += 1;
@@ -794,7 +805,7 @@ impl WatchHub {
         };
         // The created response is queued before the watcher can receive anything.
         queue.push(WatchResponse {
-            header: Some(rev_header(current)),
+            header: Some(rev_header(created_rev)),
             watch_id,
             created: true,
             ..Default::default()

@@ -576,3 +576,103 @@ async fn watch_id_script(endpoint: &str) -> Vec<WatchIdStep> {
     record(next_response(&mut responses).await);
     steps
 }
+
+/// A watch "from now" created right after a write was answered starts after that write, as
+/// with etcd, even while the write's events are still being dispatched to many other watchers
+/// (a member answers the writer before it dispatches the revision's events).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_from_now_after_an_answered_write_starts_after_it() {
+    use keel_proto::etcdserverpb::watch_client::WatchClient;
+    use keel_proto::etcdserverpb::watch_request::RequestUnion;
+    use keel_proto::etcdserverpb::{WatchCreateRequest, WatchRequest};
+
+    let cluster = Cluster::start(1).await;
+    let endpoint = cluster.members[0].endpoint();
+    let mut c = client(&endpoint).await.unwrap();
+    // 4 000 prefix watchers on other streams make each revision's dispatch take a while.
+    let mut crowd = Vec::new();
+    for _ in 0..4 {
+        let mut wc = WatchClient::connect(format!("http://{endpoint}"))
+            .await
+            .unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(1000);
+        for _ in 0..1000 {
+            tx.send(WatchRequest {
+                request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+                    key: b"now/".to_vec(),
+                    range_end: b"now0".to_vec(),
+                    ..Default::default()
+                })),
+            })
+            .await
+            .unwrap();
+        }
+        let mut responses = wc
+            .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        for _ in 0..1000 {
+            assert!(next_response(&mut responses).await.created);
+        }
+        // Drained in the background so the crowd stays synced.
+        crowd.push((
+            tx,
+            tokio::spawn(async move { while let Ok(Some(_)) = responses.message().await {} }),
+        ));
+    }
+    let mut wc = WatchClient::connect(format!("http://{endpoint}"))
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut probe = wc
+        .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    for i in 0..40 {
+        let key = format!("now/{i}");
+        let written = c
+            .put(key.as_str(), "before", None)
+            .await
+            .unwrap()
+            .header()
+            .unwrap()
+            .revision();
+        tx.send(WatchRequest {
+            request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+                key: key.clone().into_bytes(),
+                ..Default::default()
+            })),
+        })
+        .await
+        .unwrap();
+        let created = next_response(&mut probe).await;
+        assert!(created.created, "{created:?}");
+        let header_rev = created.header.as_ref().map_or(0, |h| h.revision);
+        assert!(
+            header_rev >= written,
+            "created at {header_rev}, before the answered write at {written}"
+        );
+        let later = c
+            .put(key.as_str(), "after", None)
+            .await
+            .unwrap()
+            .header()
+            .unwrap()
+            .revision();
+        let got = next_response(&mut probe).await;
+        assert_eq!(got.watch_id, created.watch_id);
+        let revs: Vec<i64> = got
+            .events
+            .iter()
+            .filter_map(|e| e.kv.as_ref().map(|kv| kv.mod_revision))
+            .collect();
+        assert_eq!(
+            revs,
+            vec![later],
+            "iteration {i}: a watch from now created after the write at {written}"
+        );
+    }
+    drop(crowd);
+}

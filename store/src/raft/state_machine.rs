@@ -324,13 +324,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 index: self.last_applied.map(|l| l.index).unwrap_or(0),
                 revision: self.mvcc.current_revision(),
             };
-            if let Some(listener) = &self.listener {
-                listener(&AppliedChunk {
-                    applied: applied.clone(),
-                    events: result.events,
-                });
-            }
-            self.applied_tx.send_replace(applied);
+            // Writers first, then the listener (the watch hub, whose dispatch to thousands of
+            // watchers can take a millisecond): a writer's answer does not wait for the fan-out
+            // of its own events. `applied_tx` moves last, so what waits for an applied index
+            // (a follower's forwarded write, a linearizable read) still finds the events
+            // dispatched.
             for (responder, mut response) in result.responses {
                 if response.revision == 0 {
                     response.revision = self.mvcc.current_revision();
@@ -339,6 +337,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     r.send(CommandResult(response));
                 }
             }
+            if let Some(listener) = &self.listener {
+                listener(&AppliedChunk {
+                    applied: applied.clone(),
+                    events: result.events,
+                });
+            }
+            self.applied_tx.send_replace(applied);
         }
         Ok(())
     }
