@@ -41,6 +41,7 @@ fn chunk(key: &[u8], rev: i64) -> AppliedChunk {
             kv: Some(kv(key, rev)),
             prev_kv: None,
         }],
+        ..Default::default()
     }
 }
 

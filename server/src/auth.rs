@@ -200,8 +200,12 @@ pub fn authorized(header: RequestHeader, cmd: Cmd) -> RaftRequest {
     RaftRequest {
         request: Some(Cmd::Authorized(Box::new(AuthorizedRequest {
             header: Some(header),
-            request: Some(Box::new(RaftRequest { request: Some(cmd) })),
+            request: Some(Box::new(RaftRequest {
+                request: Some(cmd),
+                origin: None,
+            })),
         }))),
+        origin: None,
     }
 }
 
@@ -549,6 +553,7 @@ impl Auth for AuthService {
                         name: r.name.clone(),
                         simple_token: token,
                     })),
+                    origin: None,
                 })
                 .await?;
             // The password was checked at `checked`; if the auth state moved meanwhile (the

@@ -131,6 +131,7 @@ async fn compact(node: &KeelNode, rev: i64, mode: &str) -> bool {
             revision: rev,
             physical: false,
         })),
+        origin: None,
     };
     match node.propose(req).await {
         Ok(_) => {

@@ -77,6 +77,7 @@ async fn raise_corrupt(node: &KeelNode, member: NodeId) {
             member_id: member,
             alarm: AlarmType::Corrupt as i32,
         })),
+        origin: None,
     };
     match node.propose_raw(req).await {
         Ok(_) => {

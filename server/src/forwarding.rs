@@ -2,11 +2,20 @@
 //!
 //! - **Writes and lease keep-alives** ([`WritePipes`]): one long-lived `ForwardStream` per
 //!   leader carries every forwarded write and every keep-alive that reached this member. Each
-//!   gets an id; the leader handles them concurrently and answers each one when it completes,
-//!   in any order. A unary call per request cost an HTTP/2 stream (headers, trailers,
-//!   flow-control window updates) on both members; on the stream a request is one DATA frame
-//!   each way. (A leader that predates keep-alives on the stream rejects them; the lessor then
-//!   uses the unary `LeaseRenew`.)
+//!   gets an id; the leader handles them concurrently and answers each keep-alive when it
+//!   completes, in any order. A unary call per request cost an HTTP/2 stream (headers,
+//!   trailers, flow-control window updates) on both members; on the stream a request is one
+//!   DATA frame. (A leader that predates keep-alives on the stream rejects them; the lessor
+//!   then uses the unary `LeaseRenew`.)
+//! - **A forwarded write is answered from this member's own apply** ([`ForwardAnswers`]), as
+//!   etcd's members answer their requests by ID: the write carries a `ForwardOrigin` (this
+//!   member, this process's incarnation, the id) into the log, and when this member applies
+//!   it, its state machine hands the response to [`ForwardAnswers::deliver`], which wakes the
+//!   waiting handler. The leader replies on the stream only when the write fails (not leader,
+//!   timed out, ...). This saves the reply's encoding, its trip back and a task hand-off on
+//!   both members for every forwarded write. A leader that predates this replies anyway
+//!   ([`Answer::FromLeader`]); a snapshot installed instead of the entries fails the writes
+//!   still waiting with "request timed out" (their outcome is unknown to this member).
 //! - **Read indexes** ([`ReadIndexBatcher`]): linearizable reads arriving while a `ReadIndex`
 //!   call to the leader is in flight wait for the *next* call, which answers all of them.
 //!   Linearizable because every read is answered by a call the leader received after the
@@ -17,9 +26,12 @@
 //! a new stream.
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use keel_proto::keelpb::{ForwardEnvelope, ForwardReply, RaftRequest, RaftResponse};
+use keel_proto::keelpb::{ForwardEnvelope, ForwardOrigin, ForwardReply, RaftRequest, RaftResponse};
+use keel_store::raft::state_machine::AppliedChunk;
 use keel_store::raft::{MemberNode, NodeId};
 use tokio::sync::{mpsc, oneshot};
 
@@ -31,11 +43,13 @@ type WriteReply = oneshot::Sender<Result<RaftResponse, ServerError>>;
 /// `Ok(None)`: the leader does not take keep-alives on the stream.
 type RenewReply = oneshot::Sender<Result<Option<i64>, ServerError>>;
 
-/// What a follower hands to the leader on its forwarding stream.
+/// What a follower hands to the leader on its forwarding stream, with its id.
 enum Forwarded {
-    Write(RaftRequest, WriteReply),
+    /// A write answered from this member's apply; the reply comes only if it fails (or the
+    /// leader predates answers on apply).
+    Write(u64, RaftRequest, WriteReply),
     /// A keep-alive of this lease.
-    Renew(i64, RenewReply),
+    Renew(u64, i64, RenewReply),
 }
 
 /// Who waits for the reply to one envelope.
@@ -45,21 +59,23 @@ enum Waiter {
 }
 
 impl Forwarded {
-    fn into_parts(self, id: u64) -> (ForwardEnvelope, Waiter) {
+    fn into_parts(self) -> (ForwardEnvelope, Waiter) {
         match self {
-            Forwarded::Write(request, reply) => (
+            Forwarded::Write(id, request, reply) => (
                 ForwardEnvelope {
                     id,
                     request: Some(request),
                     lease_renew: 0,
+                    answered_on_apply: true,
                 },
                 Waiter::Write(reply),
             ),
-            Forwarded::Renew(lease, reply) => (
+            Forwarded::Renew(id, lease, reply) => (
                 ForwardEnvelope {
                     id,
                     request: None,
                     lease_renew: lease,
+                    answered_on_apply: false,
                 },
                 Waiter::Renew(reply),
             ),
@@ -68,11 +84,19 @@ impl Forwarded {
 
     /// Answers a request that never reached a stream (see [`Waiter::fail`]).
     fn fail(self, e: ServerError) {
-        self.into_parts(0).1.fail(e)
+        self.into_parts().1.fail(e)
     }
 }
 
 impl Waiter {
+    /// Whether nobody waits any more (a write answered from the apply, a caller gone).
+    fn is_closed(&self) -> bool {
+        match self {
+            Waiter::Write(reply) => reply.is_closed(),
+            Waiter::Renew(reply) => reply.is_closed(),
+        }
+    }
+
     /// Answers a request whose stream broke or could not be opened. A write may or may not
     /// have been applied, so it gets `e`; a keep-alive can safely be sent again, so it gets
     /// "no leader", which the lessor retries (on the next leader).
@@ -87,24 +111,149 @@ impl Waiter {
 /// The queue of a leader's forwarding stream.
 type WriteQueue = mpsc::UnboundedSender<Forwarded>;
 
+/// How a forwarded write was answered.
+#[derive(Debug)]
+pub enum Answer {
+    /// By this member's own apply of it: this member's state includes it.
+    Applied(RaftResponse),
+    /// By a leader that predates answers on apply, with the entry's log index: the caller
+    /// waits until this member has applied it.
+    FromLeader(RaftResponse),
+}
+
+type AppliedReply = oneshot::Sender<Result<RaftResponse, ServerError>>;
+
+/// The forwarded writes of this member process waiting for their answer from its apply.
+pub struct ForwardAnswers {
+    /// Chosen at start: an entry forwarded by an earlier run of this member (ids start again
+    /// at 1) never answers a request of this one.
+    incarnation: u64,
+    waiting: Mutex<HashMap<u64, AppliedReply>>,
+}
+
+impl ForwardAnswers {
+    fn new() -> Self {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        ForwardAnswers {
+            incarnation: h.finish(),
+            waiting: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Called with every applied chunk (before the watch hub sees it): answers this member's
+    /// forwarded writes that the chunk applied. After a snapshot was installed the writes
+    /// still waiting are failed with "request timed out": their entries may be inside the
+    /// snapshot, and their responses are not.
+    pub fn deliver(&self, chunk: &AppliedChunk) {
+        if chunk.answers.is_empty() && !chunk.installed_snapshot {
+            return;
+        }
+        let Ok(mut waiting) = self.waiting.lock() else {
+            return;
+        };
+        for (origin, response) in &chunk.answers {
+            if origin.incarnation == self.incarnation
+                && let Some(reply) = waiting.remove(&origin.id)
+            {
+                let _ = reply.send(Ok(response.clone()));
+            }
+        }
+        if chunk.installed_snapshot {
+            for (_, reply) in waiting.drain() {
+                let _ = reply.send(Err(ServerError::Timeout));
+            }
+        }
+    }
+
+    fn register(&self, id: u64) -> oneshot::Receiver<Result<RaftResponse, ServerError>> {
+        let (tx, rx) = oneshot::channel();
+        if let Ok(mut waiting) = self.waiting.lock() {
+            waiting.insert(id, tx);
+        }
+        rx
+    }
+
+    fn unregister(&self, id: u64) {
+        if let Ok(mut waiting) = self.waiting.lock() {
+            waiting.remove(&id);
+        }
+    }
+
+    #[cfg(test)]
+    fn waiting(&self) -> usize {
+        self.waiting.lock().map(|w| w.len()).unwrap_or(0)
+    }
+}
+
+/// Removes a forwarded write's registration however its wait ends.
+struct Registered<'a>(&'a ForwardAnswers, u64);
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.0.unregister(self.1);
+    }
+}
+
 /// The forwarding streams of one member, one per leader it has forwarded to.
-#[derive(Default)]
 pub struct WritePipes {
     pipes: Mutex<BTreeMap<NodeId, (String, WriteQueue)>>,
+    /// Ids of envelopes (writes and keep-alives), unique in this process.
+    next_id: AtomicU64,
+    answers: Arc<ForwardAnswers>,
+}
+
+impl Default for WritePipes {
+    fn default() -> Self {
+        WritePipes {
+            pipes: Mutex::new(BTreeMap::new()),
+            next_id: AtomicU64::new(0),
+            answers: Arc::new(ForwardAnswers::new()),
+        }
+    }
 }
 
 impl WritePipes {
-    /// Forwards `req` to `leader` on its stream and waits for the leader's answer.
+    /// What the state machine's listener hands applied chunks to.
+    pub fn answers(&self) -> Arc<ForwardAnswers> {
+        self.answers.clone()
+    }
+
+    fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Forwards `req` to `leader` on its stream and waits for its answer: from this member's
+    /// (`own_id`) apply of it, or from the leader if it failed there or the leader predates
+    /// answers on apply.
     pub async fn forward(
         &self,
         peers: &Arc<Peers>,
         leader: NodeId,
         node: &MemberNode,
-        req: RaftRequest,
-    ) -> Result<RaftResponse, ServerError> {
+        own_id: NodeId,
+        mut req: RaftRequest,
+    ) -> Result<Answer, ServerError> {
+        let id = self.next_id();
+        let applied = self.answers.register(id);
+        let _registered = Registered(&self.answers, id);
+        req.origin = Some(ForwardOrigin {
+            member: own_id,
+            incarnation: self.answers.incarnation,
+            id,
+        });
         let (reply_tx, reply_rx) = oneshot::channel();
-        self.submit(peers, leader, node, Forwarded::Write(req, reply_tx))?;
-        reply_rx.await.unwrap_or(Err(ServerError::Timeout))
+        self.submit(peers, leader, node, Forwarded::Write(id, req, reply_tx))?;
+        // A pipe that drops the reply without an answer (it was replaced) leaves the write to
+        // its apply, or to the caller's request timeout.
+        tokio::select! {
+            applied = applied => match applied {
+                Ok(Ok(resp)) => Ok(Answer::Applied(resp)),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(ServerError::Timeout),
+            },
+            Ok(reply) = reply_rx => reply.map(Answer::FromLeader),
+        }
     }
 
     /// Sends a keep-alive of `lease` to `leader` on its stream; the lease's TTL (0: no such
@@ -117,7 +266,8 @@ impl WritePipes {
         lease: i64,
     ) -> Result<Option<i64>, ServerError> {
         let (reply_tx, reply_rx) = oneshot::channel();
-        self.submit(peers, leader, node, Forwarded::Renew(lease, reply_tx))?;
+        let id = self.next_id();
+        self.submit(peers, leader, node, Forwarded::Renew(id, lease, reply_tx))?;
         // A keep-alive can be sent again: a pipe that went away without answering is
         // "no leader", which the lessor retries.
         reply_rx.await.unwrap_or(Err(ServerError::NoLeader))
@@ -179,7 +329,6 @@ async fn run_pipe(
     node: MemberNode,
     mut writes: mpsc::UnboundedReceiver<Forwarded>,
 ) {
-    let mut next_id: u64 = 0;
     while let Some(first) = writes.recv().await {
         let mut client = match peers.client(leader, &node) {
             Ok(c) => c,
@@ -197,9 +346,11 @@ async fn run_pipe(
         };
         let (out_tx, out_rx) = mpsc::unbounded_channel::<ForwardEnvelope>();
         let mut waiting: HashMap<u64, Waiter> = HashMap::new();
-        next_id += 1;
-        let (envelope, waiter) = first.into_parts(next_id);
-        waiting.insert(next_id, waiter);
+        // Writes answered from the apply leave their waiter here, closed; they are swept out
+        // whenever the map has doubled since the last sweep.
+        let mut sweep_at = SWEEP_MIN;
+        let (envelope, waiter) = first.into_parts();
+        waiting.insert(envelope.id, waiter);
         let _ = out_tx.send(envelope);
         let opened = client
             .forward_stream(peers.request(
@@ -221,17 +372,26 @@ async fn run_pipe(
             tokio::select! {
                 write = writes.recv() => match write {
                     Some(item) => {
-                        next_id += 1;
-                        let (envelope, waiter) = item.into_parts(next_id);
-                        waiting.insert(next_id, waiter);
+                        let (envelope, waiter) = item.into_parts();
+                        waiting.insert(envelope.id, waiter);
                         let _ = out_tx.send(envelope);
+                        if waiting.len() >= sweep_at {
+                            waiting.retain(|_, w| !w.is_closed());
+                            sweep_at = (waiting.len() * 2).max(SWEEP_MIN);
+                        }
                     }
-                    // Nobody can forward through this pipe any more; answer what is in flight.
-                    None if waiting.is_empty() => return,
+                    // Nobody can forward through this pipe any more. Writes will be answered
+                    // by the apply, or time out, without it: their waiters are dropped (the
+                    // writer then waits for its apply only). Keep-alives in flight are still
+                    // answered here.
                     None => {
+                        waiting.retain(|_, w| matches!(w, Waiter::Renew(r) if !r.is_closed()));
+                        if waiting.is_empty() {
+                            return;
+                        }
                         while let Ok(Some(reply)) = replies.message().await {
                             deliver(&mut waiting, reply);
-                            if waiting.is_empty() {
+                            if waiting.values().all(Waiter::is_closed) {
                                 return;
                             }
                         }
@@ -254,6 +414,9 @@ async fn run_pipe(
         }
     }
 }
+
+/// Waiters a pipe holds before it first sweeps out the closed ones.
+const SWEEP_MIN: usize = 1024;
 
 /// What a leader that predates keep-alives on the stream answers one.
 pub(crate) const NOT_A_REQUEST: &str = "forward without a request";
@@ -382,9 +545,9 @@ mod tests {
         };
         let (tx, rx) = mpsc::unbounded_channel();
         let mut answers = Vec::new();
-        for _ in 0..3 {
+        for id in 1..=3 {
             let (reply_tx, reply_rx) = oneshot::channel();
-            tx.send(Forwarded::Write(RaftRequest::default(), reply_tx))
+            tx.send(Forwarded::Write(id, RaftRequest::default(), reply_tx))
                 .map_err(|_| "pipe closed")
                 .expect("queue a write");
             answers.push(reply_rx);
@@ -400,9 +563,70 @@ mod tests {
         pipe.await.expect("pipe task ends");
         let (reply_tx, _reply_rx) = oneshot::channel();
         assert!(
-            tx.send(Forwarded::Write(RaftRequest::default(), reply_tx))
+            tx.send(Forwarded::Write(4, RaftRequest::default(), reply_tx))
                 .is_err(),
             "the ended pipe takes no more writes"
         );
+    }
+
+    fn put_response(revision: i64) -> RaftResponse {
+        RaftResponse {
+            revision,
+            ..Default::default()
+        }
+    }
+
+    fn chunk(
+        answers: Vec<(ForwardOrigin, RaftResponse)>,
+        installed_snapshot: bool,
+    ) -> AppliedChunk {
+        AppliedChunk {
+            answers,
+            installed_snapshot,
+            ..Default::default()
+        }
+    }
+
+    /// An applied answer reaches the writer registered under its id, only from this process's
+    /// incarnation; a snapshot fails the writers still waiting; nothing stays registered.
+    #[tokio::test]
+    async fn applied_answers_reach_their_writers_and_a_snapshot_fails_the_rest() {
+        let answers = ForwardAnswers::new();
+        let origin = |incarnation, id| ForwardOrigin {
+            member: 9,
+            incarnation,
+            id,
+        };
+        let mut first = answers.register(1);
+        let mut second = answers.register(2);
+        let third = answers.register(3);
+        // An entry forwarded by an earlier run of this member, with the same id: ignored.
+        answers.deliver(&chunk(
+            vec![(
+                origin(answers.incarnation.wrapping_add(1), 1),
+                put_response(5),
+            )],
+            false,
+        ));
+        assert!(
+            first.try_recv().is_err(),
+            "answered by another incarnation's entry"
+        );
+        answers.deliver(&chunk(
+            vec![(origin(answers.incarnation, 1), put_response(6))],
+            false,
+        ));
+        let got = first.await.expect("answered").expect("a response");
+        assert_eq!(got.revision, 6);
+        assert!(second.try_recv().is_err());
+        assert_eq!(answers.waiting(), 2);
+        answers.deliver(&chunk(Vec::new(), true));
+        assert!(matches!(second.await, Ok(Err(ServerError::Timeout))));
+        assert!(matches!(third.await, Ok(Err(ServerError::Timeout))));
+        assert_eq!(answers.waiting(), 0);
+        // A writer that gave up is unregistered by its guard.
+        let _gone = answers.register(4);
+        drop(Registered(&answers, 4));
+        assert_eq!(answers.waiting(), 0);
     }
 }

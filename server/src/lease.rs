@@ -149,6 +149,7 @@ impl Lessor {
                     id,
                     node.propose_as_leader(RaftRequest {
                         request: Some(Cmd::LeaseRevoke(LeaseRevokeRequest { id })),
+                        origin: None,
                     })
                     .await,
                 )
@@ -422,6 +423,7 @@ impl Lease for LeaseService {
                 .node
                 .propose(RaftRequest {
                     request: Some(Cmd::LeaseGrant(r)),
+                    origin: None,
                 })
                 .await
             {

@@ -86,7 +86,10 @@ impl Recipes {
     async fn propose(&self, cmd: Cmd) -> Result<(Res, i64), ServerError> {
         let resp: RaftResponse = self
             .node
-            .propose(RaftRequest { request: Some(cmd) })
+            .propose(RaftRequest {
+                request: Some(cmd),
+                origin: None,
+            })
             .await?;
         let body = resp
             .response
@@ -278,7 +281,13 @@ impl Drop for CleanupOnDrop {
         let node = self.node.clone();
         rt.spawn(async move {
             tracing::debug!("caller went away while waiting; removing its key");
-            if let Err(e) = node.propose(RaftRequest { request: Some(cmd) }).await {
+            if let Err(e) = node
+                .propose(RaftRequest {
+                    request: Some(cmd),
+                    origin: None,
+                })
+                .await
+            {
                 tracing::warn!(error = %e, "lock/election cleanup failed");
             }
         });

@@ -139,6 +139,7 @@ pub async fn check_quota(node: &KeelNode, req: &RaftRequest) -> Result<(), Serve
                 member_id: node.member_id(),
                 alarm: AlarmType::Nospace as i32,
             })),
+            origin: None,
         };
         if let Err(e) = node.propose_raw(alarm).await {
             tracing::warn!("raising NOSPACE failed: {e}");
@@ -219,6 +220,7 @@ impl Maintenance for MaintenanceService {
             .node
             .propose(RaftRequest {
                 request: Some(Cmd::Alarm(r)),
+                origin: None,
             })
             .await?;
         match resp.response {
@@ -400,7 +402,10 @@ mod tests {
             lease,
             ..Default::default()
         };
-        let req = |cmd| RaftRequest { request: Some(cmd) };
+        let req = |cmd| RaftRequest {
+            request: Some(cmd),
+            origin: None,
+        };
         assert_eq!(quota_cost(&req(Cmd::Put(put("k", 10, 0)))), 267);
         assert_eq!(quota_cost(&req(Cmd::Put(put("k", 10, 5)))), 331);
         let op = |p| RequestOp {

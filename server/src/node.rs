@@ -214,7 +214,8 @@ impl KeelNode {
             let (snapshot_dir, peers) = (&snapshot_dir, &peers);
             async move {
                 let log_store = LogStore::new(engine.clone())?;
-                let state_machine = StateMachine::open(mvcc.clone(), snapshot_dir, listener)?;
+                let state_machine = StateMachine::open(mvcc.clone(), snapshot_dir, listener)?
+                    .answering_forwards_of(identity.member_id);
                 let applied = state_machine.applied_watch();
                 let raft = Raft::new(
                     identity.member_id,
@@ -285,7 +286,16 @@ impl KeelNode {
                 "--force-new-cluster: the Raft state is forgotten; starting a one-member cluster with this member's data"
             );
         }
-        let (raft, applied) = open_raft(listener).await?;
+        // Writes this member forwards are answered from its own apply (see crate::forwarding).
+        let write_pipes = crate::forwarding::WritePipes::default();
+        let answers = write_pipes.answers();
+        let listener: ApplyListener = Arc::new(move |chunk| {
+            answers.deliver(chunk);
+            if let Some(inner) = &listener {
+                inner(chunk);
+            }
+        });
+        let (raft, applied) = open_raft(Some(listener)).await?;
 
         if force_new_cluster {
             raft.initialize(bootstrap.clone())
@@ -343,7 +353,7 @@ impl KeelNode {
             data_dir,
             snapshot_dir,
             metrics,
-            write_pipes: Default::default(),
+            write_pipes,
             read_batcher: Default::default(),
             membership_changes: tokio::sync::Mutex::new(()),
             stopping: watch::channel(false).0,
@@ -484,24 +494,32 @@ impl KeelNode {
         }
     }
 
-    /// Hands `req` to the leader and answers once this member has applied the entry too (the
-    /// reply names its log index), so that what this member acknowledged is what its
-    /// serializable reads and new watches see, as with etcd, whose members answer a write
-    /// from their own apply. A leader that predates the index (0) is answered at once.
+    /// Hands `req` to the leader and answers from this member's own apply of it, so that what
+    /// this member acknowledged is what its serializable reads and new watches see, as with
+    /// etcd, whose members answer a write from their own apply (see [`crate::forwarding`]).
+    /// A leader that predates answers on apply replies with the response and its log index;
+    /// the answer then waits until this member has applied that index (at once if the leader
+    /// predates the index too, 0).
     async fn forward(
         &self,
         leader: NodeId,
         node: &MemberNode,
         req: RaftRequest,
     ) -> Result<RaftResponse, ServerError> {
-        let resp = self
+        use crate::forwarding::Answer;
+        match self
             .write_pipes
-            .forward(&self.peers, leader, node, req)
-            .await?;
-        if resp.index > 0 {
-            self.wait_applied(resp.index).await?;
+            .forward(&self.peers, leader, node, self.member_id(), req)
+            .await?
+        {
+            Answer::Applied(resp) => Ok(resp),
+            Answer::FromLeader(resp) => {
+                if resp.index > 0 {
+                    self.wait_applied(resp.index).await?;
+                }
+                Ok(resp)
+            }
         }
-        Ok(resp)
     }
 
     /// Sends a keep-alive of `lease` to `leader` on the forwarding stream (see

@@ -246,6 +246,14 @@ impl RaftPeer for PeerService {
                 tokio::spawn(async move {
                     let id = envelope.id;
                     let result = match (envelope.request, envelope.lease_renew) {
+                        // The follower answers this write from its own apply: only a failure
+                        // is replied (see crate::forwarding).
+                        (Some(request), _) if envelope.answered_on_apply => {
+                            match propose_forwarded(&node, request).await {
+                                Ok(_) => return,
+                                Err(status) => Err(status),
+                            }
+                        }
                         (Some(request), _) => {
                             propose_forwarded(&node, request)
                                 .await

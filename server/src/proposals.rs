@@ -328,6 +328,7 @@ async fn propose_batch(raft: Raft, batch: Vec<Pending>) {
         batch.into_iter().map(|p| (p.request, p.reply)).unzip();
     let command = Command::new(RaftRequest {
         request: Some(Cmd::Batch(ProposalBatch { requests })),
+        origin: None,
     });
     match raft.client_write(command.clone()).await {
         Ok(resp) => {

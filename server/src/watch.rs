@@ -554,6 +554,10 @@ impl WatchHub {
 
     /// Called by the state machine after each applied chunk.
     pub fn on_applied(&self, chunk: &AppliedChunk) {
+        if chunk.installed_snapshot {
+            // The revisions the snapshot brought are noticed at the next chunk (a gap).
+            return;
+        }
         let mut st = self.lock();
         let first_rev = chunk
             .events
@@ -1340,6 +1344,7 @@ mod tests {
                 value: b"v".to_vec(),
                 ..Default::default()
             })),
+            origin: None,
         });
         assert!(outcome.response.error.is_none());
         let revision = batch.revision();
@@ -1350,6 +1355,7 @@ mod tests {
                 revision,
             },
             events: outcome.events,
+            ..Default::default()
         }
     }
 

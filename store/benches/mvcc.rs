@@ -35,6 +35,7 @@ fn put_req(i: u64) -> RaftRequest {
             value: vec![b'v'; 256],
             ..Default::default()
         })),
+        origin: None,
     }
 }
 
@@ -138,6 +139,7 @@ fn benches(c: &mut Criterion) {
             };
             batch.apply(&RaftRequest {
                 request: Some(Cmd::Txn(t)),
+                origin: None,
             });
             batch.commit(false).expect("commit");
         })
@@ -165,6 +167,7 @@ fn benches(c: &mut Criterion) {
                         revision: at,
                         physical: true,
                     })),
+                    origin: None,
                 });
                 batch.commit(false).expect("commit");
                 let mut rx = s.compaction_progress();

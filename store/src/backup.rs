@@ -686,6 +686,7 @@ mod tests {
         let mut batch = store.begin_apply();
         let outcome = batch.apply(&RaftRequest {
             request: Some(request),
+            origin: None,
         });
         assert!(
             outcome.response.error.is_none(),

@@ -5,6 +5,11 @@
 //! applied state and the data can never disagree after a crash. Responses are sent only after
 //! that write, and listeners (the watch hub) see the chunk's events in revision order.
 //!
+//! Requests a member forwarded to the leader carry a `ForwardOrigin`; the state machine of
+//! that member (set with [`StateMachine::answering_forwards_of`]) hands their responses to the
+//! listener ([`AppliedChunk::answers`]), which answers the waiting clients, as etcd's members
+//! answer their requests by ID from their own apply.
+//!
 //! Applying never reads a clock, randomness or hash-map order: it depends only on the entries.
 //!
 //! Snapshots are pinned views of this store (see [`crate::raft::snapshot`]): building one, so
@@ -19,7 +24,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
-use keel_proto::keelpb::RaftResponse;
+use keel_proto::keelpb::raft_request::Request as Cmd;
+use keel_proto::keelpb::{ForwardOrigin, RaftRequest, RaftResponse};
 use keel_proto::mvccpb::Event;
 use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend};
@@ -55,14 +61,21 @@ pub struct AppliedState {
 }
 
 /// One applied chunk, as listeners see it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct AppliedChunk {
     pub applied: AppliedState,
     /// Every event of the chunk in revision order (events of one revision are contiguous).
     pub events: Vec<Event>,
+    /// The responses to the requests this member forwarded (see the module docs), each with
+    /// its entry's log index; empty unless [`StateMachine::answering_forwards_of`] was set.
+    pub answers: Vec<(ForwardOrigin, RaftResponse)>,
+    /// A snapshot was installed instead of applying entries: the requests this member
+    /// forwarded that it did not see applied never will be (no events or answers come with it).
+    pub installed_snapshot: bool,
 }
 
-/// Called after each applied chunk is durable in the engine, before responses are sent.
+/// Called after each applied chunk is durable in the engine and its writers were answered
+/// (and after a snapshot was installed, with [`AppliedChunk::installed_snapshot`]).
 pub type ApplyListener = Arc<dyn Fn(&AppliedChunk) + Send + Sync>;
 
 fn io_err(e: impl std::fmt::Display) -> io::Error {
@@ -77,6 +90,8 @@ pub struct StateMachine {
     membership: StoredMembership,
     applied_tx: watch::Sender<AppliedState>,
     listener: Option<ApplyListener>,
+    /// The member whose forwarded requests' responses go to the listener (0: none).
+    answer_member: u64,
     snapshot_seq: u64,
 }
 
@@ -112,8 +127,16 @@ impl StateMachine {
             membership,
             applied_tx,
             listener,
+            answer_member: 0,
             snapshot_seq: 0,
         })
+    }
+
+    /// Hands the responses to the requests `member` forwarded to the listener
+    /// ([`AppliedChunk::answers`]).
+    pub fn answering_forwards_of(mut self, member: u64) -> Self {
+        self.answer_member = member;
+        self
     }
 
     pub fn mvcc(&self) -> &Arc<MvccStore> {
@@ -242,10 +265,38 @@ struct ChunkResult {
     last_applied: Option<LogId>,
     membership: StoredMembership,
     events: Vec<Event>,
+    answers: Vec<(ForwardOrigin, RaftResponse)>,
+}
+
+/// The forwarded requests of `member` in `request` (itself, or the requests of its batch),
+/// with their responses out of `response`.
+fn collect_answers(
+    member: u64,
+    index: u64,
+    request: &RaftRequest,
+    response: &RaftResponse,
+    answers: &mut Vec<(ForwardOrigin, RaftResponse)>,
+) {
+    let mut answer = |req: &RaftRequest, resp: &RaftResponse| {
+        if let Some(origin) = req.origin.as_ref().filter(|o| o.member == member) {
+            let mut resp = resp.clone();
+            resp.index = index;
+            answers.push((*origin, resp));
+        }
+    };
+    match &request.request {
+        Some(Cmd::Batch(b)) => {
+            for (req, resp) in b.requests.iter().zip(&response.batch) {
+                answer(req, resp);
+            }
+        }
+        _ => answer(request, response),
+    }
 }
 
 fn apply_chunk(
     mvcc: &MvccStore,
+    answer_member: u64,
     chunk: Vec<EntryResponder<TypeConfig>>,
     mut last_applied: Option<LogId>,
     mut membership: StoredMembership,
@@ -253,6 +304,7 @@ fn apply_chunk(
     let mut batch = mvcc.begin_apply();
     let mut responses = Vec::with_capacity(chunk.len());
     let mut events = Vec::new();
+    let mut answers = Vec::new();
     for (entry, responder) in chunk {
         let log_id = entry.log_id;
         let mut response = match entry.payload {
@@ -268,6 +320,15 @@ fn apply_chunk(
                     observe(log_id.index, started.elapsed());
                 }
                 events.extend(outcome.events);
+                if answer_member != 0 {
+                    collect_answers(
+                        answer_member,
+                        log_id.index,
+                        cmd.request(),
+                        &outcome.response,
+                        &mut answers,
+                    );
+                }
                 outcome.response
             }
             EntryPayload::Membership(m) => {
@@ -287,6 +348,7 @@ fn apply_chunk(
         last_applied,
         membership,
         events,
+        answers,
     })
 }
 
@@ -307,13 +369,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let chunk = items.into_iter().collect::<io::Result<Vec<_>>>()?;
             let mvcc = self.mvcc.clone();
             let (last_applied, membership) = (self.last_applied, self.membership.clone());
+            let answer_member = self.answer_member;
             // A small chunk (the common case under light load) is applied in place: it takes
             // tens of microseconds, less than handing it to the blocking pool and back.
             let result = if chunk.len() <= INLINE_APPLY_MAX {
-                apply_chunk(&mvcc, chunk, last_applied, membership)?
+                apply_chunk(&mvcc, answer_member, chunk, last_applied, membership)?
             } else {
                 tokio::task::spawn_blocking(move || {
-                    apply_chunk(&mvcc, chunk, last_applied, membership)
+                    apply_chunk(&mvcc, answer_member, chunk, last_applied, membership)
                 })
                 .await
                 .map_err(io_err)??
@@ -341,6 +404,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 listener(&AppliedChunk {
                     applied: applied.clone(),
                     events: result.events,
+                    answers: result.answers,
+                    installed_snapshot: false,
                 });
             }
             self.applied_tx.send_replace(applied);
@@ -403,6 +468,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             index,
             revision: self.mvcc.current_revision(),
         };
+        if let Some(listener) = &self.listener {
+            listener(&AppliedChunk {
+                applied: applied.clone(),
+                installed_snapshot: true,
+                ..Default::default()
+            });
+        }
         self.applied_tx.send_replace(applied);
         tracing::info!(snapshot = %stem, "installed snapshot");
         Ok(())

@@ -23,7 +23,10 @@ fn as_user(user: &str, revision: u64, cmd: Cmd) -> Cmd {
             username: user.into(),
             auth_revision: revision,
         }),
-        request: Some(Box::new(RaftRequest { request: Some(cmd) })),
+        request: Some(Box::new(RaftRequest {
+            request: Some(cmd),
+            origin: None,
+        })),
     }))
 }
 
@@ -111,7 +114,8 @@ fn apply_rechecks_with_the_entrys_revision() {
         let mut b = store.begin_apply();
         assert!(
             b.apply(&RaftRequest {
-                request: Some(revoke)
+                request: Some(revoke),
+                origin: None,
             })
             .response
             .error
@@ -119,10 +123,12 @@ fn apply_rechecks_with_the_entrys_revision() {
         );
         let stale = b.apply(&RaftRequest {
             request: Some(as_user("alice", rev, put("foo2"))),
+            origin: None,
         });
         assert_eq!(kind(&stale.response), ApplyErrorKind::AuthOldRevision);
         let fresh = b.apply(&RaftRequest {
             request: Some(as_user("alice", rev + 1, put("foo2"))),
+            origin: None,
         });
         assert_eq!(kind(&fresh.response), ApplyErrorKind::PermissionDenied);
         b.commit(false).unwrap();

@@ -31,7 +31,10 @@ pub fn on_engines(f: impl Fn(&str, &MvccStore)) {
 
 pub fn apply(store: &MvccStore, cmd: Cmd) -> (RaftResponse, Vec<Event>) {
     let mut b = store.begin_apply();
-    let out = b.apply(&RaftRequest { request: Some(cmd) });
+    let out = b.apply(&RaftRequest {
+        request: Some(cmd),
+        origin: None,
+    });
     b.commit(false).unwrap();
     (out.response, out.events)
 }

@@ -578,6 +578,7 @@ fn dropped_batch_changes_nothing_and_alarms_gate_writes() {
                     value: "lost".into(),
                     ..Default::default()
                 })),
+                origin: None,
             });
         }
         assert_eq!(get(s, "k", "", 0).unwrap().kvs[0].value, b"v", "{name}");
@@ -766,6 +767,7 @@ fn index_bytes_per_key_report() {
                 value: vec![1],
                 ..Default::default()
             })),
+            origin: None,
         });
     }
     b.commit(false).unwrap();
@@ -968,6 +970,7 @@ fn a_proposal_batch_applies_like_separate_commands() {
                     key: "nested".into(),
                     ..Default::default()
                 })),
+                origin: None,
             }],
         }),
         Cmd::Put(PutRequest {
@@ -989,6 +992,7 @@ fn a_proposal_batch_applies_like_separate_commands() {
                     .iter()
                     .map(|c| RaftRequest {
                         request: Some(c.clone()),
+                        origin: None,
                     })
                     .collect(),
             }),

@@ -149,6 +149,7 @@ fn a_command_travels_as_the_bytes_it_was_encoded_or_received_as() {
             value: b"v".to_vec(),
             ..Default::default()
         })),
+        origin: None,
     };
     let protobuf = request.encode_to_vec();
     let command = Command::new(request.clone());

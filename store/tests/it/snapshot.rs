@@ -31,6 +31,7 @@ async fn apply_put(sm: &mut StateMachine, index: u64, key: &str, value: &str) {
             value: value.into(),
             ..Default::default()
         })),
+        origin: None,
     };
     let entry = Entry::new_normal(openraft::LogId::new_term_index(1, index), Command::new(cmd));
     sm.apply(futures::stream::iter(vec![Ok((entry, None))]))
@@ -265,4 +266,103 @@ async fn a_refused_view_fails_to_write_and_leaves_no_file() {
         .expect("write");
     assert_eq!(accepted.path(), target.as_path());
     assert!(target.exists());
+}
+
+fn put_from(key: &str, origin: Option<(u64, u64)>) -> RaftRequest {
+    RaftRequest {
+        request: Some(Cmd::Put(PutRequest {
+            key: key.into(),
+            value: b"v".to_vec(),
+            ..Default::default()
+        })),
+        origin: origin.map(|(member, id)| keel_proto::keelpb::ForwardOrigin {
+            member,
+            incarnation: 77,
+            id,
+        }),
+    }
+}
+
+/// The state machine of the member that forwarded requests hands their responses to its
+/// listener, each with its entry's index, whether the entry held the request alone or in a
+/// batch; requests of other members and unforwarded ones are not handed over. An installed
+/// snapshot is announced to the listener.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_requests_are_answered_to_their_member_and_snapshots_announced() {
+    use keel_proto::keelpb::ProposalBatch;
+    use keel_store::raft::state_machine::{AppliedChunk, ApplyListener};
+    use std::sync::Mutex;
+
+    let leader_dir = tempfile::tempdir().expect("tempdir");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let seen: Arc<Mutex<Vec<AppliedChunk>>> = Arc::default();
+    let listener: ApplyListener = {
+        let seen = seen.clone();
+        Arc::new(move |chunk| seen.lock().expect("lock").push(chunk.clone()))
+    };
+    let engine: Arc<dyn Engine> =
+        Arc::new(RocksEngine::open(&dir.path().join("db")).expect("open rocksdb"));
+    let mvcc = Arc::new(MvccStore::open(engine).expect("open mvcc"));
+    let mut sm = StateMachine::open(mvcc, &dir.path().join("snapshots"), Some(listener))
+        .expect("state machine")
+        .answering_forwards_of(9);
+    let mut leader = open_sm(leader_dir.path());
+
+    let batch = RaftRequest {
+        request: Some(Cmd::Batch(ProposalBatch {
+            requests: vec![
+                put_from("a", Some((9, 1))),
+                put_from("b", None),
+                put_from("c", Some((7, 1))),
+                put_from("d", Some((9, 2))),
+            ],
+        })),
+        origin: None,
+    };
+    let entries = vec![
+        Ok((
+            Entry::new_normal(
+                openraft::LogId::new_term_index(1, 1),
+                Command::new(batch.clone()),
+            ),
+            None,
+        )),
+        Ok((
+            Entry::new_normal(
+                openraft::LogId::new_term_index(1, 2),
+                Command::new(put_from("e", Some((9, 3)))),
+            ),
+            None,
+        )),
+    ];
+    sm.apply(futures::stream::iter(entries))
+        .await
+        .expect("apply");
+    leader
+        .apply(futures::stream::iter(vec![Ok((
+            Entry::new_normal(openraft::LogId::new_term_index(1, 1), Command::new(batch)),
+            None,
+        ))]))
+        .await
+        .expect("apply on the leader");
+
+    let chunks = seen.lock().expect("lock").clone();
+    let answers: Vec<(u64, u64, u64, i64)> = chunks
+        .iter()
+        .flat_map(|c| c.answers.iter())
+        .map(|(o, r)| (o.member, o.id, r.index, r.revision))
+        .collect();
+    // Revisions: a=2, b=3, c=4, d=5 (entry 1), e=6 (entry 2).
+    assert_eq!(answers, vec![(9, 1, 1, 2), (9, 2, 1, 5), (9, 3, 2, 6)]);
+    assert!(chunks.iter().all(|c| !c.installed_snapshot));
+    let before = chunks.len();
+
+    let snapshot = current_snapshot(&mut leader).await;
+    sm.install_snapshot(&snapshot.meta, snapshot.snapshot)
+        .await
+        .expect("install");
+    let chunks = seen.lock().expect("lock").clone();
+    assert_eq!(chunks.len(), before + 1);
+    let last = chunks.last().expect("a chunk");
+    assert!(last.installed_snapshot && last.answers.is_empty() && last.events.is_empty());
 }
