@@ -27,7 +27,8 @@
 //! t1  B, C (clients) and F1 (forwarded) arrive while entry 41 is replicated: they queue
 //! t2  entry 41 is applied, A answered             -> entry 42 = batch(B, C, F1)
 //! t3  entry 42 is applied: B at revision 101, C at 102, F1 at 103; each gets its own response
-//!     (index 42); F1's follower waits until it has applied index 42 itself, then answers.
+//!     (index 42); F1 carries its follower's `ForwardOrigin`, so that follower answers F1
+//!     when it applies entry 42 itself (the leader sends it nothing; see crate::forwarding).
 //! ```
 //!
 //! Safety: a member of an older version would not understand a batch (it would read an empty
