@@ -238,10 +238,27 @@ async fn replace_a_dead_member() {
     }
     let dead = 2;
     let dead_id = member_id_of(&cluster.members[dead].endpoint()).await;
+    let survivor_id = member_id_of(&cluster.members[0].endpoint()).await;
     cluster.members[dead].kill();
+    // The survivor's prober shows the dead peer inactive while it is a member...
+    let peer_series =
+        format!("etcd_network_active_peers{{Local=\"{survivor_id:x}\",Remote=\"{dead_id:x}\"}}");
+    let active = |m: &crate::cluster::Member| {
+        let body = crate::maintenance::http(m.client_port, "GET", "/metrics").1;
+        crate::maintenance::metric(&body, &peer_series)
+    };
+    crate::metrics::eventually("the dead peer shows inactive", || {
+        active(&cluster.members[0]) == Some(0.0)
+    })
+    .await;
 
     // The cluster keeps working with two of three; replace the dead member.
     remove_resolving_timeouts(&mut c, dead_id).await;
+    // ... and forgets it once it is no longer one.
+    crate::metrics::eventually("the removed peer's series is gone", || {
+        active(&cluster.members[0]).is_none()
+    })
+    .await;
     let survivor = cluster.members[0].endpoint();
     cluster.members.remove(dead);
     let new_id = grow(&mut cluster, &survivor, "m3").await;

@@ -23,7 +23,7 @@ async fn member_ids(cluster: &Cluster) -> Vec<u64> {
 }
 
 /// Waits (at most 10 s) until `check` holds; panics with `what` otherwise.
-async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+pub(crate) async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !check() {
         assert!(Instant::now() < deadline, "never true: {what}");
