@@ -197,23 +197,25 @@ impl Drop for Registered<'_> {
 
 /// The forwarding streams of one member, one per leader it has forwarded to.
 pub struct WritePipes {
+    /// The member these pipes forward for (the `member` of every `ForwardOrigin`).
+    own_id: NodeId,
     pipes: Mutex<BTreeMap<NodeId, (String, WriteQueue)>>,
     /// Ids of envelopes (writes and keep-alives), unique in this process.
     next_id: AtomicU64,
     answers: Arc<ForwardAnswers>,
 }
 
-impl Default for WritePipes {
-    fn default() -> Self {
+impl WritePipes {
+    /// The pipes of member `own_id`.
+    pub fn new(own_id: NodeId) -> Self {
         WritePipes {
+            own_id,
             pipes: Mutex::new(BTreeMap::new()),
             next_id: AtomicU64::new(0),
             answers: Arc::new(ForwardAnswers::new()),
         }
     }
-}
 
-impl WritePipes {
     /// What the state machine's listener hands applied chunks to.
     pub fn answers(&self) -> Arc<ForwardAnswers> {
         self.answers.clone()
@@ -224,21 +226,20 @@ impl WritePipes {
     }
 
     /// Forwards `req` to `leader` on its stream and waits for its answer: from this member's
-    /// (`own_id`) apply of it, or from the leader if it failed there or the leader predates
-    /// answers on apply.
+    /// apply of it, or from the leader if it failed there or the leader predates answers on
+    /// apply.
     pub async fn forward(
         &self,
         peers: &Arc<Peers>,
         leader: NodeId,
         node: &MemberNode,
-        own_id: NodeId,
         mut req: RaftRequest,
     ) -> Result<Answer, ServerError> {
         let id = self.next_id();
         let applied = self.answers.register(id);
         let _registered = Registered(&self.answers, id);
         req.origin = Some(ForwardOrigin {
-            member: own_id,
+            member: self.own_id,
             incarnation: self.answers.incarnation,
             id,
         });

@@ -287,7 +287,7 @@ impl KeelNode {
             );
         }
         // Writes this member forwards are answered from its own apply (see crate::forwarding).
-        let write_pipes = crate::forwarding::WritePipes::default();
+        let write_pipes = crate::forwarding::WritePipes::new(identity.member_id);
         let answers = write_pipes.answers();
         let listener: ApplyListener = Arc::new(move |chunk| {
             answers.deliver(chunk);
@@ -509,7 +509,7 @@ impl KeelNode {
         use crate::forwarding::Answer;
         match self
             .write_pipes
-            .forward(&self.peers, leader, node, self.member_id(), req)
+            .forward(&self.peers, leader, node, req)
             .await?
         {
             Answer::Applied(resp) => Ok(resp),

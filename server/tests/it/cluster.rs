@@ -40,8 +40,13 @@ impl Member {
 
     /// One series of this member's `/metrics` (0 when it is not there).
     pub fn metric(&self, series: &str) -> f64 {
+        self.metric_value(series).unwrap_or(0.0)
+    }
+
+    /// One series of this member's `/metrics`, `None` when it is not there.
+    pub fn metric_value(&self, series: &str) -> Option<f64> {
         let body = crate::maintenance::http(self.client_port, "GET", "/metrics").1;
-        crate::maintenance::metric(&body, series).unwrap_or(0.0)
+        crate::maintenance::metric(&body, series)
     }
 
     pub fn start(&mut self) {

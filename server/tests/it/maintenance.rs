@@ -12,15 +12,19 @@ use crate::cluster::{Cluster, client, status_code, status_message};
 
 /// A plain HTTP/1.1 GET (or another method): status code and body.
 pub(crate) fn http(port: u16, method: &str, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    try_http(port, method, path).expect("HTTP request")
+}
+
+/// [`http`], with a connection that fails (refused, reset) as an error.
+pub(crate) fn try_http(port: u16, method: &str, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(10))).ok();
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
-    )
-    .expect("send");
+    )?;
     let mut raw = String::new();
-    s.read_to_string(&mut raw).expect("read");
+    s.read_to_string(&mut raw)?;
     let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
     let code = head
         .split_whitespace()
@@ -30,14 +34,14 @@ pub(crate) fn http(port: u16, method: &str, path: &str) -> (u16, String) {
     let chunked = head
         .to_ascii_lowercase()
         .contains("transfer-encoding: chunked");
-    (
+    Ok((
         code,
         if chunked {
             dechunk(body)
         } else {
             body.to_string()
         },
-    )
+    ))
 }
 
 fn dechunk(mut body: &str) -> String {

@@ -243,10 +243,7 @@ async fn replace_a_dead_member() {
     // The survivor's prober shows the dead peer inactive while it is a member...
     let peer_series =
         format!("etcd_network_active_peers{{Local=\"{survivor_id:x}\",Remote=\"{dead_id:x}\"}}");
-    let active = |m: &crate::cluster::Member| {
-        let body = crate::maintenance::http(m.client_port, "GET", "/metrics").1;
-        crate::maintenance::metric(&body, &peer_series)
-    };
+    let active = |m: &crate::cluster::Member| m.metric_value(&peer_series);
     crate::metrics::eventually("the dead peer shows inactive", || {
         active(&cluster.members[0]) == Some(0.0)
     })

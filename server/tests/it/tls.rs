@@ -277,21 +277,12 @@ async fn https_metrics_listener() {
     );
     // Plain HTTP to the TLS port is not answered with metrics (the server may also reset
     // the connection before the request is written: that is no answer either).
-    let plain = {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
-            .ok();
-        let mut raw = String::new();
-        if write!(
-            s,
-            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .is_ok()
-        {
-            let _ = s.read_to_string(&mut raw);
+    let plain = match crate::maintenance::try_http(port, "GET", "/metrics") {
+        Ok((_, body)) => body,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            panic!("the metrics port is not listening: {e}")
         }
-        raw
+        Err(_) => String::new(),
     };
     assert!(!plain.contains("etcd_server_has_leader"), "{plain}");
     drop(cluster);

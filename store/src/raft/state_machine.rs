@@ -390,8 +390,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             // Writers first, then the listener (the watch hub, whose dispatch to thousands of
             // watchers can take a millisecond): a writer's answer does not wait for the fan-out
             // of its own events. `applied_tx` moves last, so what waits for an applied index
-            // (a follower's forwarded write, a linearizable read) still finds the events
-            // dispatched.
+            // (a linearizable read, a write forwarded to a leader that predates answers on
+            // apply) still finds the events dispatched.
             for (responder, mut response) in result.responses {
                 if response.revision == 0 {
                     response.revision = self.mvcc.current_revision();
