@@ -1,12 +1,15 @@
 //! Proposal batching: the client writes that reach the leader together share one Raft entry.
 //!
 //! Every write this member proposes (its own clients' writes, those its followers forward, and
-//! its own decisions such as lease expiry) goes through [`ProposalBatcher::write`]. Writes
-//! queue; one task proposes one entry at a time: whatever is queued when the previous entry
-//! has been applied, a single request as itself, several as a `keelpb.ProposalBatch`. A write
-//! that finds no entry in flight and none queued never waits: its caller proposes it at once,
-//! itself, without handing it to the task and back (two task wake-ups saved on every write of
-//! a lightly loaded leader). Apply gives each request of a batch its own revision,
+//! its own decisions such as lease expiry) goes through [`ProposalBatcher::write`]. One entry
+//! is in flight at a time; writes that arrive meanwhile queue. A write that finds no entry in
+//! flight and none queued never waits: its caller proposes it at once, itself. When an entry
+//! has been applied (or has failed), the task that learns it proposes whatever queued
+//! meanwhile as the next entry, at once and before it answers the entry's writers: a single
+//! request as itself, several as a `keelpb.ProposalBatch`. No task sits between entries, so
+//! the next proposal waits for no wake-up (a batching task did this until 2026-11-29; under
+//! load it waited behind the hundreds of writers the previous entry had just woken, 0.1–0.5
+//! ms per entry). Apply gives each request of a batch its own revision,
 //! events and response, exactly as if it had been an entry of its own
 //! ([`keel_store::mvcc::ApplyBatch::apply`]); the batch's response is split here and each
 //! writer gets its own, with the entry's log index.
@@ -16,9 +19,10 @@
 //! each member, not once per request. Under light load entries carry one request each and
 //! nothing changes; under load requests pile up while an entry is in flight (about one
 //! replication round trip and fsync) and the next one takes them all, so the batches grow with
-//! the load (14 requests per entry on average at 256 clients on the benchmark machine).
-//! Without the limit of one entry in flight the task ran as soon as a request was queued and
-//! entries held one request each: nothing was saved.
+//! the load (on the benchmark machine, 2026-11-29: about 13 requests per entry at 32 clients,
+//! 80–100 at 256).
+//! Without the limit of one entry in flight entries were proposed as soon as a request was
+//! queued and held one request each: nothing was saved.
 //!
 //! Worked example, a leader with 3 clients and 2 followers forwarding writes:
 //!
@@ -40,7 +44,7 @@
 //! whole cluster. A binary that predates batching cannot replay a log that holds batches, so a
 //! member must not be downgraded past this change (etcd refuses downgrades in the same way).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use keel_proto::keelpb::raft_request::Request as Cmd;
@@ -51,18 +55,12 @@ use openraft::async_runtime::WatchReceiver as _;
 use openraft::error::{ClientWriteError, RaftError};
 use prometheus::Histogram;
 use prost::Message;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::error::ServerError;
 
 /// Requests in one entry at most.
 const MAX_BATCH_REQUESTS: usize = 256;
-/// Entries proposed and not yet applied at most. While one is, requests queue and the next
-/// entry takes them all; one at a time made the largest batches and the most throughput
-/// (`put --clients 256`: 26.5 k ops/s at 54 µs of server CPU each with one, 24.9 k at 58 µs
-/// with two, 24.6 k at 59 µs with four, 21.0 k at 72 µs with 64, when entries held one
-/// request each; see docs/benchmarks.md).
-const MAX_ENTRIES_IN_FLIGHT: usize = 1;
 /// Encoded bytes of the requests in one entry at most (a single larger request goes alone).
 const MAX_BATCH_BYTES: usize = 1 << 20;
 
@@ -122,12 +120,28 @@ struct Pending {
 
 /// See the module docs.
 pub(crate) struct ProposalBatcher {
-    queue: mpsc::UnboundedSender<Pending>,
-    gate: Arc<BatchGate>,
-    /// One permit per entry that may be in flight ([`MAX_ENTRIES_IN_FLIGHT`]).
-    in_flight: Arc<Semaphore>,
+    shared: Arc<Shared>,
+}
+
+/// What the writers and the entries in flight share.
+struct Shared {
     raft: Raft,
+    own_id: NodeId,
+    gate: BatchGate,
+    queue: Mutex<Queue>,
     sizes: Histogram,
+}
+
+/// The writes waiting for the entry in flight to be applied.
+#[derive(Default)]
+struct Queue {
+    /// An entry is proposed and not yet applied. One at a time: while it is, requests queue
+    /// and the next entry takes them all. One made the largest batches and the most
+    /// throughput (`put --clients 256`: 26.5 k ops/s at 54 µs of server CPU each with one,
+    /// 24.9 k at 58 µs with two, 24.6 k at 59 µs with four, 21.0 k at 72 µs with 64, when
+    /// entries held one request each; see docs/benchmarks.md).
+    in_flight: bool,
+    waiting: VecDeque<Pending>,
 }
 
 /// Whether batches may be proposed: this member's flag and what the other members said.
@@ -180,134 +194,145 @@ impl BatchGate {
     }
 }
 
+/// The entry in flight: when it is dropped (its entry was applied or failed, or the writer
+/// proposing it alone went away), the writes queued meanwhile are proposed as the next entry.
+struct InFlight(Arc<Shared>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        Shared::propose_next(&self.0);
+    }
+}
+
 impl ProposalBatcher {
-    /// Starts the batching task; `sizes` observes the requests per proposed entry.
+    /// A batcher proposing through `raft`; `sizes` observes the requests per proposed entry.
     pub(crate) fn start(raft: Raft, own_id: NodeId, enabled: bool, sizes: Histogram) -> Self {
-        let (queue, rx) = mpsc::unbounded_channel();
-        let gate = Arc::new(BatchGate {
-            enabled,
-            peer_features: Mutex::new(BTreeMap::new()),
-        });
-        let in_flight = Arc::new(Semaphore::new(MAX_ENTRIES_IN_FLIGHT));
-        tokio::spawn(run(
-            raft.clone(),
-            own_id,
-            gate.clone(),
-            in_flight.clone(),
-            rx,
-            sizes.clone(),
-        ));
         ProposalBatcher {
-            queue,
-            gate,
-            in_flight,
-            raft,
-            sizes,
+            shared: Arc::new(Shared {
+                raft,
+                own_id,
+                gate: BatchGate {
+                    enabled,
+                    peer_features: Mutex::new(BTreeMap::new()),
+                },
+                queue: Mutex::new(Queue::default()),
+                sizes,
+            }),
         }
     }
 
     pub(crate) fn gate(&self) -> &BatchGate {
-        &self.gate
+        &self.shared.gate
     }
 
     /// Proposes `request` (alone or with others that arrive at the same time) and returns its
     /// applied response, its `error` included.
     ///
-    /// When no entry is in flight and no write waits (the semaphore is fair: once the batching
-    /// task waits for the permit, this cannot take it), the caller proposes its request itself:
-    /// a lone write skips the hand-over to the batching task and back, two task wake-ups on
-    /// the path of every write of a lightly loaded cluster.
+    /// When no entry is in flight and no write waits, the caller proposes its request itself:
+    /// a lone write is not handed to another task and back, two task wake-ups on the path of
+    /// every write of a lightly loaded cluster. Otherwise it queues, and the entry in flight,
+    /// once applied, proposes it with the others queued (see [`Shared::propose_next`]).
     pub(crate) async fn write(&self, request: RaftRequest) -> Result<RaftResponse, WriteFailure> {
-        if let Ok(permit) = self.in_flight.clone().try_acquire_owned() {
-            self.sizes.observe(1.0);
-            let result = write_one(&self.raft, request).await;
-            drop(permit);
-            return result;
-        }
         let (reply, answer) = oneshot::channel();
-        let bytes = request.encoded_len();
-        let pending = Pending {
-            request,
-            bytes,
-            reply,
+        let queued = match self.shared.queue.lock() {
+            Err(_) => {
+                return Err(WriteFailure::Failed(ServerError::Internal(
+                    "proposal queue poisoned".into(),
+                )));
+            }
+            Ok(mut queue) if queue.in_flight || !queue.waiting.is_empty() => {
+                let bytes = request.encoded_len();
+                queue.waiting.push_back(Pending {
+                    request,
+                    bytes,
+                    reply,
+                });
+                None
+            }
+            Ok(mut queue) => {
+                queue.in_flight = true;
+                Some(request)
+            }
         };
-        if self.queue.send(pending).is_err() {
-            return Err(WriteFailure::Failed(ServerError::Stopped));
-        }
-        answer
-            .await
-            .unwrap_or(Err(WriteFailure::Failed(ServerError::Stopped)))
+        let Some(request) = queued else {
+            return answer
+                .await
+                .unwrap_or(Err(WriteFailure::Failed(ServerError::Stopped)));
+        };
+        let in_flight = InFlight(self.shared.clone());
+        self.shared.sizes.observe(1.0);
+        let result = write_one(&self.shared.raft, request).await;
+        // The next entry is proposed before this writer goes on.
+        drop(in_flight);
+        result
     }
 }
 
-/// The batching task: takes what is queued, proposes it, repeats.
-async fn run(
-    raft: Raft,
-    own_id: NodeId,
-    gate: Arc<BatchGate>,
-    in_flight: Arc<Semaphore>,
-    mut queue: mpsc::UnboundedReceiver<Pending>,
-    sizes: Histogram,
-) {
-    let mut held: Option<Pending> = None;
-    loop {
-        // The first request, then the permit: while this task waits for a request the permit
-        // is free for a lone writer to propose its own (see `write`).
-        let first = match held.take() {
-            Some(p) => p,
-            None => match queue.recv().await {
-                Some(p) => p,
-                None => return,
-            },
-        };
-        let Ok(permit) = in_flight.clone().acquire_owned().await else {
-            return;
-        };
-        // A writer that gave up (its client's deadline passed, or the client left while the
-        // request queued) was told nothing about the outcome; its write is dropped unproposed.
-        if first.reply.is_closed() {
-            continue;
-        }
-        let mut bytes = first.bytes;
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH_REQUESTS {
-            match queue.try_recv() {
-                Ok(p) if p.reply.is_closed() => {}
-                Ok(p) if bytes + p.bytes <= MAX_BATCH_BYTES => {
-                    bytes += p.bytes;
-                    batch.push(p);
+impl Shared {
+    /// Called when the entry in flight is done: proposes what queued meanwhile as the next
+    /// entry, from the task that saw the entry applied (no hand-over to another task before
+    /// the next proposal), or records that nothing is in flight. With batches not allowed,
+    /// every queued write becomes an entry of its own at once (they need not wait for each
+    /// other).
+    fn propose_next(shared: &Arc<Shared>) {
+        let open = shared.gate.open(&shared.raft, shared.own_id);
+        let runtime = tokio::runtime::Handle::try_current();
+        let batch = {
+            let Ok(mut queue) = shared.queue.lock() else {
+                return;
+            };
+            let mut batch = Vec::new();
+            let mut bytes = 0;
+            while let Some(p) = queue.waiting.pop_front() {
+                // A writer that gave up (its client's deadline passed, or the client left
+                // while the request queued) was told nothing about the outcome; its write is
+                // dropped unproposed.
+                if p.reply.is_closed() {
+                    continue;
                 }
-                Ok(p) => {
-                    held = Some(p);
+                if open
+                    && !batch.is_empty()
+                    && (batch.len() >= MAX_BATCH_REQUESTS || bytes + p.bytes > MAX_BATCH_BYTES)
+                {
+                    queue.waiting.push_front(p);
                     break;
                 }
-                Err(_) => break,
+                bytes += p.bytes;
+                batch.push(p);
             }
+            // Without a runtime (the member is shutting down) nothing more is proposed: the
+            // queued writers' replies are dropped, which answers them "stopped".
+            queue.in_flight = open && !batch.is_empty() && runtime.is_ok();
+            batch
+        };
+        let Ok(runtime) = runtime else {
+            return;
+        };
+        if batch.is_empty() {
+            return;
         }
-        if !gate.open(&raft, own_id) {
-            // Without batches, entries need not wait for each other.
+        if !open {
             for p in batch {
-                sizes.observe(1.0);
-                tokio::spawn(propose_one(raft.clone(), p));
+                shared.sizes.observe(1.0);
+                runtime.spawn(propose_one(shared.raft.clone(), p));
             }
-            drop(permit);
-            continue;
+            return;
         }
-        sizes.observe(batch.len() as f64);
-        let raft = raft.clone();
-        tokio::spawn(async move {
-            propose(raft, batch).await;
-            drop(permit);
-        });
+        shared.sizes.observe(batch.len() as f64);
+        let in_flight = InFlight(shared.clone());
+        runtime.spawn(propose(shared.raft.clone(), batch, in_flight));
     }
 }
 
 /// One entry: a single request as itself, several as a batch.
-async fn propose(raft: Raft, mut batch: Vec<Pending>) {
+async fn propose(raft: Raft, mut batch: Vec<Pending>, in_flight: InFlight) {
     if batch.len() > 1 {
-        propose_batch(raft, batch).await;
+        propose_batch(raft, batch, in_flight).await;
     } else if let Some(p) = batch.pop() {
-        propose_one(raft, p).await;
+        let result = write_one(&raft, p.request).await;
+        // The next entry first, then the answer to this one's writer.
+        drop(in_flight);
+        let _ = p.reply.send(result);
     }
 }
 
@@ -324,14 +349,17 @@ async fn write_one(raft: &Raft, request: RaftRequest) -> Result<RaftResponse, Wr
     }
 }
 
-async fn propose_batch(raft: Raft, batch: Vec<Pending>) {
+async fn propose_batch(raft: Raft, batch: Vec<Pending>, in_flight: InFlight) {
     let (requests, replies): (Vec<RaftRequest>, Vec<Reply>) =
         batch.into_iter().map(|p| (p.request, p.reply)).unzip();
     let command = Command::new(RaftRequest {
         request: Some(Cmd::Batch(ProposalBatch { requests })),
         origin: None,
     });
-    match raft.client_write(command.clone()).await {
+    let written = raft.client_write(command.clone()).await;
+    // The next entry first, then the answers to this one's writers.
+    drop(in_flight);
+    match written {
         Ok(resp) => {
             let entry = resp.data.0;
             if entry.batch.len() != replies.len() {
