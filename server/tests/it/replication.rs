@@ -623,6 +623,77 @@ async fn concurrent_writes_share_entries_unless_a_member_cannot_apply_them() {
     }
 }
 
+/// Writers that give up (their client's deadline passes while the write is queued for the
+/// next entry, or while it is the entry in flight) never stall the writes after them: the
+/// entry in flight is released however its writer's call ends, and queued writes whose caller
+/// left are dropped unproposed.
+#[tokio::test]
+async fn writers_that_give_up_do_not_stall_later_writes() {
+    let cluster = Cluster::start(3).await;
+    let leader = cluster.leader().await;
+    let impatient_opts = etcd_client::ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(2))
+        .with_timeout(Duration::from_millis(2));
+    let mut impatient = Vec::new();
+    for m in [leader, (leader + 1) % 3] {
+        impatient.push(
+            etcd_client::Client::connect(
+                [cluster.members[m].endpoint()],
+                Some(impatient_opts.clone()),
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    let (mut gave_up, mut answered) = (0, 0);
+    for round in 0..30 {
+        let mut writes = Vec::new();
+        for j in 0..20 {
+            let mut c = impatient[j % impatient.len()].clone();
+            writes.push(tokio::spawn(async move {
+                c.put(format!("impatient/{round}/{j}"), "v", None)
+                    .await
+                    .is_ok()
+            }));
+        }
+        for w in writes {
+            if w.await.unwrap() {
+                answered += 1;
+            } else {
+                gave_up += 1;
+            }
+        }
+    }
+    assert!(
+        gave_up > 0,
+        "no write gave up ({answered} answered): the test tested nothing"
+    );
+    // Patient writers through every member are all answered, promptly.
+    let started = Instant::now();
+    let mut writes = Vec::new();
+    for (i, m) in cluster.members.iter().enumerate() {
+        let c = client(&m.endpoint()).await.unwrap();
+        for j in 0..30 {
+            let mut c = c.clone();
+            writes.push(tokio::spawn(async move {
+                put_revision(&mut c, &format!("patient/{i}/{j}"), "v").await
+            }));
+        }
+    }
+    let mut revisions = std::collections::BTreeSet::new();
+    for w in writes {
+        assert!(
+            revisions.insert(w.await.unwrap()),
+            "a revision acknowledged twice"
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "90 writes took {:?} after {gave_up} writers gave up",
+        started.elapsed()
+    );
+}
+
 /// A read-only Txn is served by the member that receives it, as etcd serves it: after a read
 /// barrier (so a follower sees a write the leader acknowledged just before), with no log
 /// entry, and counted in etcd's MVCC counters of that member only.
