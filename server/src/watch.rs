@@ -213,6 +213,27 @@ impl Outgoing {
         buf
     }
 
+    /// At least the length of the response's encoding (for reserving buffer room; not exact
+    /// for event responses: the header's fields are counted at their longest).
+    pub fn encoded_len_bound(&self) -> usize {
+        // A header: key, length, four varint fields of up to 10 bytes and their keys.
+        const HEADER: usize = 2 + 4 * 11;
+        match self {
+            // The member's header fields are filled in when it is encoded.
+            Outgoing::Response(r) => r.encoded_len() + HEADER,
+            Outgoing::Events { events, .. } => {
+                // header, watch_id, fragment
+                HEADER
+                    + 11
+                    + 2
+                    + events
+                        .iter()
+                        .map(|e| 1 + prost::length_delimiter_len(e.encoded.len()) + e.encoded.len())
+                        .sum::<usize>()
+            }
+        }
+    }
+
     /// [`Outgoing::encode`] into `buf`: event encodings are copied, not re-encoded.
     pub fn encode_to(self, header: &ResponseHeader, buf: &mut impl bytes::BufMut) {
         use prost::encoding::{WireType, encode_key, encode_varint};
@@ -1185,7 +1206,17 @@ impl WatchService {
 pub struct WireResponse {
     pub out: Outgoing,
     pub header: ResponseHeader,
+    /// Bytes the encoder should make room for before encoding this response: on the first
+    /// response of a drained batch, the whole batch's (capped), so that the batch is encoded
+    /// into one allocation instead of a buffer that doubles and copies itself as it fills;
+    /// 0 on the others.
+    pub reserve: usize,
 }
+
+/// At most this much is reserved at once for a drained batch ([`WireResponse::reserve`]).
+const MAX_BATCH_RESERVE: usize = 4 << 20;
+/// gRPC's length-prefixed message header.
+const GRPC_MESSAGE_HEADER: usize = 5;
 
 /// A watch call's responses.
 pub type EncodedWatchStream = crate::node::ResponseStream<WireResponse>;
@@ -1246,6 +1277,7 @@ impl WatchService {
             queue,
             ready: VecDeque::new(),
             header: ResponseHeader::default(),
+            reserve: 0,
         };
         Ok(Response::new(self.node.until_stopping(Box::pin(responses))))
     }
@@ -1263,6 +1295,8 @@ struct QueueStream {
     ready: VecDeque<Outgoing>,
     /// The member's header fields as of the last time the queue was drained.
     header: ResponseHeader,
+    /// Room to reserve with the next response handed out (see [`WireResponse::reserve`]).
+    reserve: usize,
 }
 
 impl QueueStream {
@@ -1279,6 +1313,12 @@ impl QueueStream {
             revision: 0,
         };
         self.ready = coalesce(batch, self.hub.max_response_bytes).into();
+        self.reserve = self
+            .ready
+            .iter()
+            .map(|o| GRPC_MESSAGE_HEADER + o.encoded_len_bound())
+            .sum::<usize>()
+            .min(MAX_BATCH_RESERVE);
         true
     }
 }
@@ -1300,6 +1340,7 @@ impl Stream for QueueStream {
                 return Poll::Ready(Some(Ok(WireResponse {
                     out,
                     header: this.header,
+                    reserve: std::mem::take(&mut this.reserve),
                 })));
             }
             if this.refill() {

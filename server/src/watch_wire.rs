@@ -45,6 +45,9 @@ impl Encoder for PreEncodedCodec {
     type Error = Status;
 
     fn encode(&mut self, item: WireResponse, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        if item.reserve > 0 {
+            dst.reserve(item.reserve);
+        }
         item.out.encode_to(&item.header, dst);
         Ok(())
     }
@@ -186,6 +189,52 @@ mod tests {
                 ..Default::default()
             };
             assert_eq!(out.encode(&header), expected.encode_to_vec());
+        }
+    }
+
+    /// The room reserved for a response is never less than its encoding, whatever the
+    /// member's header fields (largest values, longest varints).
+    #[test]
+    fn reserved_room_bounds_the_encoding() {
+        let header = ResponseHeader {
+            cluster_id: u64::MAX,
+            member_id: u64::MAX,
+            revision: 0,
+            raft_term: u64::MAX,
+        };
+        let events: crate::watch::EventList = [event("a", false), event(&"k".repeat(300), true)]
+            .into_iter()
+            .map(|e| Arc::new(SharedEvent::new(e)))
+            .collect();
+        let outs = [
+            Outgoing::Events {
+                watch_id: i64::MAX,
+                header_rev: i64::MAX,
+                fragment: true,
+                events: events.clone(),
+            },
+            Outgoing::Events {
+                watch_id: 0,
+                header_rev: 1,
+                fragment: false,
+                events,
+            },
+            Outgoing::Response(Box::new(WatchResponse {
+                header: Some(ResponseHeader {
+                    revision: i64::MAX,
+                    ..Default::default()
+                }),
+                watch_id: i64::MAX,
+                canceled: true,
+                cancel_reason: "compacted".into(),
+                compact_revision: i64::MAX,
+                ..Default::default()
+            })),
+        ];
+        for out in outs {
+            let bound = out.encoded_len_bound();
+            let len = out.encode(&header).len();
+            assert!(bound >= len, "reserved {bound} for {len} bytes");
         }
     }
 
