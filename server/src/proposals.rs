@@ -233,31 +233,35 @@ impl ProposalBatcher {
     /// every write of a lightly loaded cluster. Otherwise it queues, and the entry in flight,
     /// once applied, proposes it with the others queued (see [`Shared::propose_next`]).
     pub(crate) async fn write(&self, request: RaftRequest) -> Result<RaftResponse, WriteFailure> {
-        let (reply, answer) = oneshot::channel();
-        let queued = match self.shared.queue.lock() {
+        // Ok: nothing in flight, this caller proposes its request; Err: queued, the answer.
+        let path = match self.shared.queue.lock() {
             Err(_) => {
                 return Err(WriteFailure::Failed(ServerError::Internal(
                     "proposal queue poisoned".into(),
                 )));
             }
             Ok(mut queue) if queue.in_flight || !queue.waiting.is_empty() => {
+                let (reply, answer) = oneshot::channel();
                 let bytes = request.encoded_len();
                 queue.waiting.push_back(Pending {
                     request,
                     bytes,
                     reply,
                 });
-                None
+                Err(answer)
             }
             Ok(mut queue) => {
                 queue.in_flight = true;
-                Some(request)
+                Ok(request)
             }
         };
-        let Some(request) = queued else {
-            return answer
-                .await
-                .unwrap_or(Err(WriteFailure::Failed(ServerError::Stopped)));
+        let request = match path {
+            Ok(request) => request,
+            Err(answer) => {
+                return answer
+                    .await
+                    .unwrap_or(Err(WriteFailure::Failed(ServerError::Stopped)));
+            }
         };
         let in_flight = InFlight(self.shared.clone());
         self.shared.sizes.observe(1.0);
@@ -275,6 +279,18 @@ impl Shared {
     /// every queued write becomes an entry of its own at once (they need not wait for each
     /// other).
     fn propose_next(shared: &Arc<Shared>) {
+        // Most entries of a lightly loaded member end with nothing queued: no gate to ask.
+        {
+            let Ok(mut queue) = shared.queue.lock() else {
+                return;
+            };
+            if queue.waiting.is_empty() {
+                queue.in_flight = false;
+                return;
+            }
+        }
+        // Only this call takes from the queue while the entry is still in flight, so what was
+        // queued above is still there (and perhaps more).
         let open = shared.gate.open(&shared.raft, shared.own_id);
         let runtime = tokio::runtime::Handle::try_current();
         let batch = {
