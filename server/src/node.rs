@@ -213,7 +213,12 @@ impl KeelNode {
             let (config, identity, engine, mvcc) = (&config, &identity, &engine, &mvcc);
             let (snapshot_dir, peers) = (&snapshot_dir, &peers);
             async move {
-                let log_store = LogStore::new(engine.clone())?;
+                let mut log_store = LogStore::new(engine.clone())?;
+                // A follower's fsync on its own thread saves two wake-ups per write
+                // (keel_store::raft::log_store); with one worker it would stall every task.
+                if tokio::runtime::Handle::current().metrics().num_workers() >= 2 {
+                    log_store = log_store.syncing_follower_appends_inline(identity.member_id)?;
+                }
                 let state_machine = StateMachine::open(mvcc.clone(), snapshot_dir, listener)?
                     .answering_forwards_of(identity.member_id);
                 let applied = state_machine.applied_watch();

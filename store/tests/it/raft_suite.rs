@@ -9,7 +9,12 @@ use keel_store::raft::{LogStore, StateMachine, TypeConfig};
 use openraft::StorageError;
 use openraft::testing::log::{StoreBuilder, Suite};
 
-struct Builder;
+/// Builds stores for the suite; `inline_as: Some(id)` makes the log store fsync a follower's
+/// appends inline as member `id` (an id no vote of the suite names, so every append is a
+/// follower's).
+struct Builder {
+    inline_as: Option<u64>,
+}
 
 impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Builder {
     async fn build(
@@ -19,7 +24,12 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Bui
         let engine: Arc<dyn Engine> =
             Arc::new(RocksEngine::open(&dir.path().join("db")).expect("open rocksdb"));
         let mvcc = Arc::new(MvccStore::open(engine.clone()).expect("open mvcc"));
-        let log = LogStore::new(engine).expect("log store");
+        let mut log = LogStore::new(engine).expect("log store");
+        if let Some(id) = self.inline_as {
+            log = log
+                .syncing_follower_appends_inline(id)
+                .expect("inline syncing");
+        }
         let sm =
             StateMachine::open(mvcc, &dir.path().join("snapshots"), None).expect("state machine");
         Ok((dir, log, sm))
@@ -28,9 +38,18 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Bui
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openraft_storage_suite() {
-    Suite::test_all(Builder)
+    Suite::test_all(Builder { inline_as: None })
         .await
         .expect("openraft storage suite");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openraft_storage_suite_with_follower_appends_synced_inline() {
+    Suite::test_all(Builder {
+        inline_as: Some(0xFEED),
+    })
+    .await
+    .expect("openraft storage suite (inline syncing)");
 }
 
 fn open_log(dir: &std::path::Path) -> LogStore {
