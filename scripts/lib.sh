@@ -2,7 +2,8 @@
 # shellcheck shell=bash
 
 # A persistent target directory outside the clone, so CI and repeated runs reuse the RocksDB
-# build (about 15 minutes from source on 2 cores). Override with CARGO_TARGET_DIR.
+# build (about 15 minutes from source on 2 cores, more with the release profile's thin LTO).
+# Override with CARGO_TARGET_DIR.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/keel-target}"
 
 KEEL_APT_UPDATED=""

@@ -214,8 +214,9 @@ impl KeelNode {
             let (snapshot_dir, peers) = (&snapshot_dir, &peers);
             async move {
                 let mut log_store = LogStore::new(engine.clone())?;
-                // A follower's fsync on its own thread saves two wake-ups per write
-                // (keel_store::raft::log_store); with one worker it would stall every task.
+                // A follower fsyncs on the worker that appends: two thread wake-ups fewer
+                // per write (keel_store::raft::log_store). With a single worker the fsync
+                // would stall every other task, so such a member keeps the sync thread.
                 if tokio::runtime::Handle::current().metrics().num_workers() >= 2 {
                     log_store = log_store.syncing_follower_appends_inline(identity.member_id)?;
                 }
