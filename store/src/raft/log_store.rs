@@ -43,7 +43,7 @@ use openraft::{OptionalSend, RaftLogReader};
 
 use super::log_cache::LogCache;
 use super::types::{Entry, LogId, NodeId, TypeConfig, Vote, decode, encode};
-use crate::engine::{Direction, Engine, ScanControl, Table, WriteBatch};
+use crate::engine::{Direction, Engine, EngineError, ScanControl, Table, WriteBatch};
 
 const KEY_VOTE: &[u8] = b"vote";
 const KEY_COMMITTED: &[u8] = b"committed";
@@ -233,6 +233,14 @@ impl LogStore {
     }
 }
 
+/// Fsyncs the engine's WAL and reports how long it took (`observe::wal_fsync`).
+fn timed_sync_wal(engine: &dyn Engine) -> Result<(), EngineError> {
+    let started = std::time::Instant::now();
+    let result = engine.sync_wal();
+    crate::observe::wal_fsync(started.elapsed());
+    result
+}
+
 /// Waits for queued append callbacks, fsyncs once for all that are queued, then completes them.
 fn sync_loop(
     engine: Arc<dyn Engine>,
@@ -244,9 +252,7 @@ fn sync_loop(
         while let Ok(more) = queue.try_recv() {
             pending.push(more);
         }
-        let started = std::time::Instant::now();
-        let result = engine.sync_wal().map_err(|e| e.to_string());
-        crate::observe::wal_fsync(started.elapsed());
+        let result = timed_sync_wal(engine.as_ref()).map_err(|e| e.to_string());
         let n = pending.len();
         for callback in pending {
             callback.io_completed(result.clone().map_err(io::Error::other));
@@ -343,9 +349,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
         }
         if self.syncs_inline() {
-            let started = std::time::Instant::now();
-            let result = self.engine().sync_wal().map_err(io_err);
-            crate::observe::wal_fsync(started.elapsed());
+            let result = timed_sync_wal(self.engine().as_ref()).map_err(io_err);
             callback.io_completed(result);
             return Ok(());
         }
@@ -398,7 +402,7 @@ mod tests {
 
     use super::*;
     use crate::engine::memory::MemoryEngine;
-    use crate::engine::{EngineError, ViewScanner};
+    use crate::engine::ViewScanner;
 
     /// The memory engine, recording which thread called each `sync_wal`; the sync thread's
     /// `sync_wal` waits while the test holds the gate closed.
