@@ -10,6 +10,7 @@ use clap::Args;
 use hdrhistogram::Histogram;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::lean::{BenchChannel, LeanChannel};
 use crate::stats::{Summary, histogram, record, summarize};
 
 /// Flags shared by the load workloads.
@@ -48,6 +49,18 @@ pub struct Common {
     /// No progress lines on stderr.
     #[arg(long)]
     pub quiet: bool,
+    /// How unary calls reach the server: `lean` sends them from the calling task straight
+    /// into the HTTP/2 connection (see the `lean` module); `tonic` through a tonic `Channel`
+    /// (two more task hand-offs per call in the load generator). Streams always use tonic.
+    #[arg(long, value_enum, default_value_t = GrpcClient::Lean)]
+    pub grpc_client: GrpcClient,
+}
+
+/// The transport of unary calls (`--grpc-client`).
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GrpcClient {
+    Lean,
+    Tonic,
 }
 
 impl Common {
@@ -62,6 +75,25 @@ pub async fn channels(endpoints: &[String], conns: usize) -> anyhow::Result<Vec<
     let mut out = Vec::new();
     for i in 0..conns.max(1) {
         out.push(connect(&endpoints[i % endpoints.len()]).await?);
+    }
+    Ok(out)
+}
+
+/// `conns` connections for unary calls, spread over `endpoints` round-robin, of the kind
+/// `--grpc-client` names.
+pub async fn unary_channels(
+    endpoints: &[String],
+    conns: usize,
+    kind: GrpcClient,
+) -> anyhow::Result<Vec<BenchChannel>> {
+    anyhow::ensure!(!endpoints.is_empty(), "no endpoints");
+    let mut out = Vec::new();
+    for i in 0..conns.max(1) {
+        let endpoint = &endpoints[i % endpoints.len()];
+        out.push(match kind {
+            GrpcClient::Lean => BenchChannel::Lean(LeanChannel::connect(endpoint).await?),
+            GrpcClient::Tonic => BenchChannel::Tonic(connect(endpoint).await?),
+        });
     }
     Ok(out)
 }

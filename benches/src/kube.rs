@@ -23,10 +23,12 @@ use keel_proto::etcdserverpb::kv_client::KvClient;
 use keel_proto::etcdserverpb::request_op::Request as Op;
 use keel_proto::etcdserverpb::response_op::Response as OpResp;
 use keel_proto::etcdserverpb::{Compare, PutRequest, RangeRequest, RequestOp, TxnRequest};
-use tonic::transport::Channel;
 
-use crate::driver::{Common, Progress, Rng, Worker, channels, run_closed_loop, stamped_value};
+use crate::driver::{
+    Common, Progress, Rng, Worker, channels, run_closed_loop, stamped_value, unary_channels,
+};
 use crate::kv::{KeyFn, ensure_loaded};
+use crate::lean::BenchChannel;
 use crate::stats::Summary;
 use crate::stats::summarize;
 use crate::watch::{WatchGroup, WatchSpec, prefix_end};
@@ -63,7 +65,7 @@ fn namespace_prefix(ns: u64) -> Vec<u8> {
 }
 
 struct KubeWorker {
-    kv: KvClient<Channel>,
+    kv: KvClient<BenchChannel>,
     rng: Rng,
     args: KubeArgs,
     space: u64,
@@ -183,12 +185,14 @@ impl Worker for KubeWorker {
 }
 
 pub async fn run(common: &Common, args: &KubeArgs) -> anyhow::Result<Summary> {
+    // Watches on tonic channels, the unary calls on `--grpc-client` connections of their own.
     let chans = channels(&common.endpoints, common.conns).await?;
+    let uchans = unary_channels(&common.endpoints, common.conns, common.grpc_client).await?;
     let ns = args.namespaces.max(1);
     let keyfn: KeyFn = Arc::new(move |i| object_key(i, ns));
     let range = (PREFIX.as_bytes().to_vec(), prefix_end(PREFIX.as_bytes()));
     ensure_loaded(
-        &chans,
+        &uchans,
         range,
         common.key_space,
         keyfn,
@@ -214,7 +218,7 @@ pub async fn run(common: &Common, args: &KubeArgs) -> anyhow::Result<Summary> {
     );
     let workers = (0..common.clients.max(1))
         .map(|c| KubeWorker {
-            kv: KvClient::new(chans[c % chans.len()].clone()),
+            kv: KvClient::new(uchans[c % uchans.len()].clone()),
             rng: Rng::new(c as u64 + 1),
             args: args.clone(),
             space: common.key_space.max(1),

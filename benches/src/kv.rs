@@ -9,9 +9,11 @@ use keel_proto::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnio
 use keel_proto::etcdserverpb::kv_client::KvClient;
 use keel_proto::etcdserverpb::request_op::Request as Op;
 use keel_proto::etcdserverpb::{Compare, PutRequest, RangeRequest, RequestOp, TxnRequest};
-use tonic::transport::Channel;
 
-use crate::driver::{Common, Worker, channels, key, run_closed_loop, spread, value};
+use crate::driver::{
+    Common, GrpcClient, Worker, key, run_closed_loop, spread, unary_channels, value,
+};
+use crate::lean::BenchChannel;
 use crate::stats::Summary;
 
 #[derive(Args, Debug, Clone)]
@@ -52,7 +54,7 @@ pub enum Kind {
 }
 
 struct KvWorker {
-    kv: KvClient<Channel>,
+    kv: KvClient<BenchChannel>,
     kind: Kind,
     common: Common,
     range: RangeArgs,
@@ -174,7 +176,7 @@ pub async fn run(
         common.key_size,
         common.key_space
     );
-    let chans = channels(&common.endpoints, common.conns).await?;
+    let chans = unary_channels(&common.endpoints, common.conns, common.grpc_client).await?;
     if matches!(kind, Kind::Range | Kind::TxnCas) {
         let (space, width) = (common.key_space, common.key_size);
         let range = (key("", 0, width), key("", space, width));
@@ -233,7 +235,7 @@ pub fn digits(space: u64) -> usize {
 pub type KeyFn = Arc<dyn Fn(u64) -> Vec<u8> + Send + Sync>;
 
 struct LoadWorker {
-    kv: KvClient<Channel>,
+    kv: KvClient<BenchChannel>,
     key: KeyFn,
     keys: u64,
     batch: u64,
@@ -260,7 +262,7 @@ impl Worker for LoadWorker {
 
 /// Writes keys `prefix + 0 .. prefix + keys` in transactions of `batch` puts.
 pub async fn load(common: &Common, args: &LoadArgs) -> anyhow::Result<Summary> {
-    let chans = channels(&common.endpoints, common.conns).await?;
+    let chans = unary_channels(&common.endpoints, common.conns, common.grpc_client).await?;
     let (prefix, width) = (args.prefix.clone(), common.key_size.max(digits(args.keys)));
     let keyfn: KeyFn = Arc::new(move |i| key(&prefix, i, width));
     load_on(&chans, common, args.keys, args.batch, keyfn).await
@@ -269,7 +271,7 @@ pub async fn load(common: &Common, args: &LoadArgs) -> anyhow::Result<Summary> {
 /// Writes the keys `keyfn(0 .. keys)` in transactions of `batch` puts with `--clients`
 /// concurrent transactions.
 pub async fn load_on(
-    chans: &[Channel],
+    chans: &[BenchChannel],
     common: &Common,
     keys: u64,
     batch: u64,
@@ -300,7 +302,7 @@ pub async fn load_on(
 /// Makes sure the keys `keyfn(0 .. space)` all exist, loading them if the count-only range
 /// `[from, to)` has fewer.
 pub async fn ensure_loaded(
-    chans: &[Channel],
+    chans: &[BenchChannel],
     (from, to): (Vec<u8>, Vec<u8>),
     space: u64,
     keyfn: KeyFn,
@@ -335,6 +337,7 @@ pub async fn ensure_loaded(
         key_space: space,
         json: false,
         quiet: true,
+        grpc_client: GrpcClient::Lean,
     };
     load_on(chans, &common, space, 100, keyfn).await?;
     Ok(())

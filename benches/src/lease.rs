@@ -13,7 +13,10 @@ use tokio::sync::mpsc;
 use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
-use crate::driver::{Common, Progress, Worker, channels, progress_printer, run_closed_loop};
+use crate::driver::{
+    Common, Progress, Worker, channels, progress_printer, run_closed_loop, unary_channels,
+};
+use crate::lean::BenchChannel;
 use crate::stats::{Summary, histogram, record, summarize};
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
@@ -41,7 +44,7 @@ pub struct LeaseArgs {
 }
 
 struct GrantRevoke {
-    lease: LeaseClient<Channel>,
+    lease: LeaseClient<BenchChannel>,
     ttl: i64,
 }
 
@@ -64,9 +67,9 @@ impl Worker for GrantRevoke {
 }
 
 pub async fn run(common: &Common, args: &LeaseArgs) -> anyhow::Result<Summary> {
-    let chans = channels(&common.endpoints, common.conns).await?;
     match args.mode {
         LeaseMode::GrantRevoke => {
+            let chans = unary_channels(&common.endpoints, common.conns, common.grpc_client).await?;
             let workers = (0..common.clients.max(1))
                 .map(|i| GrantRevoke {
                     lease: LeaseClient::new(chans[i % chans.len()].clone()),
@@ -75,7 +78,10 @@ pub async fn run(common: &Common, args: &LeaseArgs) -> anyhow::Result<Summary> {
                 .collect();
             run_closed_loop("lease-grant-revoke", common, workers, &[]).await
         }
-        LeaseMode::Keepalive => keepalive(common, args, &chans).await,
+        LeaseMode::Keepalive => {
+            let chans = channels(&common.endpoints, common.conns).await?;
+            keepalive(common, args, &chans).await
+        }
     }
 }
 

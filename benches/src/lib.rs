@@ -3,6 +3,7 @@
 //!
 //! Module map:
 //! - [`driver`]: the common flags, channels, keys and values, the closed-loop driver.
+//! - [`lean`]: a lean HTTP/2 transport for unary calls (`--grpc-client lean`).
 //! - [`stats`]: latency histograms and the summary every workload prints.
 //! - [`kv`]: `put`, `range`, `txn-put`, `txn-cas`, `load`.
 //! - [`watch`]: `watch` (fan-out, many keys, idle-watcher memory).
@@ -13,6 +14,7 @@
 pub mod driver;
 pub mod kube;
 pub mod kv;
+pub mod lean;
 pub mod lease;
 pub mod report;
 pub mod stats;

@@ -22,8 +22,9 @@ use tonic::transport::Channel;
 
 use crate::driver::{
     Common, Progress, Worker, channels, key, now_us, progress_printer, rss_kib, run_closed_loop,
-    stamp_of, stamped_value,
+    stamp_of, stamped_value, unary_channels,
 };
+use crate::lean::BenchChannel;
 use crate::stats::{Summary, histogram, record_us, summarize};
 
 #[derive(Args, Debug, Clone)]
@@ -330,7 +331,7 @@ async fn run_stream(
 
 /// A writer: puts stamped values to the watched keys, counting acknowledged puts per key.
 struct Writer {
-    kv: KvClient<Channel>,
+    kv: KvClient<BenchChannel>,
     prefix: String,
     keys: u64,
     width: usize,
@@ -441,7 +442,8 @@ pub async fn run(common: &Common, args: &WatchArgs) -> anyhow::Result<Summary> {
     }
 
     let acked: Arc<Vec<AtomicU64>> = Arc::new((0..keys).map(|_| AtomicU64::new(0)).collect());
-    let wchans = channels(&common.endpoints, common.clients.max(1)).await?;
+    let wchans =
+        unary_channels(&common.endpoints, common.clients.max(1), common.grpc_client).await?;
     let writers = (0..common.clients.max(1))
         .map(|i| Writer {
             kv: KvClient::new(wchans[i % wchans.len()].clone()),
