@@ -401,8 +401,8 @@ mod tests {
     use openraft::type_config::TypeConfigExt;
 
     use super::*;
-    use crate::engine::memory::MemoryEngine;
     use crate::engine::ViewScanner;
+    use crate::engine::memory::MemoryEngine;
 
     /// The memory engine, recording which thread called each `sync_wal`; the sync thread's
     /// `sync_wal` waits while the test holds the gate closed.
