@@ -8,10 +8,10 @@
 //! shares the machine's two CPUs with the cluster it measures, so whatever it spends per
 //! request is taken from the servers. [`LeanChannel`] sends a unary call straight from the
 //! calling task into the `h2` connection (one lock, one wake-up of the connection task) and
-//! reads the response stream directly. What goes on the wire is the same as with a `Channel`:
-//! the same HEADERS (tonic's client adds `content-type: application/grpc` and `te: trailers`),
-//! one DATA frame with the length-prefixed message, END_STREAM; the response's DATA and
-//! trailers are handed to tonic, which decodes them and reads `grpc-status` as usual.
+//! reads the response stream directly. What goes on the wire is what a `Channel` sends, less
+//! its `user-agent` header: HEADERS (tonic's client adds `content-type: application/grpc` and
+//! `te: trailers`), the length-prefixed message in DATA with END_STREAM; the response's DATA
+//! and trailers are handed to tonic, which decodes them and reads `grpc-status` as usual.
 //!
 //! Only for unary calls: the request body is read to its end before anything is sent, so a
 //! bidirectional stream (watch, lease keep-alive) must use a tonic `Channel` instead.

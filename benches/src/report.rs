@@ -488,7 +488,7 @@ pub fn section(d: &Data, meta: &BTreeMap<String, String>, svg_link: &str) -> Str
     let m = |k: &str| meta.get(k).map(String::as_str).unwrap_or("?");
     let _ = writeln!(
         s,
-        "Run: {} · Keel: {} at commit `{}` (release build) · {} · 3-node clusters on 127.0.0.1, same flags (`--heartbeat-interval 100 --election-timeout 1000`, data directories on the same disk) · load generator: `keel-bench` (same binary, same flags for both).",
+        "Run: {} · Keel: {} at commit `{}` · {} · 3-node clusters on 127.0.0.1, same flags (`--heartbeat-interval 100 --election-timeout 1000`, data directories on the same disk) · load generator: `keel-bench` (same binary, same flags for both).",
         m("date"),
         meta.get("keel_source")
             .map(String::as_str)
