@@ -30,14 +30,6 @@ stop() {
     rm -rf "${WORK:?}"/keel-n*
 }
 trap 'stop; rm -rf "$WORK"' EXIT
-cpu_ticks() { # the members' user + system clock ticks
-    local t=0 p fields
-    for p in "${PIDS[@]}"; do
-        read -ra fields < <(cut -d' ' -f14,15 "/proc/$p/stat")
-        t=$((t + fields[0] + fields[1]))
-    done
-    echo "$t"
-}
 HZ=$(getconf CLK_TCK)
 IFS=';' read -ra CASE_LIST <<< "$CASES"
 for round in $(seq "$ROUNDS"); do
@@ -59,9 +51,9 @@ for round in $(seq "$ROUNDS"); do
             if [[ " $c " == *" --conns 1 "* ]] || [[ " $c " == *"watch "*" --clients 1 "* ]]; then
                 eps=$(leader_first keel)
             fi
-            before=$(cpu_ticks)
+            before=$(pid_cpu_ticks "${PIDS[@]}")
             out=$("$BENCH" "${args[@]}" --duration 6 --json --quiet --endpoints "$eps")
-            after=$(cpu_ticks)
+            after=$(pid_cpu_ticks "${PIDS[@]}")
             python3 - "$round" "$bin" "$c" "$before" "$after" "$HZ" "$out" <<'EOF'
 import json, sys
 rnd, binary, case, before, after, hz, out = sys.argv[1:]

@@ -33,14 +33,6 @@ stop() {
     done
 }
 trap 'stop; rm -rf "$WORK"' EXIT
-cpu_ticks() { # pids... -> their user + system clock ticks
-    local t=0 p fields
-    for p in "$@"; do
-        read -ra fields < <(cut -d' ' -f14,15 "/proc/$p/stat")
-        t=$((t + fields[0] + fields[1]))
-    done
-    echo "$t"
-}
 HZ=$(getconf CLK_TCK)
 for kind in keel etcd; do
     require_free_ports "$kind"
@@ -65,10 +57,10 @@ for round in $(seq "$ROUNDS"); do
                 eps=$(endpoints "$kind")
                 [[ " $c " == *" --conns 1 "* ]] && eps=$(leader_first "$kind")
                 # shellcheck disable=SC2086
-                before=$(cpu_ticks ${PIDS_OF[$kind]})
+                before=$(pid_cpu_ticks ${PIDS_OF[$kind]})
                 out=$("$BENCH" "${args[@]}" --duration 6 --json --quiet --endpoints "$eps")
                 # shellcheck disable=SC2086
-                after=$(cpu_ticks ${PIDS_OF[$kind]})
+                after=$(pid_cpu_ticks ${PIDS_OF[$kind]})
                 python3 - "$round" "$kind" "$label" "$flags" "$c" "$before" "$after" "$HZ" "$out" <<'EOF'
 import json, sys
 rnd, kind, label, flags, case, before, after, hz, out = sys.argv[1:]

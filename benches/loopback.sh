@@ -1,7 +1,7 @@
-# Sourced by benches/compare.sh and benches/failover.sh: 3-member clusters of Keel (client ports
-# 24010, 24020, 24030, each peer port one above) or real etcd (25010, ...) on 127.0.0.1, started
-# with the same flags. The caller sets WORK (member I of KIND keeps its data in $WORK/KIND-nI)
-# and KEEL_MEMBER_BIN (the keel binary to run).
+# Sourced by benches/compare.sh, ab.sh, client-ab.sh and failover.sh: 3-member clusters of
+# Keel (client ports 24010, 24020, 24030, each peer port one above) or real etcd (25010, ...)
+# on 127.0.0.1, started with the same flags. The caller sets WORK (member I of KIND keeps its
+# data in $WORK/KIND-nI) and KEEL_MEMBER_BIN (the keel binary to run).
 
 port_free() { ! (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null; }
 
@@ -51,4 +51,13 @@ require_free_ports() { # kind: exits when a port of that cluster is taken
             port_free "$port" || { echo "port $port is in use; is another benchmark running?" >&2; exit 1; }
         done
     done
+}
+
+pid_cpu_ticks() { # pids... -> the user + system clock ticks those processes have used so far
+    local t=0 p fields
+    for p in "$@"; do
+        read -ra fields < <(cut -d' ' -f14,15 "/proc/$p/stat")
+        t=$((t + fields[0] + fields[1]))
+    done
+    echo "$t"
 }
