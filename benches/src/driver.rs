@@ -69,12 +69,19 @@ impl Common {
     }
 }
 
+/// The endpoint of each of `conns` connections (at least one), round-robin over `endpoints`.
+fn per_connection(endpoints: &[String], conns: usize) -> anyhow::Result<Vec<&String>> {
+    anyhow::ensure!(!endpoints.is_empty(), "no endpoints");
+    Ok((0..conns.max(1))
+        .map(|i| &endpoints[i % endpoints.len()])
+        .collect())
+}
+
 /// `conns` channels, spread over `endpoints` round-robin.
 pub async fn channels(endpoints: &[String], conns: usize) -> anyhow::Result<Vec<Channel>> {
-    anyhow::ensure!(!endpoints.is_empty(), "no endpoints");
     let mut out = Vec::new();
-    for i in 0..conns.max(1) {
-        out.push(connect(&endpoints[i % endpoints.len()]).await?);
+    for endpoint in per_connection(endpoints, conns)? {
+        out.push(connect(endpoint).await?);
     }
     Ok(out)
 }
@@ -86,10 +93,8 @@ pub async fn unary_channels(
     conns: usize,
     kind: GrpcClient,
 ) -> anyhow::Result<Vec<BenchChannel>> {
-    anyhow::ensure!(!endpoints.is_empty(), "no endpoints");
     let mut out = Vec::new();
-    for i in 0..conns.max(1) {
-        let endpoint = &endpoints[i % endpoints.len()];
+    for endpoint in per_connection(endpoints, conns)? {
         out.push(match kind {
             GrpcClient::Lean => BenchChannel::Lean(LeanChannel::connect(endpoint).await?),
             GrpcClient::Tonic => BenchChannel::Tonic(connect(endpoint).await?),

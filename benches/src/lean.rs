@@ -23,7 +23,7 @@ use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::uri::{Authority, Scheme};
 use http::{Request, Response, Uri, Version};
 use http_body::{Body, Frame};
@@ -72,8 +72,9 @@ impl LeanChannel {
             uri.authority = Some(conn.authority.clone());
             head.uri = Uri::from_parts(uri)?;
             head.version = Version::HTTP_2;
-            // A unary request body is one length-prefixed message.
-            let data = collect_unary(body).await?;
+            // A unary request body is one length-prefixed message, ready at once (a stream's
+            // body would make the call wait for its end); one chunk is taken without a copy.
+            let data = body.collect().await?.to_bytes();
             let sent = async {
                 std::future::poll_fn(|cx| send.poll_ready(cx)).await?;
                 let (response, mut stream) =
@@ -148,31 +149,6 @@ async fn open(authority: &Authority) -> anyhow::Result<h2::client::SendRequest<B
 
 type LeanFuture =
     Pin<Box<dyn Future<Output = Result<Response<tonic::body::Body>, BoxError>> + Send>>;
-
-/// The request body's data, which for a unary call is ready at once (a body that is not, a
-/// stream, would make the call wait for its end).
-async fn collect_unary(mut body: tonic::body::Body) -> Result<Bytes, BoxError> {
-    let mut first: Option<Bytes> = None;
-    let mut more: Option<BytesMut> = None;
-    while let Some(frame) = body.frame().await {
-        let Ok(data) = frame?.into_data() else {
-            continue; // request trailers: a unary client sends none
-        };
-        match (&mut first, &mut more) {
-            (None, _) => first = Some(data),
-            (Some(f), None) => {
-                let mut m = BytesMut::from(&f[..]);
-                m.extend_from_slice(&data);
-                more = Some(m);
-            }
-            (Some(_), Some(m)) => m.extend_from_slice(&data),
-        }
-    }
-    Ok(match more {
-        Some(m) => m.freeze(),
-        None => first.unwrap_or_default(),
-    })
-}
 
 /// A response stream as an `http_body::Body`: its DATA frames (flow-control capacity given
 /// back as they are read), then its trailers.
