@@ -163,6 +163,13 @@ pub struct Config {
     )]
     pub proposal_batching: bool,
 
+    /// Which HTTP/2 server takes plain-text client connections: `lean` (Keel's, on `h2`
+    /// directly: a connection's calls are driven by its own task and their responses written
+    /// together) or `hyper` (tonic's server, a task per call). TLS listeners and HTTP/1.1
+    /// requests always use tonic's.
+    #[arg(long, env = "KEEL_CLIENT_HTTP2_SERVER", default_value = "lean", value_parser = ["lean", "hyper"])]
+    pub client_http2_server: String,
+
     /// Auto-compaction mode: `periodic` (retention is a duration, e.g. 1h or a bare number of
     /// hours) or `revision` (retention is a number of revisions).
     #[arg(long, env = "KEEL_AUTO_COMPACTION_MODE", default_value = "periodic")]

@@ -32,7 +32,8 @@
 //! - [`auth`]: `etcdserverpb.Auth`, tokens and the permission checks of every client RPC.
 //! - [`tls`]: TLS for the client and peer listeners.
 //! - [`authority_fix`]: repairs etcd 3.4 clients' malformed HTTP/2 `:authority`.
-//! - [`server`]: listeners and graceful shutdown.
+//! - [`server`]: listeners and graceful shutdown; [`h2_server`]: plain-text client connections
+//!   served on `h2` with every call driven by its connection's task (responses written together).
 
 pub mod auth;
 pub mod authority_fix;
@@ -45,6 +46,7 @@ pub mod error;
 pub mod forwarding;
 pub mod gateway;
 pub mod grpc_metrics;
+pub mod h2_server;
 pub mod health;
 pub mod http;
 pub mod kv;

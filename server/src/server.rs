@@ -226,15 +226,36 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
                 node.metrics.grpc.clone(),
             ))
             .add_routes(client_routes.clone());
+        let lean_rx = rx.clone();
         let stop = async move {
             let _ = rx.wait_for(|s| *s).await;
         };
-        // TLS connections go straight to rustls; plain-text ones get the :authority repair.
-        tasks.push(if parsed.tls {
-            tokio::spawn(router.serve_with_incoming_shutdown(nodelay(listener), stop))
+        // TLS connections go straight to rustls; plain-text ones get the :authority repair,
+        // and HTTP/2 ones are served by crate::h2_server unless `--client-http2-server hyper`.
+        if parsed.tls {
+            tasks.push(tokio::spawn(
+                router.serve_with_incoming_shutdown(nodelay(listener), stop),
+            ));
+        } else if config.client_http2_server == "lean" {
+            let (fallback, not_http2) = tokio::sync::mpsc::unbounded_channel();
+            tasks.push(tokio::spawn(router.serve_with_incoming_shutdown(
+                tokio_stream::wrappers::UnboundedReceiverStream::new(not_http2),
+                stop,
+            )));
+            let service = tower::ServiceBuilder::new()
+                .layer(crate::grpc_metrics::GrpcMetricsLayer(
+                    node.metrics.grpc.clone(),
+                ))
+                .service(client_routes.clone());
+            tasks.push(tokio::spawn(async move {
+                crate::h2_server::serve(listener, service, fallback, lean_rx).await;
+                Ok(())
+            }));
         } else {
-            tokio::spawn(router.serve_with_incoming_shutdown(client_conns(listener), stop))
-        });
+            tasks.push(tokio::spawn(
+                router.serve_with_incoming_shutdown(client_conns(listener), stop),
+            ));
+        }
         tracing::info!(%url, "serving client traffic");
     }
 
