@@ -20,14 +20,14 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::{Authority, Scheme};
 use http::{Request, Response, Uri, Version};
-use http_body::{Body, Frame};
 use http_body_util::BodyExt;
+use keel_proto::h2_body::H2Body;
 use tonic::transport::Channel;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -83,13 +83,7 @@ impl LeanChannel {
                 response.await
             };
             match sent.await {
-                Ok(response) => Ok(response.map(|recv| {
-                    tonic::body::Body::new(H2Body {
-                        recv,
-                        data_done: false,
-                        done: false,
-                    })
-                })),
+                Ok(response) => Ok(response.map(|recv| tonic::body::Body::new(H2Body::new(recv)))),
                 Err(e) => {
                     if e.is_io() || e.is_go_away() || send.clone().ready().await.is_err() {
                         conn.reconnect(generation).await;
@@ -149,53 +143,6 @@ async fn open(authority: &Authority) -> anyhow::Result<h2::client::SendRequest<B
 
 type LeanFuture =
     Pin<Box<dyn Future<Output = Result<Response<tonic::body::Body>, BoxError>> + Send>>;
-
-/// A response stream as an `http_body::Body`: its DATA frames (flow-control capacity given
-/// back as they are read), then its trailers.
-struct H2Body {
-    recv: h2::RecvStream,
-    data_done: bool,
-    done: bool,
-}
-
-impl Body for H2Body {
-    type Data = Bytes;
-    type Error = h2::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
-        let this = self.get_mut();
-        if this.done {
-            return Poll::Ready(None);
-        }
-        if !this.data_done {
-            match ready!(this.recv.poll_data(cx)) {
-                Some(Ok(data)) => {
-                    let _ = this.recv.flow_control().release_capacity(data.len());
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Some(Err(e)) => {
-                    this.done = true;
-                    return Poll::Ready(Some(Err(e)));
-                }
-                None => this.data_done = true,
-            }
-        }
-        let trailers = ready!(this.recv.poll_trailers(cx));
-        this.done = true;
-        match trailers {
-            Ok(Some(t)) => Poll::Ready(Some(Ok(Frame::trailers(t)))),
-            Ok(None) => Poll::Ready(None),
-            Err(e) => Poll::Ready(Some(Err(e))),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.done
-    }
-}
 
 /// The transport a workload's unary calls use (`--grpc-client`).
 #[derive(Clone)]

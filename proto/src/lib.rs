@@ -15,6 +15,9 @@
 //! (`*_server` modules) are generated too; without it the crate has only the prost messages
 //! (all `keel-store` needs) and does not depend on tonic.
 //!
+//! [`h2_body`] (with `grpc`): an `h2` stream as an `http_body::Body`, for gRPC over a bare
+//! `h2` connection (the server's client connections, the load generator's lean transport).
+//!
 //! The generated code refers to other packages as `super::mvccpb::...`, so every package is a
 //! module at the crate root.
 
@@ -33,6 +36,9 @@ macro_rules! package {
         }
     };
 }
+
+#[cfg(feature = "grpc")]
+pub mod h2_body;
 
 package!(mvccpb, "mvccpb.rs");
 package!(authpb, "authpb.rs");

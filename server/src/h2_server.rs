@@ -48,15 +48,47 @@ use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use http::{HeaderMap, Request, Response};
-use http_body::{Body, Frame};
+use http_body::Body;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tonic::transport::server::TcpConnectInfo;
 use tower::ServiceExt;
 
+use keel_proto::h2_body::H2Body;
+
 use crate::authority_fix::AuthorityFix;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What this server needs of the service it serves (tonic's router of the client services,
+/// behind the gRPC metrics layer).
+pub trait ClientService:
+    tower::Service<
+        Request<tonic::body::Body>,
+        Response = Response<Self::ResponseBody>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + Unpin
+    + 'static
+{
+    type ResponseBody: Body<Data = Bytes, Error: Into<BoxError>> + Send + 'static;
+}
+
+impl<S, B> ClientService for S
+where
+    S: tower::Service<Request<tonic::body::Body>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + Unpin
+        + 'static,
+    S::Future: Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type ResponseBody = B;
+}
 
 /// What a connection that is not HTTP/2 is handed to (tonic's server, through its incoming
 /// stream).
@@ -77,21 +109,12 @@ const PREFACE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Accepts client connections on `listener` until `shutdown` turns true, then waits for the
 /// connections to end (GOAWAY: calls in flight finish; the caller bounds the wait).
-pub async fn serve<S, B>(
+pub async fn serve<S: ClientService>(
     listener: TcpListener,
     service: S,
     fallback: Fallback,
     shutdown: watch::Receiver<bool>,
-) where
-    S: tower::Service<Request<tonic::body::Body>, Response = Response<B>, Error = Infallible>
-        + Clone
-        + Send
-        + Unpin
-        + 'static,
-    S::Future: Send + 'static,
-    B: Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-{
+) {
     let mut connections = tokio::task::JoinSet::new();
     let mut stop = shutdown.clone();
     loop {
@@ -121,21 +144,12 @@ pub async fn serve<S, B>(
     while connections.join_next().await.is_some() {}
 }
 
-async fn connection<S, B>(
+async fn connection<S: ClientService>(
     tcp: TcpStream,
     service: S,
     fallback: Fallback,
     shutdown: watch::Receiver<bool>,
-) where
-    S: tower::Service<Request<tonic::body::Body>, Response = Response<B>, Error = Infallible>
-        + Clone
-        + Send
-        + Unpin
-        + 'static,
-    S::Future: Send + 'static,
-    B: Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-{
+) {
     match tokio::time::timeout(PREFACE_TIMEOUT, starts_with_preface(&tcp)).await {
         Ok(Ok(true)) => {}
         Ok(Ok(false)) => {
@@ -231,17 +245,7 @@ struct Driver<S> {
     keepalive: Option<KeepAlive>,
 }
 
-impl<S, B> Future for Driver<S>
-where
-    S: tower::Service<Request<tonic::body::Body>, Response = Response<B>, Error = Infallible>
-        + Clone
-        + Send
-        + Unpin
-        + 'static,
-    S::Future: Send + 'static,
-    B: Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-{
+impl<S: ClientService> Future for Driver<S> {
     type Output = Result<(), h2::Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -287,23 +291,16 @@ where
 }
 
 /// One call: the service's response (or the client's reset), then its body.
-async fn call<S, B>(
+async fn call<S: ClientService>(
     service: S,
     request: Request<h2::RecvStream>,
     mut respond: h2::server::SendResponse<Bytes>,
     info: TcpConnectInfo,
-) where
-    S: tower::Service<Request<tonic::body::Body>, Response = Response<B>, Error = Infallible>
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-{
+) {
     let (mut head, recv) = request.into_parts();
     let deadline = grpc_timeout(&head.headers);
     head.extensions.insert(info);
-    let request = Request::from_parts(head, tonic::body::Body::new(RequestBody::new(recv)));
+    let request = Request::from_parts(head, tonic::body::Body::new(H2Body::new(recv)));
     let response = service.oneshot(request);
     let answered = async {
         match deadline {
@@ -429,75 +426,10 @@ where
     }
 }
 
-/// A request stream as an `http_body::Body`: its DATA frames (flow-control capacity given
-/// back as the service reads them), then its trailers.
-struct RequestBody {
-    recv: h2::RecvStream,
-    state: RequestBodyState,
-}
-
-#[derive(PartialEq)]
-enum RequestBodyState {
-    Data,
-    Trailers,
-    Done,
-}
-
-impl RequestBody {
-    fn new(recv: h2::RecvStream) -> RequestBody {
-        let state = if recv.is_end_stream() {
-            RequestBodyState::Done
-        } else {
-            RequestBodyState::Data
-        };
-        RequestBody { recv, state }
-    }
-}
-
-impl Body for RequestBody {
-    type Data = Bytes;
-    type Error = h2::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
-        let this = self.get_mut();
-        loop {
-            match this.state {
-                RequestBodyState::Done => return Poll::Ready(None),
-                RequestBodyState::Data => match ready!(this.recv.poll_data(cx)) {
-                    Some(Ok(data)) => {
-                        let _ = this.recv.flow_control().release_capacity(data.len());
-                        return Poll::Ready(Some(Ok(Frame::data(data))));
-                    }
-                    Some(Err(e)) => {
-                        this.state = RequestBodyState::Done;
-                        return Poll::Ready(Some(Err(e)));
-                    }
-                    None => this.state = RequestBodyState::Trailers,
-                },
-                RequestBodyState::Trailers => {
-                    let trailers = ready!(this.recv.poll_trailers(cx));
-                    this.state = RequestBodyState::Done;
-                    return match trailers {
-                        Ok(Some(t)) => Poll::Ready(Some(Ok(Frame::trailers(t)))),
-                        Ok(None) => Poll::Ready(None),
-                        Err(e) => Poll::Ready(Some(Err(e))),
-                    };
-                }
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.state == RequestBodyState::Done
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body::Frame;
     use http_body_util::{BodyExt, Full, StreamBody};
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
