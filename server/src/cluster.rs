@@ -89,7 +89,10 @@ pub async fn change(
                         .member_change(node.peers.request(leader, req.clone()))
                         .await
                     {
-                        Ok(r) => Ok(r.into_inner()),
+                        Ok(r) => {
+                            await_own_view_of_the_change(node).await;
+                            Ok(r.into_inner())
+                        }
                         Err(s) => Err(status_to_error(&s)),
                     }
                 }
@@ -114,6 +117,23 @@ pub async fn change(
             }
             other => return other,
         }
+    }
+}
+
+/// After a change the leader made for this member: waits (at most 2 s) until this member's
+/// own membership shows it, so that a member list on this member right after the answer agrees
+/// with it (etcd answers a member change once the member that received it has applied it).
+/// The leader's commit index covers the change, which it committed before answering.
+async fn await_own_view_of_the_change(node: &KeelNode) {
+    match tokio::time::timeout(Duration::from_secs(2), node.read_index()).await {
+        Ok(Ok(index)) => {
+            await_metrics(node, |m| {
+                m.last_applied.as_ref().map(|l| l.index).unwrap_or(0) >= index
+            })
+            .await
+        }
+        Ok(Err(e)) => tracing::debug!("no read index after a forwarded member change: {e}"),
+        Err(_) => tracing::debug!("no read index after a forwarded member change in 2 s"),
     }
 }
 

@@ -557,16 +557,22 @@ impl KeelNode {
     }
 
     async fn read_barrier_inner(&self) -> Result<(), ServerError> {
-        let index = match self.leader() {
+        let index = self.read_index().await?;
+        self.wait_applied(index).await
+    }
+
+    /// The index a linearizable read on this member must wait for: the leader's commit index,
+    /// confirmed by a quorum (a follower asks the leader).
+    pub async fn read_index(&self) -> Result<u64, ServerError> {
+        match self.leader() {
             Some((leader, Some(node))) if leader != self.member_id() => {
                 self.read_batcher
                     .read_index(&self.peers, leader, &node)
-                    .await?
+                    .await
             }
-            Some(_) => self.read_index_local().await?,
-            None => return Err(ServerError::NoLeader),
-        };
-        self.wait_applied(index).await
+            Some(_) => self.read_index_local().await,
+            None => Err(ServerError::NoLeader),
+        }
     }
 
     /// On the leader: confirms leadership with a quorum (concurrent calls share one round) and
