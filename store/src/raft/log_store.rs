@@ -257,6 +257,8 @@ fn sync_loop(
         for callback in pending {
             callback.io_completed(result.clone().map_err(io::Error::other));
         }
+        // Counted off only after completing: while the count is above zero, appends queue here
+        // instead of syncing inline, so none completes before a callback appended earlier.
         queued.fetch_sub(n, Ordering::AcqRel);
     }
 }
@@ -552,6 +554,13 @@ mod tests {
         first.await.unwrap().unwrap();
         second.await.unwrap().unwrap();
         assert!(engine.synced_on().iter().all(|t| t == "raft-log-sync"));
+        // The sync thread completes its callbacks before it counts them off the queue (so no
+        // inline append can overtake them); wait for that count, which follows at once.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while store.queued.load(Ordering::Acquire) != 0 {
+            assert!(std::time::Instant::now() < deadline, "queue never emptied");
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
         // With the queue empty again, the next append is synced inline.
         let mut third = append(&mut store, 3).await;
         assert!(matches!(third.try_recv(), Ok(Ok(()))));
