@@ -46,11 +46,13 @@ while [ $# -gt 0 ]; do
     shift
 done
 
-B=$CARGO_TARGET_DIR/release
-echo ">> building keel-bench (release)" >&2
-cargo build --release -q -p keel-bench
-# keel itself in the `dist` profile (fat LTO, Cargo.toml), what is meant for production.
+# keel-bench and keel in the `dist` profile (fat LTO, Cargo.toml): keel as it is meant for
+# production, and the load generator as lean as it can be, since it shares the two cores with
+# the cluster it measures (`release` has no cross-crate LTO, to keep the test suite's build short).
 D=$CARGO_TARGET_DIR/dist
+B=$D
+echo ">> building keel-bench (profile dist)" >&2
+cargo build --profile dist -q -p keel-bench
 KEEL_SOURCE="built from this tree (profile dist)"
 if [ -n "${KEEL_BIN:-}" ]; then
     KEEL_SOURCE="the prebuilt binary KEEL_BIN=$KEEL_BIN"
