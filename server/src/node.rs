@@ -201,11 +201,20 @@ impl KeelNode {
             }
         }
 
+        let opening = std::time::Instant::now();
         let engine: Arc<dyn Engine> = Arc::new(RocksEngine::open(&data_dir.join("db"))?);
+        let engine_opened = opening.elapsed();
         let mvcc = Arc::new(MvccStore::open_with(
             engine.clone(),
             config.value_cache_bytes,
         )?);
+        tracing::info!(
+            engine_ms = engine_opened.as_millis() as u64,
+            key_index_ms = (opening.elapsed() - engine_opened).as_millis() as u64,
+            keys = mvcc.key_count(),
+            revision = mvcc.current_revision(),
+            "store opened"
+        );
         let snapshot_dir = data_dir.join("snapshots");
         let peers = Peers::new(identity.cluster_id, identity.member_id);
         peers.set_tls(crate::tls::peer_client_config(&config)?);

@@ -3,8 +3,8 @@
 use std::path::{Path, PathBuf};
 
 use rocksdb::{
-    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, DBCompressionType,
-    Direction as RDirection, IteratorMode, Options, ReadOptions, WriteOptions,
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, DBCompressionType, Options, ReadOptions,
+    WriteOptions,
 };
 
 use super::{Direction, Engine, EngineError, ScanControl, Table, WriteBatch, WriteOp};
@@ -113,17 +113,24 @@ impl Engine for RocksEngine {
         if let Some(e) = end {
             ro.set_iterate_upper_bound(e.to_vec());
         }
-        let mode = match direction {
-            Direction::Forward => IteratorMode::From(start, RDirection::Forward),
-            Direction::Reverse => IteratorMode::End,
-        };
-        for item in self.db.iterator_cf_opt(cf, ro, mode) {
-            let (k, v) = item.map_err(backend)?;
-            if visit(&k, &v) == ScanControl::Stop {
-                break;
+        // The raw iterator hands out slices of RocksDB's own buffers; the iterator adapter
+        // would copy every key and value into a new allocation first (most of a restart's key
+        // index rebuild, which scans every stored revision).
+        let mut it = self.db.raw_iterator_cf_opt(cf, ro);
+        match direction {
+            Direction::Forward => it.seek(start),
+            Direction::Reverse => it.seek_to_last(),
+        }
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            if visit(k, v) == ScanControl::Stop {
+                return Ok(());
+            }
+            match direction {
+                Direction::Forward => it.next(),
+                Direction::Reverse => it.prev(),
             }
         }
-        Ok(())
+        it.status().map_err(backend)
     }
 
     fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), EngineError> {
@@ -156,10 +163,13 @@ impl Engine for RocksEngine {
                 let cf = self.cf(*table)?;
                 let mut ro = ReadOptions::default();
                 ro.set_snapshot(&snapshot);
-                for item in self.db.iterator_cf_opt(cf, ro, IteratorMode::Start) {
-                    let (k, v) = item.map_err(backend)?;
-                    visit(*table, &k, &v)?;
+                let mut it = self.db.raw_iterator_cf_opt(cf, ro);
+                it.seek_to_first();
+                while let (Some(k), Some(v)) = (it.key(), it.value()) {
+                    visit(*table, k, v)?;
+                    it.next();
                 }
+                it.status().map_err(backend)?;
             }
             Ok(())
         })

@@ -41,6 +41,17 @@ pub struct IndexEntry {
 impl IndexEntry {
     /// The entry for `kv` written at `rev`.
     pub fn of(rev: Revision, tombstone: bool, kv: &KeyValue) -> IndexEntry {
+        Self::from_fields(rev, tombstone, kv.create_revision, kv.version, kv.lease)
+    }
+
+    /// The entry for a `KeyValue` with these fields written at `rev` (a tombstone keeps none).
+    pub fn from_fields(
+        rev: Revision,
+        tombstone: bool,
+        create_revision: i64,
+        version: i64,
+        lease: i64,
+    ) -> IndexEntry {
         if tombstone {
             return IndexEntry {
                 rev,
@@ -53,9 +64,9 @@ impl IndexEntry {
         IndexEntry {
             rev,
             tombstone,
-            create_revision: kv.create_revision,
-            version: kv.version,
-            lease: kv.lease,
+            create_revision,
+            version,
+            lease,
         }
     }
 

@@ -190,6 +190,42 @@ pub(crate) fn live_in_index(
     }
 }
 
+/// The fields of a stored `KeyValue` that the key index and the lease table are rebuilt from
+/// (field numbers as in `mvccpb.KeyValue`). Decoding skips the value, most of a record's
+/// bytes, so a restart does not copy every stored value once.
+#[derive(Clone, PartialEq, prost::Message)]
+struct IndexedFields {
+    #[prost(bytes = "vec", tag = "1")]
+    key: Vec<u8>,
+    #[prost(int64, tag = "2")]
+    create_revision: i64,
+    #[prost(int64, tag = "4")]
+    version: i64,
+    #[prost(int64, tag = "6")]
+    lease: i64,
+}
+
+/// The key index of `records`, every stored revision in revision order. They are sorted by
+/// key (a stable sort, so each key's entries stay in revision order) and the map is built
+/// from the sorted run in one pass: inserting a million keys one by one into the B-tree cost
+/// most of a restart (a tree descent and cache misses each, then a reallocation per key to
+/// trim its entry vector). Each key's vector is allocated at its exact length.
+fn index_from(mut records: Vec<(Vec<u8>, IndexEntry)>) -> Index {
+    records.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut grouped: Vec<(Vec<u8>, Vec<IndexEntry>)> = Vec::new();
+    let mut records = records.into_iter().peekable();
+    while let Some((key, first)) = records.next() {
+        let mut entries = vec![first];
+        while let Some((_, e)) = records.next_if(|(k, _)| *k == key) {
+            entries.push(e);
+        }
+        entries.shrink_to_fit();
+        grouped.push((key, entries));
+    }
+    // Already sorted and without duplicate keys: `BTreeMap` builds it bottom-up.
+    grouped.into_iter().collect()
+}
+
 pub(crate) fn decode_kv(bytes: &[u8]) -> Result<KeyValue, StoreError> {
     KeyValue::decode(bytes).map_err(|e| StoreError::Corrupt {
         table: "kv",
@@ -649,8 +685,11 @@ impl MvccStore {
         let _apply = self.apply_lock.lock().unwrap_or_else(|p| p.into_inner());
         self.inner.recent.clear();
         let engine = self.inner.engine.clone();
-        let mut index: Index = BTreeMap::new();
-        let mut latest_lease: BTreeMap<Vec<u8>, i64> = BTreeMap::new();
+        // Every stored revision as (key, entry), in revision order as the table is scanned;
+        // sorted by key afterwards and built into the index in one pass (see `index_from`).
+        let mut records: Vec<(Vec<u8>, IndexEntry)> = Vec::new();
+        // Keys whose newest revision so far carries a lease, and that lease.
+        let mut leased: BTreeMap<Vec<u8>, i64> = BTreeMap::new();
         let mut max_rev = 1;
         let mut failure = None;
         engine.scan(Table::Kv, &[], None, Direction::Forward, &mut |k, v| {
@@ -661,12 +700,23 @@ impl MvccStore {
                 });
                 return ScanControl::Stop;
             };
-            match KeyValue::decode(v) {
-                Ok(kv) => {
+            match IndexedFields::decode(v) {
+                Ok(f) => {
                     max_rev = max_rev.max(rev.main);
-                    latest_lease.insert(kv.key.clone(), if tombstone { 0 } else { kv.lease });
-                    let entry = IndexEntry::of(rev, tombstone, &kv);
-                    index.entry(kv.key).or_default().push(entry);
+                    let lease = if tombstone { 0 } else { f.lease };
+                    if lease != 0 {
+                        leased.insert(f.key.clone(), lease);
+                    } else if !leased.is_empty() {
+                        leased.remove(&f.key);
+                    }
+                    let entry = IndexEntry::from_fields(
+                        rev,
+                        tombstone,
+                        f.create_revision,
+                        f.version,
+                        f.lease,
+                    );
+                    records.push((f.key, entry));
                     ScanControl::Continue
                 }
                 Err(e) => {
@@ -681,6 +731,7 @@ impl MvccStore {
         if let Some(e) = failure {
             return Err(e);
         }
+        let index = index_from(records);
         let mut leases: BTreeMap<i64, LeaseState> = BTreeMap::new();
         engine.scan(Table::Lease, &[], None, Direction::Forward, &mut |k, v| {
             if let (Ok(id), Some(l)) = (<[u8; 8]>::try_from(k), LeaseState::decode(v)) {
@@ -688,10 +739,8 @@ impl MvccStore {
             }
             ScanControl::Continue
         })?;
-        for (key, lease) in latest_lease {
-            if lease != 0
-                && let Some(l) = leases.get_mut(&lease)
-            {
+        for (key, lease) in leased {
+            if let Some(l) = leases.get_mut(&lease) {
                 l.keys.insert(key);
             }
         }
@@ -720,9 +769,6 @@ impl MvccStore {
             None => Vec::new(),
         };
         let auth = AuthState::load(engine.as_ref())?;
-        for entries in index.values_mut() {
-            entries.shrink_to_fit();
-        }
         *self.inner.write_index() = index;
         *self.inner.leases.write().unwrap_or_else(|p| p.into_inner()) = leases;
         *self.inner.alarms.write().unwrap_or_else(|p| p.into_inner()) = alarms;
