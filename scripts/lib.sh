@@ -2,7 +2,7 @@
 # shellcheck shell=bash
 
 # A persistent target directory outside the clone, so CI and repeated runs reuse the RocksDB
-# build (about 15 minutes from source on 2 cores, more with the release profile's thin LTO).
+# build (its C++ takes 20-30 minutes from source on 2 cores; docs/benchmarks.md, change 25).
 # Override with CARGO_TARGET_DIR.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/keel-target}"
 
