@@ -2,7 +2,8 @@
 # shellcheck shell=bash
 
 # A persistent target directory outside the clone, so CI and repeated runs reuse the RocksDB
-# build (its C++ takes 20-30 minutes from source on 2 cores; docs/benchmarks.md, change 25).
+# build (its C++ took about 30 minutes from source on 2 cores when last timed whole, with debug
+# information, which change 25 in docs/benchmarks.md dropped).
 # Override with CARGO_TARGET_DIR.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/keel-target}"
 
