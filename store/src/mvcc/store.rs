@@ -15,7 +15,7 @@ use keel_proto::mvccpb::{Event, KeyValue, event::EventType};
 use prost::Message;
 
 use super::apply::ApplyBatch;
-use super::index::{IndexEntry, compact_entries, visible_at};
+use super::index::{IndexEntry, KeyIndex, compact_entries, visible_at};
 use super::recent::{DEFAULT_BUDGET_BYTES, RecentValues};
 use super::revision::Revision;
 use crate::auth::{AuthState, TokenTable};
@@ -161,7 +161,7 @@ impl<'a> KeySpan<'a> {
     }
 }
 
-pub(crate) type Index = BTreeMap<Vec<u8>, Vec<IndexEntry>>;
+pub(crate) type Index = KeyIndex;
 
 /// A read view: what keys are live at a revision, and the value at a revision.
 pub(crate) trait View {
@@ -185,8 +185,8 @@ pub(crate) fn live_in_index(
     out: &mut BTreeMap<Vec<u8>, Option<IndexEntry>>,
 ) {
     let Some(bounds) = span.bounds() else { return };
-    for (k, entries) in index.range::<[u8], _>(bounds) {
-        out.insert(k.clone(), visible_at(entries, at));
+    for (k, entries) in index.range(bounds) {
+        out.insert(k.to_vec(), visible_at(entries, at));
     }
 }
 
@@ -222,8 +222,8 @@ fn index_from(mut records: Vec<(Vec<u8>, IndexEntry)>) -> Index {
         entries.shrink_to_fit();
         grouped.push((key, entries));
     }
-    // Already sorted and without duplicate keys: `BTreeMap` builds it bottom-up.
-    grouped.into_iter().collect()
+    // Already sorted and without duplicate keys: the B-tree is built bottom-up.
+    KeyIndex::from_lists(grouped)
 }
 
 pub(crate) fn decode_kv(bytes: &[u8]) -> Result<KeyValue, StoreError> {
@@ -386,14 +386,14 @@ impl CommittedView<'_> {
         &self,
         span: &KeySpan<'_>,
         at: i64,
-        f: impl Fn(&Vec<u8>, IndexEntry) -> T,
+        f: impl Fn(&[u8], IndexEntry) -> T,
     ) -> Vec<T> {
         let Some(bounds) = span.bounds() else {
             return Vec::new();
         };
         let index = self.0.read_index();
         index
-            .range::<[u8], _>(bounds)
+            .range(bounds)
             .filter_map(|(k, entries)| visible_at(entries, at).map(|e| f(k, e)))
             .collect()
     }
@@ -401,7 +401,7 @@ impl CommittedView<'_> {
 
 impl View for CommittedView<'_> {
     fn live(&self, span: &KeySpan<'_>, at: i64) -> Vec<(Vec<u8>, IndexEntry)> {
-        self.visible(span, at, |k, e| (k.clone(), e))
+        self.visible(span, at, |k, e| (k.to_vec(), e))
     }
     fn live_entries(&self, span: &KeySpan<'_>, at: i64) -> Vec<IndexEntry> {
         self.visible(span, at, |_, e| e)
@@ -646,7 +646,7 @@ impl MvccStore {
         let (done_tx, _) = tokio::sync::watch::channel(0);
         let inner = Arc::new(Inner {
             engine,
-            index: RwLock::new(BTreeMap::new()),
+            index: RwLock::new(KeyIndex::default()),
             leases: RwLock::new(BTreeMap::new()),
             alarms: RwLock::new(Vec::new()),
             auth: RwLock::new(Arc::new(AuthState::default())),
@@ -1132,13 +1132,15 @@ impl MvccStore {
     pub fn stats(&self) -> StoreStats {
         let index = self.inner.read_index();
         let revisions: usize = index.values().map(Vec::len).sum();
-        let key_bytes: usize = index.keys().map(|k| k.capacity()).sum();
+        let key_bytes: usize = index.iter().map(|(k, _)| k.len()).sum();
         let entry_bytes: usize = index
             .values()
             .map(|v| v.capacity() * std::mem::size_of::<IndexEntry>())
             .sum();
-        // Per key: the key Vec and entries Vec headers plus B-tree node overhead (~16 bytes).
-        let per_key = 2 * std::mem::size_of::<Vec<u8>>() + 16;
+        // Per key: the key's shared allocation header (16 bytes), its slot (an entries Vec
+        // header), the B-tree's and the hash table's key and slot (16 + 4 bytes each, plus
+        // about 16 bytes of B-tree node overhead and 8 of hash table slack).
+        let per_key = 16 + std::mem::size_of::<Vec<IndexEntry>>() + 2 * 20 + 16 + 8;
         StoreStats {
             keys: index.len(),
             revisions,
@@ -1161,13 +1163,13 @@ fn physical_compact(inner: &Inner, at: i64) -> Result<(), StoreError> {
             let mut index = inner.write_index();
             let held = std::time::Instant::now();
             let lower = match &cursor {
-                Some(c) => Bound::Excluded(c.clone()),
+                Some(c) => Bound::Excluded(c.as_slice()),
                 None => Bound::Unbounded,
             };
             let keys: Vec<Vec<u8>> = index
                 .range((lower, Bound::Unbounded))
                 .take(COMPACT_BATCH_KEYS)
-                .map(|(k, _)| k.clone())
+                .map(|(k, _)| k.to_vec())
                 .collect();
             for k in keys {
                 if let Some(entries) = index.get_mut(&k) {
