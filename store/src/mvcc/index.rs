@@ -23,7 +23,7 @@
 //! for a tombstone), so a put (which needs the previous version's create revision, version and
 //! lease), a compare on anything but the value, and a keys-only or count read need no value
 //! read from the `kv` table. In the example, `7 put` holds create revision 7, version 1;
-//! `3 put` holds create revision 2, version 2. An entry is 40 bytes plus the key.
+//! `3 put` holds create revision 2, version 2. An entry is 48 bytes.
 //!
 //! [`KeyIndex`] holds the lists: a B-tree in key order for ranges, and a hash table for the
 //! lookups of one key that every put, delete, compare and single-key read makes (one hash
@@ -32,10 +32,11 @@
 //! change 27).
 
 use std::collections::BTreeMap;
-use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::ops::Bound;
 use std::sync::Arc;
 
+use hashbrown::HashTable;
 use keel_proto::mvccpb::KeyValue;
 
 use super::revision::Revision;
@@ -127,26 +128,36 @@ pub fn compact_entries(entries: &mut Vec<IndexEntry>, at: i64) -> Vec<IndexEntry
 
 /// The key index: every key with its [`IndexEntry`] list (module docs).
 ///
-/// Each key's list lives in a slot of `slots`; the B-tree (key order, for ranges) and the hash
-/// table (point lookups) both map the key to its slot, and share the key's bytes. Only the
-/// B-tree is ever iterated, so nothing depends on the hash table's order (the apply stays
-/// deterministic); its hasher is seeded at random, so keys chosen to collide cannot be
-/// prepared in advance.
+/// Each key and its list live in a slot of `slots`; the B-tree (key order, for ranges) maps the
+/// key to its slot and shares the key's bytes with the slot, and the hash table holds only slot
+/// numbers (4 bytes a bucket), hashed by the slot's key. Only the B-tree is ever iterated, so
+/// nothing depends on the hash table's order (the apply stays deterministic); its hasher is
+/// seeded at random, so keys chosen to collide cannot be prepared in advance.
 #[derive(Default)]
 pub struct KeyIndex {
     ordered: BTreeMap<Arc<[u8]>, u32>,
-    by_key: HashMap<Arc<[u8]>, u32, foldhash::fast::RandomState>,
-    slots: Vec<Vec<IndexEntry>>,
-    /// Slots of removed keys, reused first.
+    by_key: HashTable<u32>,
+    hasher: foldhash::fast::RandomState,
+    slots: Vec<Slot>,
+    /// Slots of removed keys (their `key` is `None`), reused first.
     free: Vec<u32>,
 }
 
+/// One key and its list; a free slot has no key and an empty list.
+#[derive(Default)]
+struct Slot {
+    key: Option<Arc<[u8]>>,
+    entries: Vec<IndexEntry>,
+}
+
 /// The keys of a [`KeyIndex::range`] with their lists, in key order.
-pub enum IndexRange<'a> {
+pub struct IndexRange<'a>(RangeKind<'a>);
+
+enum RangeKind<'a> {
     One(Option<(&'a [u8], &'a Vec<IndexEntry>)>),
     Many {
         keys: std::collections::btree_map::Range<'a, Arc<[u8]>, u32>,
-        slots: &'a [Vec<IndexEntry>],
+        slots: &'a [Slot],
     },
 }
 
@@ -154,11 +165,11 @@ impl<'a> Iterator for IndexRange<'a> {
     type Item = (&'a [u8], &'a Vec<IndexEntry>);
 
     fn next(&mut self) -> Option<Self::Item> {
-        match self {
-            IndexRange::One(one) => one.take(),
-            IndexRange::Many { keys, slots } => {
+        match &mut self.0 {
+            RangeKind::One(one) => one.take(),
+            RangeKind::Many { keys, slots } => {
                 let (k, slot) = keys.next()?;
-                Some((&**k, &slots[*slot as usize]))
+                Some((&**k, &slots[*slot as usize].entries))
             }
         }
     }
@@ -168,10 +179,9 @@ impl KeyIndex {
     /// The index of `(key, entries)` pairs (any order; a key given twice keeps its last list).
     pub fn from_lists(lists: Vec<(Vec<u8>, Vec<IndexEntry>)>) -> KeyIndex {
         let mut index = KeyIndex {
-            ordered: BTreeMap::new(),
-            by_key: HashMap::with_capacity_and_hasher(lists.len(), Default::default()),
+            by_key: HashTable::with_capacity(lists.len()),
             slots: Vec::with_capacity(lists.len()),
-            free: Vec::new(),
+            ..KeyIndex::default()
         };
         let sorted = lists.is_sorted_by(|a, b| a.0 < b.0);
         if sorted {
@@ -179,9 +189,7 @@ impl KeyIndex {
             let mut ordered = Vec::with_capacity(lists.len());
             for (key, entries) in lists {
                 let key: Arc<[u8]> = key.into();
-                let slot = index.slots.len() as u32;
-                index.slots.push(entries);
-                index.by_key.insert(key.clone(), slot);
+                let slot = index.push_slot(key.clone(), entries);
                 ordered.push((key, slot));
             }
             index.ordered = ordered.into_iter().collect();
@@ -201,14 +209,49 @@ impl KeyIndex {
         self.ordered.is_empty()
     }
 
+    /// The slot of `key`, if it is in the index.
+    fn slot_of(&self, key: &[u8]) -> Option<u32> {
+        let slots = &self.slots;
+        self.by_key
+            .find(self.hasher.hash_one(key), |&slot| {
+                slots[slot as usize].key.as_deref() == Some(key)
+            })
+            .copied()
+    }
+
+    /// Puts `key` and its list in a slot (a free one first) and the slot in the hash table;
+    /// the caller adds the key to the B-tree. `key` must not be in the index.
+    fn push_slot(&mut self, key: Arc<[u8]>, entries: Vec<IndexEntry>) -> u32 {
+        let hash = self.hasher.hash_one(&*key);
+        let filled = Slot {
+            key: Some(key),
+            entries,
+        };
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.slots[slot as usize] = filled;
+                slot
+            }
+            None => {
+                self.slots.push(filled);
+                (self.slots.len() - 1) as u32
+            }
+        };
+        let (slots, hasher) = (&self.slots, &self.hasher);
+        self.by_key.insert_unique(hash, slot, |&s| {
+            hasher.hash_one(slots[s as usize].key.as_deref().unwrap_or_default())
+        });
+        slot
+    }
+
     pub fn get(&self, key: &[u8]) -> Option<&Vec<IndexEntry>> {
-        let slot = *self.by_key.get(key)?;
-        self.slots.get(slot as usize)
+        let slot = self.slot_of(key)?;
+        Some(&self.slots[slot as usize].entries)
     }
 
     pub fn get_mut(&mut self, key: &[u8]) -> Option<&mut Vec<IndexEntry>> {
-        let slot = *self.by_key.get(key)?;
-        self.slots.get_mut(slot as usize)
+        let slot = self.slot_of(key)?;
+        Some(&mut self.slots[slot as usize].entries)
     }
 
     /// Sets `key`'s list (a new key, or a replacement of its list).
@@ -217,28 +260,42 @@ impl KeyIndex {
             *list = entries;
             return;
         }
-        let slot = match self.free.pop() {
-            Some(slot) => {
-                self.slots[slot as usize] = entries;
-                slot
-            }
-            None => {
-                self.slots.push(entries);
-                (self.slots.len() - 1) as u32
-            }
-        };
         let key: Arc<[u8]> = key.into();
-        self.by_key.insert(key.clone(), slot);
+        let slot = self.push_slot(key.clone(), entries);
         self.ordered.insert(key, slot);
     }
 
     /// Removes `key` and its list.
     pub fn remove(&mut self, key: &[u8]) {
-        if let Some(slot) = self.by_key.remove(key) {
-            self.ordered.remove(key);
-            self.slots[slot as usize] = Vec::new();
-            self.free.push(slot);
-        }
+        let slots = &self.slots;
+        let Ok(found) = self.by_key.find_entry(self.hasher.hash_one(key), |&slot| {
+            slots[slot as usize].key.as_deref() == Some(key)
+        }) else {
+            return;
+        };
+        let (slot, _) = found.remove();
+        self.ordered.remove(key);
+        self.slots[slot as usize] = Slot::default();
+        self.free.push(slot);
+    }
+
+    /// About how many bytes the index holds on the heap: every key's bytes with its shared
+    /// allocation's two counters, every list's capacity, the slots, the hash table's buckets
+    /// (a slot number and a control byte each) and the B-tree's key and slot pairs (a node is
+    /// about two thirds full when keys arrive in random order, so half as much again).
+    pub fn bytes_estimate(&self) -> usize {
+        let keys: usize = self.ordered.keys().map(|k| 16 + k.len()).sum();
+        let entries: usize = self
+            .slots
+            .iter()
+            .map(|s| s.entries.capacity() * std::mem::size_of::<IndexEntry>())
+            .sum();
+        let slots = self.slots.capacity() * std::mem::size_of::<Slot>();
+        // hashbrown keeps at most 7 of every 8 buckets full.
+        let buckets = self.by_key.capacity() * 8 / 7;
+        let hash = buckets * (std::mem::size_of::<u32>() + 1);
+        let btree = self.ordered.len() * std::mem::size_of::<(Arc<[u8]>, u32)>() * 3 / 2;
+        keys + entries + slots + hash + btree
     }
 
     /// The keys within `bounds`, in key order; a range of one key is a hash lookup.
@@ -246,11 +303,10 @@ impl KeyIndex {
         if let (Bound::Included(a), Bound::Included(b)) = bounds
             && a == b
         {
-            return IndexRange::One(
-                self.by_key
-                    .get_key_value(a)
-                    .map(|(k, slot)| (&**k, &self.slots[*slot as usize])),
-            );
+            return IndexRange(RangeKind::One(self.slot_of(a).and_then(|slot| {
+                let Slot { key, entries } = &self.slots[slot as usize];
+                Some((key.as_deref()?, entries))
+            })));
         }
         if let (Bound::Included(a) | Bound::Excluded(a), Bound::Included(b) | Bound::Excluded(b)) =
             bounds
@@ -258,12 +314,12 @@ impl KeyIndex {
         {
             // BTreeMap::range panics on a start past the end (or equal to it, both excluded);
             // such a range is empty.
-            return IndexRange::One(None);
+            return IndexRange(RangeKind::One(None));
         }
-        IndexRange::Many {
+        IndexRange(RangeKind::Many {
             keys: self.ordered.range::<[u8], _>(bounds),
             slots: &self.slots,
-        }
+        })
     }
 
     /// Every key with its list, in key order.

@@ -1132,19 +1132,10 @@ impl MvccStore {
     pub fn stats(&self) -> StoreStats {
         let index = self.inner.read_index();
         let revisions: usize = index.values().map(Vec::len).sum();
-        let key_bytes: usize = index.iter().map(|(k, _)| k.len()).sum();
-        let entry_bytes: usize = index
-            .values()
-            .map(|v| v.capacity() * std::mem::size_of::<IndexEntry>())
-            .sum();
-        // Per key: the key's shared allocation header (16 bytes), its slot (an entries Vec
-        // header), the B-tree's and the hash table's key and slot (16 + 4 bytes each, plus
-        // about 16 bytes of B-tree node overhead and 8 of hash table slack).
-        let per_key = 16 + std::mem::size_of::<Vec<IndexEntry>>() + 2 * 20 + 16 + 8;
         StoreStats {
             keys: index.len(),
             revisions,
-            index_bytes_estimate: key_bytes + entry_bytes + index.len() * per_key,
+            index_bytes_estimate: index.bytes_estimate(),
         }
     }
 }
