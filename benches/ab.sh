@@ -22,26 +22,12 @@ WORK=$(mktemp -d)
 export WORK
 # shellcheck source=benches/loopback.sh
 source "$HERE/loopback.sh"
-PIDS=()
-stop() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${PIDS[@]}"; do while kill -0 "$p" 2>/dev/null; do sleep 0.1; done; done
-    PIDS=()
-    rm -rf "${WORK:?}"/keel-n*
-}
-trap 'stop; rm -rf "$WORK"' EXIT
+trap 'stop_keel_cluster; rm -rf "$WORK"' EXIT
 HZ=$(getconf CLK_TCK)
 IFS=';' read -ra CASE_LIST <<< "$CASES"
 for round in $(seq "$ROUNDS"); do
     for bin in "$OLD" "$NEW"; do
-        require_free_ports keel
-        KEEL_MEMBER_BIN=$bin
-        for i in 1 2 3; do
-            member_cmd keel "$i"
-            "${MEMBER_ARGS[@]}" > "$WORK/keel-n$i.log" 2>&1 &
-            PIDS+=($!)
-        done
-        sleep 3
+        start_keel_cluster "$bin"
         "$BENCH" put --clients 64 --conns 8 --duration 6 --quiet --endpoints "$(endpoints keel)" > /dev/null 2>&1 || true
         for c in "${CASE_LIST[@]}"; do
             read -ra args <<< "$c"
@@ -64,6 +50,6 @@ print(f"round {rnd}  {binary}  [{case}]  {r.get('ops_per_sec', 0):.0f} ops/s  "
       f"p50 {r.get('p50_ms', 0):.2f} p99 {r.get('p99_ms', 0):.2f} ms  server CPU {cpu_us:.0f} us/op")
 EOF
         done
-        stop
+        stop_keel_cluster
     done
 done

@@ -1,4 +1,4 @@
-# Sourced by benches/compare.sh, ab.sh, client-ab.sh and failover.sh: 3-member clusters of
+# Sourced by benches/compare.sh, ab.sh, mem-ab.sh, client-ab.sh, syscalls.sh and failover.sh: 3-member clusters of
 # Keel (client ports 24010, 24020, 24030, each peer port one above) or real etcd (25010, ...)
 # on 127.0.0.1, started with the same flags. The caller sets WORK (member I of KIND keeps its
 # data in $WORK/KIND-nI) and KEEL_MEMBER_BIN (the keel binary to run).
@@ -60,4 +60,26 @@ pid_cpu_ticks() { # pids... -> the user + system clock ticks those processes hav
         t=$((t + fields[0] + fields[1]))
     done
     echo "$t"
+}
+
+# For A/B scripts (ab.sh, mem-ab.sh): one Keel cluster at a time, its member pids in PIDS.
+PIDS=()
+start_keel_cluster() { # keel binary: starts the 3 members (logs in $WORK/keel-nI.log)
+    local i
+    require_free_ports keel
+    KEEL_MEMBER_BIN=$1
+    for i in 1 2 3; do
+        member_cmd keel "$i"
+        "${MEMBER_ARGS[@]}" > "$WORK/keel-n$i.log" 2>&1 &
+        PIDS+=($!)
+    done
+    sleep 3
+}
+
+stop_keel_cluster() { # stops the members in PIDS, waits for them, removes their data
+    local p
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    for p in "${PIDS[@]}"; do while kill -0 "$p" 2>/dev/null; do sleep 0.1; done; done
+    PIDS=()
+    rm -rf "${WORK:?}"/keel-n*
 }

@@ -18,25 +18,11 @@ WORK=$(mktemp -d)
 export WORK
 # shellcheck source=benches/loopback.sh
 source "$HERE/loopback.sh"
-PIDS=()
-stop() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${PIDS[@]}"; do while kill -0 "$p" 2>/dev/null; do sleep 0.1; done; done
-    PIDS=()
-    rm -rf "${WORK:?}"/keel-n*
-}
-trap 'stop; rm -rf "$WORK"' EXIT
+trap 'stop_keel_cluster; rm -rf "$WORK"' EXIT
 rss_mib() { awk '/^VmRSS:/ {print int($2 / 1024)}' "/proc/$1/status"; }
 for round in $(seq "$ROUNDS"); do
     for bin in "$@"; do
-        require_free_ports keel
-        KEEL_MEMBER_BIN=$bin
-        for i in 1 2 3; do
-            member_cmd keel "$i"
-            "${MEMBER_ARGS[@]}" > "$WORK/keel-n$i.log" 2>&1 &
-            PIDS+=($!)
-        done
-        sleep 3
+        start_keel_cluster "$bin"
         "$BENCH" load --keys "$KEYS" --batch 100 --prefix /mem/ --clients 32 --conns 8 \
             --val-size 256 --quiet --endpoints "$(endpoints keel)" > /dev/null
         sleep 5
@@ -58,6 +44,6 @@ for round in $(seq "$ROUNDS"); do
         echo "round $round  $bin  RSS after $KEYS keys (MiB) $loaded;" \
             "follower n$victim restarted, serving after $(python3 -c "print(round($t1 - $t0, 2))") s," \
             "RSS $(rss_mib "${PIDS[$((victim - 1))]}") MiB"
-        stop
+        stop_keel_cluster
     done
 done
