@@ -16,13 +16,9 @@ set -euo pipefail
 [ $# -ge 3 ] || { sed -n '2,14p' "$0" >&2; exit 2; }
 OLD=$1 NEW=$2 CASES=$3 ROUNDS=${4:-2}
 HERE=$(cd "$(dirname "$0")" && pwd)
-BENCH=${KEEL_BENCH:-${CARGO_TARGET_DIR:-$HERE/../target}/release/keel-bench}
-[ -x "$BENCH" ] || { echo "keel-bench not found at $BENCH (cargo build --release -p keel-bench)" >&2; exit 1; }
-WORK=$(mktemp -d)
-export WORK
 # shellcheck source=benches/loopback.sh
 source "$HERE/loopback.sh"
-trap 'stop_keel_cluster; rm -rf "$WORK"' EXIT
+ab_setup "$HERE"
 HZ=$(getconf CLK_TCK)
 IFS=';' read -ra CASE_LIST <<< "$CASES"
 for round in $(seq "$ROUNDS"); do

@@ -83,3 +83,12 @@ stop_keel_cluster() { # stops the members in PIDS, waits for them, removes their
     PIDS=()
     rm -rf "${WORK:?}"/keel-n*
 }
+
+ab_setup() { # benches dir: sets BENCH (the keel-bench to run) and WORK (a new temporary
+    # directory), and stops the cluster and removes WORK on exit
+    BENCH=${KEEL_BENCH:-${CARGO_TARGET_DIR:-$1/../target}/release/keel-bench}
+    [ -x "$BENCH" ] || { echo "keel-bench not found at $BENCH (cargo build --release -p keel-bench)" >&2; exit 1; }
+    WORK=$(mktemp -d)
+    export WORK
+    trap 'stop_keel_cluster; rm -rf "$WORK"' EXIT
+}

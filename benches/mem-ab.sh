@@ -12,13 +12,9 @@ set -euo pipefail
 ROUNDS=$1; shift
 KEYS=${KEYS:-1000000}
 HERE=$(cd "$(dirname "$0")" && pwd)
-BENCH=${KEEL_BENCH:-${CARGO_TARGET_DIR:-$HERE/../target}/release/keel-bench}
-[ -x "$BENCH" ] || { echo "keel-bench not found at $BENCH (cargo build --release -p keel-bench)" >&2; exit 1; }
-WORK=$(mktemp -d)
-export WORK
 # shellcheck source=benches/loopback.sh
 source "$HERE/loopback.sh"
-trap 'stop_keel_cluster; rm -rf "$WORK"' EXIT
+ab_setup "$HERE"
 rss_mib() { awk '/^VmRSS:/ {print int($2 / 1024)}' "/proc/$1/status"; }
 for round in $(seq "$ROUNDS"); do
     for bin in "$@"; do
