@@ -233,6 +233,8 @@ impl KeyIndex {
                 slot
             }
             None => {
+                // A slot number is 32 bits: 4 billion keys would need over 600 GiB of index
+                // (about 168 bytes a key), far past any member's memory.
                 self.slots.push(filled);
                 (self.slots.len() - 1) as u32
             }
