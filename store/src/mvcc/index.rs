@@ -175,6 +175,11 @@ impl<'a> Iterator for IndexRange<'a> {
     }
 }
 
+/// Whether a slot number in the hash table is `key`'s slot.
+fn holds<'a>(slots: &'a [Slot], key: &'a [u8]) -> impl Fn(&u32) -> bool + 'a {
+    move |&slot| slots[slot as usize].key.as_deref() == Some(key)
+}
+
 impl KeyIndex {
     /// The index of `(key, entries)` pairs (any order; a key given twice keeps its last list).
     pub fn from_lists(lists: Vec<(Vec<u8>, Vec<IndexEntry>)>) -> KeyIndex {
@@ -188,8 +193,9 @@ impl KeyIndex {
             // A sorted run without duplicates: the B-tree is built bottom-up, not key by key.
             let mut ordered = Vec::with_capacity(lists.len());
             for (key, entries) in lists {
+                let hash = index.hasher.hash_one(&key[..]);
                 let key: Arc<[u8]> = key.into();
-                let slot = index.push_slot(key.clone(), entries);
+                let slot = index.push_slot(hash, key.clone(), entries);
                 ordered.push((key, slot));
             }
             index.ordered = ordered.into_iter().collect();
@@ -211,18 +217,18 @@ impl KeyIndex {
 
     /// The slot of `key`, if it is in the index.
     fn slot_of(&self, key: &[u8]) -> Option<u32> {
-        let slots = &self.slots;
-        self.by_key
-            .find(self.hasher.hash_one(key), |&slot| {
-                slots[slot as usize].key.as_deref() == Some(key)
-            })
-            .copied()
+        self.find_slot(self.hasher.hash_one(key), key)
     }
 
-    /// Puts `key` and its list in a slot (a free one first) and the slot in the hash table;
-    /// the caller adds the key to the B-tree. `key` must not be in the index.
-    fn push_slot(&mut self, key: Arc<[u8]>, entries: Vec<IndexEntry>) -> u32 {
-        let hash = self.hasher.hash_one(&*key);
+    /// The slot of `key`, whose hash is `hash`, if it is in the index.
+    fn find_slot(&self, hash: u64, key: &[u8]) -> Option<u32> {
+        self.by_key.find(hash, holds(&self.slots, key)).copied()
+    }
+
+    /// Puts `key` (whose hash is `hash`) and its list in a slot (a free one first) and the
+    /// slot in the hash table; the caller adds the key to the B-tree. `key` must not be in the
+    /// index.
+    fn push_slot(&mut self, hash: u64, key: Arc<[u8]>, entries: Vec<IndexEntry>) -> u32 {
         let filled = Slot {
             key: Some(key),
             entries,
@@ -258,21 +264,20 @@ impl KeyIndex {
 
     /// Sets `key`'s list (a new key, or a replacement of its list).
     pub fn insert(&mut self, key: Vec<u8>, entries: Vec<IndexEntry>) {
-        if let Some(list) = self.get_mut(&key) {
-            *list = entries;
+        let hash = self.hasher.hash_one(&key[..]);
+        if let Some(slot) = self.find_slot(hash, &key) {
+            self.slots[slot as usize].entries = entries;
             return;
         }
         let key: Arc<[u8]> = key.into();
-        let slot = self.push_slot(key.clone(), entries);
+        let slot = self.push_slot(hash, key.clone(), entries);
         self.ordered.insert(key, slot);
     }
 
     /// Removes `key` and its list.
     pub fn remove(&mut self, key: &[u8]) {
-        let slots = &self.slots;
-        let Ok(found) = self.by_key.find_entry(self.hasher.hash_one(key), |&slot| {
-            slots[slot as usize].key.as_deref() == Some(key)
-        }) else {
+        let hash = self.hasher.hash_one(key);
+        let Ok(found) = self.by_key.find_entry(hash, holds(&self.slots, key)) else {
             return;
         };
         let (slot, _) = found.remove();
