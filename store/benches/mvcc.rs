@@ -2,7 +2,9 @@
 //!
 //! `cargo bench -p keel-store --bench mvcc`; set `KEEL_BENCH_KEYS` to change the number of keys
 //! loaded before the read benchmarks (default 100 000) and `KEEL_BENCH_COMPACT_KEYS` for the
-//! compaction benchmark (default 1 000 000 keys with two versions each).
+//! compaction benchmark (default 1 000 000 keys with two versions each). The `index/` group
+//! compares one key's lookup in the key index with a B-tree of the same keys alone, at 10 000
+//! and 1 000 000 keys (docs/benchmarks.md, change 27).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -182,5 +184,50 @@ fn benches(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(mvcc, benches);
+/// One key's lookup: the key index (hash table of slot numbers) against a `BTreeMap` of the
+/// same keys, as the index was before change 27. Keys are looked up in a scattered order, as a
+/// busy store's puts arrive.
+fn index_lookups(c: &mut Criterion) {
+    use std::collections::BTreeMap;
+
+    use keel_store::mvcc::index::{IndexEntry, KeyIndex};
+    use keel_store::mvcc::revision::Revision;
+
+    let mut g = c.benchmark_group("index");
+    for n in [10_000u64, 1_000_000] {
+        let entry = |i: u64| {
+            IndexEntry::from_fields(Revision::new(i as i64 + 1, 0), false, i as i64 + 1, 1, 0)
+        };
+        let lists: Vec<(Vec<u8>, Vec<IndexEntry>)> =
+            (0..n).map(|i| (key(i), vec![entry(i)])).collect();
+        let btree: BTreeMap<Vec<u8>, Vec<IndexEntry>> = lists.iter().cloned().collect();
+        let index = KeyIndex::from_lists(lists);
+        // A fixed stride through the keys: every lookup lands far from the one before.
+        let probe = |i: u64| key(i.wrapping_mul(7_919) % n);
+        let mut i = 0u64;
+        g.bench_function(format!("btree_lookup_{n}_keys"), |b| {
+            b.iter_batched(
+                || {
+                    i += 1;
+                    probe(i)
+                },
+                |k| btree.get(&k).map(Vec::len),
+                BatchSize::SmallInput,
+            )
+        });
+        g.bench_function(format!("key_index_lookup_{n}_keys"), |b| {
+            b.iter_batched(
+                || {
+                    i += 1;
+                    probe(i)
+                },
+                |k| index.get(&k).map(Vec::len),
+                BatchSize::SmallInput,
+            )
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(mvcc, benches, index_lookups);
 criterion_main!(mvcc);

@@ -28,8 +28,8 @@
 //! [`KeyIndex`] holds the lists: a B-tree in key order for ranges, and a hash table for the
 //! lookups of one key that every put, delete, compare and single-key read makes (one hash
 //! and one probe, instead of a descent through the tree that compares the key with a dozen
-//! others in scattered memory: 0.5 µs with 10 000 keys, 4 µs with a million, docs/benchmarks.md
-//! change 27).
+//! others in scattered memory: the criterion group `index/` in `store/benches/mvcc.rs` measures
+//! both; docs/benchmarks.md change 27).
 
 use std::collections::BTreeMap;
 use std::hash::BuildHasher;
