@@ -184,6 +184,9 @@ fn benches(c: &mut Criterion) {
     g.finish();
 }
 
+/// A lookup of one key, answering with its number of revisions.
+type Lookup<'a> = dyn Fn(&[u8]) -> Option<usize> + 'a;
+
 /// One key's lookup: the key index (hash table of slot numbers) against a `BTreeMap` of the
 /// same keys, as the index was before change 27. Keys are looked up in a scattered order, as a
 /// busy store's puts arrive.
@@ -204,27 +207,23 @@ fn index_lookups(c: &mut Criterion) {
         let index = KeyIndex::from_lists(lists);
         // A fixed stride through the keys: every lookup lands far from the one before.
         let probe = |i: u64| key(i.wrapping_mul(7_919) % n);
+        let lookups: [(&str, &Lookup); 2] = [
+            ("btree", &|k| btree.get(k).map(Vec::len)),
+            ("key_index", &|k| index.get(k).map(Vec::len)),
+        ];
         let mut i = 0u64;
-        g.bench_function(format!("btree_lookup_{n}_keys"), |b| {
-            b.iter_batched(
-                || {
-                    i += 1;
-                    probe(i)
-                },
-                |k| btree.get(&k).map(Vec::len),
-                BatchSize::SmallInput,
-            )
-        });
-        g.bench_function(format!("key_index_lookup_{n}_keys"), |b| {
-            b.iter_batched(
-                || {
-                    i += 1;
-                    probe(i)
-                },
-                |k| index.get(&k).map(Vec::len),
-                BatchSize::SmallInput,
-            )
-        });
+        for (name, lookup) in lookups {
+            g.bench_function(format!("{name}_lookup_{n}_keys"), |b| {
+                b.iter_batched(
+                    || {
+                        i += 1;
+                        probe(i)
+                    },
+                    |k| lookup(&k),
+                    BatchSize::SmallInput,
+                )
+            });
+        }
     }
     g.finish();
 }
