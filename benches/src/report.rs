@@ -612,13 +612,13 @@ pub fn section(d: &Data, meta: &BTreeMap<String, String>, svg_link: &str) -> Str
         let _ = writeln!(s, "\n### Watch\n");
         let _ = writeln!(
             s,
-            "A writer puts values carrying its send time; every watcher must receive every event exactly once, in revision order (lost = expected − received, duplicate = a revision received twice by a watcher). events/s = events delivered from the first put to the last event; latency is put-to-event (the put's own commit included), ms. Cases ending in `-rate` write at a fixed rate (so both systems deliver the same events/s and the latency is what differs); the others let the writers go as fast as the cluster takes them: cases ending in `-1w` have one writer, connected to the leader of both systems (each put waits for the previous one, so events/s is the watchers × the puts the cluster acknowledges per second while it delivers their events), the others 8 or more (saturation). `watch-distinct-10k` and `watch-distinct-prefix-10k` give each watcher its own key (a single-key watch, or a prefix watch on that key) and each put matches one watcher, so they measure how the cost of an event grows with the watchers it does not concern.\n"
+            "A writer puts values carrying its send time; every watcher must receive every event exactly once, in revision order (lost = expected − received, duplicate = a revision received twice by a watcher). events/s = events delivered from the first put to the last event; latency is put-to-event (the put's own commit included), ms. Cases ending in `-rate` write at a fixed rate (so both systems deliver the same events/s and the latency is what differs); the others let the writers go as fast as the cluster takes them: cases ending in `-1w` have one writer, connected to the leader of both systems (each put waits for the previous one, so events/s is the watchers × the puts the cluster acknowledges per second while it delivers their events), the others 8 or more (saturation). `watch-distinct-10k` and `watch-distinct-prefix-10k` give each watcher its own key (a single-key watch, or a prefix watch on that key) and each put matches one watcher, so they measure how the cost of an event grows with the watchers it does not concern. Events per response is what the watchers received divided by the responses that carried events: how many revisions a server packs into one watcher's response.\n"
         );
         let _ = writeln!(
             s,
-            "| workload | watchers / streams | writer puts (Keel, etcd) | Keel events/s | etcd events/s | Keel/etcd | Keel lost / dup | etcd lost / dup | Keel p50 / p99 / max | etcd p50 / p99 / max | server CPU s per 1M events Keel / etcd | load generator CPU s/s Keel / etcd |"
+            "| workload | watchers / streams | writer puts (Keel, etcd) | Keel events/s | etcd events/s | Keel/etcd | Keel lost / dup | etcd lost / dup | Keel p50 / p99 / max | etcd p50 / p99 / max | events per response Keel / etcd | server CPU s per 1M events Keel / etcd | load generator CPU s/s Keel / etcd |"
         );
-        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
         for case in &watch_cases {
             let (k, e) = (d.get("keel", case, None), d.get("etcd", case, None));
             let any = k.or(e).expect("case has a run");
@@ -649,13 +649,19 @@ pub fn section(d: &Data, meta: &BTreeMap<String, String>, svg_link: &str) -> Str
                     .map(|v| format!("{v:.2}"))
                     .unwrap_or("–".into())
             };
+            // Recorded since 2026-12-07; older runs have no such field.
+            let per_response = |x: Option<&Summary>| {
+                x.and_then(|x| x.extra.get("events_per_response"))
+                    .map(|v| format!("{v:.1}"))
+                    .unwrap_or("–".into())
+            };
             let load_gen = |x: Option<&Summary>| {
                 x.map(|x| format!("{:.2}", extra(x, "client_cpu_s") / x.seconds.max(1e-9)))
                     .unwrap_or("–".into())
             };
             let _ = writeln!(
                 s,
-                "| `{case}` | {} / {} | {}, {} | {} | {} | {r} | {} | {} | {} | {} | {} / {} | {} / {} |",
+                "| `{case}` | {} / {} | {}, {} | {} | {} | {r} | {} | {} | {} | {} | {} / {} | {} / {} | {} / {} |",
                 extra(any, "watchers"),
                 extra(any, "streams"),
                 puts(k),
@@ -666,6 +672,8 @@ pub fn section(d: &Data, meta: &BTreeMap<String, String>, svg_link: &str) -> Str
                 ld(e),
                 lat(k),
                 lat(e),
+                per_response(k),
+                per_response(e),
                 cpu("keel"),
                 cpu("etcd"),
                 load_gen(k),
@@ -1176,9 +1184,12 @@ mod tests {
         w.extra.insert("lost".into(), 0.0);
         w.extra.insert("watchers".into(), 1000.0);
         w.extra.insert("drained".into(), 1.0);
+        w.extra.insert("events_per_response".into(), 3.5);
         lines.push(line("keel", "watch-fanout-1k", &w));
         w.ops_per_sec = 40000.0;
         w.p99_ms = 20.0;
+        // A record from before the field existed.
+        w.extra.remove("events_per_response");
         lines.push(line("etcd", "watch-fanout-1k", &w));
         lines.push(
             r#"{"system":"keel","case":"rss-1m","result":{"rss_kib":[204800,200000,190000]}}"#
@@ -1243,6 +1254,20 @@ mod tests {
             "{body}"
         );
         assert!(body.contains("![throughput vs clients](bench/throughput_vs_clients.svg)"));
+        let watch_row = body
+            .lines()
+            .find(|l| l.starts_with("| `watch-fanout-1k` |"))
+            .unwrap_or_default();
+        assert!(watch_row.contains("| 3.5 / – |"), "{watch_row}");
+        assert_eq!(
+            watch_row.matches('|').count(),
+            body.lines()
+                .find(|l| l.starts_with("| workload | watchers"))
+                .unwrap_or_default()
+                .matches('|')
+                .count(),
+            "the watch row has as many cells as its header"
+        );
         let doc = "# Benchmarks\n\nintro\n\n## Keel vs etcd (cluster load generator)\n\nold text\n\n## Store components (criterion)\n\nkeep me\n";
         let once = splice(doc, &body);
         assert!(once.contains("keep me") && once.contains("intro") && !once.contains("old text"));

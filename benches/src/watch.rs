@@ -90,6 +90,8 @@ struct StreamOutcome {
     unique: Vec<(usize, u64)>,
     duplicates: u64,
     canceled: u64,
+    /// Responses that carried events (events per response shows how a server batches).
+    event_responses: u64,
     last_event: Option<Instant>,
 }
 
@@ -109,6 +111,8 @@ pub struct WatchOutcome {
     pub unique: Vec<u64>,
     pub duplicates: u64,
     pub canceled: u64,
+    /// Responses that carried events.
+    pub event_responses: u64,
     pub last_event: Option<Instant>,
 }
 
@@ -203,6 +207,7 @@ impl WatchGroup {
             unique: vec![0; self.watchers],
             duplicates: 0,
             canceled: 0,
+            event_responses: 0,
             last_event: None,
         };
         for t in self.tasks {
@@ -213,6 +218,7 @@ impl WatchGroup {
             }
             out.duplicates += s.duplicates;
             out.canceled += s.canceled;
+            out.event_responses += s.event_responses;
             out.last_event = out.last_event.max(s.last_event);
         }
         Ok(out)
@@ -268,6 +274,7 @@ async fn run_stream(
         unique: Vec::new(),
         duplicates: 0,
         canceled: 0,
+        event_responses: 0,
         last_event: None,
     };
     loop {
@@ -297,6 +304,7 @@ async fn run_stream(
         let Some(&w) = by_id.get(&r.watch_id) else {
             continue;
         };
+        out.event_responses += 1;
         let now = now_us();
         let st = &mut state[w];
         let before = st.last_rev;
@@ -498,6 +506,10 @@ pub async fn run(common: &Common, args: &WatchArgs) -> anyhow::Result<Summary> {
         ("lost", lost as f64),
         ("duplicates", outcome.duplicates as f64),
         ("canceled", outcome.canceled as f64),
+        (
+            "events_per_response",
+            outcome.unique.iter().sum::<u64>() as f64 / outcome.event_responses.max(1) as f64,
+        ),
         ("unexpected_extra", unique.saturating_sub(expected) as f64),
         ("drained", if drained { 1.0 } else { 0.0 }),
         ("drain_seconds", drain_secs),
