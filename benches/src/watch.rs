@@ -508,7 +508,7 @@ pub async fn run(common: &Common, args: &WatchArgs) -> anyhow::Result<Summary> {
         ("canceled", outcome.canceled as f64),
         (
             "events_per_response",
-            outcome.unique.iter().sum::<u64>() as f64 / outcome.event_responses.max(1) as f64,
+            (unique + outcome.duplicates) as f64 / outcome.event_responses.max(1) as f64,
         ),
         ("unexpected_extra", unique.saturating_sub(expected) as f64),
         ("drained", if drained { 1.0 } else { 0.0 }),
