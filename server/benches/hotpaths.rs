@@ -1,7 +1,7 @@
 //! Component benchmarks of the server's hot paths that are not in `keel-store`'s benchmarks:
-//! the watch hub's fan-out of one applied revision to many watchers, its dispatch of an event
-//! that concerns one watcher among many (distinct keys or prefixes), and encoding/decoding the
-//! etcd messages every request and event goes through.
+//! the watch hub's fan-out of one applied revision (and of a chunk of several) to many
+//! watchers, its dispatch of an event that concerns one watcher among many (distinct keys or
+//! prefixes), and encoding/decoding the etcd messages every request and event goes through.
 //!
 //! `cargo bench -p keel-server --bench hotpaths` (results in docs/benchmarks.md).
 
@@ -41,6 +41,26 @@ fn chunk(key: &[u8], rev: i64) -> AppliedChunk {
             kv: Some(kv(key, rev)),
             prev_kv: None,
         }],
+        ..Default::default()
+    }
+}
+
+/// `puts` revisions from `first_rev` on, each one Put event on `key`: one applied chunk of
+/// several writes, as the state machine hands it to the hub when writes are batched.
+fn chunk_of(key: &[u8], first_rev: i64, puts: i64) -> AppliedChunk {
+    let last = first_rev + puts - 1;
+    AppliedChunk {
+        applied: AppliedState {
+            index: last as u64,
+            revision: last,
+        },
+        events: (first_rev..=last)
+            .map(|rev| Event {
+                r#type: 0,
+                kv: Some(kv(key, rev)),
+                prev_kv: None,
+            })
+            .collect(),
         ..Default::default()
     }
 }
@@ -95,6 +115,46 @@ fn watch_fanout(c: &mut Criterion) {
             })
         });
     }
+    group.finish();
+}
+
+/// A chunk of four puts (about what a chunk holds under the 8-writer fan-out of
+/// `benches/compare.sh`) to 1 000 watchers: each receives one response with four events, so
+/// this measures the hub's grouping of deliveries per watcher and the responses' event lists,
+/// which a one-event chunk does not exercise.
+fn watch_fanout_chunk(c: &mut Criterion) {
+    const PUTS: i64 = 4;
+    let rt = runtime();
+    let mut group = c.benchmark_group("watch");
+    let watchers = 1000usize;
+    let hub = hub_on_memory_store(&rt);
+    let mut streams: Vec<_> = (0..watchers)
+        .map(|_| hub.watch_internal(b"/registry/pods/a", b"", 0))
+        .collect();
+    let mut next_rev = 2i64;
+    let header = ResponseHeader {
+        cluster_id: 1,
+        member_id: 2,
+        revision: 0,
+        raft_term: 3,
+    };
+    group.throughput(Throughput::Elements(watchers as u64 * PUTS as u64));
+    group.bench_function(
+        format!("fanout_chunk_of_{PUTS}_puts_to_{watchers}_watchers"),
+        |b| {
+            b.iter(|| {
+                hub.on_applied(&chunk_of(b"/registry/pods/a", next_rev, PUTS));
+                next_rev += PUTS;
+                rt.block_on(async {
+                    for w in streams.iter_mut() {
+                        let out = w.next_queued().await.expect("events");
+                        let wire = out.encode(&header);
+                        assert!(wire.len() > 4 * 256);
+                    }
+                });
+            })
+        },
+    );
     group.finish();
 }
 
@@ -186,5 +246,11 @@ fn proto_codec(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, watch_fanout, watch_many_keys, proto_codec);
+criterion_group!(
+    benches,
+    watch_fanout,
+    watch_fanout_chunk,
+    watch_many_keys,
+    proto_codec
+);
 criterion_main!(benches);

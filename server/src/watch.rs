@@ -178,8 +178,9 @@ pub enum Outgoing {
     },
 }
 
-/// A response's events; most responses carry one.
-pub type EventList = smallvec::SmallVec<[Arc<SharedEvent>; 2]>;
+/// A response's events: one when writes come one at a time, a chunk's worth (about four at
+/// 8 writers) when they are batched; up to four are kept without a heap allocation.
+pub type EventList = smallvec::SmallVec<[Arc<SharedEvent>; 4]>;
 
 /// A watcher's responses for one revision or catch-up step; one unless fragmented.
 type Responses = smallvec::SmallVec<[Outgoing; 1]>;
