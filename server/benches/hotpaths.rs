@@ -12,7 +12,7 @@ use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_mai
 use keel_proto::etcdserverpb::{PutRequest, RangeResponse, ResponseHeader, WatchResponse};
 use keel_proto::mvccpb::{Event, KeyValue};
 use keel_server::lock::prefix_end;
-use keel_server::watch::WatchHub;
+use keel_server::watch::{InternalWatch, WatchHub};
 use keel_store::engine::memory::MemoryEngine;
 use keel_store::mvcc::MvccStore;
 use keel_store::raft::state_machine::{AppliedChunk, AppliedState};
@@ -83,35 +83,50 @@ fn hub_on_memory_store(rt: &tokio::runtime::Runtime) -> Arc<WatchHub> {
     hub
 }
 
+/// The member fields a gRPC stream puts in every response header.
+const HEADER: ResponseHeader = ResponseHeader {
+    cluster_id: 1,
+    member_id: 2,
+    revision: 0,
+    raft_term: 3,
+};
+
+/// A hub with `watchers` synced watchers of `/registry/pods/a`, each on a stream of its own.
+fn watchers_of_one_key(
+    rt: &tokio::runtime::Runtime,
+    watchers: usize,
+) -> (Arc<WatchHub>, Vec<InternalWatch>) {
+    let hub = hub_on_memory_store(rt);
+    let streams = (0..watchers)
+        .map(|_| hub.watch_internal(b"/registry/pods/a", b"", 0))
+        .collect();
+    (hub, streams)
+}
+
+/// What a gRPC stream does per watcher: take the queued response and encode it (the events'
+/// encodings are shared, the header and watch ID are not).
+fn receive_and_encode(rt: &tokio::runtime::Runtime, streams: &mut [InternalWatch], min_len: usize) {
+    rt.block_on(async {
+        for w in streams.iter_mut() {
+            let out = w.next_queued().await.expect("events");
+            let wire = out.encode(&HEADER);
+            assert!(wire.len() > min_len);
+        }
+    });
+}
+
 fn watch_fanout(c: &mut Criterion) {
     let rt = runtime();
     let mut group = c.benchmark_group("watch");
     for watchers in [1usize, 100, 1000] {
-        let hub = hub_on_memory_store(&rt);
-        let mut streams: Vec<_> = (0..watchers)
-            .map(|_| hub.watch_internal(b"/registry/pods/a", b"", 0))
-            .collect();
+        let (hub, mut streams) = watchers_of_one_key(&rt, watchers);
         let mut rev = 1i64;
-        let header = ResponseHeader {
-            cluster_id: 1,
-            member_id: 2,
-            revision: 0,
-            raft_term: 3,
-        };
         group.throughput(Throughput::Elements(watchers as u64));
         group.bench_function(format!("fanout_one_put_to_{watchers}_watchers"), |b| {
             b.iter(|| {
                 rev += 1;
                 hub.on_applied(&chunk(b"/registry/pods/a", rev));
-                rt.block_on(async {
-                    // What a gRPC stream does per watcher: take the queued response and encode
-                    // it (the event's encoding is shared, the header and watch ID are not).
-                    for w in streams.iter_mut() {
-                        let out = w.next_queued().await.expect("event");
-                        let wire = out.encode(&header);
-                        assert!(wire.len() > 256);
-                    }
-                });
+                receive_and_encode(&rt, &mut streams, 256);
             })
         });
     }
@@ -127,17 +142,8 @@ fn watch_fanout_chunk(c: &mut Criterion) {
     let rt = runtime();
     let mut group = c.benchmark_group("watch");
     let watchers = 1000usize;
-    let hub = hub_on_memory_store(&rt);
-    let mut streams: Vec<_> = (0..watchers)
-        .map(|_| hub.watch_internal(b"/registry/pods/a", b"", 0))
-        .collect();
+    let (hub, mut streams) = watchers_of_one_key(&rt, watchers);
     let mut next_rev = 2i64;
-    let header = ResponseHeader {
-        cluster_id: 1,
-        member_id: 2,
-        revision: 0,
-        raft_term: 3,
-    };
     group.throughput(Throughput::Elements(watchers as u64 * PUTS as u64));
     group.bench_function(
         format!("fanout_chunk_of_{PUTS}_puts_to_{watchers}_watchers"),
@@ -145,13 +151,7 @@ fn watch_fanout_chunk(c: &mut Criterion) {
             b.iter(|| {
                 hub.on_applied(&chunk_of(b"/registry/pods/a", next_rev, PUTS));
                 next_rev += PUTS;
-                rt.block_on(async {
-                    for w in streams.iter_mut() {
-                        let out = w.next_queued().await.expect("events");
-                        let wire = out.encode(&header);
-                        assert!(wire.len() > 4 * 256);
-                    }
-                });
+                receive_and_encode(&rt, &mut streams, PUTS as usize * 256);
             })
         },
     );
