@@ -31,18 +31,7 @@ fn kv(key: &[u8], rev: i64) -> KeyValue {
 
 /// One revision with one Put event on `key`, as the state machine hands it to the hub.
 fn chunk(key: &[u8], rev: i64) -> AppliedChunk {
-    AppliedChunk {
-        applied: AppliedState {
-            index: rev as u64,
-            revision: rev,
-        },
-        events: vec![Event {
-            r#type: 0,
-            kv: Some(kv(key, rev)),
-            prev_kv: None,
-        }],
-        ..Default::default()
-    }
+    chunk_of(key, rev, 1)
 }
 
 /// `puts` revisions from `first_rev` on, each one Put event on `key`: one applied chunk of
