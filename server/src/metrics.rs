@@ -409,6 +409,8 @@ pub struct Metrics {
     watch_streams: IntGauge,
     pending_events: IntGauge,
     events_sent: IntCounter,
+    watch_victims: IntCounter,
+    watch_catch_up_events: IntCounter,
     wal_write_bytes: IntGauge,
     snapshot_installs: IntGauge,
     virtual_memory_max: prometheus::Gauge,
@@ -647,6 +649,14 @@ impl Metrics {
                 "etcd_debugging_mvcc_events_total",
                 "Total number of events sent by this member.",
             ),
+            watch_victims: counter(
+                "keel_watch_victims_total",
+                "Times a watcher's stream queue was full, so it fell back to catching up from history.",
+            ),
+            watch_catch_up_events: counter(
+                "keel_watch_catch_up_events_total",
+                "Events sent to watchers from history (past start revisions and catch-up).",
+            ),
             // A gauge in etcd too.
             wal_write_bytes: gauge(
                 "etcd_disk_wal_write_bytes_total",
@@ -870,6 +880,15 @@ impl Metrics {
             .inc_by(cache.hits.saturating_sub(self.value_cache_hits.get()));
         self.value_cache_misses
             .inc_by(cache.misses.saturating_sub(self.value_cache_misses.get()));
+        for (counter, now) in [
+            (&self.watch_victims, hub.victims.load(Ordering::Relaxed)),
+            (
+                &self.watch_catch_up_events,
+                hub.catch_up_events.load(Ordering::Relaxed),
+            ),
+        ] {
+            counter.inc_by(now.saturating_sub(counter.get()));
+        }
         let counts = hub.counts();
         self.watchers.set(counts.watchers as i64);
         self.slow_watchers.set(counts.unsynced as i64);

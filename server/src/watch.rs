@@ -543,7 +543,10 @@ pub struct WatchHub {
     sync_wanted: Notify,
     max_response_bytes: usize,
     progress_interval: Duration,
+    /// Times a synced watcher found its stream's queue full and fell back to history.
     pub victims: AtomicU64,
+    /// Events sent from history (watchers starting in the past, and victims catching up).
+    pub catch_up_events: AtomicU64,
 }
 
 impl WatchHub {
@@ -555,6 +558,7 @@ impl WatchHub {
             max_response_bytes,
             progress_interval,
             victims: AtomicU64::new(0),
+            catch_up_events: AtomicU64::new(0),
         })
     }
 
@@ -975,7 +979,16 @@ impl WatchHub {
                             self.max_response_bytes,
                         )
                     };
+                    let sent: usize = resps
+                        .iter()
+                        .map(|r| match r {
+                            Outgoing::Events { events, .. } => events.len(),
+                            Outgoing::Response(_) => 0,
+                        })
+                        .sum();
                     if resps.is_empty() || queue.try_push_events(resps) {
+                        self.catch_up_events
+                            .fetch_add(sent as u64, Ordering::Relaxed);
                         let current = st.dispatched_rev;
                         if let Some(w) = st.watchers.get_mut(&key) {
                             w.next_rev = next_revision.max(next_rev);
