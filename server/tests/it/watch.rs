@@ -252,8 +252,6 @@ async fn progress_request_is_a_bookmark_and_resume_is_exact() {
 #[tokio::test]
 async fn slow_watcher_does_not_block_writes_and_loses_nothing() {
     use keel_proto::etcdserverpb::watch_client::WatchClient;
-    use keel_proto::etcdserverpb::watch_request::RequestUnion;
-    use keel_proto::etcdserverpb::{WatchCreateRequest, WatchRequest};
 
     const WRITERS: usize = 8;
     const PUTS_EACH: usize = 1000;
@@ -270,15 +268,7 @@ async fn slow_watcher_does_not_block_writes_and_loses_nothing() {
         .await
         .unwrap();
     let (tx, rx) = tokio::sync::mpsc::channel(1);
-    tx.send(WatchRequest {
-        request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
-            key: b"s/".to_vec(),
-            range_end: b"s0".to_vec(),
-            ..Default::default()
-        })),
-    })
-    .await
-    .unwrap();
+    tx.send(create_request(b"s/", b"s0")).await.unwrap();
     let mut slow = WatchClient::new(channel)
         .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
@@ -400,6 +390,19 @@ async fn watchers_on_followers_survive_a_leader_kill() {
     );
 }
 
+/// A raw `WatchRequest` creating a watcher on `key` (to `range_end`, empty for one key).
+fn create_request(key: &[u8], range_end: &[u8]) -> keel_proto::etcdserverpb::WatchRequest {
+    use keel_proto::etcdserverpb::watch_request::RequestUnion;
+    use keel_proto::etcdserverpb::{WatchCreateRequest, WatchRequest};
+    WatchRequest {
+        request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+            key: key.to_vec(),
+            range_end: range_end.to_vec(),
+            ..Default::default()
+        })),
+    }
+}
+
 /// A raw Watch call on `endpoint` (the generated client, so the test controls both halves of
 /// the stream) that has sent one create request per key: its request sender and responses.
 async fn raw_watch(
@@ -410,22 +413,13 @@ async fn raw_watch(
     tonic::Streaming<keel_proto::etcdserverpb::WatchResponse>,
 ) {
     use keel_proto::etcdserverpb::watch_client::WatchClient;
-    use keel_proto::etcdserverpb::watch_request::RequestUnion;
-    use keel_proto::etcdserverpb::{WatchCreateRequest, WatchRequest};
 
     let mut wc = WatchClient::connect(format!("http://{endpoint}"))
         .await
         .unwrap();
     let (tx, rx) = tokio::sync::mpsc::channel(keys.len().max(1));
     for key in keys {
-        tx.send(WatchRequest {
-            request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
-                key: key.clone(),
-                ..Default::default()
-            })),
-        })
-        .await
-        .unwrap();
+        tx.send(create_request(key, b"")).await.unwrap();
     }
     let responses = wc
         .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
@@ -641,8 +635,6 @@ async fn watch_id_script(endpoint: &str) -> Vec<WatchIdStep> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_from_now_after_an_answered_write_starts_after_it() {
     use keel_proto::etcdserverpb::watch_client::WatchClient;
-    use keel_proto::etcdserverpb::watch_request::RequestUnion;
-    use keel_proto::etcdserverpb::{WatchCreateRequest, WatchRequest};
 
     let cluster = Cluster::start(1).await;
     let endpoint = cluster.members[0].endpoint();
@@ -655,15 +647,7 @@ async fn a_watch_from_now_after_an_answered_write_starts_after_it() {
             .unwrap();
         let (tx, rx) = tokio::sync::mpsc::channel(1000);
         for _ in 0..1000 {
-            tx.send(WatchRequest {
-                request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
-                    key: b"now/".to_vec(),
-                    range_end: b"now0".to_vec(),
-                    ..Default::default()
-                })),
-            })
-            .await
-            .unwrap();
+            tx.send(create_request(b"now/", b"now0")).await.unwrap();
         }
         let mut responses = wc
             .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
@@ -697,14 +681,7 @@ async fn a_watch_from_now_after_an_answered_write_starts_after_it() {
             .header()
             .unwrap()
             .revision();
-        tx.send(WatchRequest {
-            request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
-                key: key.clone().into_bytes(),
-                ..Default::default()
-            })),
-        })
-        .await
-        .unwrap();
+        tx.send(create_request(key.as_bytes(), b"")).await.unwrap();
         let created = next_response(&mut probe).await;
         assert!(created.created, "{created:?}");
         let header_rev = created.header.as_ref().map_or(0, |h| h.revision);
