@@ -864,6 +864,11 @@ impl Metrics {
             (d_deletes, ops.deletes),
             (d_txns, ops.txns),
             (&self.events_sent, crate::watch::events_sent()),
+            (&self.watch_victims, hub.victims.load(Ordering::Relaxed)),
+            (
+                &self.watch_catch_up_events,
+                hub.catch_up_events.load(Ordering::Relaxed),
+            ),
         ] {
             counter.inc_by(now.saturating_sub(counter.get()));
         }
@@ -880,15 +885,6 @@ impl Metrics {
             .inc_by(cache.hits.saturating_sub(self.value_cache_hits.get()));
         self.value_cache_misses
             .inc_by(cache.misses.saturating_sub(self.value_cache_misses.get()));
-        for (counter, now) in [
-            (&self.watch_victims, hub.victims.load(Ordering::Relaxed)),
-            (
-                &self.watch_catch_up_events,
-                hub.catch_up_events.load(Ordering::Relaxed),
-            ),
-        ] {
-            counter.inc_by(now.saturating_sub(counter.get()));
-        }
         let counts = hub.counts();
         self.watchers.set(counts.watchers as i64);
         self.slow_watchers.set(counts.unsynced as i64);

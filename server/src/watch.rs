@@ -968,6 +968,8 @@ impl WatchHub {
                         .filter(|ev| w.wants(ev))
                         .map(|ev| Arc::new(SharedEvent::new(ev)))
                         .collect();
+                    // Fragmenting keeps every event, so this is what the responses carry.
+                    let sent = events.len() as u64;
                     let resps = if events.is_empty() {
                         Responses::new()
                     } else {
@@ -979,16 +981,8 @@ impl WatchHub {
                             self.max_response_bytes,
                         )
                     };
-                    let sent: usize = resps
-                        .iter()
-                        .map(|r| match r {
-                            Outgoing::Events { events, .. } => events.len(),
-                            Outgoing::Response(_) => 0,
-                        })
-                        .sum();
                     if resps.is_empty() || queue.try_push_events(resps) {
-                        self.catch_up_events
-                            .fetch_add(sent as u64, Ordering::Relaxed);
+                        self.catch_up_events.fetch_add(sent, Ordering::Relaxed);
                         let current = st.dispatched_rev;
                         if let Some(w) = st.watchers.get_mut(&key) {
                             w.next_rev = next_revision.max(next_rev);

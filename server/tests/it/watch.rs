@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use etcd_client::{EventType, Txn, TxnOp, WatchFilterType, WatchOptions, WatchStream};
 
-use crate::cluster::{Cluster, client};
+use crate::cluster::{Cluster, Member, client};
 
 /// Reads responses until `n` events arrived (or panics after a timeout); returns
 /// (events as (revision, type, key, value, prev value), responses).
@@ -256,8 +256,8 @@ async fn slow_watcher_does_not_block_writes_and_loses_nothing() {
     const WRITERS: usize = 8;
     const PUTS_EACH: usize = 1000;
     let cluster = Cluster::start(1).await;
-    let endpoint = cluster.members[0].endpoint();
-    let port = cluster.members[0].client_port;
+    let member = &cluster.members[0];
+    let endpoint = member.endpoint();
     let c = client(&endpoint).await.unwrap();
 
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{endpoint}"))
@@ -299,7 +299,7 @@ async fn slow_watcher_does_not_block_writes_and_loses_nothing() {
             .unwrap();
     }
     assert!(
-        metric(port, "keel_watch_victims_total") >= 1.0,
+        member.metric("keel_watch_victims_total") >= 1.0,
         "the watcher never fell behind its queue: the test did not exercise the slow path"
     );
 
@@ -325,7 +325,7 @@ async fn slow_watcher_does_not_block_writes_and_loses_nothing() {
         "events out of order or duplicated"
     );
     assert_eq!(keys.len(), WRITERS * PUTS_EACH, "events lost");
-    assert!(metric(port, "keel_watch_catch_up_events_total") >= 1.0);
+    assert!(member.metric("keel_watch_catch_up_events_total") >= 1.0);
     drop(tx);
 }
 
@@ -446,26 +446,18 @@ async fn half_closed_stream_keeps_delivering() {
     assert_eq!(got.events[0].kv.as_ref().unwrap().value, b"after-close");
 }
 
-/// One of the member's metrics (an unlabelled gauge or counter) from `/metrics`.
-fn metric(port: u16, name: &str) -> f64 {
-    let (code, body) = crate::maintenance::http(port, "GET", "/metrics");
-    assert_eq!(code, 200);
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{name} in /metrics"))
-}
-
 /// The member's `etcd_debugging_mvcc_watcher_total`.
-fn watcher_total(port: u16) -> i64 {
-    metric(port, "etcd_debugging_mvcc_watcher_total") as i64
+fn watcher_total(member: &Member) -> i64 {
+    member
+        .metric_value("etcd_debugging_mvcc_watcher_total")
+        .expect("watcher gauge in /metrics") as i64
 }
 
 #[tokio::test]
 async fn cancelling_the_call_removes_its_watchers() {
     let cluster = Cluster::start(1).await;
-    let endpoint = cluster.members[0].endpoint();
-    let port = cluster.members[0].client_port;
+    let member = &cluster.members[0];
+    let endpoint = member.endpoint();
     let mut c = client(&endpoint).await.unwrap();
     let keys: Vec<Vec<u8>> = (0..20).map(|i| format!("gone/{i}").into_bytes()).collect();
     let (tx, mut responses) = raw_watch(&endpoint, &keys).await;
@@ -474,17 +466,17 @@ async fn cancelling_the_call_removes_its_watchers() {
     }
     c.put("gone/3", "v", None).await.unwrap();
     assert_eq!(next_response(&mut responses).await.events.len(), 1);
-    assert_eq!(watcher_total(port), 20);
+    assert_eq!(watcher_total(member), 20);
     // Dropping both halves cancels the call (RST_STREAM), as a client whose context ends does;
     // dropping only the request side would be a half-close, which keeps the watchers.
     drop(responses);
     drop(tx);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while watcher_total(port) != 0 {
+    while watcher_total(member) != 0 {
         assert!(
             std::time::Instant::now() < deadline,
             "watchers of a cancelled call still registered: {}",
-            watcher_total(port)
+            watcher_total(member)
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
