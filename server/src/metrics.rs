@@ -408,6 +408,7 @@ pub struct Metrics {
     slow_watchers: IntGauge,
     watch_streams: IntGauge,
     pending_events: IntGauge,
+    watch_pending_bytes: IntGauge,
     events_sent: IntCounter,
     watch_victims: IntCounter,
     watch_catch_up_events: IntCounter,
@@ -648,6 +649,10 @@ impl Metrics {
             events_sent: counter(
                 "etcd_debugging_mvcc_events_total",
                 "Total number of events sent by this member.",
+            ),
+            watch_pending_bytes: gauge(
+                "keel_watch_pending_bytes",
+                "Bytes of watch responses queued on the streams and not sent yet.",
             ),
             watch_victims: counter(
                 "keel_watch_victims_total",
@@ -890,6 +895,8 @@ impl Metrics {
         self.slow_watchers.set(counts.unsynced as i64);
         self.watch_streams.set(counts.streams as i64);
         self.pending_events.set(counts.pending_events as i64);
+        self.watch_pending_bytes
+            .set(counts.pending_bytes.min(i64::MAX as usize) as i64);
         let mut families = self.registry.gather();
         families.extend(fd_aliases(&families));
         let mut buf = Vec::new();

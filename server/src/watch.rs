@@ -52,8 +52,15 @@ use crate::watch_index::{KeyRange, WatcherIndex};
 
 /// Responses a stream may have queued before its watchers become victims.
 const STREAM_QUEUE_CAPACITY: usize = 1024;
+/// Wire bytes of event responses a stream may have queued before its watchers become victims
+/// (the default of [`WatchHub::stream_queue_bytes`]). A response can carry a whole applied
+/// chunk or catch-up step, so a count alone does not bound a slow stream's memory.
+pub const STREAM_QUEUE_BYTES: usize = 64 << 20;
 /// Events replayed from history per catch-up step (batches end on a revision boundary).
 const CATCH_UP_EVENTS: usize = 4096;
+/// Bytes of keys and values replayed from history per catch-up step, at most about (the step
+/// ends at the first revision boundary past it).
+const CATCH_UP_BYTES: usize = 1 << 20;
 const INVALID_WATCH_ID: i64 = -1;
 
 struct Watcher {
@@ -153,6 +160,8 @@ pub struct HubCounts {
     pub streams: usize,
     /// Events queued on the streams and not sent yet.
     pub pending_events: usize,
+    /// Their responses' bytes, as counted against each stream's queue limit.
+    pub pending_bytes: usize,
 }
 
 /// Events sent to clients' watch streams by this process (`etcd_debugging_mvcc_events_total`).
@@ -235,6 +244,18 @@ impl Outgoing {
         }
     }
 
+    /// The bytes an event response counts against its stream's queue limit (an upper bound of
+    /// its encoding, as [`event_responses`] sizes fragments); 0 for a control response, which
+    /// is always queued.
+    fn queued_bytes(&self) -> usize {
+        match self {
+            Outgoing::Response(_) => 0,
+            Outgoing::Events { events, .. } => {
+                RESPONSE_OVERHEAD + events.iter().map(event_wire_size).sum::<usize>()
+            }
+        }
+    }
+
     /// [`Outgoing::encode`] into `buf`: event encodings are copied, not re-encoded.
     pub fn encode_to(self, header: &ResponseHeader, buf: &mut impl bytes::BufMut) {
         use prost::encoding::{WireType, encode_key, encode_varint};
@@ -275,9 +296,9 @@ impl Outgoing {
 }
 
 /// A stream's outgoing responses. Control responses are always queued; event responses only
-/// while the queue is below capacity.
+/// while the queue is below capacity ([`Queued::has_room`]).
 pub struct StreamQueue {
-    queue: Mutex<VecDeque<Outgoing>>,
+    queue: Mutex<Queued>,
     consumer: Consumer,
     /// Wakes an in-process consumer ([`InternalWatch`]).
     notify: Notify,
@@ -293,14 +314,49 @@ enum Consumer {
     InProcess,
 }
 
+/// What a stream has queued, and the wire bytes of its event responses.
+#[derive(Default)]
+struct Queued {
+    items: VecDeque<Outgoing>,
+    /// [`Outgoing::queued_bytes`] of the event responses in `items`.
+    event_bytes: usize,
+}
+
+impl Queued {
+    /// Whether `count` more event responses of `bytes` fit: within [`STREAM_QUEUE_CAPACITY`]
+    /// responses and `max_bytes` bytes, or anything when the queue is empty (so a response
+    /// larger than the limit still gets through once the consumer has read the rest).
+    fn has_room(&self, count: usize, bytes: usize, max_bytes: usize) -> bool {
+        self.items.is_empty()
+            || (self.items.len() + count <= STREAM_QUEUE_CAPACITY
+                && self.event_bytes + bytes <= max_bytes)
+    }
+
+    fn push_events(&mut self, resps: Responses) {
+        self.event_bytes += resps.iter().map(Outgoing::queued_bytes).sum::<usize>();
+        self.items.extend(resps);
+    }
+
+    fn pop_front(&mut self) -> Option<Outgoing> {
+        let out = self.items.pop_front()?;
+        self.event_bytes = self.event_bytes.saturating_sub(out.queued_bytes());
+        Some(out)
+    }
+
+    fn take_all(&mut self) -> Vec<Outgoing> {
+        self.event_bytes = 0;
+        self.items.drain(..).collect()
+    }
+}
+
 impl StreamQueue {
-    fn lock(&self) -> MutexGuard<'_, VecDeque<Outgoing>> {
+    fn lock(&self) -> MutexGuard<'_, Queued> {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn new(consumer: Consumer) -> StreamQueue {
         StreamQueue {
-            queue: Mutex::new(VecDeque::new()),
+            queue: Mutex::new(Queued::default()),
             consumer,
             notify: Notify::new(),
             waker: AtomicWaker::new(),
@@ -317,16 +373,22 @@ impl StreamQueue {
     }
 
     fn push(&self, resp: WatchResponse) {
-        self.lock().push_back(Outgoing::Response(Box::new(resp)));
+        self.lock()
+            .items
+            .push_back(Outgoing::Response(Box::new(resp)));
         self.wake();
     }
 
-    fn try_push_events(&self, resps: Responses) -> bool {
+    /// Queues a catch-up step's responses unless that would pass the count limit. Their bytes
+    /// are not checked here: the step was read only because the stream had room
+    /// ([`HubState::stream_has_room`]) and is sized to fit it (see `sync_once`), and refusing a
+    /// step that is a little over would have the syncer read it again and again.
+    fn try_push_catch_up(&self, resps: Responses) -> bool {
         let mut q = self.lock();
-        if q.len() + resps.len() > STREAM_QUEUE_CAPACITY {
+        if !q.items.is_empty() && q.items.len() + resps.len() > STREAM_QUEUE_CAPACITY {
             return false;
         }
-        q.extend(resps);
+        q.push_events(resps);
         drop(q);
         self.wake();
         true
@@ -394,12 +456,14 @@ impl HubState {
             .is_some_and(|s| s.watchers.values().all(|k| !self.unsynced.contains(k)))
     }
 
-    /// Whether a stream's queue can take a catch-up batch (a consumer that is not reading is
-    /// left alone until it drains, instead of re-reading history for it in a loop).
-    fn stream_has_room(&self, stream: u64) -> bool {
-        self.streams
-            .get(&stream)
-            .is_some_and(|s| s.queue.lock().len() < STREAM_QUEUE_CAPACITY / 2)
+    /// Whether a stream's queue can take a catch-up batch: at most half full, in responses and
+    /// in bytes (a consumer that is not reading is left alone until it drains, instead of
+    /// re-reading history for it in a loop).
+    fn stream_has_room(&self, stream: u64, max_bytes: usize) -> bool {
+        self.streams.get(&stream).is_some_and(|s| {
+            let q = s.queue.lock();
+            q.items.len() < STREAM_QUEUE_CAPACITY / 2 && q.event_bytes < max_bytes / 2
+        })
     }
 
     fn progress_response(&self, watch_id: i64) -> WatchResponse {
@@ -543,6 +607,9 @@ pub struct WatchHub {
     sync_wanted: Notify,
     max_response_bytes: usize,
     progress_interval: Duration,
+    /// Bytes of event responses a stream may have queued ([`STREAM_QUEUE_BYTES`] unless set
+    /// with [`WatchHub::with_stream_queue_bytes`]).
+    stream_queue_bytes: usize,
     /// Times a synced watcher found its stream's queue full and fell back to history.
     pub victims: AtomicU64,
     /// Events sent from history (watchers starting in the past, and victims catching up).
@@ -551,12 +618,22 @@ pub struct WatchHub {
 
 impl WatchHub {
     pub fn new(max_response_bytes: usize, progress_interval: Duration) -> Arc<WatchHub> {
+        Self::with_stream_queue_bytes(max_response_bytes, progress_interval, STREAM_QUEUE_BYTES)
+    }
+
+    /// [`WatchHub::new`] with another limit of the bytes a stream may have queued.
+    pub fn with_stream_queue_bytes(
+        max_response_bytes: usize,
+        progress_interval: Duration,
+        stream_queue_bytes: usize,
+    ) -> Arc<WatchHub> {
         Arc::new(WatchHub {
             state: Mutex::new(HubState::default()),
             mvcc: OnceCell::new(),
             sync_wanted: Notify::new(),
             max_response_bytes,
             progress_interval,
+            stream_queue_bytes,
             victims: AtomicU64::new(0),
             catch_up_events: AtomicU64::new(0),
         })
@@ -678,9 +755,10 @@ impl WatchHub {
                     w.fragment,
                     self.max_response_bytes,
                 );
+                let bytes = resps.iter().map(Outgoing::queued_bytes).sum();
                 let delivered = match queued.as_mut() {
-                    Some(q) if q.len() + resps.len() <= STREAM_QUEUE_CAPACITY => {
-                        q.extend(resps);
+                    Some(q) if q.has_room(resps.len(), bytes, self.stream_queue_bytes) => {
+                        q.push_events(resps);
                         true
                     }
                     _ => false,
@@ -888,17 +966,18 @@ impl WatchHub {
     /// One pass of the syncer: replays history for every unsynced watcher.
     fn sync_once(&self) {
         let Some(mvcc) = self.mvcc.get() else { return };
-        let work: Vec<(u64, KeyRange, i64, bool, i64)> = {
+        let work: Vec<(u64, u64, KeyRange, i64, bool, i64)> = {
             let st = self.lock();
             st.unsynced
                 .iter()
                 .filter_map(|k| {
                     st.watchers
                         .get(k)
-                        .filter(|w| st.stream_has_room(w.stream))
+                        .filter(|w| st.stream_has_room(w.stream, self.stream_queue_bytes))
                         .map(|w| {
                             (
                                 *k,
+                                w.stream,
                                 w.range.clone(),
                                 w.next_rev,
                                 w.prev_kv,
@@ -908,7 +987,10 @@ impl WatchHub {
                 })
                 .collect()
         };
-        for (key, range, next_rev, prev_kv, upto) in work {
+        // A step is at most half a stream's byte limit (and one revision more), and is only read
+        // for a stream that is at most half full, so catch-up keeps a stream within its limit.
+        let step_bytes = CATCH_UP_BYTES.min(self.stream_queue_bytes / 2).max(1);
+        for (key, stream, range, next_rev, prev_kv, upto) in work {
             if next_rev > upto {
                 // Nothing to replay (or a future start revision not reached yet).
                 let mut st = self.lock();
@@ -921,6 +1003,10 @@ impl WatchHub {
                 }
                 continue;
             }
+            // Earlier watchers of this pass may have filled the stream.
+            if !self.lock().stream_has_room(stream, self.stream_queue_bytes) {
+                continue;
+            }
             let (k, end) = range.to_request();
             let hist = mvcc.history(&HistoryRequest {
                 start_revision: next_rev,
@@ -929,6 +1015,7 @@ impl WatchHub {
                 range_end: end,
                 prev_kv,
                 max_events: CATCH_UP_EVENTS,
+                max_bytes: step_bytes,
             });
             let mut st = self.lock();
             let Some(w) = st.watchers.get(&key) else {
@@ -937,7 +1024,6 @@ impl WatchHub {
             if w.next_rev != next_rev {
                 continue;
             }
-            let stream = w.stream;
             let Some(queue) = st.streams.get(&stream).map(|s| s.queue.clone()) else {
                 continue;
             };
@@ -981,7 +1067,7 @@ impl WatchHub {
                             self.max_response_bytes,
                         )
                     };
-                    if resps.is_empty() || queue.try_push_events(resps) {
+                    if resps.is_empty() || queue.try_push_catch_up(resps) {
                         self.catch_up_events.fetch_add(sent, Ordering::Relaxed);
                         let current = st.dispatched_rev;
                         if let Some(w) = st.watchers.get_mut(&key) {
@@ -1021,9 +1107,9 @@ impl WatchHub {
         let st = self.lock();
         let ready = st.dispatched_rev + 1;
         st.unsynced.iter().any(|k| {
-            st.watchers
-                .get(k)
-                .is_some_and(|w| w.next_rev <= ready && st.stream_has_room(w.stream))
+            st.watchers.get(k).is_some_and(|w| {
+                w.next_rev <= ready && st.stream_has_room(w.stream, self.stream_queue_bytes)
+            })
         }) || !st.progress_waiting.is_empty()
     }
 
@@ -1053,25 +1139,25 @@ impl WatchHub {
     /// Watchers, streams and queued events, for metrics (one look under the hub's lock).
     pub fn counts(&self) -> HubCounts {
         let st = self.lock();
-        let pending_events = st
-            .streams
-            .values()
-            .map(|s| {
-                s.queue
-                    .lock()
-                    .iter()
-                    .map(|out| match out {
-                        Outgoing::Events { events, .. } => events.len(),
-                        Outgoing::Response(r) => r.events.len(),
-                    })
-                    .sum::<usize>()
-            })
-            .sum();
+        let (mut pending_events, mut pending_bytes) = (0, 0);
+        for s in st.streams.values() {
+            let q = s.queue.lock();
+            pending_bytes += q.event_bytes;
+            pending_events += q
+                .items
+                .iter()
+                .map(|out| match out {
+                    Outgoing::Events { events, .. } => events.len(),
+                    Outgoing::Response(r) => r.events.len(),
+                })
+                .sum::<usize>();
+        }
         HubCounts {
             watchers: st.watchers.len(),
             unsynced: st.unsynced.len(),
             streams: st.streams.len(),
             pending_events,
+            pending_bytes,
         }
     }
 }
@@ -1310,7 +1396,7 @@ struct QueueStream {
 impl QueueStream {
     /// Moves everything queued to `ready`; false if nothing was queued.
     fn refill(&mut self) -> bool {
-        let batch: Vec<Outgoing> = self.queue.lock().drain(..).collect();
+        let batch = self.queue.lock().take_all();
         if batch.is_empty() {
             return false;
         }
@@ -1384,13 +1470,18 @@ mod tests {
     /// Applies a put of `key` to `store`; returns the chunk as the state machine hands it to
     /// the hub.
     fn applied_put(store: &MvccStore, key: &[u8]) -> AppliedChunk {
+        applied_put_of(store, key, b"v")
+    }
+
+    /// [`applied_put`] of `value`.
+    fn applied_put_of(store: &MvccStore, key: &[u8], value: &[u8]) -> AppliedChunk {
         use keel_proto::etcdserverpb::PutRequest;
         use keel_proto::keelpb::{RaftRequest, raft_request::Request};
         let mut batch = store.begin_apply();
         let outcome = batch.apply(&RaftRequest {
             request: Some(Request::Put(PutRequest {
                 key: key.to_vec(),
-                value: b"v".to_vec(),
+                value: value.to_vec(),
                 ..Default::default()
             })),
             origin: None,
@@ -1465,6 +1556,81 @@ mod tests {
         assert_eq!(
             revisions_until(&mut from_a, rev(11)).await,
             [10, 11].map(rev)
+        );
+    }
+
+    /// A stream that does not read holds at most its byte limit (plus one revision's response)
+    /// however large the events, both while it is fed live and while its watchers catch up
+    /// from history; they still receive every event, once each and in order, when it reads
+    /// again. Four watchers share the stream, so catch-up steps for one must leave room checks
+    /// to the next.
+    #[tokio::test]
+    async fn a_slow_streams_queue_is_bounded_in_bytes_and_loses_nothing() {
+        const LIMIT: usize = 64 << 10;
+        const VALUE: usize = 4 << 10;
+        const PUTS: i64 = 100;
+        const WATCHERS: usize = 4;
+        let engine = Arc::new(keel_store::engine::memory::MemoryEngine::new());
+        let store = Arc::new(MvccStore::open(engine).expect("open"));
+        let hub = WatchHub::with_stream_queue_bytes(1 << 20, Duration::from_secs(600), LIMIT);
+        hub.attach(store.clone());
+        let (stream, queue) = hub.open_stream(Consumer::InProcess);
+        for _ in 0..WATCHERS {
+            hub.create(
+                stream,
+                WatchCreateRequest {
+                    key: b"big/".to_vec(),
+                    range_end: b"big0".to_vec(),
+                    ..Default::default()
+                },
+            );
+        }
+        let mut slow = InternalWatch {
+            hub: hub.clone(),
+            stream,
+            queue,
+        };
+        let first = store.current_revision() + 1;
+        let value = vec![b'x'; VALUE];
+        // One response of one event: what may come on top of the limit.
+        let one_response = RESPONSE_OVERHEAD + VALUE + 64;
+        for i in 0..PUTS {
+            hub.on_applied(&applied_put_of(
+                &store,
+                format!("big/{i}").as_bytes(),
+                &value,
+            ));
+            let pending = hub.counts().pending_bytes;
+            assert!(pending <= LIMIT, "{pending} bytes queued after put {i}");
+        }
+        // 400 events of 4 KiB do not fit in 64 KiB: the watchers became victims.
+        assert_eq!(hub.victims.load(Ordering::Relaxed), WATCHERS as u64);
+        let queued = hub.counts().pending_events;
+        assert!(queued < 16, "{queued} events queued");
+        // Reading lets the syncer catch them up from history, in steps that keep to the limit.
+        let last = first + PUTS - 1;
+        let mut seen: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
+        while seen.len() < WATCHERS || seen.values().any(|revs| revs.last() != Some(&last)) {
+            let resp = tokio::time::timeout(Duration::from_secs(5), slow.next())
+                .await
+                .unwrap_or_else(|_| panic!("no answer in time; seen so far: {seen:?}"))
+                .expect("the watch is open");
+            assert!(!resp.canceled, "{resp:?}");
+            let revs = seen.entry(resp.watch_id).or_default();
+            revs.extend(resp.events.iter().filter_map(|e| e.kv.as_ref()).map(|kv| {
+                assert_eq!(kv.value.len(), VALUE);
+                kv.mod_revision
+            }));
+            let pending = hub.counts().pending_bytes;
+            assert!(pending <= LIMIT + one_response, "{pending} bytes queued");
+        }
+        for revs in seen.values() {
+            assert_eq!(*revs, (first..=last).collect::<Vec<_>>());
+        }
+        let replayed = hub.catch_up_events.load(Ordering::Relaxed);
+        assert!(
+            replayed >= (WATCHERS * PUTS as usize - queued) as u64,
+            "{replayed}"
         );
     }
 

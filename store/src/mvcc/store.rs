@@ -76,6 +76,9 @@ pub struct HistoryRequest {
     pub prev_kv: bool,
     /// Stop after at least this many events, at a revision boundary.
     pub max_events: usize,
+    /// Stop after at least this many bytes of the events' keys and values (0: no limit), at a
+    /// revision boundary: a reader catching up over large values holds a bounded batch.
+    pub max_bytes: usize,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -886,6 +889,7 @@ impl MvccStore {
         let mut failure = None;
         let mut stop_at = None;
         let max = req.max_events.max(1);
+        let mut bytes = 0usize;
         self.inner
             .engine
             .scan(
@@ -897,13 +901,15 @@ impl MvccStore {
                     let Some((rev, tomb)) = Revision::decode(k) else {
                         return ScanControl::Continue;
                     };
-                    if raw.len() >= max && raw.last().is_some_and(|(r, _, _)| r.main != rev.main) {
+                    let full = raw.len() >= max || (req.max_bytes > 0 && bytes >= req.max_bytes);
+                    if full && raw.last().is_some_and(|(r, _, _)| r.main != rev.main) {
                         stop_at = Some(rev.main);
                         return ScanControl::Stop;
                     }
                     match KeyValue::decode(v) {
                         Ok(kv) => {
                             if span.contains(&kv.key) {
+                                bytes += kv.key.len() + kv.value.len();
                                 raw.push((rev, tomb, kv));
                             }
                             ScanControl::Continue

@@ -511,6 +511,7 @@ fn events_and_history_with_prev_kv() {
                 prev_kv: true,
                 max_events: 100,
                 end_revision: 0,
+                max_bytes: 0,
             })
             .unwrap();
         let summary: Vec<(i64, i32, Option<Vec<u8>>)> = h
@@ -544,6 +545,23 @@ fn events_and_history_with_prev_kv() {
             })
             .unwrap();
         assert_eq!((h.events.len(), h.next_revision), (1, 3));
+        // And after `max_bytes` of keys and values: 4 bytes (w/a = 1) fill 4, not 5.
+        let by_bytes = |max_bytes| {
+            let h = s
+                .history(&HistoryRequest {
+                    start_revision: 2,
+                    key: "w/".into(),
+                    range_end: "w0".into(),
+                    max_events: 100,
+                    max_bytes,
+                    ..Default::default()
+                })
+                .unwrap();
+            (h.events.len(), h.next_revision)
+        };
+        assert_eq!(by_bytes(4), (1, 3), "{name}");
+        assert_eq!(by_bytes(5), (2, 4), "{name}");
+        assert_eq!(by_bytes(0), (4, 6), "{name}: 0 is no limit");
         let (_, ev) = apply(
             s,
             Cmd::Put(PutRequest {
