@@ -332,8 +332,9 @@ impl Queued {
                 && self.event_bytes + bytes <= max_bytes)
     }
 
-    fn push_events(&mut self, resps: Responses) {
-        self.event_bytes += resps.iter().map(Outgoing::queued_bytes).sum::<usize>();
+    /// Queues event responses of `bytes` ([`Outgoing::queued_bytes`], summed).
+    fn push_events(&mut self, resps: Responses, bytes: usize) {
+        self.event_bytes += bytes;
         self.items.extend(resps);
     }
 
@@ -383,12 +384,12 @@ impl StreamQueue {
     /// are not checked here: the step was read only because the stream had room
     /// ([`HubState::stream_has_room`]) and is sized to fit it (see `sync_once`), and refusing a
     /// step that is a little over would have the syncer read it again and again.
-    fn try_push_catch_up(&self, resps: Responses) -> bool {
+    fn try_push_catch_up(&self, resps: Responses, bytes: usize) -> bool {
         let mut q = self.lock();
         if !q.items.is_empty() && q.items.len() + resps.len() > STREAM_QUEUE_CAPACITY {
             return false;
         }
-        q.push_events(resps);
+        q.push_events(resps, bytes);
         drop(q);
         self.wake();
         true
@@ -491,14 +492,15 @@ fn event_wire_size(e: &Arc<SharedEvent>) -> usize {
 }
 
 /// A watcher's events as responses: one, or (when the watcher allows fragmenting and they do
-/// not fit in `limit` bytes) several, all but the last marked `fragment`.
+/// not fit in `limit` bytes) several, all but the last marked `fragment`; with their
+/// [`Outgoing::queued_bytes`], summed.
 fn event_responses(
     watch_id: i64,
     header_rev: i64,
     events: EventList,
     fragment: bool,
     limit: usize,
-) -> Responses {
+) -> (Responses, usize) {
     let whole: usize = RESPONSE_OVERHEAD + events.iter().map(event_wire_size).sum::<usize>();
     let batch = |events, fragment| Outgoing::Events {
         watch_id,
@@ -507,7 +509,7 @@ fn event_responses(
         events,
     };
     if !fragment || whole <= limit {
-        return smallvec::smallvec![batch(events, false)];
+        return (smallvec::smallvec![batch(events, false)], whole);
     }
     let mut out = Responses::new();
     let mut current = EventList::new();
@@ -522,7 +524,8 @@ fn event_responses(
         current.push(ev);
     }
     out.push(batch(current, false));
-    out
+    let bytes = whole + (out.len() - 1) * RESPONSE_OVERHEAD;
+    (out, bytes)
 }
 
 /// A stream's drained responses with each watcher's event responses merged: between two
@@ -748,17 +751,16 @@ impl WatchHub {
                     .and_then(|e| e.event.kv.as_ref())
                     .map(|kv| kv.mod_revision)
                     .unwrap_or(header_rev);
-                let resps = event_responses(
+                let (resps, bytes) = event_responses(
                     w.watch_id,
                     header_rev,
                     events,
                     w.fragment,
                     self.max_response_bytes,
                 );
-                let bytes = resps.iter().map(Outgoing::queued_bytes).sum();
                 let delivered = match queued.as_mut() {
                     Some(q) if q.has_room(resps.len(), bytes, self.stream_queue_bytes) => {
-                        q.push_events(resps);
+                        q.push_events(resps, bytes);
                         true
                     }
                     _ => false,
@@ -1056,8 +1058,8 @@ impl WatchHub {
                         .collect();
                     // Fragmenting keeps every event, so this is what the responses carry.
                     let sent = events.len() as u64;
-                    let resps = if events.is_empty() {
-                        Responses::new()
+                    let (resps, bytes) = if events.is_empty() {
+                        (Responses::new(), 0)
                     } else {
                         event_responses(
                             w.watch_id,
@@ -1067,7 +1069,7 @@ impl WatchHub {
                             self.max_response_bytes,
                         )
                     };
-                    if resps.is_empty() || queue.try_push_catch_up(resps) {
+                    if resps.is_empty() || queue.try_push_catch_up(resps, bytes) {
                         self.catch_up_events.fetch_add(sent, Ordering::Relaxed);
                         let current = st.dispatched_rev;
                         if let Some(w) = st.watchers.get_mut(&key) {
@@ -1762,12 +1764,15 @@ mod tests {
             .cloned()
             .map(|e| Arc::new(SharedEvent::new(e)))
             .collect();
-        let whole = event_responses(1, 5, shared.clone(), false, 300);
+        let (whole, _) = event_responses(1, 5, shared.clone(), false, 300);
         assert_eq!(whole.len(), 1);
-        let parts: Vec<WatchResponse> = event_responses(1, 5, shared, true, 300)
-            .into_iter()
-            .map(Outgoing::into_response)
-            .collect();
+        let (parts, bytes) = event_responses(1, 5, shared, true, 300);
+        // What the stream's queue counts is what the parts count.
+        assert_eq!(
+            bytes,
+            parts.iter().map(Outgoing::queued_bytes).sum::<usize>()
+        );
+        let parts: Vec<WatchResponse> = parts.into_iter().map(Outgoing::into_response).collect();
         assert!(parts.len() > 1);
         assert!(parts[..parts.len() - 1].iter().all(|p| p.fragment));
         assert!(!parts.last().unwrap().fragment);
