@@ -5,11 +5,14 @@
 //! - The [`WatchHub`] receives every applied chunk's events from the state machine (in revision
 //!   order, after they are durable) and hands them to **synced** watchers — those that have seen
 //!   everything up to the last dispatched revision — by pushing responses onto their stream's
-//!   queue. Single-key watchers are found through a key map; range watchers are scanned.
-//! - A watcher that starts in the past, or whose stream queue is full (a slow consumer), is
-//!   **unsynced**: the syncer task replays its missing revisions from the MVCC history and moves
-//!   it back to synced once it has caught up with the dispatched revision. Writers and other
-//!   watchers never wait for a slow watcher; a victim only falls back to history.
+//!   queue. An event's watchers are found through an index of keys and prefixes
+//!   ([`crate::watch_index`]); only other ranges are scanned.
+//! - A watcher that starts in the past, or whose stream queue is full (a slow consumer; full is
+//!   1 024 responses or 64 MiB of them, as a response can carry many events), is **unsynced**:
+//!   the syncer task replays its missing revisions from the MVCC history, in steps of about
+//!   1 MiB while its stream's queue is at most half full, and moves it back to synced once it
+//!   has caught up with the dispatched revision. Writers and other watchers never wait for a
+//!   slow watcher; a victim only falls back to history.
 //! - Each stream's queue is a FIFO, so per watcher responses are in revision order, all events
 //!   of a revision travel in one response (unless the watcher asked for fragmentation), and a
 //!   progress response is queued only when every watcher of the stream is synced — so its header
@@ -55,7 +58,7 @@ const STREAM_QUEUE_CAPACITY: usize = 1024;
 /// Wire bytes of event responses a stream may have queued before its watchers become victims
 /// (the default of [`WatchHub::stream_queue_bytes`]). A response can carry a whole applied
 /// chunk or catch-up step, so a count alone does not bound a slow stream's memory.
-pub const STREAM_QUEUE_BYTES: usize = 64 << 20;
+const STREAM_QUEUE_BYTES: usize = 64 << 20;
 /// Events replayed from history per catch-up step (batches end on a revision boundary).
 const CATCH_UP_EVENTS: usize = 4096;
 /// Bytes of keys and values replayed from history per catch-up step, at most about (the step
