@@ -12,7 +12,9 @@ apt_install() {
     # apt_install PKG... : installs the Debian packages that are missing.
     local missing=()
     for p in "$@"; do
-        dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+        # Installed means "install ok installed": a package removed without --purge keeps its
+        # configuration files, and dpkg -s still succeeds for it.
+        [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" = "install ok installed" ] || missing+=("$p")
     done
     [ ${#missing[@]} -eq 0 ] && return 0
     local sudo=""
