@@ -302,6 +302,10 @@ async fn slow_watcher_does_not_block_writes_and_loses_nothing() {
         member.metric("keel_watch_victims_total") >= 1.0,
         "the watcher never fell behind its queue: the test did not exercise the slow path"
     );
+    // Its stream holds what it has not read (at least half a queue: catch-up waits for room),
+    // within the byte limit.
+    let pending = member.metric("keel_watch_pending_bytes");
+    assert!(pending > 0.0 && pending <= (64 << 20) as f64, "{pending}");
 
     // Now drain: every event exactly once, in revision order.
     let mut revisions = Vec::new();
@@ -326,6 +330,7 @@ async fn slow_watcher_does_not_block_writes_and_loses_nothing() {
     );
     assert_eq!(keys.len(), WRITERS * PUTS_EACH, "events lost");
     assert!(member.metric("keel_watch_catch_up_events_total") >= 1.0);
+    assert_eq!(member.metric("keel_watch_pending_bytes"), 0.0);
     drop(tx);
 }
 
