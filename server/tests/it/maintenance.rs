@@ -930,8 +930,18 @@ async fn etcdctl_maintenance_commands_on_a_cluster() {
     assert!(ok && out.contains("Leadership transferred"), "{out}");
     // The transferee says it leads (asked directly rather than through `cluster.leader()`,
     // which takes the first member claiming leadership and once, in a full parallel test run,
-    // found another one).
-    let s = tc.status().await.unwrap();
+    // found another one). The old leader answers once it sees the transferee lead; the
+    // transferee's own status can lag that by a moment on a loaded machine (once, in a full
+    // test run, it still said "no leader"), so it is asked until it names a leader, which must
+    // be itself.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let s = loop {
+        let s = tc.status().await.unwrap();
+        if s.leader() != 0 || tokio::time::Instant::now() > deadline {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(
         (s.leader(), s.header().unwrap().member_id()),
         (target_id, target_id)
