@@ -56,9 +56,9 @@ use crate::watch_index::{KeyRange, WatcherIndex};
 /// Responses a stream may have queued before its watchers become victims.
 const STREAM_QUEUE_CAPACITY: usize = 1024;
 /// Wire bytes of event responses a stream may have queued before its watchers become victims
-/// (the default of [`WatchHub::stream_queue_bytes`]). A response can carry a whole applied
-/// chunk or catch-up step, so a count alone does not bound a slow stream's memory.
-const STREAM_QUEUE_BYTES: usize = 64 << 20;
+/// (unless the hub was made with [`WatchHub::with_stream_queue_bytes`]). A response can carry a
+/// whole applied chunk or catch-up step, so a count alone does not bound a slow stream's memory.
+pub const STREAM_QUEUE_BYTES: usize = 64 << 20;
 /// Events replayed from history per catch-up step (batches end on a revision boundary).
 const CATCH_UP_EVENTS: usize = 4096;
 /// Bytes of keys and values replayed from history per catch-up step, at most about (the step
@@ -299,7 +299,7 @@ impl Outgoing {
 }
 
 /// A stream's outgoing responses. Control responses are always queued; event responses only
-/// while the queue is below capacity ([`Queued::has_room`]).
+/// while the queue is below capacity (`Queued::has_room`).
 pub struct StreamQueue {
     queue: Mutex<Queued>,
     consumer: Consumer,

@@ -305,7 +305,8 @@ async fn slow_watcher_does_not_block_writes_and_loses_nothing() {
     // Its stream holds what it has not read (at least half a queue: catch-up waits for room),
     // within the byte limit.
     let pending = member.metric("keel_watch_pending_bytes");
-    assert!(pending > 0.0 && pending <= (64 << 20) as f64, "{pending}");
+    let limit = keel_server::watch::STREAM_QUEUE_BYTES as f64;
+    assert!(pending > 0.0 && pending <= limit, "{pending}");
 
     // Now drain: every event exactly once, in revision order.
     let mut revisions = Vec::new();
