@@ -37,6 +37,25 @@ ensure_build_deps() {
     fi
 }
 
+ensure_rust_components() {
+    # ensure_rust_components NAME... : adds the rustup components (rustfmt, clippy) that are
+    # missing; a toolchain not managed by rustup must bring them itself.
+    local c
+    for c in "$@"; do
+        case "$c" in
+            rustfmt) cargo fmt --version >/dev/null 2>&1 && continue ;;
+            clippy) cargo clippy --version >/dev/null 2>&1 && continue ;;
+        esac
+        if command -v rustup >/dev/null 2>&1; then
+            echo ">> adding the rustup component $c" >&2
+            rustup component add "$c" >&2
+        else
+            echo "cargo $c is required and rustup is not installed to add it" >&2
+            return 1
+        fi
+    done
+}
+
 ensure_test_deps() {
     ensure_build_deps
     # Real etcd and etcdctl: the compatibility oracle and judge; curl for the HTTPS metrics test.

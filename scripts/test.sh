@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs Keel's whole test suite: unit and integration tests of every crate, the etcdctl
+# Runs Keel's whole test suite: lints (rustfmt, clippy and rustdoc, warnings denied), unit and
+# integration tests of every crate, the etcdctl
 # compatibility cases and the /metrics parity check against real etcd, then keel-jepsen (the
 # shared Jepsen register verdicts and the `ci` fault-injection profile). Installs what it needs
 # when missing.
@@ -18,6 +19,14 @@ set +e
 cargo test --release --workspace --no-fail-fast 2>&1 | tee /tmp/keel-cargo-test.log
 cargo_status=${PIPESTATUS[0]}
 set -e
+
+echo ">> lints: rustfmt --check, clippy and rustdoc with warnings denied"
+# In the release profile, so they share build-script outputs (RocksDB) with the build above.
+lint_status=0
+ensure_rust_components rustfmt clippy || lint_status=1
+cargo fmt --all -- --check || lint_status=1
+cargo clippy --release --workspace --all-targets -- -D warnings || lint_status=1
+RUSTDOCFLAGS="-D warnings" cargo doc --release --no-deps --workspace || lint_status=1
 
 echo ">> etcdctl compatibility cases (real etcd vs keel)"
 shared_cases=()
@@ -68,5 +77,5 @@ apt_install faketime   # libfaketime, for the clock-skew faults of `--nemesis al
 KEEL_BIN="$CARGO_TARGET_DIR/release/keel" "$jepsen_bin" ci \
     --store "$CARGO_TARGET_DIR/jepsen-runs/ci" || jepsen_status=$?
 
-echo ">> done in $(( $(date +%s) - start ))s: cargo test exit $cargo_status, compat exit $compat_status, jepsen exit $jepsen_status"
-[ "$cargo_status" -eq 0 ] && [ "$compat_status" -eq 0 ] && [ "$jepsen_status" -eq 0 ]
+echo ">> done in $(( $(date +%s) - start ))s: cargo test exit $cargo_status, lints exit $lint_status, compat exit $compat_status, jepsen exit $jepsen_status"
+[ "$cargo_status" -eq 0 ] && [ "$lint_status" -eq 0 ] && [ "$compat_status" -eq 0 ] && [ "$jepsen_status" -eq 0 ]

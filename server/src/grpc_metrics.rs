@@ -17,7 +17,7 @@
 //! Every known method's series exist from the start at 0, for every status code, as etcd's
 //! (`InitializeMetrics`); unknown paths are not counted, so clients cannot grow the label set.
 //! Messages are counted by following gRPC's length-prefixed framing in the request and
-//! response bodies ([`MessageCounter`]), so streams are counted message by message without the
+//! response bodies (`MessageCounter`), so streams are counted message by message without the
 //! services knowing.
 
 use std::collections::HashMap;

@@ -10,7 +10,7 @@
 //! call that an applied entry completes answers in the same pass, and the connection writes
 //! them out together. No task is spawned per call.
 //!
-//! A connection, step by step ([`Driver::poll`]):
+//! A connection, step by step (`Driver::poll`):
 //!
 //! ```text
 //! accept    poll_accept until Pending: each new stream becomes a call (the service's future,
@@ -23,7 +23,7 @@
 //! ```
 //!
 //! A response body that is not ready (a watch stream, a snapshot) or must wait for send
-//! capacity is handed to a task of its own ([`Pipe`]), as hyper does for every body; a call
+//! capacity is handed to a task of its own (`Pipe`), as hyper does for every body; a call
 //! whose stream the client resets is dropped (its future, and so whatever it was waiting for).
 //!
 //! What tonic's server does that is kept: the same HTTP/2 settings (hyper's defaults: 1 MiB

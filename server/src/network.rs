@@ -407,7 +407,7 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
 const PROBE_INTERVAL: Duration = Duration::from_secs(4);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Measures the round trip to every other member every [`PROBE_INTERVAL`] with a cheap
+/// Measures the round trip to every other member every `PROBE_INTERVAL` with a cheap
 /// `Identify` call, as etcd's peer prober does (`etcd_network_peer_round_trip_time_seconds`);
 /// a probe that fails counts as a send failure to that peer, so every member, not only the
 /// leader, reports a peer it cannot reach.

@@ -1,7 +1,7 @@
 //! Proposal batching: the client writes that reach the leader together share one Raft entry.
 //!
 //! Every write this member proposes (its own clients' writes, those its followers forward, and
-//! its own decisions such as lease expiry) goes through [`ProposalBatcher::write`]. One entry
+//! its own decisions such as lease expiry) goes through `ProposalBatcher::write`. One entry
 //! is in flight at a time; writes that arrive meanwhile queue. A write that finds no entry in
 //! flight and none queued never waits: its caller proposes it at once, itself. When an entry
 //! has been applied (or has failed), the task that learns it proposes whatever queued
