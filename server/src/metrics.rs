@@ -412,6 +412,7 @@ pub struct Metrics {
     events_sent: IntCounter,
     watch_victims: IntCounter,
     watch_catch_up_events: IntCounter,
+    watch_catch_up_reads: IntCounter,
     wal_write_bytes: IntGauge,
     snapshot_installs: IntGauge,
     virtual_memory_max: prometheus::Gauge,
@@ -662,6 +663,10 @@ impl Metrics {
                 "keel_watch_catch_up_events_total",
                 "Events sent to watchers from history (past start revisions and catch-up).",
             ),
+            watch_catch_up_reads: counter(
+                "keel_watch_catch_up_reads_total",
+                "History reads for watchers catching up (one read serves every watcher of a range that needs it).",
+            ),
             // A gauge in etcd too.
             wal_write_bytes: gauge(
                 "etcd_disk_wal_write_bytes_total",
@@ -873,6 +878,10 @@ impl Metrics {
             (
                 &self.watch_catch_up_events,
                 hub.catch_up_events.load(Ordering::Relaxed),
+            ),
+            (
+                &self.watch_catch_up_reads,
+                hub.catch_up_reads.load(Ordering::Relaxed),
             ),
         ] {
             counter.inc_by(now.saturating_sub(counter.get()));

@@ -66,6 +66,14 @@ const CATCH_UP_EVENTS: usize = 4096;
 const CATCH_UP_BYTES: usize = 1 << 20;
 const INVALID_WATCH_ID: i64 = -1;
 
+/// An unsynced watcher in a catch-up pass: the hub's key for it, its stream, and the revision
+/// it needs next when the pass began.
+struct CatchUpMember {
+    key: u64,
+    stream: u64,
+    next_rev: i64,
+}
+
 struct Watcher {
     stream: u64,
     watch_id: i64,
@@ -620,6 +628,8 @@ pub struct WatchHub {
     pub victims: AtomicU64,
     /// Events sent from history (watchers starting in the past, and victims catching up).
     pub catch_up_events: AtomicU64,
+    /// History reads made for them (one serves every watcher of a range that needs the step).
+    pub catch_up_reads: AtomicU64,
 }
 
 impl WatchHub {
@@ -642,6 +652,7 @@ impl WatchHub {
             stream_queue_bytes,
             victims: AtomicU64::new(0),
             catch_up_events: AtomicU64::new(0),
+            catch_up_reads: AtomicU64::new(0),
         })
     }
 
@@ -969,122 +980,105 @@ impl WatchHub {
     }
 
     /// One pass of the syncer: replays history for every unsynced watcher.
+    ///
+    /// Watchers of the same range and `prev_kv` choice are caught up together, as etcd's syncer
+    /// reads history once for all its unsynced watchers: sorted by the revision each needs
+    /// next, the lowest one's step is read, its events are encoded once and shared, and every
+    /// watcher whose next revision falls inside that step takes the events from its own next
+    /// revision on. A watcher further ahead gets a read of its own in the same pass, so none
+    /// waits for another to catch up. A hundred victims of one slow stream on one prefix thus
+    /// cost one read per step, not a hundred.
     fn sync_once(&self) {
         let Some(mvcc) = self.mvcc.get() else { return };
-        let work: Vec<(u64, u64, KeyRange, i64, bool, i64)> = {
+        let (groups, upto) = {
             let st = self.lock();
-            st.unsynced
-                .iter()
-                .filter_map(|k| {
-                    st.watchers
-                        .get(k)
-                        .filter(|w| st.stream_has_room(w.stream, self.stream_queue_bytes))
-                        .map(|w| {
-                            (
-                                *k,
-                                w.stream,
-                                w.range.clone(),
-                                w.next_rev,
-                                w.prev_kv,
-                                st.dispatched_rev,
-                            )
-                        })
-                })
-                .collect()
-        };
-        // A step is at most half a stream's byte limit (and one revision more), and is only read
-        // for a stream that is at most half full, so catch-up keeps a stream within its limit.
-        let step_bytes = CATCH_UP_BYTES.min(self.stream_queue_bytes / 2).max(1);
-        for (key, stream, range, next_rev, prev_kv, upto) in work {
-            if next_rev > upto {
-                // Nothing to replay (or a future start revision not reached yet).
-                let mut st = self.lock();
-                let current = st.dispatched_rev;
-                if let Some(w) = st.watchers.get_mut(&key)
-                    && w.next_rev == current + 1
-                {
-                    w.synced = true;
-                    st.unsynced.remove(&key);
+            let mut groups: BTreeMap<(KeyRange, bool), Vec<CatchUpMember>> = BTreeMap::new();
+            for k in &st.unsynced {
+                let Some(w) = st.watchers.get(k) else {
+                    continue;
+                };
+                if !st.stream_has_room(w.stream, self.stream_queue_bytes) {
+                    continue;
                 }
-                continue;
-            }
-            // Earlier watchers of this pass may have filled the stream.
-            if !self.lock().stream_has_room(stream, self.stream_queue_bytes) {
-                continue;
-            }
-            let (k, end) = range.to_request();
-            let hist = mvcc.history(&HistoryRequest {
-                start_revision: next_rev,
-                end_revision: upto,
-                key: k,
-                range_end: end,
-                prev_kv,
-                max_events: CATCH_UP_EVENTS,
-                max_bytes: step_bytes,
-            });
-            let mut st = self.lock();
-            let Some(w) = st.watchers.get(&key) else {
-                continue;
-            };
-            if w.next_rev != next_rev {
-                continue;
-            }
-            let Some(queue) = st.streams.get(&stream).map(|s| s.queue.clone()) else {
-                continue;
-            };
-            match hist {
-                Err(e) if e.kind == ApplyErrorKind::Compacted => {
-                    let watch_id = w.watch_id;
-                    st.remove_watcher(key);
-                    // etcd quirk: compaction cancellations carry header revision 0.
-                    queue.push(WatchResponse {
-                        header: Some(rev_header(0)),
-                        watch_id,
-                        canceled: true,
-                        compact_revision: mvcc.compact_revision(),
-                        ..Default::default()
+                groups
+                    .entry((w.range.clone(), w.prev_kv))
+                    .or_default()
+                    .push(CatchUpMember {
+                        key: *k,
+                        stream: w.stream,
+                        next_rev: w.next_rev,
                     });
+            }
+            (groups, st.dispatched_rev)
+        };
+        // A step is at most half a stream's byte limit (and one revision more), and is only
+        // queued on a stream that is at most half full, so catch-up keeps a stream within its
+        // limit.
+        let step_bytes = CATCH_UP_BYTES.min(self.stream_queue_bytes / 2).max(1);
+        for ((range, prev_kv), mut members) in groups {
+            members.sort_by_key(|m| (m.next_rev, m.key));
+            let mut i = 0;
+            while i < members.len() {
+                let from = members[i].next_rev;
+                if from > upto {
+                    // Nothing to replay (or a future start revision not reached yet).
+                    for m in &members[i..] {
+                        self.mark_synced_if_current(m.key);
+                    }
+                    break;
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "watch catch-up failed; will retry");
+                // Earlier reads of this pass may have filled the stream.
+                if !self
+                    .lock()
+                    .stream_has_room(members[i].stream, self.stream_queue_bytes)
+                {
+                    i += 1;
+                    continue;
                 }
-                Ok(batch) => {
-                    let done = batch.next_revision > upto;
-                    let header_rev = if done { upto } else { batch.next_revision - 1 };
-                    // History was read with this watcher's prev_kv choice already.
-                    let next_revision = batch.next_revision;
-                    let events: EventList = batch
-                        .events
-                        .into_iter()
-                        .filter(|ev| w.wants(ev))
-                        .map(|ev| Arc::new(SharedEvent::new(ev)))
-                        .collect();
-                    // Fragmenting keeps every event, so this is what the responses carry.
-                    let sent = events.len() as u64;
-                    let (resps, bytes) = if events.is_empty() {
-                        (Responses::new(), 0)
-                    } else {
-                        event_responses(
-                            w.watch_id,
-                            header_rev,
-                            events,
-                            w.fragment,
-                            self.max_response_bytes,
-                        )
-                    };
-                    if resps.is_empty() || queue.try_push_catch_up(resps, bytes) {
-                        self.catch_up_events.fetch_add(sent, Ordering::Relaxed);
-                        let current = st.dispatched_rev;
-                        if let Some(w) = st.watchers.get_mut(&key) {
-                            w.next_rev = next_revision.max(next_rev);
-                            if w.next_rev > upto {
-                                w.next_rev = w.next_rev.max(upto + 1);
-                            }
-                            if w.next_rev == current + 1 {
-                                w.synced = true;
-                                st.unsynced.remove(&key);
-                            }
+                let (k, end) = range.to_request();
+                self.catch_up_reads.fetch_add(1, Ordering::Relaxed);
+                let hist = mvcc.history(&HistoryRequest {
+                    start_revision: from,
+                    end_revision: upto,
+                    key: k,
+                    range_end: end,
+                    prev_kv,
+                    max_events: CATCH_UP_EVENTS,
+                    max_bytes: step_bytes,
+                });
+                match hist {
+                    Err(e) if e.kind == ApplyErrorKind::Compacted => {
+                        // Those that need a compacted revision are canceled; the others are
+                        // caught up in the next pass.
+                        let compacted = mvcc.compact_revision();
+                        for m in members[i..].iter().filter(|m| m.next_rev < compacted) {
+                            self.cancel_compacted(m, compacted);
                         }
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "watch catch-up failed; will retry");
+                        break;
+                    }
+                    Ok(batch) => {
+                        let window_end = batch.next_revision;
+                        // History was read with the group's prev_kv choice already.
+                        let events: Vec<Arc<SharedEvent>> = batch
+                            .events
+                            .into_iter()
+                            .map(|ev| Arc::new(SharedEvent::new(ev)))
+                            .collect();
+                        // Everyone whose next revision the step covered (all of them when
+                        // it reached `upto`), and at least the one it was read for.
+                        let covered = members[i..]
+                            .iter()
+                            .take_while(|m| window_end > upto || m.next_rev < window_end)
+                            .count()
+                            .max(1);
+                        for m in &members[i..i + covered] {
+                            self.deliver_catch_up(m, &events, window_end, upto);
+                        }
+                        i += covered;
                     }
                 }
             }
@@ -1102,6 +1096,103 @@ impl WatchHub {
             let resp = st.progress_response(INVALID_WATCH_ID);
             if let Some(s) = st.streams.get(&id) {
                 s.queue.push(resp);
+            }
+        }
+    }
+
+    /// A watcher with nothing to replay is synced again if it is at the dispatched revision.
+    fn mark_synced_if_current(&self, key: u64) {
+        let mut st = self.lock();
+        let current = st.dispatched_rev;
+        if let Some(w) = st.watchers.get_mut(&key)
+            && w.next_rev == current + 1
+        {
+            w.synced = true;
+            st.unsynced.remove(&key);
+        }
+    }
+
+    /// Cancels a catching-up watcher whose next revision was compacted away.
+    fn cancel_compacted(&self, m: &CatchUpMember, compact_revision: i64) {
+        let mut st = self.lock();
+        let Some(w) = st.watchers.get(&m.key) else {
+            return;
+        };
+        if w.next_rev != m.next_rev {
+            return;
+        }
+        let watch_id = w.watch_id;
+        let Some(queue) = st.streams.get(&m.stream).map(|s| s.queue.clone()) else {
+            return;
+        };
+        st.remove_watcher(m.key);
+        // etcd quirk: compaction cancellations carry header revision 0.
+        queue.push(WatchResponse {
+            header: Some(rev_header(0)),
+            watch_id,
+            canceled: true,
+            compact_revision,
+            ..Default::default()
+        });
+    }
+
+    /// Queues for one watcher its events of a catch-up step (`events`, read from history up to
+    /// but not including `window_end`, at most `upto`), unless the watcher moved on or its
+    /// stream has filled up since the step was read; then moves it on, and back to the synced
+    /// watchers once it has caught up with the dispatched revision.
+    fn deliver_catch_up(
+        &self,
+        m: &CatchUpMember,
+        events: &[Arc<SharedEvent>],
+        window_end: i64,
+        upto: i64,
+    ) {
+        let mut st = self.lock();
+        let Some(w) = st.watchers.get(&m.key) else {
+            return;
+        };
+        if w.next_rev != m.next_rev {
+            return;
+        }
+        let mine: EventList = events
+            .iter()
+            .filter(|e| w.wants(&e.event))
+            .cloned()
+            .collect();
+        if !mine.is_empty() && !st.stream_has_room(m.stream, self.stream_queue_bytes) {
+            return;
+        }
+        let Some(queue) = st.streams.get(&m.stream).map(|s| s.queue.clone()) else {
+            return;
+        };
+        let done = window_end > upto;
+        let header_rev = if done { upto } else { window_end - 1 };
+        // Fragmenting keeps every event, so this is what the responses carry.
+        let sent = mine.len() as u64;
+        let (resps, bytes) = if mine.is_empty() {
+            (Responses::new(), 0)
+        } else {
+            event_responses(
+                w.watch_id,
+                header_rev,
+                mine,
+                w.fragment,
+                self.max_response_bytes,
+            )
+        };
+        if !resps.is_empty() && !queue.try_push_catch_up(resps, bytes) {
+            return;
+        }
+        self.catch_up_events.fetch_add(sent, Ordering::Relaxed);
+        let current = st.dispatched_rev;
+        if let Some(w) = st.watchers.get_mut(&m.key) {
+            w.next_rev = window_end.max(m.next_rev);
+            if w.next_rev > upto {
+                w.next_rev = w.next_rev.max(upto + 1);
+            }
+            if w.next_rev == current + 1 {
+                w.synced = true;
+                st.unsynced.remove(&m.key);
             }
         }
     }
@@ -1471,6 +1562,7 @@ impl Drop for QueueStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use keel_store::engine::memory::MemoryEngine;
 
     /// Applies a put of `key` to `store`; returns the chunk as the state machine hands it to
     /// the hub.
@@ -1561,6 +1653,119 @@ mod tests {
         assert_eq!(
             revisions_until(&mut from_a, rev(11)).await,
             [10, 11].map(rev)
+        );
+    }
+
+    /// Compacts `store` at `revision` (logically; what a history read checks).
+    fn apply_compaction(store: &MvccStore, revision: i64) {
+        use keel_proto::etcdserverpb::CompactionRequest;
+        use keel_proto::keelpb::{RaftRequest, raft_request::Request};
+        let mut batch = store.begin_apply();
+        let outcome = batch.apply(&RaftRequest {
+            request: Some(Request::Compaction(CompactionRequest {
+                revision,
+                physical: false,
+            })),
+            origin: None,
+        });
+        assert!(outcome.response.error.is_none());
+        batch.commit(false).expect("commit");
+    }
+
+    /// Watchers of one range that need history are caught up together: a step read for the
+    /// one furthest behind serves every watcher whose next revision it covers, a watcher
+    /// further ahead gets a read of its own in the same pass (it does not wait for the others),
+    /// and each receives exactly the revisions from its own start on, once and in order.
+    #[tokio::test]
+    async fn watchers_of_one_range_share_their_catch_up_reads() {
+        // 9 000 events in the range: three steps of CATCH_UP_EVENTS (4 096) from the start.
+        const PUTS: i64 = 10_000;
+        let store = Arc::new(MvccStore::open(Arc::new(MemoryEngine::new())).expect("open"));
+        let first = store.current_revision() + 1;
+        for i in 0..PUTS {
+            let key = if i % 10 == 0 {
+                "q/x".to_string()
+            } else {
+                format!("p/{}", i % 7)
+            };
+            applied_put(&store, key.as_bytes());
+        }
+        let last = store.current_revision();
+        let in_range = |from: i64| -> Vec<i64> {
+            (from..=last)
+                .filter(|rev| (rev - first) % 10 != 0)
+                .collect()
+        };
+        let hub = WatchHub::new(1 << 20, Duration::from_secs(600));
+        hub.attach(store.clone());
+        // All created before this test yields, so the syncer's first pass sees all of them.
+        let mut behind: Vec<InternalWatch> = (0..20)
+            .map(|_| hub.watch_internal(b"p/", b"p0", first))
+            .collect();
+        let mut a_little_behind = hub.watch_internal(b"p/", b"p0", first + 3);
+        let mut ahead = hub.watch_internal(b"p/", b"p0", last - 50);
+        let mut other_range = hub.watch_internal(b"q/", b"q0", first);
+        let last_p = *in_range(first).last().expect("events");
+        for w in &mut behind {
+            assert_eq!(revisions_until(w, last_p).await, in_range(first));
+        }
+        assert_eq!(
+            revisions_until(&mut a_little_behind, last_p).await,
+            in_range(first + 3)
+        );
+        assert_eq!(
+            revisions_until(&mut ahead, last_p).await,
+            in_range(last - 50)
+        );
+        let q: Vec<i64> = (first..=last)
+            .filter(|rev| (rev - first) % 10 == 0)
+            .collect();
+        assert_eq!(
+            revisions_until(&mut other_range, *q.last().expect("q")).await,
+            q
+        );
+        // "p/": three steps for the 21 watchers behind, one read for the one ahead (in the
+        // first pass). "q/", a group of its own: one read (1 000 events). One read per
+        // watcher and step would have been 21 * 3 + 1 + 1.
+        assert_eq!(hub.catch_up_reads.load(Ordering::Relaxed), 3 + 1 + 1);
+        assert_eq!(
+            hub.catch_up_events.load(Ordering::Relaxed) as usize,
+            20 * in_range(first).len()
+                + in_range(first + 3).len()
+                + in_range(last - 50).len()
+                + q.len()
+        );
+    }
+
+    /// A step read for a group fails when its lowest revision was compacted: the watchers
+    /// that need a compacted revision are canceled with the compaction revision, and the
+    /// others of the group still catch up.
+    #[tokio::test]
+    async fn a_compacted_catch_up_cancels_only_the_watchers_that_need_it() {
+        let store = Arc::new(MvccStore::open(Arc::new(MemoryEngine::new())).expect("open"));
+        let first = store.current_revision() + 1;
+        for _ in 0..20 {
+            applied_put(&store, b"p/a");
+        }
+        let last = store.current_revision();
+        let hub = WatchHub::new(1 << 20, Duration::from_secs(600));
+        hub.attach(store.clone());
+        let mut old = hub.watch_internal(b"p/", b"p0", first);
+        let mut recent = hub.watch_internal(b"p/", b"p0", first + 10);
+        // Compacted after both were created and before the syncer ran (no yield since).
+        apply_compaction(&store, first + 5);
+        let canceled = tokio::time::timeout(Duration::from_secs(5), old.next())
+            .await
+            .expect("in time")
+            .expect("a response");
+        assert!(
+            canceled.canceled && canceled.events.is_empty(),
+            "{canceled:?}"
+        );
+        assert_eq!(canceled.compact_revision, first + 5);
+        assert_eq!(
+            revisions_until(&mut recent, last).await,
+            (first + 10..=last).collect::<Vec<_>>()
         );
     }
 

@@ -38,7 +38,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::lock::prefix_end;
 
 /// `[start, end)`; `end = None` is "every key from start"; `Single` is one key.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum KeyRange {
     Single(Vec<u8>),
     Range(Vec<u8>, Option<Vec<u8>>),
