@@ -1,7 +1,8 @@
 //! Component benchmarks of the server's hot paths that are not in `keel-store`'s benchmarks:
 //! the watch hub's fan-out of one applied revision (and of a chunk of several) to many
 //! watchers, its dispatch of an event that concerns one watcher among many (distinct keys or
-//! prefixes), and encoding/decoding the etcd messages every request and event goes through.
+//! prefixes), its catch-up of many watchers from history, and encoding/decoding the etcd
+//! messages every request and event goes through.
 //!
 //! `cargo bench -p keel-server --bench hotpaths` (results in docs/benchmarks.md).
 
@@ -191,6 +192,62 @@ fn watch_many_keys(c: &mut Criterion) {
     group.finish();
 }
 
+/// Watchers that start in the past, all at once on one prefix (controllers resuming after a
+/// restart, or the victims of one slow stream): 100 watchers replay the same 1 000 revisions
+/// from history. The syncer reads each step once for every watcher it covers.
+fn watch_catch_up(c: &mut Criterion) {
+    use keel_proto::keelpb::{RaftRequest, raft_request::Request};
+    const WATCHERS: usize = 100;
+    const REVISIONS: usize = 1000;
+    let rt = runtime();
+    let store = Arc::new(MvccStore::open(Arc::new(MemoryEngine::new())).expect("store"));
+    let first = store.current_revision() + 1;
+    for i in 0..REVISIONS {
+        let mut batch = store.begin_apply();
+        let outcome = batch.apply(&RaftRequest {
+            request: Some(Request::Put(PutRequest {
+                key: format!("/registry/pods/ns/pod-{:03}", i % 100).into_bytes(),
+                value: vec![b'v'; 256],
+                ..Default::default()
+            })),
+            origin: None,
+        });
+        assert!(outcome.response.error.is_none());
+        batch.commit(false).expect("commit");
+    }
+    let hub = WatchHub::new(1_572_864, Duration::from_secs(600));
+    {
+        let _guard = rt.enter();
+        hub.attach(store);
+    }
+    let mut group = c.benchmark_group("watch");
+    group.throughput(Throughput::Elements((WATCHERS * REVISIONS) as u64));
+    group.sample_size(20);
+    group.bench_function(
+        format!("catch_up_{WATCHERS}_watchers_from_{REVISIONS}_revisions"),
+        |b| {
+            b.iter(|| {
+                let mut streams: Vec<InternalWatch> = {
+                    let _guard = rt.enter();
+                    (0..WATCHERS)
+                        .map(|_| hub.watch_internal(b"/registry/pods/", b"/registry/pods0", first))
+                        .collect()
+                };
+                rt.block_on(async {
+                    for w in streams.iter_mut() {
+                        let mut seen = 0;
+                        while seen < REVISIONS {
+                            let out = w.next_queued().await.expect("events");
+                            seen += out.into_response().events.len();
+                        }
+                    }
+                });
+            })
+        },
+    );
+    group.finish();
+}
+
 fn proto_codec(c: &mut Criterion) {
     let mut group = c.benchmark_group("proto");
     let put = PutRequest {
@@ -240,6 +297,7 @@ criterion_group!(
     watch_fanout,
     watch_fanout_chunk,
     watch_many_keys,
+    watch_catch_up,
     proto_codec
 );
 criterion_main!(benches);
