@@ -242,6 +242,9 @@ run_case watch-fanout-1k-rate watch --watchers 1000 --streams 10 --clients 1 --r
 run_case watch-fanout-10k-rate watch --watchers 10000 --streams 100 --clients 1 --rate 20 --conns 4
 run_case watch-distinct-10k watch --distinct-keys --watchers 10000 --streams 100 --clients 32 --conns 4
 run_case watch-distinct-prefix-10k watch --distinct-prefixes --watchers 10000 --streams 100 --clients 32 --conns 4
+# History replay: 1 000 revisions written first, then 10 000 watchers created at once from the
+# first of them (controllers resuming after a restart); events/s until all have all of them.
+run_case watch-replay-10k watch --replay 1000 --watchers 10000 --streams 100 --clients 8 --conns 4 --drain 120
 # --- kube-apiserver-like mix ---
 run_case kube kube --clients 32 --conns 8 --key-space 10000 --val-size 1024 --watchers 8
 

@@ -205,6 +205,7 @@ pub async fn run(common: &Common, args: &KubeArgs) -> anyhow::Result<Summary> {
     let spec = WatchSpec {
         key: PREFIX.as_bytes().to_vec(),
         range_end: prefix_end(PREFIX.as_bytes()),
+        start_revision: 0,
     };
     let group = if args.watchers > 0 {
         Some(WatchGroup::open(&chans, args.watchers, vec![spec; args.watchers], progress).await?)

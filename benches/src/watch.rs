@@ -57,6 +57,12 @@ pub struct WatchArgs {
     /// Seconds to let the server settle before sampling RSS in `--idle` mode.
     #[arg(long, default_value_t = 3.0)]
     pub settle: f64,
+    /// Replay mode: first write this many revisions to the prefix (`--clients` writers),
+    /// then create the watchers at once, all from the first of those revisions (controllers
+    /// resuming after a restart), and measure how fast the server replays that history to
+    /// them: events/s from the first create request until every watcher has every event.
+    #[arg(long, default_value_t = 0, conflicts_with_all = ["distinct_keys", "distinct_prefixes", "idle"])]
+    pub replay: u64,
 }
 
 /// What one watcher watches.
@@ -64,6 +70,8 @@ pub struct WatchArgs {
 pub struct WatchSpec {
     pub key: Vec<u8>,
     pub range_end: Vec<u8>,
+    /// 0: from the next revision.
+    pub start_revision: i64,
 }
 
 /// etcd's prefix range end: the prefix with its last byte incremented.
@@ -240,6 +248,7 @@ async fn run_stream(
             request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
                 key: s.key.clone(),
                 range_end: s.range_end.clone(),
+                start_revision: s.start_revision,
                 ..Default::default()
             })),
         })
@@ -389,7 +398,11 @@ pub async fn run(common: &Common, args: &WatchArgs) -> anyhow::Result<Summary> {
                 } else {
                     vec![]
                 };
-                WatchSpec { key, range_end }
+                WatchSpec {
+                    key,
+                    range_end,
+                    start_revision: 0,
+                }
             })
             .collect()
     } else {
@@ -397,6 +410,7 @@ pub async fn run(common: &Common, args: &WatchArgs) -> anyhow::Result<Summary> {
             WatchSpec {
                 key: prefix.clone().into_bytes(),
                 range_end: prefix_end(prefix.as_bytes()),
+                start_revision: 0,
             };
             n
         ]
@@ -406,6 +420,9 @@ pub async fn run(common: &Common, args: &WatchArgs) -> anyhow::Result<Summary> {
         .iter()
         .map(|p| rss_kib(*p))
         .sum::<anyhow::Result<u64>>()?;
+    if args.replay > 0 {
+        return replay(common, args, &prefix, keys, width, specs).await;
+    }
     let chans = channels(&common.endpoints, common.conns).await?;
     let progress = Arc::new(Progress::default());
     let t0 = Instant::now();
@@ -514,6 +531,113 @@ pub async fn run(common: &Common, args: &WatchArgs) -> anyhow::Result<Summary> {
         ("drained", if drained { 1.0 } else { 0.0 }),
         ("drain_seconds", drain_secs),
         ("create_seconds", create_secs),
+    ] {
+        s.extra.insert(k.into(), v);
+    }
+    s.parts.push(put_summary);
+    Ok(s)
+}
+
+/// `--replay`: writes the history, then measures its replay to watchers created all at once.
+async fn replay(
+    common: &Common,
+    args: &WatchArgs,
+    prefix: &str,
+    keys: u64,
+    width: usize,
+    mut specs: Vec<WatchSpec>,
+) -> anyhow::Result<Summary> {
+    let n = specs.len();
+    let wchans =
+        unary_channels(&common.endpoints, common.clients.max(1), common.grpc_client).await?;
+    // The revision before the history: nothing else writes while the benchmark runs.
+    let mut probe = KvClient::new(wchans[0].clone());
+    let before = probe
+        .range(keel_proto::etcdserverpb::RangeRequest {
+            key: prefix.as_bytes().to_vec(),
+            limit: 1,
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .header
+        .map(|h| h.revision)
+        .unwrap_or_default();
+    let acked: Arc<Vec<AtomicU64>> = Arc::new((0..keys).map(|_| AtomicU64::new(0)).collect());
+    let writers = (0..common.clients.max(1))
+        .map(|i| Writer {
+            kv: KvClient::new(wchans[i % wchans.len()].clone()),
+            prefix: prefix.to_string(),
+            keys,
+            width,
+            val_size: common.val_size,
+            acked: acked.clone(),
+        })
+        .collect();
+    let mut history = common.clone();
+    history.quiet = true;
+    history.total = args.replay;
+    history.duration = 600.0;
+    history.rate = 0.0;
+    let put_summary = run_closed_loop("watch-replay-put", &history, writers, &[]).await?;
+    let puts: u64 = acked.iter().map(|a| a.load(Ordering::Relaxed)).sum();
+    anyhow::ensure!(
+        puts > 0 && put_summary.errors == 0,
+        "writing the history failed: {} of {} puts acknowledged ({:?})",
+        puts,
+        args.replay,
+        put_summary.first_error
+    );
+    for s in &mut specs {
+        s.start_revision = before + 1;
+    }
+    if !common.quiet {
+        eprintln!(
+            "  {puts} revisions written; {n} watchers replay them from revision {}",
+            before + 1
+        );
+    }
+    let chans = channels(&common.endpoints, common.conns).await?;
+    let progress = Arc::new(Progress::default());
+    let printer = progress_printer(
+        "watch-replay delivery".into(),
+        progress.clone(),
+        common.quiet,
+    );
+    let start = Instant::now();
+    let group = WatchGroup::open(&chans, args.streams, specs, progress.clone()).await?;
+    let expected = puts * n as u64;
+    let drained = group
+        .wait_for(expected, Duration::from_secs_f64(args.drain))
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let outcome = group.stop().await?;
+    printer.abort();
+    let lost: u64 = outcome.unique.iter().map(|u| puts.saturating_sub(*u)).sum();
+    let unique: u64 = outcome.unique.iter().sum();
+    let end = outcome
+        .last_event
+        .unwrap_or(start)
+        .max(start + Duration::from_millis(1));
+    // Put-to-event latency means nothing for old revisions; only throughput is reported.
+    let mut s = summarize("watch-replay", &histogram(), 0, end - start);
+    s.clients = common.clients.max(1);
+    s.ops = unique;
+    s.ops_per_sec = unique as f64 / s.seconds;
+    for (k, v) in [
+        ("watchers", n as f64),
+        ("streams", args.streams.min(n) as f64),
+        ("puts", puts as f64),
+        ("expected_events", expected as f64),
+        ("lost", lost as f64),
+        ("duplicates", outcome.duplicates as f64),
+        ("canceled", outcome.canceled as f64),
+        (
+            "events_per_response",
+            (unique + outcome.duplicates) as f64 / outcome.event_responses.max(1) as f64,
+        ),
+        ("unexpected_extra", unique.saturating_sub(expected) as f64),
+        ("drained", if drained { 1.0 } else { 0.0 }),
     ] {
         s.extra.insert(k.into(), v);
     }
