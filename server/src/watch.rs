@@ -12,7 +12,8 @@
 //!   the syncer task replays its missing revisions from the MVCC history, in steps of about
 //!   1 MiB while its stream's queue is at most half full, and moves it back to synced once it
 //!   has caught up with the dispatched revision. Writers and other watchers never wait for a
-//!   slow watcher; a victim only falls back to history.
+//!   slow watcher; a victim only falls back to history. Unsynced watchers of the same range
+//!   share each step's read and its encoded events (see `WatchHub::sync_once`).
 //! - Each stream's queue is a FIFO, so per watcher responses are in revision order, all events
 //!   of a revision travel in one response (unless the watcher asked for fragmentation), and a
 //!   progress response is queued only when every watcher of the stream is synced — so its header
