@@ -500,26 +500,55 @@ pub async fn run(common: &Common, args: &WatchArgs) -> anyhow::Result<Summary> {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let outcome = group.stop().await?;
     printer.abort();
-    let lost: u64 = expected_per_watcher
+    let mut s = delivery_summary(
+        name,
+        &outcome,
+        &expected_per_watcher,
+        args.streams,
+        puts,
+        start,
+        drained,
+    );
+    s.clients = common.clients.max(1);
+    s.errors = put_summary.errors;
+    s.first_error = put_summary.first_error.clone();
+    s.extra.insert("drain_seconds".into(), drain_secs);
+    s.extra.insert("create_seconds".into(), create_secs);
+    s.parts.push(put_summary);
+    Ok(s)
+}
+
+/// The summary of a delivery run: events/s from `start` to the last event, latency from the
+/// outcome's histogram, and the loss/duplicate accounting against `expected` (per watcher).
+fn delivery_summary(
+    name: &str,
+    outcome: &WatchOutcome,
+    expected: &[u64],
+    streams: usize,
+    puts: u64,
+    start: Instant,
+    drained: bool,
+) -> Summary {
+    let n = expected.len();
+    let lost: u64 = expected
         .iter()
         .zip(&outcome.unique)
         .map(|(e, u)| e.saturating_sub(*u))
         .sum();
     let unique: u64 = outcome.unique.iter().sum();
+    let expected_total: u64 = expected.iter().sum();
     let end = outcome
         .last_event
         .unwrap_or(start)
         .max(start + Duration::from_millis(1));
-    let mut s = summarize(name, &outcome.hist, put_summary.errors, end - start);
-    s.clients = common.clients.max(1);
+    let mut s = summarize(name, &outcome.hist, 0, end - start);
     s.ops = unique;
     s.ops_per_sec = unique as f64 / s.seconds;
-    s.first_error = put_summary.first_error.clone();
     for (k, v) in [
         ("watchers", n as f64),
-        ("streams", args.streams.min(n) as f64),
+        ("streams", streams.min(n) as f64),
         ("puts", puts as f64),
-        ("expected_events", expected as f64),
+        ("expected_events", expected_total as f64),
         ("lost", lost as f64),
         ("duplicates", outcome.duplicates as f64),
         ("canceled", outcome.canceled as f64),
@@ -527,15 +556,15 @@ pub async fn run(common: &Common, args: &WatchArgs) -> anyhow::Result<Summary> {
             "events_per_response",
             (unique + outcome.duplicates) as f64 / outcome.event_responses.max(1) as f64,
         ),
-        ("unexpected_extra", unique.saturating_sub(expected) as f64),
+        (
+            "unexpected_extra",
+            unique.saturating_sub(expected_total) as f64,
+        ),
         ("drained", if drained { 1.0 } else { 0.0 }),
-        ("drain_seconds", drain_secs),
-        ("create_seconds", create_secs),
     ] {
         s.extra.insert(k.into(), v);
     }
-    s.parts.push(put_summary);
-    Ok(s)
+    s
 }
 
 /// `--replay`: writes the history, then measures its replay to watchers created all at once.
@@ -613,34 +642,17 @@ async fn replay(
     tokio::time::sleep(Duration::from_millis(200)).await;
     let outcome = group.stop().await?;
     printer.abort();
-    let lost: u64 = outcome.unique.iter().map(|u| puts.saturating_sub(*u)).sum();
-    let unique: u64 = outcome.unique.iter().sum();
-    let end = outcome
-        .last_event
-        .unwrap_or(start)
-        .max(start + Duration::from_millis(1));
-    // Put-to-event latency means nothing for old revisions; only throughput is reported.
-    let mut s = summarize("watch-replay", &histogram(), 0, end - start);
+    // Put-to-event latency means nothing for old revisions: the histogram stays empty.
+    let mut s = delivery_summary(
+        "watch-replay",
+        &outcome,
+        &vec![puts; n],
+        args.streams,
+        puts,
+        start,
+        drained,
+    );
     s.clients = common.clients.max(1);
-    s.ops = unique;
-    s.ops_per_sec = unique as f64 / s.seconds;
-    for (k, v) in [
-        ("watchers", n as f64),
-        ("streams", args.streams.min(n) as f64),
-        ("puts", puts as f64),
-        ("expected_events", expected as f64),
-        ("lost", lost as f64),
-        ("duplicates", outcome.duplicates as f64),
-        ("canceled", outcome.canceled as f64),
-        (
-            "events_per_response",
-            (unique + outcome.duplicates) as f64 / outcome.event_responses.max(1) as f64,
-        ),
-        ("unexpected_extra", unique.saturating_sub(expected) as f64),
-        ("drained", if drained { 1.0 } else { 0.0 }),
-    ] {
-        s.extra.insert(k.into(), v);
-    }
     s.parts.push(put_summary);
     Ok(s)
 }

@@ -983,7 +983,7 @@ impl WatchHub {
     /// One pass of the syncer: replays history for every unsynced watcher.
     ///
     /// Watchers of the same range and `prev_kv` choice are caught up together, as etcd's syncer
-    /// reads history once for all its unsynced watchers: sorted by the revision each needs
+    /// reads history once for up to 512 of its unsynced watchers: sorted by the revision each needs
     /// next, the lowest one's step is read, its events are encoded once and shared, and every
     /// watcher whose next revision falls inside that step takes the events from its own next
     /// revision on. A watcher further ahead gets a read of its own in the same pass, so none
