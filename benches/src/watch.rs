@@ -502,6 +502,7 @@ pub async fn run(common: &Common, args: &WatchArgs) -> anyhow::Result<Summary> {
     printer.abort();
     let mut s = delivery_summary(
         name,
+        &outcome.hist,
         &outcome,
         &expected_per_watcher,
         args.streams,
@@ -518,10 +519,12 @@ pub async fn run(common: &Common, args: &WatchArgs) -> anyhow::Result<Summary> {
     Ok(s)
 }
 
-/// The summary of a delivery run: events/s from `start` to the last event, latency from the
-/// outcome's histogram, and the loss/duplicate accounting against `expected` (per watcher).
+/// The summary of a delivery run: events/s from `start` to the last event, latency from
+/// `hist`, and the loss/duplicate accounting against `expected` (per watcher).
+#[allow(clippy::too_many_arguments)]
 fn delivery_summary(
     name: &str,
+    hist: &Histogram<u64>,
     outcome: &WatchOutcome,
     expected: &[u64],
     streams: usize,
@@ -541,7 +544,7 @@ fn delivery_summary(
         .last_event
         .unwrap_or(start)
         .max(start + Duration::from_millis(1));
-    let mut s = summarize(name, &outcome.hist, 0, end - start);
+    let mut s = summarize(name, hist, 0, end - start);
     s.ops = unique;
     s.ops_per_sec = unique as f64 / s.seconds;
     for (k, v) in [
@@ -642,9 +645,11 @@ async fn replay(
     tokio::time::sleep(Duration::from_millis(200)).await;
     let outcome = group.stop().await?;
     printer.abort();
-    // Put-to-event latency means nothing for old revisions: the histogram stays empty.
+    // The history's values carry their puts' send times too, but a put-to-event latency
+    // means nothing for revisions written before the watchers existed: none is reported.
     let mut s = delivery_summary(
         "watch-replay",
+        &histogram(),
         &outcome,
         &vec![puts; n],
         args.streams,
@@ -699,6 +704,56 @@ mod tests {
         assert_eq!(prefix_end(b"/a/"), b"/a0");
         assert_eq!(prefix_end(b"a\xff"), b"b");
         assert_eq!(prefix_end(b"\xff"), vec![0]);
+    }
+
+    #[test]
+    fn a_delivery_summary_counts_lost_events_per_watcher_and_uses_the_given_latencies() {
+        let start = Instant::now();
+        let mut seen = histogram();
+        record_us(&mut seen, 2_000);
+        let outcome = WatchOutcome {
+            hist: seen.clone(),
+            // The second watcher got one event more than expected: that is not a loss to
+            // offset the third's two missing ones.
+            unique: vec![5, 6, 3],
+            duplicates: 1,
+            canceled: 0,
+            event_responses: 7,
+            last_event: Some(start + Duration::from_secs(2)),
+        };
+        let live = delivery_summary(
+            "watch",
+            &outcome.hist,
+            &outcome,
+            &[5, 5, 5],
+            10,
+            5,
+            start,
+            true,
+        );
+        assert_eq!(live.ops, 14);
+        assert!(
+            (live.ops_per_sec - 7.0).abs() < 0.01,
+            "{}",
+            live.ops_per_sec
+        );
+        assert_eq!(live.extra["lost"], 2.0);
+        assert_eq!(live.extra["unexpected_extra"], 0.0);
+        assert_eq!(live.extra["streams"], 3.0, "no more streams than watchers");
+        assert_eq!(live.extra["events_per_response"], 15.0 / 7.0);
+        assert!(live.p50_ms > 1.9, "{}", live.p50_ms);
+        let replay = delivery_summary(
+            "watch-replay",
+            &histogram(),
+            &outcome,
+            &[5, 5, 5],
+            10,
+            5,
+            start,
+            false,
+        );
+        assert_eq!(replay.p99_ms, 0.0);
+        assert_eq!(replay.extra["drained"], 0.0);
     }
 
     #[test]
