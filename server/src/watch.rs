@@ -453,6 +453,18 @@ impl HubState {
         }
     }
 
+    /// Moves an unsynced watcher back to the synced ones if it needs nothing older than the
+    /// next revision to be dispatched.
+    fn mark_synced_if_current(&mut self, key: u64) {
+        let current = self.dispatched_rev;
+        if let Some(w) = self.watchers.get_mut(&key)
+            && w.next_rev == current + 1
+        {
+            w.synced = true;
+            self.unsynced.remove(&key);
+        }
+    }
+
     fn remove_watcher(&mut self, key: u64) -> Option<Watcher> {
         let w = self.watchers.remove(&key)?;
         self.index.remove(key, &w.range);
@@ -982,11 +994,11 @@ impl WatchHub {
 
     /// One pass of the syncer: replays history for every unsynced watcher.
     ///
-    /// Watchers of the same range and `prev_kv` choice are caught up together, as etcd's syncer
-    /// reads history once for up to 512 of its unsynced watchers: sorted by the revision each needs
-    /// next, the lowest one's step is read, its events are encoded once and shared, and every
-    /// watcher whose next revision falls inside that step takes the events from its own next
-    /// revision on. A watcher further ahead gets a read of its own in the same pass, so none
+    /// Watchers of the same range and `prev_kv` choice are caught up together, as etcd's
+    /// syncer reads history once for up to 512 of its unsynced watchers: sorted by the revision
+    /// each needs next, the lowest one's step is read, its events are encoded once and shared,
+    /// and every watcher whose next revision falls inside that step takes the events from its
+    /// own next revision on. A watcher further ahead gets a read of its own in the same pass, so none
     /// waits for another to catch up. A hundred victims of one slow stream on one prefix thus
     /// cost one read per step, not a hundred.
     fn sync_once(&self) {
@@ -1023,8 +1035,9 @@ impl WatchHub {
                 let from = members[i].next_rev;
                 if from > upto {
                     // Nothing to replay (or a future start revision not reached yet).
+                    let mut st = self.lock();
                     for m in &members[i..] {
-                        self.mark_synced_if_current(m.key);
+                        st.mark_synced_if_current(m.key);
                     }
                     break;
                 }
@@ -1101,18 +1114,6 @@ impl WatchHub {
         }
     }
 
-    /// A watcher with nothing to replay is synced again if it is at the dispatched revision.
-    fn mark_synced_if_current(&self, key: u64) {
-        let mut st = self.lock();
-        let current = st.dispatched_rev;
-        if let Some(w) = st.watchers.get_mut(&key)
-            && w.next_rev == current + 1
-        {
-            w.synced = true;
-            st.unsynced.remove(&key);
-        }
-    }
-
     /// Cancels a catching-up watcher whose next revision was compacted away.
     fn cancel_compacted(&self, m: &CatchUpMember, compact_revision: i64) {
         let mut st = self.lock();
@@ -1185,17 +1186,10 @@ impl WatchHub {
             return;
         }
         self.catch_up_events.fetch_add(sent, Ordering::Relaxed);
-        let current = st.dispatched_rev;
         if let Some(w) = st.watchers.get_mut(&m.key) {
             w.next_rev = window_end.max(m.next_rev);
-            if w.next_rev > upto {
-                w.next_rev = w.next_rev.max(upto + 1);
-            }
-            if w.next_rev == current + 1 {
-                w.synced = true;
-                st.unsynced.remove(&m.key);
-            }
         }
+        st.mark_synced_if_current(m.key);
     }
 
     /// Whether some watcher can make progress now (watchers waiting for a future start
@@ -1571,28 +1565,41 @@ mod tests {
         applied_put_of(store, key, b"v")
     }
 
-    /// [`applied_put`] of `value`.
-    fn applied_put_of(store: &MvccStore, key: &[u8], value: &[u8]) -> AppliedChunk {
-        use keel_proto::etcdserverpb::PutRequest;
-        use keel_proto::keelpb::{RaftRequest, raft_request::Request};
+    /// Applies one request to `store` and commits it; returns its events and the revision
+    /// after it.
+    fn apply_request(
+        store: &MvccStore,
+        request: keel_proto::keelpb::raft_request::Request,
+    ) -> (Vec<Event>, i64) {
         let mut batch = store.begin_apply();
-        let outcome = batch.apply(&RaftRequest {
-            request: Some(Request::Put(PutRequest {
-                key: key.to_vec(),
-                value: value.to_vec(),
-                ..Default::default()
-            })),
+        let outcome = batch.apply(&keel_proto::keelpb::RaftRequest {
+            request: Some(request),
             origin: None,
         });
         assert!(outcome.response.error.is_none());
         let revision = batch.revision();
         batch.commit(false).expect("commit");
+        (outcome.events, revision)
+    }
+
+    /// [`applied_put`] of `value`.
+    fn applied_put_of(store: &MvccStore, key: &[u8], value: &[u8]) -> AppliedChunk {
+        use keel_proto::etcdserverpb::PutRequest;
+        use keel_proto::keelpb::raft_request::Request;
+        let (events, revision) = apply_request(
+            store,
+            Request::Put(PutRequest {
+                key: key.to_vec(),
+                value: value.to_vec(),
+                ..Default::default()
+            }),
+        );
         AppliedChunk {
             applied: keel_store::raft::state_machine::AppliedState {
                 index: revision as u64,
                 revision,
             },
-            events: outcome.events,
+            events,
             ..Default::default()
         }
     }
@@ -1660,17 +1667,14 @@ mod tests {
     /// Compacts `store` at `revision` (logically; what a history read checks).
     fn apply_compaction(store: &MvccStore, revision: i64) {
         use keel_proto::etcdserverpb::CompactionRequest;
-        use keel_proto::keelpb::{RaftRequest, raft_request::Request};
-        let mut batch = store.begin_apply();
-        let outcome = batch.apply(&RaftRequest {
-            request: Some(Request::Compaction(CompactionRequest {
+        use keel_proto::keelpb::raft_request::Request;
+        apply_request(
+            store,
+            Request::Compaction(CompactionRequest {
                 revision,
                 physical: false,
-            })),
-            origin: None,
-        });
-        assert!(outcome.response.error.is_none());
-        batch.commit(false).expect("commit");
+            }),
+        );
     }
 
     /// Watchers of one range that need history are caught up together: a step read for the
