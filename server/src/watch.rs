@@ -998,9 +998,9 @@ impl WatchHub {
     /// syncer reads history once for up to 512 of its unsynced watchers: sorted by the revision
     /// each needs next, the lowest one's step is read, its events are encoded once and shared,
     /// and every watcher whose next revision falls inside that step takes the events from its
-    /// own next revision on. A watcher further ahead gets a read of its own in the same pass, so none
-    /// waits for another to catch up. A hundred victims of one slow stream on one prefix thus
-    /// cost one read per step, not a hundred.
+    /// own next revision on. A watcher further ahead gets a read of its own in the same pass,
+    /// so none waits for another to catch up. A hundred victims of one slow stream on one
+    /// prefix thus cost one read per step, not a hundred.
     fn sync_once(&self) {
         let Some(mvcc) = self.mvcc.get() else { return };
         let (groups, upto) = {
