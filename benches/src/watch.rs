@@ -356,6 +356,29 @@ struct Writer {
     acked: Arc<Vec<AtomicU64>>,
 }
 
+impl Writer {
+    /// `--clients` writers over `chans` (round robin), sharing the acknowledgement counts.
+    fn for_clients(
+        common: &Common,
+        chans: &[BenchChannel],
+        prefix: &str,
+        keys: u64,
+        width: usize,
+        acked: &Arc<Vec<AtomicU64>>,
+    ) -> Vec<Writer> {
+        (0..common.clients.max(1))
+            .map(|i| Writer {
+                kv: KvClient::new(chans[i % chans.len()].clone()),
+                prefix: prefix.to_string(),
+                keys,
+                width,
+                val_size: common.val_size,
+                acked: acked.clone(),
+            })
+            .collect()
+    }
+}
+
 impl Worker for Writer {
     async fn op(&mut self, n: u64) -> anyhow::Result<usize> {
         let i = n % self.keys;
@@ -469,16 +492,7 @@ pub async fn run(common: &Common, args: &WatchArgs) -> anyhow::Result<Summary> {
     let acked: Arc<Vec<AtomicU64>> = Arc::new((0..keys).map(|_| AtomicU64::new(0)).collect());
     let wchans =
         unary_channels(&common.endpoints, common.clients.max(1), common.grpc_client).await?;
-    let writers = (0..common.clients.max(1))
-        .map(|i| Writer {
-            kv: KvClient::new(wchans[i % wchans.len()].clone()),
-            prefix: prefix.clone(),
-            keys,
-            width,
-            val_size: common.val_size,
-            acked: acked.clone(),
-        })
-        .collect();
+    let writers = Writer::for_clients(common, &wchans, &prefix, keys, width, &acked);
     let printer = progress_printer(format!("{name} delivery"), progress.clone(), common.quiet);
     let start = Instant::now();
     let mut quiet = common.clone();
@@ -596,16 +610,7 @@ async fn replay(
         .map(|h| h.revision)
         .unwrap_or_default();
     let acked: Arc<Vec<AtomicU64>> = Arc::new((0..keys).map(|_| AtomicU64::new(0)).collect());
-    let writers = (0..common.clients.max(1))
-        .map(|i| Writer {
-            kv: KvClient::new(wchans[i % wchans.len()].clone()),
-            prefix: prefix.to_string(),
-            keys,
-            width,
-            val_size: common.val_size,
-            acked: acked.clone(),
-        })
-        .collect();
+    let writers = Writer::for_clients(common, &wchans, prefix, keys, width, &acked);
     let mut history = common.clone();
     history.quiet = true;
     history.total = args.replay;
